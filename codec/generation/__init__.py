@@ -1,0 +1,1 @@
+"""Stage C consumers of the codec (text-to-image, previews)."""
