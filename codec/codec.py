@@ -1,0 +1,315 @@
+"""The Python API: ``Codec.from_pretrained(...)``, ``encode``, ``decode``, ``reconstruct``.
+
+Encoding runs the EfficientNet encoder on the image resized to 3/4 of the output size
+(snapped down to a multiple of 32, nearest-neighbour as in the official reconstruction
+notebook), so a 1024² image becomes a 16×24×24 latent. Decoding runs Stage B's sampler
+(official defaults: 10 DDPM steps, CFG 1.1 with rescale 0.7, shift 1) to a Stage A
+latent and Stage A's decoder to pixels. Any output size works: the Stage A latent is
+made even-sized (Stage B patchifies by 2) and the image is cropped back.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import weights as W
+from .diffusion import sample
+from .effnet import EfficientNetEncoder
+from .images import ImageLike, to_pil, to_tensor_list
+from .stage_a import StageA
+from .stage_b import STAGE_B_PRESETS, StageB
+
+ENCODER_FRACTION = 0.75  # the encoder sees 3/4 of the output size (1024 → 768 → 24×24)
+LATENT_STRIDE = 32
+
+
+class NonFiniteError(RuntimeError):
+    """A model produced NaN or inf; nothing is written."""
+
+
+def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        bad = (~torch.isfinite(t)).sum().item()
+        raise NonFiniteError(f"{what} produced {bad} NaN/inf values (of {t.numel()}); nothing was written. With "
+                             "fp16 weights this is an overflow — use bf16 or fp32.")
+    return t
+
+
+def encoder_input_size(height: int, width: int, scale: float = ENCODER_FRACTION) -> tuple[int, int]:
+    """Size the encoder sees for an image of ``height``×``width``: ``floor(side·scale/32)·32``, at least 32."""
+    return (max(LATENT_STRIDE, int(height * scale // LATENT_STRIDE) * LATENT_STRIDE),
+            max(LATENT_STRIDE, int(width * scale // LATENT_STRIDE) * LATENT_STRIDE))
+
+
+def default_output_size(latent_h: int, latent_w: int) -> tuple[int, int]:
+    """Output size a latent stands for when none is given: ``round(side · 32 / 0.75)`` (24 → 1024)."""
+    return round(latent_h * LATENT_STRIDE / ENCODER_FRACTION), round(latent_w * LATENT_STRIDE / ENCODER_FRACTION)
+
+
+def stage_a_latent_size(height: int, width: int) -> tuple[int, int]:
+    """Stage A latent size for an output size: ``ceil(side/4)`` rounded up to even."""
+    return tuple(2 * math.ceil(math.ceil(s / 4) / 2) for s in (height, width))  # type: ignore[return-value]
+
+
+@dataclass
+class ComponentInfo:
+    """Where a loaded component came from."""
+
+    file: str
+    params: int
+    dtype: str
+    note: str | None
+
+
+def _build(cls: Callable[..., torch.nn.Module], config: dict[str, Any] | None,
+           preset: dict[str, Any] | None = None) -> Callable[[], torch.nn.Module]:
+    kwargs = dict(preset or {})
+    kwargs.update(config or {})
+    return lambda: cls(**kwargs)
+
+
+class Codec:
+    """Stable Cascade's image codec: EfficientNet encoder, Stage B diffusion decoder, Stage A decoder."""
+
+    def __init__(self, stage_a: StageA, effnet: EfficientNetEncoder, stage_b: StageB, *,
+                 empty_clip: torch.Tensor | None = None, source: W.WeightSource | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 components: dict[str, ComponentInfo] | None = None):
+        self.stage_a = stage_a
+        self.effnet = effnet
+        self.stage_b = stage_b
+        self.empty_clip = empty_clip
+        self.source = source
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.components = components or {}
+        self._text_encoder = None
+        self._previewer = None
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike = W.OFFICIAL_REPO, stage_b: str = "lite",
+                        dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> "Codec":
+        """Load the codec from a folder of official files or a Hugging Face repo id.
+
+        ``stage_b``: ``"lite"`` (700M) or ``"large"`` (1.5B). ``dtype`` is Stage B's
+        precision (default bf16 on CUDA, fp32 elsewhere; fp16 is allowed for Stage B
+        only); the EfficientNet encoder and Stage A stay fp32 as in the official code.
+        ``device`` defaults to CUDA when available.
+        """
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = W.parse_dtype(dtype, device)
+        src = W.WeightSource(source)
+        b_file = src.stage_b_file(stage_b, dtype)
+        src.require([W.STAGE_A_FILE, W.EFFNET_FILE, b_file])
+        components: dict[str, ComponentInfo] = {}
+
+        def load(name: str, filename: str, build_cls, preset, load_dtype):
+            path = src.path(filename)
+            header = W.read_header(path)
+            model = W.load_module(_build(build_cls, header.config, preset), path, load_dtype, device,
+                                  f"{name} ({build_cls.__name__})")
+            components[name] = ComponentInfo(str(path), sum(p.numel() for p in model.parameters()),
+                                             str(load_dtype).replace("torch.", ""), header.metadata.get(W.META_NOTE))
+            return model
+
+        stage_a = load("stage_a", W.STAGE_A_FILE, StageA, None, torch.float32)
+        effnet = load("effnet", W.EFFNET_FILE, EfficientNetEncoder, None, torch.float32)
+        effnet = effnet.to(memory_format=torch.channels_last)
+        model_b = load("stage_b", b_file, StageB, asdict(STAGE_B_PRESETS[f"stage_b_{stage_b}"]), dtype)
+        empty = None
+        if src.has(W.EMPTY_CAPTION_FILE):
+            empty = next(W.iter_tensors(W.read_header(src.path(W.EMPTY_CAPTION_FILE)), torch.float32, device))[1]
+        return cls(stage_a, effnet, model_b, empty_clip=empty, source=src, device=device, dtype=dtype,
+                   components=components)
+
+    # ------------------------------------------------------------------ encode
+    @torch.no_grad()
+    def encode(self, images: ImageLike | Sequence[ImageLike], scale: float = ENCODER_FRACTION,
+               resize: str = "nearest", batch_size: int = 8) -> torch.Tensor | list[torch.Tensor]:
+        """Images → EfficientNet latents ``(B,16,h,w)``, h = floor(H·scale/32) (24 for 1024² at scale 0.75).
+
+        ``images``: paths, PIL images, uint8 or float arrays/tensors (HWC, CHW or batched),
+        or a list of them. ``resize``: ``"nearest"`` (official reconstruction) or
+        ``"bilinear"`` (antialiased). Returns one tensor when all images have the same
+        size, else a list of ``(1,16,h,w)`` tensors in input order.
+        """
+        if not 0 < scale <= 1.5:
+            raise ValueError(f"scale must be in (0, 1.5], got {scale}")
+        if resize not in ("nearest", "bilinear"):
+            raise ValueError(f"resize must be 'nearest' or 'bilinear', got {resize!r}")
+        tensors = to_tensor_list(images)
+        if not tensors:
+            raise ValueError("no images given")
+        out: list[torch.Tensor] = []
+        i = 0
+        while i < len(tensors):
+            j = i + 1
+            while j < len(tensors) and j - i < batch_size and tensors[j].shape == tensors[i].shape:
+                j += 1
+            out.append(self._encode_batch(torch.stack(tensors[i:j]), scale, resize))
+            i = j
+        if len({tuple(t.shape[1:]) for t in out}) == 1:
+            return torch.cat(out)
+        return [t for batch in out for t in batch.split(1)]
+
+    def _encode_batch(self, x: torch.Tensor, scale: float, resize: str) -> torch.Tensor:
+        size = encoder_input_size(x.shape[-2], x.shape[-1], scale)
+        if resize == "nearest":
+            x = F.interpolate(x, size=size, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        latents = self.effnet.encode(x).float().contiguous()
+        return _check_finite(latents, "the EfficientNet encoder").cpu()
+
+    # ------------------------------------------------------------------ text
+    def pooled_text(self, caption: str | Sequence[str] | None, batch: int) -> torch.Tensor:
+        """Stage B's text condition ``(batch,1,C)``: the pooled CLIP-G embedding of the caption(s).
+
+        ``None`` or ``""`` uses the cached embedding of the empty caption (computed once
+        with the text encoder and saved beside the weights as ``clip_pooled_empty.safetensors``).
+        """
+        if caption is None or caption == "":
+            return self._empty_pooled().expand(batch, -1, -1)
+        captions = [caption] * batch if isinstance(caption, str) else list(caption)
+        if len(captions) != batch:
+            raise ValueError(f"got {len(captions)} captions for {batch} latents")
+        return self._text().encode(captions).pooled.to(self.device)
+
+    def _text(self):
+        if self._text_encoder is None:
+            from .generation.text import TextEncoder
+
+            if self.source is None:
+                raise W.WeightsError("this codec was not loaded from a weight source; pass clip= instead of a caption")
+            root = self.source.folder if self.source.folder is not None else self.source.repo_id
+            self._text_encoder = TextEncoder.from_pretrained(root, device=self.device)
+        return self._text_encoder
+
+    def _empty_pooled(self) -> torch.Tensor:
+        if self.empty_clip is None:
+            if self.source is None:
+                raise W.WeightsError("no pooled embedding of the empty caption is available; pass clip=")
+            try:
+                pooled = self._text().encode([""]).pooled
+            except W.WeightsError as e:
+                raise W.WeightsError(
+                    "Stage B needs the pooled CLIP-G embedding of the empty caption. It is computed once from the "
+                    "text encoder and then cached as " + W.EMPTY_CAPTION_FILE + " beside the weights, but:\n"
+                    + str(e)) from None
+            self.empty_clip = pooled.reshape(1, 1, -1).float()
+            if self.source.folder is not None and os.access(self.source.folder, os.W_OK):
+                from safetensors.torch import save_file
+
+                target = self.source.folder / W.EMPTY_CAPTION_FILE
+                tmp = target.with_name(target.name + ".partial")
+                save_file({"pooled": self.empty_clip.cpu().contiguous()}, str(tmp),
+                          metadata={W.META_NOTE: "pooled CLIP-G text embedding of the empty caption"})
+                os.replace(tmp, target)
+        return self.empty_clip.reshape(1, 1, -1).to(self.device)
+
+    # ------------------------------------------------------------------ decode
+    def check_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Validate EfficientNet latents; returns them as ``(B,C,h,w)`` float32."""
+        c = self.stage_b.config.c_effnet
+        if not torch.is_tensor(latents):
+            raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
+        if latents.ndim == 3:
+            latents = latents[None]
+        if latents.ndim != 4 or latents.shape[1] != c:
+            raise ValueError(f"expected EfficientNet latents of shape (B, {c}, h, w) or ({c}, h, w), got "
+                             f"{list(latents.shape)}")
+        if not latents.is_floating_point():
+            raise ValueError(f"latents must be floating point, got {latents.dtype}")
+        latents = latents.float()
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or inf")
+        return latents
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int | None = None, width: int | None = None, steps: int = 10,
+               cfg: float | None = 1.1, seed: int | None = 0, caption: str | Sequence[str] | None = None,
+               clip: torch.Tensor | None = None, sampler: str = "ddpm", cfg_rho: float = 0.7, shift: float = 1.0,
+               batch_size: int = 4, output: str = "pil",
+               progress: Callable[[int, int], None] | None = None) -> list[Image.Image] | torch.Tensor:
+        """EfficientNet latents ``(B,16,h,w)`` → images of ``height``×``width`` (default: h·32/0.75).
+
+        Stage B samples a Stage A latent conditioned on the latents and on the pooled
+        text ``clip`` (``(B,1,C)``/``(1,1,C)``; default: the caption's, or the empty
+        caption's). ``seed`` seeds one CPU generator for the whole call (initial noise,
+        then one draw per DDPM step, batch by batch); ``None`` uses torch's global RNG.
+        ``output``: ``"pil"`` (list of images) or ``"tensor"`` (``(B,3,H,W)`` in [0,1]).
+        """
+        latents = self.check_latents(latents)
+        n = latents.shape[0]
+        dh, dw = default_output_size(*latents.shape[-2:])
+        height, width = height or dh, width or dw
+        if height < 8 or width < 8:
+            raise ValueError(f"output size {height}×{width} is too small (minimum 8×8)")
+        if clip is None:
+            clip = self.pooled_text(caption, n)
+        clip = clip.float().to(self.device)
+        if clip.ndim == 2:
+            clip = clip[:, None]
+        if clip.shape[0] == 1 and n > 1:
+            clip = clip.expand(n, -1, -1)
+        uncond_clip = self.pooled_text(None, 1).expand(n, -1, -1) if cfg is not None else None
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        ha, wa = stage_a_latent_size(height, width)
+        images = []
+        for start in range(0, n, batch_size):
+            sl = slice(start, min(n, start + batch_size))
+            eff = latents[sl].to(self.device)
+            cond = {"effnet": eff, "clip": clip[sl]}
+            uncond = {"effnet": torch.zeros_like(eff), "clip": uncond_clip[sl]} if cfg is not None else None
+            z = sample(self.stage_b, cond, shape=(eff.shape[0], self.stage_b.config.c_in, ha, wa), uncond=uncond,
+                       steps=steps, cfg=cfg, cfg_rho=cfg_rho, shift=shift, sampler=sampler, generator=generator,
+                       device=self.device,
+                       callback=(lambda i, *_: progress(i + 1, steps)) if progress is not None else None)
+            _check_finite(z, "Stage B")
+            img = self.stage_a.decode(z.float()).float()
+            _check_finite(img, "Stage A")
+            images.append(img[..., :height, :width].clamp(0, 1).cpu())
+        result = torch.cat(images)
+        return to_pil(result) if output == "pil" else result
+
+    def reconstruct(self, images: ImageLike | Sequence[ImageLike], scale: float = ENCODER_FRACTION,
+                    resize: str = "nearest", **decode_kwargs: Any) -> list[Image.Image] | torch.Tensor:
+        """Encode then decode each image at its own size (keyword arguments go to :meth:`decode`)."""
+        tensors = to_tensor_list(images)
+        out: list = []
+        for t in tensors:
+            latent = self.encode(t[None], scale=scale, resize=resize)
+            out.append(self.decode(latent, height=t.shape[-2], width=t.shape[-1], **decode_kwargs))
+        if decode_kwargs.get("output", "pil") == "pil":
+            return [im for batch in out for im in batch]
+        return out[0] if len(out) == 1 else out
+
+    # ------------------------------------------------------------------ previews
+    @torch.no_grad()
+    def preview(self, latents: torch.Tensor) -> list[Image.Image]:
+        """Fast 8× preview of latents through the Previewer (needs ``previewer.safetensors``)."""
+        if self._previewer is None:
+            from .generation.previewer import Previewer
+
+            path = self.source.path(W.PREVIEWER_FILE) if self.source else None
+            if path is None:
+                raise W.WeightsError("no weight source to load previewer.safetensors from")
+            header = W.read_header(path)
+            self._previewer = W.load_module(_build(Previewer, header.config), path, torch.float32, self.device,
+                                            "the Previewer")
+        out = self._previewer(self.check_latents(latents).to(self.device)).float()
+        return to_pil(_check_finite(out, "the Previewer").clamp(0, 1).cpu())
+
+    def info(self) -> dict[str, Any]:
+        """Which files and precisions are in use."""
+        return {"device": str(self.device), "stage_b_dtype": str(self.dtype).replace("torch.", ""),
+                "components": {k: vars(v) for k, v in self.components.items()}}

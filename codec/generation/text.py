@@ -1,0 +1,107 @@
+"""CLIP-G text conditioning (OpenCLIP ViT-bigG/14 text tower through transformers).
+
+Official semantics: captions are tokenised to exactly 77 tokens (padding ``"!"``,
+truncation); the sequence condition is the last hidden state *before* the final layer
+norm (``hidden_states[-1]``); the pooled condition is the projected ``text_embeds``
+(not normalised) as ``(B,1,1280)``. The unconditional text is the encoding of ``""``.
+
+Weights come from the ``text_encoder/`` and ``tokenizer/`` folders of the Hugging Face
+``stabilityai/stable-cascade`` layout (a local folder or the repo id).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..weights import OFFICIAL_REPO, WeightsError
+
+MAX_TOKENS = 77
+
+
+@dataclass
+class TextEmbedding:
+    """Text conditions for a batch of captions."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor
+
+
+def _text_folders(source: str | os.PathLike) -> Path:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        missing = [d for d in ("text_encoder", "tokenizer") if not (path / d).is_dir()]
+        if missing:
+            raise WeightsError(
+                f"{path} has no {' or '.join(d + '/' for d in missing)} folder. Text conditioning needs the CLIP-G "
+                f"text encoder: download the text_encoder/ and tokenizer/ folders of https://huggingface.co/"
+                f"{OFFICIAL_REPO} into {path}/ (e.g. `hf download {OFFICIAL_REPO} --include 'text_encoder/*' "
+                f"'tokenizer/*' --local-dir {path}`).")
+        return path
+    from huggingface_hub import snapshot_download
+
+    patterns = ["text_encoder/*", "tokenizer/*"]
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: try the network once below
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise WeightsError(f"the text encoder of {source} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
+                           "is set; download text_encoder/ and tokenizer/ into a folder and pass that folder.")
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=patterns, etag_timeout=10))
+    except Exception as e:  # noqa: BLE001
+        raise WeightsError(f"could not download the text encoder of {source} ({type(e).__name__}). Download the "
+                           f"text_encoder/ and tokenizer/ folders of https://huggingface.co/{OFFICIAL_REPO} into a "
+                           "folder and pass that folder.") from None
+
+
+class TextEncoder:
+    """Tokenizer + ``CLIPTextModelWithProjection`` producing Stable Cascade's text conditions."""
+
+    def __init__(self, tokenizer, model, device: torch.device | str = "cpu"):
+        if len(tokenizer) <= 2:
+            raise WeightsError(
+                f"the CLIP tokenizer has only {len(tokenizer)} entries: transformers returns such a placeholder when "
+                "it could not reach the hub, and it would map every word to the same id. Point at a local "
+                "tokenizer/ folder with vocab.json and merges.txt.")
+        self.tokenizer = tokenizer
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike = OFFICIAL_REPO, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "TextEncoder":
+        """Load from a folder (or repo id) with ``text_encoder/`` and ``tokenizer/`` subfolders."""
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+        root = _text_folders(source)
+        tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+        model = CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder"), torch_dtype=dtype,
+                                                            local_files_only=True)
+        return cls(tokenizer, model, device)
+
+    def _check_length(self, captions: Sequence[str]) -> None:
+        for caption in captions:
+            ids = self.tokenizer(caption, truncation=False)["input_ids"]
+            if len(ids) > MAX_TOKENS:
+                cut = self.tokenizer.decode(ids[MAX_TOKENS - 1:-1])
+                warnings.warn(f"caption is {len(ids)} tokens long; CLIP reads only {MAX_TOKENS}, so this part is "
+                              f"ignored: {cut!r}", stacklevel=3)
+
+    @torch.no_grad()
+    def encode(self, captions: str | Sequence[str]) -> TextEmbedding:
+        """Captions → ``hidden`` ``(B,77,C)`` (before the final layer norm) and ``pooled`` ``(B,1,C)``."""
+        if isinstance(captions, str):
+            captions = [captions]
+        self._check_length(captions)
+        tokens = self.tokenizer(list(captions), truncation=True, padding="max_length", max_length=MAX_TOKENS,
+                                return_tensors="pt").to(self.device)
+        out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
+                         output_hidden_states=True)
+        return TextEmbedding(hidden=out.hidden_states[-1].float(), pooled=out.text_embeds.float().unsqueeze(1))

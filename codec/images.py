@@ -1,0 +1,120 @@
+"""Conversion of user images (paths, PIL, numpy, uint8/float tensors) to RGB float tensors in [0,1] and back.
+
+This is the only place pixels change representation; inside the models everything is
+RGB float in [0,1], ``(B,3,H,W)``.
+
+Policy for unusual files: EXIF orientation is applied; grayscale, palette, CMYK, LA,
+16-bit and 32-bit integer/float images are converted to 8-bit-equivalent RGB; images with
+transparency are composited onto white (transparent pixels often hold arbitrary colours).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+
+# Decompression-bomb guard: refuse absurd sizes instead of swapping the machine to death.
+Image.MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+class ImageReadError(Exception):
+    """An input file cannot be read as an image; the message names the file."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        if img.mode == "F" and arr.max() <= 1.0:
+            peak = 1.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file as an upright 8-bit RGB PIL image; :class:`ImageReadError` names the file on failure."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except FileNotFoundError:
+        raise ImageReadError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL image → ``(3,H,W)`` float in [0,1] (converted to RGB first)."""
+    arr = np.asarray(_to_rgb(img) if img.mode != "RGB" else img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
+
+
+def _array_to_tensor(x: torch.Tensor) -> torch.Tensor:
+    """Numeric array in HWC/CHW/BCHW/BHWC, uint8 or float → ``(B,3,H,W)`` float in [0,1]."""
+    if x.dtype == torch.uint8:
+        x = x.float() / 255
+    elif x.is_floating_point():
+        x = x.float()
+    else:
+        raise ValueError(f"image tensors must be uint8 or float, got {x.dtype}")
+    if x.ndim == 2:
+        x = x[None, None]
+    elif x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise ValueError(f"image tensors must have 2 to 4 dimensions, got shape {list(x.shape)}")
+    if x.shape[1] not in (1, 3, 4) and x.shape[-1] in (1, 3, 4):
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    elif x.shape[1] == 4:
+        x = x[:, :3] * x[:, 3:] + (1 - x[:, 3:])
+    elif x.shape[1] != 3:
+        raise ValueError(f"image tensors need 1, 3 or 4 channels, got shape {list(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("image tensor contains NaN or inf")
+    return x.clamp(0, 1)
+
+
+def to_tensor_list(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tensor]:
+    """Any supported image input (one or many) → list of ``(3,H,W)`` float tensors in [0,1]."""
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    elif isinstance(images, (np.ndarray, torch.Tensor)):
+        t = _array_to_tensor(torch.as_tensor(images))
+        return list(t.unbind(0))
+    out: list[torch.Tensor] = []
+    for item in images:
+        if isinstance(item, (str, os.PathLike)):
+            out.append(pil_to_tensor(load_image(item)))
+        elif isinstance(item, Image.Image):
+            out.append(pil_to_tensor(ImageOps.exif_transpose(item)))
+        elif isinstance(item, (np.ndarray, torch.Tensor)):
+            out.extend(_array_to_tensor(torch.as_tensor(item)).unbind(0))
+        else:
+            raise TypeError(f"cannot use {type(item).__name__} as an image; give a path, PIL image, numpy array "
+                            "or tensor")
+    return out
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """``(B,3,H,W)`` or ``(3,H,W)`` float in [0,1] → PIL images (rounded to uint8)."""
+    if images.ndim == 3:
+        images = images[None]
+    arr = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]

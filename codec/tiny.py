@@ -1,0 +1,53 @@
+"""Tiny *random* weights in the official file layout, for tests and offline demos.
+
+They exercise every code path of the real models at a fraction of the size, but they
+are untrained: images decoded with them are noise. Every file carries the note
+``TINY_NOTE`` in its metadata, and ``cascade info`` shows it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from . import weights as W
+from .effnet import EfficientNetEncoder
+from .generation.previewer import Previewer
+from .stage_a import StageA
+from .stage_b import StageB
+
+TINY_NOTE = "TINY RANDOM WEIGHTS for tests/demos - not a trained model; decoded images are noise"
+
+TINY_STAGE_A = dict(levels=2, bottleneck_blocks=2, c_hidden=32, c_latent=4, codebook_size=64, scale_factor=0.43)
+TINY_STAGE_B = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=32, c_hidden=[8, 16, 32, 32],
+                    nhead=[-1, -1, 2, 2], blocks=[[1, 1, 2, 1], [1, 2, 1, 1]],
+                    block_repeat=[[1, 1, 1, 1], [2, 2, 1, 2]], level_config=["CT", "CT", "CTA", "CTA"],
+                    c_clip=24, c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=[0, 0, 0.1, 0.1],
+                    self_attn=True, t_conds=["sca"])
+TINY_PREVIEWER = dict(c_in=16, c_hidden=32, c_out=3)
+
+
+def write_tiny_weights(folder: str | os.PathLike, seed: int = 0, stage_b: str = "lite") -> Path:
+    """Write tiny random ``stage_a``, ``effnet_encoder``, ``stage_b_<lite|large>``, ``previewer`` and the
+    empty-caption embedding into ``folder`` with official file names. The EfficientNet is
+    the real (full-size) architecture, since its shape is fixed."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    stage_b_model = StageB(**TINY_STAGE_B)
+    # Random, non-zero everywhere, so every branch of the network matters in tests.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in stage_b_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel() if p.ndim > 1 else p.numel()) ** 0.5)
+    W.save_module(StageA(**TINY_STAGE_A), folder / W.STAGE_A_FILE, TINY_STAGE_A, TINY_NOTE)
+    W.save_module(EfficientNetEncoder(), folder / W.EFFNET_FILE, None, TINY_NOTE)
+    W.save_module(stage_b_model, folder / W.STAGE_B_FILES[stage_b]["fp32"], TINY_STAGE_B, TINY_NOTE)
+    W.save_module(Previewer(**TINY_PREVIEWER), folder / W.PREVIEWER_FILE, TINY_PREVIEWER, TINY_NOTE)
+    pooled = torch.randn(1, 1, TINY_STAGE_B["c_clip"], generator=g)
+    save_file({"pooled": pooled}, str(folder / W.EMPTY_CAPTION_FILE), metadata={W.META_NOTE: TINY_NOTE})
+    return folder

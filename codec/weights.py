@@ -1,0 +1,354 @@
+"""Find, check, load and save checkpoints.
+
+* Only ``.safetensors`` files are read: a pickle checkpoint can run arbitrary code when
+  unpickled, so it is refused with a sentence saying so.
+* Files are read tensor by tensor with plain reads (no memory map), each tensor cast to
+  the target dtype and moved to the target device before the next is read, into a
+  model built on the ``meta`` device. Peak memory is the model in its target dtype plus
+  one tensor — never a random-initialised copy, never the whole file twice.
+* Keys and shapes are checked against the model *before* any tensor data is read; the
+  error lists missing, unexpected and mis-shaped keys.
+* Our own files carry their model configuration in the safetensors metadata
+  (``cascade_codec.config``); official files have none and get the official preset
+  named by their file name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import nn
+
+OFFICIAL_REPO = "stabilityai/stable-cascade"
+
+# Official file names, per component. Stage B files by preset and precision.
+STAGE_A_FILE = "stage_a.safetensors"
+EFFNET_FILE = "effnet_encoder.safetensors"
+PREVIEWER_FILE = "previewer.safetensors"
+STAGE_B_FILES = {
+    "lite": {"fp32": "stage_b_lite.safetensors", "bf16": "stage_b_lite_bf16.safetensors"},
+    "large": {"fp32": "stage_b.safetensors", "bf16": "stage_b_bf16.safetensors"},
+}
+EMPTY_CAPTION_FILE = "clip_pooled_empty.safetensors"
+
+META_CONFIG = "cascade_codec.config"
+META_NOTE = "cascade_codec.note"
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
+
+
+class WeightsError(Exception):
+    """A checkpoint cannot be found, read or matched to its model; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a safetensors file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """Parsed and validated header of a safetensors file."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_offset: int
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """Model configuration stored by cascade-codec, if any."""
+        raw = self.metadata.get(META_CONFIG)
+        return json.loads(raw) if raw else None
+
+    def n_params(self) -> int:
+        """Number of elements over all tensors."""
+        total = 0
+        for info in self.tensors.values():
+            n = 1
+            for d in info.shape:
+                n *= d
+            total += n
+        return total
+
+    def dtypes(self) -> set[torch.dtype]:
+        """Set of tensor dtypes in the file."""
+        return {info.dtype for info in self.tensors.values()}
+
+
+def refuse_pickle(path: Path) -> None:
+    """Raise :class:`WeightsError` if ``path`` looks like a pickle/zip torch checkpoint."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if path.suffix.lower() in _PICKLE_SUFFIXES or head[:1] == b"\x80" or head == b"PK":
+        raise WeightsError(
+            f"{path} is a pickle-based PyTorch checkpoint. Loading pickle files can run arbitrary code, so "
+            "cascade-codec only reads .safetensors files. Download the .safetensors version of this checkpoint "
+            f"(the official ones are on https://huggingface.co/{OFFICIAL_REPO}), or convert a file you trust with "
+            "`python -c \"import torch, safetensors.torch as st; "
+            "st.save_file(torch.load('IN.pt', weights_only=True), 'OUT.safetensors')\"`.")
+
+
+def read_header(path: str | os.PathLike) -> SafetensorsHeader:
+    """Parse and validate a safetensors header (no tensor data is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist or is not a file.")
+    refuse_pickle(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise WeightsError(f"{path} is not a safetensors file: it is only {size} bytes long.")
+        (n,) = struct.unpack("<Q", raw_len)
+        if n > min(size - 8, 100 * 2**20):
+            raise WeightsError(f"{path} is not a valid safetensors file (header length {n} does not fit in "
+                               f"{size} bytes); the file may be truncated or of another format.")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsError(f"{path} is not a valid safetensors file: its header is not JSON ({e}).") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path} is not a valid safetensors file: its header is not a JSON object.")
+    metadata = header.pop("__metadata__", None) or {}
+    tensors: dict[str, TensorInfo] = {}
+    data_len = size - 8 - n
+    for key, entry in header.items():
+        try:
+            dtype = _DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            start, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{path}: the header entry for {key!r} is malformed or has an unsupported dtype "
+                               f"({entry!r}).") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - start != numel * dtype.itemsize or start < 0:
+            raise WeightsError(f"{path}: tensor {key!r} claims {end - start} bytes for shape {list(shape)} "
+                               f"of {entry['dtype']}; the file is corrupt.")
+        if end > data_len:
+            raise WeightsError(f"{path} is truncated: tensor {key!r} ends at byte {8 + n + end} but the file has "
+                               f"only {size} bytes. Download it again.")
+        tensors[key] = TensorInfo(dtype, shape, start, end)
+    return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, 8 + n)
+
+
+def iter_tensors(header: SafetensorsHeader, dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` one at a time in file order, floats cast to ``dtype``, on ``device``."""
+    order = sorted(header.tensors.items(), key=lambda kv: kv[1].start)
+    with open(header.path, "rb", buffering=0) as f:
+        for key, info in order:
+            t = torch.empty(info.shape, dtype=info.dtype)
+            nbytes = info.end - info.start
+            if nbytes:
+                f.seek(header.data_offset + info.start)
+                view = memoryview(t.view(-1).view(torch.uint8).numpy())
+                got = 0
+                while got < nbytes:
+                    k = f.readinto(view[got:])
+                    if not k:
+                        raise WeightsError(f"{header.path} is truncated while reading {key!r}. Download it again.")
+                    got += k
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            yield key, t.to(device)
+
+
+def check_keys(model: nn.Module, header: SafetensorsHeader, what: str) -> None:
+    """Raise a :class:`WeightsError` listing every missing, unexpected and mis-shaped key."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: info.shape for k, info in header.tensors.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if not (missing or unexpected or wrong):
+        return
+
+    def listing(keys: list[str], fmt: Callable[[str], str]) -> str:
+        shown = "\n".join(f"    {fmt(k)}" for k in keys[:20])
+        more = f"\n    … and {len(keys) - 20} more" if len(keys) > 20 else ""
+        return shown + more
+
+    parts = [f"{header.path} does not match {what}:"]
+    if missing:
+        parts.append(f"  {len(missing)} missing key(s):\n" + listing(missing, str))
+    if unexpected:
+        parts.append(f"  {len(unexpected)} unexpected key(s):\n" + listing(unexpected, str))
+    if wrong:
+        parts.append(f"  {len(wrong)} key(s) with the wrong shape:\n"
+                     + listing(wrong, lambda k: f"{k}: file {list(found[k])}, model {list(expected[k])}"))
+    parts.append("Is this the right file for this model (e.g. a Stage B lite file given as Stage B large, or a "
+                 "diffusers-layout file)?")
+    raise WeightsError("\n".join(parts))
+
+
+def load_module(build: Callable[[], nn.Module], path: str | os.PathLike, dtype: torch.dtype | None,
+                device: torch.device | str, what: str) -> nn.Module:
+    """Build a model on the meta device and fill it from ``path`` (strict), in ``dtype`` on ``device``.
+
+    ``dtype=None`` keeps each tensor's stored dtype. The model is returned in eval mode
+    with ``requires_grad`` off.
+    """
+    header = read_header(path)
+    with torch.device("meta"):
+        model = build()
+    check_keys(model, header, what)
+    state = dict(iter_tensors(header, dtype, device))
+    model.load_state_dict(state, strict=True, assign=True)
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise RuntimeError(f"bug: {what} has tensors not covered by its state dict: {leftovers[:5]}")
+    return model.eval().requires_grad_(False)
+
+
+def save_module(model: nn.Module, path: str | os.PathLike, config: Mapping[str, Any] | None = None,
+                note: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Save ``model``'s state dict as safetensors (atomically), with its config and a note in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
+             for k, v in model.state_dict().items()}
+    metadata = {"format": "pt"}
+    if config is not None:
+        metadata[META_CONFIG] = json.dumps(config)
+    if note:
+        metadata[META_NOTE] = note
+    tmp = path.with_name(path.name + ".partial")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """bf16 on CUDA (the released precision), fp32 elsewhere (bf16 math is slow on most CPUs)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def parse_dtype(value: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
+    """``"bf16"|"fp16"|"fp32"|torch.dtype|None`` → dtype (``None`` → :func:`default_dtype`)."""
+    if value is None or value == "auto":
+        return default_dtype(device)
+    if isinstance(value, torch.dtype):
+        return value
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    if value not in names:
+        raise ValueError(f"unknown dtype {value!r}; use bf16, fp16 or fp32")
+    return names[value]
+
+
+def missing_files_message(folder: Path | str, files: list[str], repo_id: str = OFFICIAL_REPO) -> str:
+    """A sentence naming which official files to download and where to put them."""
+    urls = "\n".join(f"  https://huggingface.co/{repo_id}/resolve/main/{name}" for name in files)
+    return (f"{folder} is missing {', '.join(files)}.\n"
+            f"Download these files into {folder}/ :\n{urls}\n"
+            f"for example with: hf download {repo_id} {' '.join(files)} --local-dir {folder}\n"
+            "(or pass the repo id instead of a folder on a machine with internet access; "
+            "they are the official Stable Cascade weights, licensed under the Stability AI "
+            "non-commercial research community licence).")
+
+
+def _hub_file(repo_id: str, filename: str) -> Path:
+    """A file of a Hugging Face repo from the local cache, or downloaded; fails fast offline."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError):
+        pass
+    except Exception as e:  # noqa: BLE001 - any cache problem means we must download
+        if "offline" not in str(e).lower() and "not found" not in str(e).lower():
+            raise
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise WeightsError(f"{filename} of {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+                           "set. " + missing_files_message("WEIGHTS_DIR", [filename], repo_id)
+                           + "\nThen pass WEIGHTS_DIR instead of the repo id.")
+    try:
+        return Path(hf_hub_download(repo_id, filename, etag_timeout=10))
+    except Exception as e:  # noqa: BLE001 - network and hub errors all end the same way for the user
+        raise WeightsError(f"could not download {filename} from the Hugging Face repo {repo_id} ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}).\n"
+                           + missing_files_message("WEIGHTS_DIR", [filename], repo_id)
+                           + "\nThen pass WEIGHTS_DIR instead of the repo id.") from None
+
+
+class WeightSource:
+    """A local folder with official file names, or a Hugging Face repo id."""
+
+    def __init__(self, source: str | os.PathLike):
+        self.source = str(source)
+        path = Path(source).expanduser()
+        if path.is_dir():
+            self.folder: Path | None = path
+            self.repo_id: str | None = None
+        elif path.exists():
+            raise WeightsError(f"{path} is a file; give the folder that holds the weights "
+                               f"({STAGE_A_FILE}, {EFFNET_FILE}, stage_b_lite[_bf16].safetensors, …).")
+        elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
+            self.folder, self.repo_id = None, str(source)
+        else:
+            raise WeightsError(f"{source} is neither an existing folder nor a Hugging Face repo id "
+                               f"(like {OFFICIAL_REPO}).")
+
+    def __repr__(self) -> str:
+        return f"WeightSource({self.source!r})"
+
+    def has(self, filename: str) -> bool:
+        """Whether the file is present locally (folder) or in the local hub cache (repo id)."""
+        if self.folder is not None:
+            return (self.folder / filename).is_file()
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(self.repo_id, filename), str)
+
+    def path(self, filename: str) -> Path:
+        """Local path of ``filename``, downloading it from the hub if needed."""
+        if self.folder is not None:
+            p = self.folder / filename
+            if not p.is_file():
+                raise WeightsError(missing_files_message(self.folder, [filename]))
+            return p
+        return _hub_file(self.repo_id, filename)
+
+    def require(self, filenames: list[str]) -> None:
+        """For a folder: raise one error naming every file that is absent."""
+        if self.folder is not None:
+            absent = [f for f in filenames if not (self.folder / f).is_file()]
+            if absent:
+                raise WeightsError(missing_files_message(self.folder, absent))
+
+    def stage_b_file(self, size: str, dtype: torch.dtype) -> str:
+        """Pick the Stage B file: the bf16 one for bf16/fp16 models, else fp32, using what is present."""
+        if size not in STAGE_B_FILES:
+            raise WeightsError(f"stage_b must be one of {sorted(STAGE_B_FILES)}, got {size!r}")
+        names = STAGE_B_FILES[size]
+        order = ["bf16", "fp32"] if dtype in (torch.bfloat16, torch.float16) else ["fp32", "bf16"]
+        for variant in order:
+            if self.has(names[variant]):
+                return names[variant]
+        if self.folder is not None:
+            raise WeightsError(missing_files_message(self.folder, [names[order[0]]])
+                               + f"\n({names[order[1]]} works too.)")
+        return names[order[0]]
