@@ -264,34 +264,52 @@ def missing_files_message(folder: Path | str, files: list[str], repo_id: str = O
     return (f"{folder} is missing {', '.join(files)}.\n"
             f"Download these files into {folder}/ :\n{urls}\n"
             f"for example with: hf download {repo_id} {' '.join(files)} --local-dir {folder}\n"
-            "(or pass the repo id instead of a folder on a machine with internet access; "
-            "they are the official Stable Cascade weights, licensed under the Stability AI "
-            "non-commercial research community licence).")
+            "(they are the official Stable Cascade weights, under the Stability AI non-commercial research "
+            "community licence; on a machine with internet access you can pass the repo id instead of a folder).")
+
+
+def _hub_unreachable_message(repo_id: str, files: list[str], reason: str) -> str:
+    return (f"cannot get {', '.join(files)} of the Hugging Face repo {repo_id}: {reason}.\n"
+            f"On a machine with internet access run: hf download {repo_id} {' '.join(files)} --local-dir DIR\n"
+            "then copy DIR here and pass it instead of the repo id (--weights DIR).")
+
+
+def hub_reachable(timeout: float = 5.0) -> str | None:
+    """``None`` if the Hugging Face endpoint accepts a TCP connection within ``timeout`` s, else the reason.
+
+    huggingface_hub retries a failing request for about 30 s; probing first makes an
+    offline machine fail at once.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{host} is not reachable ({e.strerror or e})"
 
 
 def _hub_file(repo_id: str, filename: str) -> Path:
     """A file of a Hugging Face repo from the local cache, or downloaded; fails fast offline."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    try:
-        return Path(hf_hub_download(repo_id, filename, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError):
-        pass
-    except Exception as e:  # noqa: BLE001 - any cache problem means we must download
-        if "offline" not in str(e).lower() and "not found" not in str(e).lower():
-            raise
+    cached = try_to_load_from_cache(repo_id, filename)
+    if isinstance(cached, str):
+        return Path(cached)
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise WeightsError(f"{filename} of {repo_id} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
-                           "set. " + missing_files_message("WEIGHTS_DIR", [filename], repo_id)
-                           + "\nThen pass WEIGHTS_DIR instead of the repo id.")
+        raise WeightsError(_hub_unreachable_message(repo_id, [filename],
+                                                    "it is not in the local cache and HF_HUB_OFFLINE is set"))
+    reason = hub_reachable()
+    if reason is not None:
+        raise WeightsError(_hub_unreachable_message(repo_id, [filename], f"it is not in the local cache and {reason}"))
     try:
         return Path(hf_hub_download(repo_id, filename, etag_timeout=10))
     except Exception as e:  # noqa: BLE001 - network and hub errors all end the same way for the user
-        raise WeightsError(f"could not download {filename} from the Hugging Face repo {repo_id} ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}).\n"
-                           + missing_files_message("WEIGHTS_DIR", [filename], repo_id)
-                           + "\nThen pass WEIGHTS_DIR instead of the repo id.") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise WeightsError(_hub_unreachable_message(repo_id, [filename], f"{type(e).__name__}: {first}")) from None
 
 
 class WeightSource:

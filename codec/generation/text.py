@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from ..weights import OFFICIAL_REPO, WeightsError
+from ..weights import OFFICIAL_REPO, WeightsError, hub_reachable
 
 MAX_TOKENS = 77
 
@@ -50,15 +50,16 @@ def _text_folders(source: str | os.PathLike) -> Path:
         return Path(snapshot_download(str(source), allow_patterns=patterns, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached: try the network once below
         pass
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise WeightsError(f"the text encoder of {source} is not in the local Hugging Face cache and HF_HUB_OFFLINE "
-                           "is set; download text_encoder/ and tokenizer/ into a folder and pass that folder.")
-    try:
-        return Path(snapshot_download(str(source), allow_patterns=patterns, etag_timeout=10))
-    except Exception as e:  # noqa: BLE001
-        raise WeightsError(f"could not download the text encoder of {source} ({type(e).__name__}). Download the "
-                           f"text_encoder/ and tokenizer/ folders of https://huggingface.co/{OFFICIAL_REPO} into a "
-                           "folder and pass that folder.") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    reason = "HF_HUB_OFFLINE is set" if offline else hub_reachable()
+    if reason is None:
+        try:
+            return Path(snapshot_download(str(source), allow_patterns=patterns, etag_timeout=10))
+        except Exception as e:  # noqa: BLE001 - every hub failure ends the same way for the user
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    raise WeightsError(f"cannot get the text encoder of {source} ({reason}). Download the text_encoder/ and "
+                       f"tokenizer/ folders of https://huggingface.co/{source} into a folder (e.g. `hf download "
+                       f"{source} --include 'text_encoder/*' 'tokenizer/*' --local-dir DIR`) and pass that folder.")
 
 
 class TextEncoder:

@@ -1,0 +1,337 @@
+"""The ``cascade`` command line. Each subcommand imports its heavy modules lazily so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+DEFAULT_WEIGHTS = "stabilityai/stable-cascade"
+WEIGHTS_HELP = ("Folder with the official Stable Cascade files (stage_a.safetensors, effnet_encoder.safetensors, "
+                "stage_b_lite[_bf16].safetensors, …) or a Hugging Face repo id. Default: $CASCADE_WEIGHTS, else "
+                f"{DEFAULT_WEIGHTS}.")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .codec import NonFiniteError
+    from .images import ImageReadError
+    from .weights import WeightsError
+
+    return (WeightsError, ImageReadError, NonFiniteError, ValueError, TypeError, FileNotFoundError)
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    """Turn user-facing errors into a one-paragraph message and exit code 1 (tracebacks are for bugs)."""
+    try:
+        return fn()
+    except _user_errors() as e:
+        raise click.ClickException(str(e)) from None
+
+
+def weights_option(f: Callable) -> Callable:
+    """Shared --weights/--stage-b/--device/--dtype options."""
+    f = click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
+                     show_default=True,
+                     help="Stage B precision. auto = bf16 on CUDA, fp32 on CPU (bf16 math is slow on most CPUs). "
+                          "fp16 is allowed for Stage B only; the encoder and Stage A always run in fp32.")(f)
+    f = click.option("--device", default="auto", show_default=True,
+                     help="Torch device: auto (CUDA if available), cpu, cuda, cuda:1, mps, …")(f)
+    f = click.option("--stage-b", type=click.Choice(["lite", "large"]), default="lite", show_default=True,
+                     help="Stage B size: lite (700M parameters) or large (1.5B).")(f)
+    f = click.option("--weights", "-w", default=None, metavar="DIR|REPO", help=WEIGHTS_HELP)(f)
+    return f
+
+
+def _load_codec(weights: str | None, stage_b: str, device: str, dtype: str):
+    from .codec import Codec
+
+    source = weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS
+    return Codec.from_pretrained(source, stage_b=stage_b, dtype=None if dtype == "auto" else dtype,
+                                 device=None if device == "auto" else device)
+
+
+def _warn_if_tiny(codec) -> None:
+    notes = {c.note for c in codec.components.values() if c.note}
+    for note in notes:
+        click.secho(f"note: {note}", fg="yellow", err=True)
+
+
+def decode_options(f: Callable) -> Callable:
+    """Stage B sampling options shared by decode and reconstruct."""
+    opts = [
+        click.option("--steps", type=click.IntRange(1, 1000), default=10, show_default=True,
+                     help="Stage B sampling steps (official: 10)."),
+        click.option("--cfg", type=float, default=1.1, show_default=True,
+                     help="Stage B classifier-free guidance scale (official: 1.1); 0 or 1 still runs guidance, "
+                          "use --no-cfg to skip the unconditional pass."),
+        click.option("--no-cfg", is_flag=True, help="Disable guidance (one model call per step, ~2× faster)."),
+        click.option("--cfg-rho", type=float, default=0.7, show_default=True,
+                     help="Guidance rescale factor (official: 0.7)."),
+        click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True,
+                     help="ddpm (official, stochastic) or ddim (deterministic)."),
+        click.option("--seed", type=int, default=0, show_default=True,
+                     help="Seed of the CPU generator for the sampling noise (same seed → same image on any device)."),
+        click.option("--caption", default=None,
+                     help="Caption for Stage B's text condition (needs the text encoder); default: empty caption."),
+        click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True,
+                     help="Latents decoded at once."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _decode_kwargs(steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size) -> dict[str, Any]:
+    return dict(steps=steps, cfg=None if no_cfg else cfg, cfg_rho=cfg_rho, sampler=sampler, seed=seed,
+                caption=caption, batch_size=batch_size)
+
+
+def _output_paths(out: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(n)]
+
+
+def _save_images(images, out: Path) -> list[Path]:
+    paths = _output_paths(out, len(images))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for img, p in zip(images, paths):
+        tmp = p.with_name(p.stem + ".partial" + p.suffix)
+        img.save(tmp)
+        os.replace(tmp, p)
+    return paths
+
+
+def _progress_bar(total_steps: int, desc: str):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True, disable=None)
+
+    def update(i: int, total: int) -> None:
+        bar.update(1)
+
+    return bar, update
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cascade-codec")
+def main() -> None:
+    """cascade: Stable Cascade's 42× image codec (EfficientNet encoder + Stage B + Stage A).
+
+    A 1024×1024 image becomes a 16×24×24 latent and comes back. Weights: the official
+    Stable Cascade files in a folder (--weights DIR) or the Hugging Face repo id.
+    """
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Output file: .safetensors (latents + metadata: source files, original sizes) or .npy "
+                   "(one array; all images must give the same latent size).")
+@click.option("--scale", type=float, default=0.75, show_default=True,
+              help="Encoder input size as a fraction of the image size, snapped down to a multiple of 32 "
+                   "(0.75: a 1024² image → 768² → 16×24×24).")
+@click.option("--resize", type=click.Choice(["nearest", "bilinear"]), default="nearest", show_default=True,
+              help="Downscaling before the encoder: nearest (official reconstruction) or antialiased bilinear.")
+@click.option("--latent-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Storage precision of the written latents.")
+@weights_option
+def encode(images, out, scale, resize, latent_dtype, weights, stage_b, device, dtype) -> None:
+    """Encode IMAGES into EfficientNet latents (16 × H·scale/32 × W·scale/32)."""
+    def go():
+        import torch
+        from tqdm.auto import tqdm
+
+        from .images import load_image, pil_to_tensor
+
+        if out.suffix not in (".safetensors", ".npy"):
+            raise ValueError(f"{out}: the output must end in .safetensors or .npy")
+        codec = _load_codec(weights, stage_b, device, dtype)
+        _warn_if_tiny(codec)
+        latents, sizes = [], []
+        for path in tqdm(images, desc="encode", unit="img", disable=None):
+            t = pil_to_tensor(load_image(path))
+            sizes.append([int(t.shape[-2]), int(t.shape[-1])])
+            latents.append(codec.encode(t[None], scale=scale, resize=resize))
+        store = torch.float16 if latent_dtype == "fp16" else torch.float32
+        _write_latents(out, [z.to(store) for z in latents], [str(p) for p in images], sizes, scale)
+        shapes = sorted({tuple(z.shape[1:]) for z in latents})
+        click.echo(f"wrote {len(latents)} latent(s) of shape {', '.join('×'.join(map(str, s)) for s in shapes)} "
+                   f"to {out}")
+    _run(go)
+
+
+def _write_latents(out: Path, latents: list, sources: list[str], sizes: list[list[int]], scale: float) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from . import __version__
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    same = len({tuple(z.shape) for z in latents}) == 1
+    if out.suffix == ".npy":
+        if not same:
+            raise ValueError("images of different sizes give latents of different shapes, which a .npy file "
+                             "cannot hold; write .safetensors instead")
+        with open(tmp, "wb") as f:
+            np.save(f, torch.cat(latents).numpy())
+    else:
+        tensors = {"latents": torch.cat(latents).contiguous()} if same else \
+            {f"latents.{i}": z.contiguous() for i, z in enumerate(latents)}
+        meta = {"sources": json.dumps(sources), "sizes": json.dumps(sizes), "encoder_scale": str(scale),
+                "format": "cascade-codec latents v1", "tool": f"cascade-codec {__version__}"}
+        save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+
+
+def _read_latents(path: Path):
+    """Latents and original sizes (if recorded) from a .safetensors or .npy file."""
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+        return [torch.from_numpy(arr)], None
+    from .weights import iter_tensors, read_header
+
+    header = read_header(path)
+    tensors = dict(iter_tensors(header, torch.float32))
+    keys = sorted(tensors, key=lambda k: (len(k), k))
+    sizes = json.loads(header.metadata["sizes"]) if "sizes" in header.metadata else None
+    if not keys:
+        raise ValueError(f"{path} holds no tensors")
+    return [tensors[k] for k in keys], sizes
+
+
+@main.command()
+@click.argument("latents", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="Output image (.png, .jpg, .webp …). Several latents give OUT_000.png, OUT_001.png, …")
+@click.option("--height", type=click.IntRange(8), default=None,
+              help="Output height. Default: the original size recorded by `cascade encode`, else latent·32/0.75.")
+@click.option("--width", type=click.IntRange(8), default=None, help="Output width (see --height).")
+@decode_options
+@weights_option
+def decode(latents, out, height, width, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size,
+           weights, stage_b, device, dtype) -> None:
+    """Decode LATENTS (.safetensors from `cascade encode`, or .npy) into images."""
+    def go():
+        groups, sizes = _read_latents(latents)
+        codec = _load_codec(weights, stage_b, device, dtype)
+        _warn_if_tiny(codec)
+        kwargs = _decode_kwargs(steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size)
+        flat = [z for g in groups for z in codec.check_latents(g).split(1)]
+        images = []
+        bar, update = _progress_bar(steps * len(flat), "decode")
+        t0 = time.perf_counter()
+        for i, z in enumerate(flat):
+            h, w = height, width
+            if sizes is not None and i < len(sizes):
+                h, w = h or sizes[i][0], w or sizes[i][1]
+            images += codec.decode(z, height=h, width=w, progress=update, **kwargs)
+        bar.close()
+        paths = _save_images(images, out)
+        click.echo(f"wrote {len(paths)} image(s): {paths[0]}{' …' if len(paths) > 1 else ''} "
+                   f"({time.perf_counter() - t0:.1f} s)")
+    _run(go)
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output image.")
+@click.option("--scale", type=float, default=0.75, show_default=True,
+              help="Encoder input size as a fraction of the image size (see `cascade encode --help`).")
+@click.option("--resize", type=click.Choice(["nearest", "bilinear"]), default="nearest", show_default=True,
+              help="Downscaling before the encoder.")
+@decode_options
+@weights_option
+def reconstruct(image, out, scale, resize, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size,
+                weights, stage_b, device, dtype) -> None:
+    """Encode IMAGE and decode it back at its own size."""
+    def go():
+        from .images import load_image, pil_to_tensor
+
+        t = pil_to_tensor(load_image(image))
+        codec = _load_codec(weights, stage_b, device, dtype)
+        _warn_if_tiny(codec)
+        kwargs = _decode_kwargs(steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size)
+        bar, update = _progress_bar(steps, "decode")
+        z = codec.encode(t[None], scale=scale, resize=resize)
+        img = codec.decode(z, height=t.shape[-2], width=t.shape[-1], progress=update, **kwargs)
+        bar.close()
+        _save_images(img, out)
+        click.echo(f"{image} ({t.shape[-1]}×{t.shape[-2]}) → latent {'×'.join(map(str, z.shape[1:]))} → {out}")
+    _run(go)
+
+
+@main.command()
+@click.argument("weights", required=False, metavar="[DIR|REPO]")
+def info(weights) -> None:
+    """Show which Stable Cascade files are in DIR|REPO: variants, dtypes, parameter counts, notes.
+
+    Reads only file headers (fast, no model is built).
+    """
+    def go():
+        from . import weights as W
+
+        source = W.WeightSource(weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS)
+        names = [W.STAGE_A_FILE, W.EFFNET_FILE, W.PREVIEWER_FILE] + \
+            [n for v in W.STAGE_B_FILES.values() for n in v.values()] + [W.EMPTY_CAPTION_FILE]
+        click.echo(f"weights: {source.source}")
+        found = 0
+        for name in names:
+            if not source.has(name):
+                continue
+            header = W.read_header(source.path(name))
+            dtypes = ",".join(sorted(str(d).replace("torch.", "") for d in header.dtypes()))
+            found += 1
+            note = header.metadata.get(W.META_NOTE)
+            custom = " (own config)" if header.config else ""
+            click.echo(f"  {name:34s} {len(header.tensors):5d} tensors {header.n_params():>14,d} values  "
+                       f"{dtypes}{custom}")
+            if note:
+                click.secho(f"      note: {note}", fg="yellow")
+        if not found:
+            wanted = [W.STAGE_A_FILE, W.EFFNET_FILE, W.STAGE_B_FILES["lite"]["bf16"]]
+            if source.folder is not None:
+                raise W.WeightsError(W.missing_files_message(source.source, wanted))
+            raise W.WeightsError(f"none of the files of {source.repo_id} are in the local Hugging Face cache "
+                                 f"(`cascade info` does not download). Get them with: hf download {source.repo_id} "
+                                 f"{' '.join(wanted)} --local-dir DIR, then run `cascade info DIR`.")
+        missing = [n for n in (W.STAGE_A_FILE, W.EFFNET_FILE) if not source.has(n)]
+        if missing:
+            click.echo(f"  missing for the codec: {', '.join(missing)}")
+    _run(go)
+
+
+@main.command("demo-weights")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+def demo_weights(folder, seed) -> None:
+    """Write TINY RANDOM weights in the official file layout into FOLDER (for demos and tests).
+
+    They run every code path on a machine without the official weights, but they are
+    untrained: decoded images are noise. Every file is labelled as such.
+    """
+    def go():
+        from .tiny import write_tiny_weights
+
+        write_tiny_weights(folder, seed=seed)
+        click.echo(f"wrote tiny random (untrained) weights to {folder}")
+    _run(go)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
