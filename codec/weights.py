@@ -153,24 +153,38 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
 
 def iter_tensors(header: SafetensorsHeader, dtype: torch.dtype | None = None,
                  device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(key, tensor)`` one at a time in file order, floats cast to ``dtype``, on ``device``."""
+    """Yield ``(key, tensor)`` one at a time in file order, floats cast to ``dtype``, on ``device``.
+
+    A tensor that needs no conversion is read straight into its final CPU storage. One
+    that is cast or moved is read into a single reused scratch buffer first, so the
+    extra memory is one tensor of the largest size, without heap fragmentation.
+    """
+    device = torch.device(device)
     order = sorted(header.tensors.items(), key=lambda kv: kv[1].start)
+    scratch: torch.Tensor | None = None
     with open(header.path, "rb", buffering=0) as f:
         for key, info in order:
-            t = torch.empty(info.shape, dtype=info.dtype)
             nbytes = info.end - info.start
+            target = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+            direct = target == info.dtype and device.type == "cpu"
+            if direct:
+                raw = torch.empty(nbytes, dtype=torch.uint8)
+            else:
+                if scratch is None or scratch.numel() < nbytes:
+                    scratch = torch.empty(max(nbytes, max(i.end - i.start for i in header.tensors.values())),
+                                          dtype=torch.uint8)
+                raw = scratch[:nbytes]
             if nbytes:
                 f.seek(header.data_offset + info.start)
-                view = memoryview(t.view(-1).view(torch.uint8).numpy())
+                view = memoryview(raw.numpy())
                 got = 0
                 while got < nbytes:
                     k = f.readinto(view[got:])
                     if not k:
                         raise WeightsError(f"{header.path} is truncated while reading {key!r}. Download it again.")
                     got += k
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            yield key, t.to(device)
+            t = raw.view(info.dtype).view(info.shape) if nbytes else torch.empty(info.shape, dtype=info.dtype)
+            yield key, (t if direct else t.to(device=device, dtype=target, copy=True))
 
 
 def check_keys(model: nn.Module, header: SafetensorsHeader, what: str) -> None:
@@ -351,11 +365,18 @@ class WeightSource:
         return _hub_file(self.repo_id, filename)
 
     def require(self, filenames: list[str]) -> None:
-        """For a folder: raise one error naming every file that is absent."""
+        """Raise one error naming every file that is absent (folder) or uncached and unreachable (repo id)."""
+        absent = [f for f in filenames if not self.has(f)]
+        if not absent:
+            return
         if self.folder is not None:
-            absent = [f for f in filenames if not (self.folder / f).is_file()]
-            if absent:
-                raise WeightsError(missing_files_message(self.folder, absent))
+            raise WeightsError(missing_files_message(self.folder, absent))
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        reason = "they are not in the local cache and HF_HUB_OFFLINE is set" if offline else hub_reachable()
+        if reason is not None:
+            if not offline:
+                reason = f"they are not in the local cache and {reason}"
+            raise WeightsError(_hub_unreachable_message(self.repo_id, absent, reason))
 
     def stage_b_file(self, size: str, dtype: torch.dtype) -> str:
         """Pick the Stage B file: the bf16 one for bf16/fp16 models, else fp32, using what is present."""

@@ -1,0 +1,685 @@
+"""Speed and memory of cascade-codec next to 🤗 diffusers / the plain reference, same random weights.
+
+Run ``python -m benchmarks.speed --help`` for the options. What is timed:
+
+* ``effnet``  — EfficientNetV2-S encoder on 768² RGB, batch 1 and 8. *ours* = the module as
+  ``Codec._encode_batch`` runs it (channels_last model and input, fp32); *reference* = the
+  same module in default NCHW eager fp32, as the official code runs it. diffusers has no
+  EfficientNet encoder, so there is no diffusers column.
+* ``stage_a`` — Stage A decode of a 4×256×256 latent to 1024². *ours* = ``StageA().decode`` as
+  the codec ships it (NCHW, fp32); *diffusers* = ``PaellaVQModel(scale_factor=0.43)`` with our
+  weights under diffusers' key names, called as its pipeline does:
+  ``decode(latents * scale_factor, force_not_quantize=True)``.
+* ``stage_b`` — one Stage B lite denoiser evaluation at 1024² output (latent 4×256×256,
+  effnet 16×24×24, pooled CLIP 1×1×1280, batch 1). *ours* = ``StageB.from_preset('stage_b_lite')``;
+  *diffusers* = ``StableCascadeUNet`` with the decoder-lite config of
+  ``scripts/convert_stable_cascade_lite.py`` and our weights converted by diffusers' own
+  ``convert_stable_cascade_unet_single_file_to_diffusers``.
+
+Each (case, implementation) runs in its own spawned process, so its peak RSS
+(``getrusage(RUSAGE_SELF).ru_maxrss``) is clean. Both processes of a case stay alive and
+the parent drives them alternately (warm-up A, warm-up B, run A, run B, ...), so machine
+noise hits both. The warm-up outputs are compared before anything is timed; a case whose
+outputs differ beyond ``--tolerance`` is not timed (the key mapping would be wrong) and the
+run exits with status 1.
+
+Weights are random but identical for both implementations: every tensor is drawn, in
+state-dict order, from one seeded generator (PyTorch-default-like scales; the parameters
+that are zero-initialised by default — GRN gamma/beta, Stage A gammas, biases — get small
+random values so the comparison exercises them). The EfficientNet is built with
+torchvision's own initialisation under a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ALL_TASKS = ("effnet", "stage_a", "stage_b")
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "speed.json"
+
+IMPL_LABELS = {
+    ("effnet", "ours"): "ours (channels_last)",
+    ("effnet", "reference"): "reference (NCHW eager)",
+    ("stage_a", "ours"): "ours (NCHW, as shipped)",
+    ("stage_a", "diffusers"): "diffusers PaellaVQModel",
+    ("stage_b", "ours"): "ours StageB lite",
+    ("stage_b", "diffusers"): "diffusers StableCascadeUNet",
+}
+
+# Decoder-lite config, verbatim from diffusers' scripts/convert_stable_cascade_lite.py.
+DIFFUSERS_DECODER_LITE = dict(
+    in_channels=4,
+    out_channels=4,
+    timestep_ratio_embedding_dim=64,
+    patch_size=2,
+    conditioning_dim=1280,
+    block_out_channels=[320, 576, 1152, 1152],
+    down_num_layers_per_block=[2, 4, 14, 4],
+    up_num_layers_per_block=[4, 14, 4, 2],
+    down_blocks_repeat_mappers=[1, 1, 1, 1],
+    up_blocks_repeat_mappers=[2, 2, 2, 2],
+    num_attention_heads=[0, 9, 18, 18],
+    block_types_per_layer=[
+        ["SDCascadeResBlock", "SDCascadeTimestepBlock"],
+        ["SDCascadeResBlock", "SDCascadeTimestepBlock"],
+        ["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"],
+        ["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"],
+    ],
+    clip_text_pooled_in_channels=1280,
+    clip_seq=4,
+    effnet_in_channels=16,
+    pixel_mapper_in_channels=3,
+    kernel_size=3,
+    dropout=[0, 0, 0.1, 0.1],
+    self_attn=True,
+    timestep_conditioning_type=["sca"],
+)
+
+STAGE_A_SCALE = 0.43  # official Stage A scale factor (diffusers' vqgan config has 0.3764)
+
+
+# --------------------------------------------------------------------------------------------
+# Random weights, identical for every implementation
+# --------------------------------------------------------------------------------------------
+def random_state_dict(meta_module: torch.nn.Module, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Draw every entry of ``meta_module``'s state dict from one generator seeded with ``seed``.
+
+    Values are drawn in fp32 and then cast, so a bf16 model holds the fp32 weights rounded.
+    Matrices/kernels: U(±1/sqrt(fan_in)) (PyTorch's default scale); BatchNorm running_var:
+    U(0.5, 1.5); everything else (biases, GRN gamma/beta, Stage A gammas, running_mean):
+    N(0, 0.05²).
+    """
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, ref in meta_module.state_dict().items():
+        if not ref.is_floating_point():
+            out[name] = torch.zeros(ref.shape, dtype=ref.dtype)
+            continue
+        v = torch.empty(ref.shape, dtype=torch.float32)
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf == "running_var":
+            v.uniform_(0.5, 1.5, generator=g)
+        elif ref.ndim >= 2 and leaf not in ("gamma", "beta"):
+            fan_in = ref.shape[1] * math.prod(ref.shape[2:])
+            bound = 1.0 / math.sqrt(fan_in)
+            v.uniform_(-bound, bound, generator=g)
+        else:
+            v.normal_(0.0, 0.05, generator=g)
+        out[name] = v if dtype == torch.float32 else v.to(dtype)
+    return out
+
+
+def stage_a_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our/official Stage A keys → ``PaellaVQModel`` keys (only the codebook is renamed)."""
+    rename = {"vquantizer.codebook.weight": "vquantizer.embedding.weight"}
+    return {rename.get(k, k): v for k, v in sd.items()}
+
+
+def _set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# What a worker builds and runs
+# --------------------------------------------------------------------------------------------
+@dataclass
+class WorkerSpec:
+    task: str
+    impl: str
+    dtype: str  # "fp32" | "bf16"
+    seed: int
+    threads: int
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def make_inputs(task: str, size: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic fp32 inputs. ``size`` is the image side (effnet input / decoded output)."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    if task == "effnet":
+        return {"images": torch.rand(batch, 3, size, size, generator=g)}
+    if task == "stage_a":
+        return {"latent": torch.randn(batch, 4, size // 4, size // 4, generator=g)}
+    if task == "stage_b":
+        return {
+            "x": torch.randn(batch, 4, size // 4, size // 4, generator=g),
+            "r": torch.full((batch,), 0.7),
+            "effnet": torch.randn(batch, 16, 24, 24, generator=g),
+            "clip": torch.randn(batch, 1, 1280, generator=g),
+        }
+    raise ValueError(task)
+
+
+def build_runner(spec: WorkerSpec) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """Build the model of ``spec`` and return ``run(inputs) -> output`` (the timed call)."""
+    dtype = _dtype(spec.dtype)
+    if spec.task == "effnet":
+        from codec.effnet import EfficientNetEncoder
+
+        with torch.random.fork_rng():
+            torch.manual_seed(spec.seed)
+            model = EfficientNetEncoder().eval()
+        if spec.impl == "ours":
+            model = model.to(memory_format=torch.channels_last)
+
+            def run(inp):  # as Codec._encode_batch
+                x = inp["images"].contiguous(memory_format=torch.channels_last)
+                return model.encode(x).float().contiguous()
+        elif spec.impl == "reference":
+            def run(inp):
+                return model.encode(inp["images"])
+        else:
+            raise ValueError(spec.impl)
+        return run
+
+    if spec.task == "stage_a":
+        from codec.stage_a import StageA
+
+        with torch.device("meta"):
+            meta = StageA(scale_factor=STAGE_A_SCALE)
+        sd = random_state_dict(meta, spec.seed, dtype)
+        if spec.impl == "ours":
+            model = meta
+            model.load_state_dict(sd, strict=True, assign=True)
+            model.eval()
+
+            def run(inp):
+                return model.decode(inp["latent"].to(dtype))
+        elif spec.impl == "diffusers":
+            from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+
+            with torch.device("meta"):
+                model = PaellaVQModel(scale_factor=STAGE_A_SCALE)
+            model.load_state_dict(stage_a_to_diffusers(sd), strict=True, assign=True)
+            model.eval()
+            scale = model.config.scale_factor
+
+            def run(inp):  # as the diffusers decoder pipeline calls it
+                return model.decode(inp["latent"].to(dtype) * scale, force_not_quantize=True).sample
+        else:
+            raise ValueError(spec.impl)
+        del sd
+        return run
+
+    if spec.task == "stage_b":
+        from codec.stage_b import StageB
+
+        with torch.device("meta"):
+            meta = StageB.from_preset("stage_b_lite")
+        sd = random_state_dict(meta, spec.seed, dtype)
+        if spec.impl == "ours":
+            model = meta
+            model.load_state_dict(sd, strict=True, assign=True)
+            model.eval()
+
+            def run(inp):  # as codec.diffusion.sample calls it: fp32 inputs, autocast inside for bf16
+                return model(inp["x"], inp["r"], inp["effnet"], inp["clip"])
+        elif spec.impl == "diffusers":
+            from diffusers import StableCascadeUNet
+            from diffusers.loaders.single_file_utils import convert_stable_cascade_unet_single_file_to_diffusers
+
+            with torch.device("meta"):
+                model = StableCascadeUNet(**DIFFUSERS_DECODER_LITE)
+            model.load_state_dict(convert_stable_cascade_unet_single_file_to_diffusers(sd), strict=True, assign=True)
+            model.eval()
+
+            def run(inp):  # inputs in the model dtype, as the decoder pipeline passes them
+                return model(sample=inp["x"].to(dtype), timestep_ratio=inp["r"].to(dtype),
+                             clip_text_pooled=inp["clip"].to(dtype), effnet=inp["effnet"].to(dtype),
+                             return_dict=False)[0]
+        else:
+            raise ValueError(spec.impl)
+        del sd, meta
+        return run
+    raise ValueError(spec.task)
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _current_rss_bytes() -> int | None:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except Exception:
+        return None
+
+
+def worker_main(conn, spec_dict: dict) -> None:
+    """Spawned process: build one implementation, then serve ``run``/``finish`` requests."""
+    try:
+        spec = WorkerSpec(**spec_dict)
+        _set_threads(spec.threads)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            run = build_runner(spec)
+        conn.send({"ok": True, "build_s": time.perf_counter() - t0, "rss_after_build": _current_rss_bytes()})
+    except BaseException:
+        conn.send({"ok": False, "error": traceback.format_exc()})
+        return
+    while True:
+        msg = conn.recv()
+        if msg["cmd"] == "finish":
+            conn.send({"ok": True, "maxrss": _maxrss_bytes()})
+            return
+        try:
+            inp = make_inputs(spec.task, msg["size"], msg["batch"], spec.seed)
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                out = run(inp)
+                dt = time.perf_counter() - t0
+            if msg.get("save"):
+                torch.save(out.detach().float().cpu().clone(), msg["save"])
+            del out
+            conn.send({"ok": True, "seconds": dt})
+        except BaseException:
+            conn.send({"ok": False, "error": traceback.format_exc()})
+
+
+class Worker:
+    def __init__(self, ctx, spec: WorkerSpec):
+        self.spec = spec
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=worker_main, args=(child, asdict(spec)), daemon=True)
+        self.proc.start()
+        child.close()
+        self.setup = self._recv()
+
+    def _recv(self) -> dict:
+        try:
+            return self.conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            return {"ok": False, "error": f"worker died (exit code {self.proc.exitcode}; killed for memory?)"}
+
+    def call(self, **msg) -> dict:
+        if not self.proc.is_alive():
+            return {"ok": False, "error": f"worker not running (exit code {self.proc.exitcode})"}
+        self.conn.send(msg)
+        return self._recv()
+
+    def finish(self) -> dict:
+        res = self.call(cmd="finish") if self.proc.is_alive() else {"ok": False}
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(5)
+        return res
+
+
+# --------------------------------------------------------------------------------------------
+# Cases
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    task: str
+    dtype: str
+    size: int
+    batch: int
+    impls: list[str]
+    repeats: int
+    make_reference_for: list[tuple[int, int]] = field(default_factory=list)  # (size, batch) extra fp32 runs
+    compare_to: str | None = None  # path of an fp32 reference output (bf16 cases)
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}_{self.dtype}_{self.size}px_b{self.batch}"
+
+    def shape_text(self) -> str:
+        if self.task == "effnet":
+            return f"{self.batch}×3×{self.size}² → 16×{self.size // 32}²"
+        if self.task == "stage_a":
+            return f"{self.batch}×4×{self.size // 4}² → {self.size}²"
+        return f"{self.batch}×4×{self.size // 4}², eff 16×24², clip 1280 ({self.size}²)"
+
+
+def rel_errors(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """``max|a-b| / max|ref|`` and ``||a-b||₂ / ||ref||₂`` (fp64)."""
+    a, b = out.double(), ref.double()
+    diff = a - b
+    return {
+        "max_abs": diff.abs().max().item(),
+        "rel_max": (diff.abs().max() / b.abs().max().clamp_min(1e-30)).item(),
+        "rel_l2": (diff.norm() / b.norm().clamp_min(1e-30)).item(),
+        "finite": bool(torch.isfinite(a).all()),
+    }
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_case(case: Case, args, tmpdir: Path, refs: dict[tuple[str, int, int], Path]) -> dict:
+    ctx = mp.get_context("spawn")
+    result: dict[str, Any] = {
+        "task": case.task, "dtype": case.dtype, "size": case.size, "batch": case.batch,
+        "input": case.shape_text(), "impls": {}, "parity": None, "status": "ok",
+    }
+    baseline = case.impls[1]
+    workers: dict[str, Worker] = {}
+    try:
+        for impl in case.impls:
+            t0 = time.perf_counter()
+            log(f"[{case.key}] building {impl} ...")
+            w = Worker(ctx, WorkerSpec(case.task, impl, case.dtype, args.seed, args.threads))
+            if not w.setup.get("ok"):
+                raise RuntimeError(f"{impl} failed to build:\n{w.setup.get('error')}")
+            workers[impl] = w
+            result["impls"][impl] = {
+                "label": IMPL_LABELS[(case.task, impl)], "build_s": w.setup["build_s"],
+                "rss_after_build": w.setup["rss_after_build"], "times_s": [], "warmup_s": None,
+            }
+            log(f"[{case.key}] {impl} built in {time.perf_counter() - t0:.1f}s")
+
+        # Warm-up: one run each, outputs saved and compared before any timing.
+        outs = {}
+        for impl, w in workers.items():
+            path = tmpdir / f"{case.key}_{impl}.pt"
+            res = w.call(cmd="run", size=case.size, batch=case.batch, save=str(path))
+            if not res.get("ok"):
+                raise RuntimeError(f"{impl} failed:\n{res.get('error')}")
+            result["impls"][impl]["warmup_s"] = res["seconds"]
+            outs[impl] = torch.load(path)
+            log(f"[{case.key}] warm-up {impl}: {res['seconds']:.2f}s")
+        ours_out, base_out = outs[case.impls[0]], outs[baseline]
+        parity = {"vs": baseline, **rel_errors(ours_out, base_out)}
+        if case.dtype == "fp32":
+            parity["tolerance_rel_max"] = args.tolerance
+            parity["pass"] = parity["finite"] and parity["rel_max"] <= args.tolerance
+        else:  # bf16: each implementation against the fp32 output of the same weights
+            parity["pass"] = parity["finite"]
+            ref_path = refs.get((case.task, case.size, case.batch))
+            if ref_path is not None:
+                ref = torch.load(ref_path)
+                parity["vs_fp32"] = {impl: rel_errors(o, ref) for impl, o in outs.items()}
+                parity["pass"] = all(e["finite"] for e in parity["vs_fp32"].values())
+        result["parity"] = parity
+        log(f"[{case.key}] parity ours vs {baseline}: rel_max={parity['rel_max']:.2e} "
+            f"rel_l2={parity['rel_l2']:.2e} -> {'PASS' if parity['pass'] else 'FAIL'}")
+        if not parity["pass"]:
+            result["status"] = "parity-failed"
+            return result
+
+        # Timed runs, interleaved A, B, A, B, ...
+        for i in range(case.repeats):
+            for impl, w in workers.items():
+                res = w.call(cmd="run", size=case.size, batch=case.batch, save=None)
+                if not res.get("ok"):
+                    raise RuntimeError(f"{impl} failed:\n{res.get('error')}")
+                result["impls"][impl]["times_s"].append(res["seconds"])
+                log(f"[{case.key}] run {i + 1}/{case.repeats} {impl}: {res['seconds']:.2f}s")
+
+        # Extra fp32 outputs of ours to check the bf16 cases against (not timed).
+        for size, batch in case.make_reference_for:
+            path = tmpdir / f"ref_{case.task}_{size}_{batch}.pt"
+            res = workers[case.impls[0]].call(cmd="run", size=size, batch=batch, save=str(path))
+            if res.get("ok"):
+                refs[(case.task, size, batch)] = path
+                log(f"[{case.key}] fp32 reference output at {size}² saved for the bf16 check")
+    except Exception as e:  # noqa: BLE001 - reported in the table and JSON
+        result["status"] = "error"
+        result["error"] = str(e)
+        log(f"[{case.key}] ERROR: {e}")
+    finally:
+        for impl, w in workers.items():
+            fin = w.finish()
+            result["impls"][impl]["peak_rss"] = fin.get("maxrss")
+    for impl, r in result["impls"].items():
+        ts = r["times_s"]
+        r["median_s"] = statistics.median(ts) if ts else None
+        r["min_s"] = min(ts) if ts else None
+        r["max_s"] = max(ts) if ts else None
+    ours, base = result["impls"].get(case.impls[0], {}), result["impls"].get(baseline, {})
+    if ours.get("median_s") and base.get("median_s"):
+        result[f"ratio_ours_over_{baseline}"] = ours["median_s"] / base["median_s"]
+    if ours.get("peak_rss") and base.get("peak_rss"):
+        result[f"rss_ratio_ours_over_{baseline}"] = ours["peak_rss"] / base["peak_rss"]
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Environment and report
+# --------------------------------------------------------------------------------------------
+def _cpu_info() -> dict[str, Any]:
+    model, flags = platform.processor() or "?", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("?", "x86_64", ""):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    return {
+        "model": model, "logical_cpus": os.cpu_count(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+        "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags, "native_bf16": native_bf16,
+    }
+
+
+def environment(args) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
+        "threads": args.threads, "cpu": _cpu_info(),
+    }
+    try:
+        import diffusers
+
+        env["diffusers"] = diffusers.__version__
+    except Exception:  # noqa: BLE001
+        env["diffusers"] = None
+    try:
+        import psutil
+
+        env["ram_bytes"] = psutil.virtual_memory().total
+    except Exception:  # noqa: BLE001
+        pass
+    root = Path(__file__).resolve().parent.parent
+    try:
+        env["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                           text=True, check=True).stdout.strip()
+        env["git_dirty"] = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "codec"],
+                                               capture_output=True, text=True).stdout.strip())
+    except Exception:  # noqa: BLE001
+        pass
+    return env
+
+
+def _gb(b: int | None) -> str:
+    return f"{b / 2**30:.2f} GB" if b else "-"
+
+
+def _sec(s: float | None) -> str:
+    return f"{s:.3f}" if s is not None else "-"
+
+
+def format_table(results: list[dict], env: dict) -> str:
+    cpu = env["cpu"]
+    lines = [
+        f"cascade-codec speed benchmark — torch {env['torch']}, diffusers {env.get('diffusers')}, "
+        f"{cpu['model']} ({cpu['torch_cpu_capability']}), {env['threads']} threads",
+        "median of timed runs after 1 warm-up; ratio = ours / baseline (<1 means ours is faster); "
+        "peak RSS per process",
+        "",
+    ]
+    head = f"{'task':<8} {'dtype':<5} {'input':<38} {'implementation':<28} {'median s':>9} {'min–max s':>15} " \
+           f"{'ratio':>6} {'peak RSS':>9}  parity"
+    lines += [head, "-" * len(head)]
+    for r in results:
+        impls = list(r["impls"].items())
+        ratio = next((v for k, v in r.items() if k.startswith("ratio_ours_over_")), None)
+        p = r.get("parity") or {}
+        if r["dtype"] == "fp32" and p:
+            ptxt = f"rel_max {p['rel_max']:.1e} {'PASS' if p['pass'] else 'FAIL'}"
+        elif p:
+            vs = p.get("vs_fp32") or {}
+            ptxt = "vs fp32 rel_l2 " + ", ".join(f"{k} {v['rel_l2']:.1e}" for k, v in vs.items()) if vs \
+                else f"vs {p['vs']} rel_l2 {p['rel_l2']:.1e}"
+        else:
+            ptxt = r.get("status", "")
+        if r.get("status") not in ("ok", None):
+            ptxt += f" [{r['status']}]"
+        for i, (impl, d) in enumerate(impls):
+            rng = f"{d['min_s']:.3f}–{d['max_s']:.3f}" if d.get("min_s") is not None else "-"
+            lines.append(
+                f"{r['task'] if i == 0 else '':<8} {r['dtype'] if i == 0 else '':<5} "
+                f"{r['input'] if i == 0 else '':<38} {d['label']:<28} {_sec(d.get('median_s')):>9} {rng:>15} "
+                f"{(f'{ratio:.2f}' if (i == 0 and ratio) else ''):>6} {_gb(d.get('peak_rss')):>9}  "
+                f"{ptxt if i == 0 else ''}")
+    notes = ["", "notes:",
+             "* effnet: diffusers has no EfficientNet encoder (only a Würstchen-v2 research example); the baseline "
+             "is the same module in default NCHW eager fp32, as the official code runs it.",
+             "* stage_a: diffusers time includes the `latents * scale_factor` its pipeline does before decode; "
+             "the codec ships Stage A in fp32 NCHW.",
+             "* stage_b: one denoiser evaluation (a 10-step CFG decode does 10 evaluations at batch 2)."]
+    if any(r["dtype"] == "bf16" for r in results):
+        why = ("this CPU has no AVX512-BF16/AMX, bf16 is emulated and 10–100× slower than fp32"
+               if not cpu["native_bf16"] else "the codec runs fp32 on CPU; bf16 targets GPUs")
+        notes.append(f"* bf16 rows: bf16 on this CPU is not representative ({why}); they are a correctness check "
+                     "(parity column: each implementation against the fp32 output of the same weights). ours runs "
+                     "Stage B under autocast as the codec does; diffusers runs pure bf16 with timestep_ratio in bf16.")
+    return "\n".join(lines + notes)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+HELP_EPILOG = """\
+expected runtime (2 threads, no GPU): a default run (all tasks, --repeats 3) takes about
+8–10 minutes, dominated by Stage A at 1024² (diffusers ≈ 35–40 s per decode) and Stage B
+lite at 1024² (≈ 20–25 s per step). Each run = 1 warm-up + N timed runs per implementation,
+plus ~10–20 s per process to import and build. --bf16 adds, per timed run, roughly
+Stage A 512² 55 s and Stage B 512² 45 s per implementation on an AVX2-only CPU (far less
+with AVX512-BF16/AMX). Peak memory: two Stage B lite processes alive at once (~4 GB each).
+
+quick run (~1 min):
+  python -m benchmarks.speed --tasks effnet,stage_b --effnet-batches 1 --stage-b-size 256 --repeats 1
+"""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.speed",
+        description="Time cascade-codec against diffusers (Stage A, Stage B) and the plain NCHW reference "
+                    "(EfficientNet encoder) on the same random weights; report median seconds, ratios, peak RSS "
+                    "and an output-parity check per case.",
+        epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default=",".join(ALL_TASKS),
+                   help="comma-separated subset of effnet,stage_a,stage_b (default: all)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per implementation after 1 warm-up; the median is reported (default: 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker (default: 2)")
+    p.add_argument("--effnet-size", type=int, default=768,
+                   help="EfficientNet input side in px, multiple of 32 (default: 768 = what a 1024² image is "
+                        "encoded at)")
+    p.add_argument("--effnet-batches", default="1,8", help="comma-separated EfficientNet batch sizes (default: 1,8)")
+    p.add_argument("--stage-a-size", type=int, default=1024,
+                   help="Stage A output side in px, multiple of 4; latent side = size/4 (default: 1024)")
+    p.add_argument("--stage-b-size", type=int, default=1024,
+                   help="Stage B output side in px, multiple of 8; latent side = size/4 (default: 1024)")
+    p.add_argument("--bf16", action="store_true",
+                   help="also run Stage A and Stage B in bf16 at --bf16-size, as a correctness check against "
+                        "the fp32 output (timing reported but flagged: bf16 on CPU is not representative). "
+                        "Slow on CPUs without AVX512-BF16/AMX")
+    p.add_argument("--bf16-size", type=int, default=512, help="output side in px for the bf16 cases (default: 512)")
+    p.add_argument("--bf16-repeats", type=int, default=1, help="timed runs for the bf16 cases (default: 1)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="fp32 parity threshold on max|ours-baseline| / max|baseline| (default: 1e-4); a case "
+                        "above it is not timed and the exit status is 1")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
+    p.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT,
+                   help="JSON file for environment, options and all numbers (default: benchmarks/results/speed.json next to "
+                        "this script)")
+    args = p.parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    bad = [t for t in tasks if t not in ALL_TASKS]
+    if bad or not tasks:
+        p.error(f"--tasks: unknown {bad}; choose from {','.join(ALL_TASKS)}")
+    args.tasks = tasks
+    try:
+        args.effnet_batches = [int(b) for b in args.effnet_batches.split(",") if b.strip()]
+    except ValueError:
+        p.error("--effnet-batches must be comma-separated integers")
+    if args.repeats < 1 or args.bf16_repeats < 1 or args.threads < 1:
+        p.error("--repeats, --bf16-repeats and --threads must be >= 1")
+    if args.effnet_size % 32 or args.effnet_size <= 0:
+        p.error("--effnet-size must be a positive multiple of 32")
+    if args.stage_a_size % 4 or args.stage_a_size <= 0:
+        p.error("--stage-a-size must be a positive multiple of 4")
+    for name in ("stage_b_size", "bf16_size"):
+        if getattr(args, name) % 8 or getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive multiple of 8")
+    return args
+
+
+def build_cases(args) -> list[Case]:
+    cases: list[Case] = []
+    if "effnet" in args.tasks:
+        for b in args.effnet_batches:
+            cases.append(Case("effnet", "fp32", args.effnet_size, b, ["ours", "reference"], args.repeats))
+    for task, size in (("stage_a", args.stage_a_size), ("stage_b", args.stage_b_size)):
+        if task in args.tasks:
+            case = Case(task, "fp32", size, 1, ["ours", "diffusers"], args.repeats)
+            if args.bf16:
+                case.make_reference_for.append((args.bf16_size, 1))
+            cases.append(case)
+    if args.bf16:
+        for task in ("stage_a", "stage_b"):
+            if task in args.tasks:
+                cases.append(Case(task, "bf16", args.bf16_size, 1, ["ours", "diffusers"], args.bf16_repeats))
+    return cases
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    env = environment(args)
+    cases = build_cases(args)
+    t_start = time.perf_counter()
+    results = []
+    refs: dict[tuple[str, int, int], Path] = {}
+    with tempfile.TemporaryDirectory(prefix="cascade_speed_") as tmp:
+        for case in cases:
+            results.append(run_case(case, args, Path(tmp), refs))
+    total = time.perf_counter() - t_start
+    report = {
+        "environment": env,
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "total_runtime_s": total,
+        "cases": results,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2))
+    print(format_table(results, env))
+    print(f"\ntotal runtime {total:.0f}s; JSON written to {args.output}")
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
