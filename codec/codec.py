@@ -53,9 +53,12 @@ def default_output_size(latent_h: int, latent_w: int) -> tuple[int, int]:
     return round(latent_h * LATENT_STRIDE / ENCODER_FRACTION), round(latent_w * LATENT_STRIDE / ENCODER_FRACTION)
 
 
-def stage_a_latent_size(height: int, width: int) -> tuple[int, int]:
-    """Stage A latent size for an output size: ``ceil(side/4)`` rounded up to even."""
-    return tuple(2 * math.ceil(math.ceil(s / 4) / 2) for s in (height, width))  # type: ignore[return-value]
+def stage_a_latent_size(height: int, width: int, multiple: int = 2, minimum: int = 16) -> tuple[int, int]:
+    """Stage A latent size for an output size: ``ceil(side/4)`` rounded up to a multiple of Stage B's patch
+    size (2) and at least Stage B's total stride (16), so every level keeps at least one pixel.
+    The decoded image is then cropped to the requested size."""
+    return tuple(max(minimum, multiple * math.ceil(math.ceil(s / 4) / multiple))  # type: ignore[return-value]
+                 for s in (height, width))
 
 
 @dataclass
@@ -263,7 +266,9 @@ class Codec:
             clip = clip.expand(n, -1, -1)
         uncond_clip = self.pooled_text(None, 1).expand(n, -1, -1) if cfg is not None else None
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        ha, wa = stage_a_latent_size(height, width)
+        cfg_b = self.stage_b.config
+        ha, wa = stage_a_latent_size(height, width, cfg_b.patch_size,
+                                     cfg_b.patch_size * 2 ** (len(cfg_b.c_hidden) - 1))
         images = []
         for start in range(0, n, batch_size):
             sl = slice(start, min(n, start + batch_size))

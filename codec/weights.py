@@ -370,7 +370,9 @@ class WeightSource:
         if not absent:
             return
         if self.folder is not None:
-            raise WeightsError(missing_files_message(self.folder, absent))
+            alternatives = [f"{alt} instead of {f}" for f in absent if (alt := self.stage_b_alternative(f))]
+            raise WeightsError(missing_files_message(self.folder, absent)
+                               + "".join(f"\n({a} works too.)" for a in alternatives))
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
         reason = "they are not in the local cache and HF_HUB_OFFLINE is set" if offline else hub_reachable()
         if reason is not None:
@@ -387,7 +389,14 @@ class WeightSource:
         for variant in order:
             if self.has(names[variant]):
                 return names[variant]
-        if self.folder is not None:
-            raise WeightsError(missing_files_message(self.folder, [names[order[0]]])
-                               + f"\n({names[order[1]]} works too.)")
         return names[order[0]]
+
+    @staticmethod
+    def stage_b_alternative(filename: str) -> str | None:
+        """The other precision's file name of a Stage B file (either one loads into any dtype)."""
+        for names in STAGE_B_FILES.values():
+            if filename == names["fp32"]:
+                return names["bf16"]
+            if filename == names["bf16"]:
+                return names["fp32"]
+        return None

@@ -128,8 +128,9 @@ def test_stage_b_file_choice_follows_dtype(tmp_path):
     assert src.stage_b_file("lite", torch.float32) == "stage_b_lite.safetensors"
     (tmp_path / "stage_b_lite.safetensors").unlink()
     assert src.stage_b_file("lite", torch.float32) == "stage_b_lite_bf16.safetensors"
-    with pytest.raises(W.WeightsError, match="stage_b.safetensors"):
-        src.stage_b_file("large", torch.float32)
+    assert src.stage_b_file("large", torch.float32) == "stage_b.safetensors"
+    with pytest.raises(W.WeightsError, match=r"stage_b_bf16.safetensors instead of stage_b.safetensors"):
+        src.require(["stage_b.safetensors"])
 
 
 def test_default_dtype_follows_device():

@@ -1,0 +1,86 @@
+"""Image input edge cases: modes, bit depths, EXIF orientation, unreadable files."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from codec.images import ImageReadError, load_image, to_pil, to_tensor_list
+
+
+def _gradient(w=40, h=30):
+    x = np.linspace(0, 255, w, dtype=np.float64)[None, :, None]
+    y = np.linspace(0, 255, h, dtype=np.float64)[:, None, None]
+    return np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
+                           np.full((h, w, 1), 128.0)], axis=2).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "RGBA", "LA", "I;16", "1"])
+def test_modes_become_rgb(tmp_path, mode):
+    rgb = Image.fromarray(_gradient())
+    if mode == "I;16":
+        arr = (np.asarray(rgb.convert("L"), dtype=np.uint16) * 257)
+        img = Image.fromarray(arr)
+        path = tmp_path / "img16.png"
+    else:
+        img = rgb.convert(mode)
+        path = tmp_path / ("img.tiff" if mode == "CMYK" else "img.png")
+    img.save(path)
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (40, 30)
+    if mode == "I;16":  # 16-bit is scaled, not clipped to white
+        ref = np.asarray(rgb.convert("L"), dtype=np.int32)
+        assert np.abs(np.asarray(out)[..., 0].astype(np.int32) - ref).max() <= 1
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    arr = np.zeros((10, 10, 4), np.uint8)
+    arr[..., 0] = 200
+    arr[:5, :, 3] = 255
+    Image.fromarray(arr, "RGBA").save(tmp_path / "a.png")
+    out = np.asarray(load_image(tmp_path / "a.png"))
+    assert (out[:5, :, 0] == 200).all() and (out[5:] == 255).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.fromarray(_gradient(40, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    img.save(tmp_path / "r.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "r.jpg").size == (30, 40)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 20])
+def test_unreadable_files_name_the_file(tmp_path, content):
+    path = tmp_path / "broken.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageReadError, match="broken.png"):
+        load_image(path)
+
+
+def test_truncated_jpeg_names_the_file(tmp_path):
+    Image.fromarray(_gradient(200, 200)).save(tmp_path / "t.jpg", quality=95)
+    data = (tmp_path / "t.jpg").read_bytes()
+    (tmp_path / "t.jpg").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ImageReadError, match="t.jpg"):
+        load_image(tmp_path / "t.jpg")
+
+
+def test_array_inputs():
+    hwc = _gradient()
+    a = to_tensor_list(hwc)[0]
+    b = to_tensor_list(torch.from_numpy(hwc).permute(2, 0, 1).float() / 255)[0]
+    assert a.shape == (3, 30, 40) and torch.allclose(a, b)
+    gray = to_tensor_list(np.zeros((2, 30, 40, 1), np.uint8))
+    assert len(gray) == 2 and gray[0].shape == (3, 30, 40)
+    with pytest.raises(ValueError, match="NaN"):
+        to_tensor_list(torch.full((3, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match="channels"):
+        to_tensor_list(torch.zeros(1, 5, 8, 8))
+    with pytest.raises(TypeError, match="cannot use"):
+        to_tensor_list([3.5])
+
+
+def test_to_pil_rounds():
+    img = to_pil(torch.full((3, 2, 2), 0.5))[0]
+    assert np.asarray(img)[0, 0, 0] == 128
