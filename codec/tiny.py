@@ -51,3 +51,34 @@ def write_tiny_weights(folder: str | os.PathLike, seed: int = 0, stage_b: str = 
     pooled = torch.randn(1, 1, TINY_STAGE_B["c_clip"], generator=g)
     save_file({"pooled": pooled}, str(folder / W.EMPTY_CAPTION_FILE), metadata={W.META_NOTE: TINY_NOTE})
     return folder
+
+
+def write_tiny_text_encoder(folder: str | os.PathLike, width: int = TINY_STAGE_B["c_clip"], seed: int = 0) -> Path:
+    """Write a tiny random CLIP text encoder and a byte-level CLIP tokenizer (no merges) into
+    ``folder/text_encoder`` and ``folder/tokenizer`` (the Hugging Face repo layout)."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    tok_dir = folder / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    # GPT-2/CLIP byte-level alphabet: printable bytes map to themselves, the rest to code points from 256 up.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    chars = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), pad_token="!")
+    tokenizer.save_pretrained(str(tok_dir))
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width,
+                            projection_dim=width, num_hidden_layers=2, num_attention_heads=2,
+                            max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+                            eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["!"])
+    CLIPTextModelWithProjection(config).save_pretrained(str(folder / "text_encoder"))
+    return folder

@@ -178,3 +178,16 @@ def test_loading_peak_memory_is_close_to_the_model_size(tmp_path, dtype):
     grown, size = int(out[0]), int(out[1])
     assert size > 100e6 if dtype == "float32" else size > 50e6
     assert grown <= 1.25 * size, f"peak RSS grew by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
+
+
+def test_unreachable_hub_fails_fast_without_offline_flag(monkeypatch):
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    assert W.hub_reachable(timeout=2) is not None
+    t = time.perf_counter()
+    with pytest.raises(W.WeightsError, match="not reachable"):
+        W.WeightSource("someone/not-cached-repo").require([W.STAGE_A_FILE, W.EFFNET_FILE])
+    assert time.perf_counter() - t < 5
