@@ -22,7 +22,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .images import ImageReadError
     from .weights import WeightsError
 
-    return (WeightsError, ImageReadError, NonFiniteError, ValueError, TypeError, FileNotFoundError)
+    return (WeightsError, ImageReadError, NonFiniteError, ValueError, FileNotFoundError)
 
 
 def _run(fn: Callable[[], Any]) -> Any:

@@ -149,9 +149,10 @@ from codec.stage_b import StageB
 def status(field):
     return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
-cfg = dict(c_hidden=[256, 512, 512, 512], nhead=[-1, -1, 8, 8], blocks=[[1, 2, 4, 2], [2, 4, 2, 1]],
+cfg = dict(c_hidden=[256, 512, 1024, 1024], nhead=[-1, -1, 16, 16], blocks=[[1, 2, 4, 2], [2, 4, 2, 1]],
            block_repeat=[[1, 1, 1, 1], [1, 1, 1, 1]])
 dtype = getattr(torch, sys.argv[2])
+torch.randn(1 << 20).to(dtype)  # load the conversion kernels' code pages before measuring (a fixed cost)
 with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (VmHWM) to the current RSS
     f.write("5")
 base = status("VmRSS")
@@ -170,13 +171,13 @@ def test_loading_peak_memory_is_close_to_the_model_size(tmp_path, dtype):
 
     from codec.stage_b import StageB
 
-    cfg = dict(c_hidden=[256, 512, 512, 512], nhead=[-1, -1, 8, 8], blocks=[[1, 2, 4, 2], [2, 4, 2, 1]],
+    cfg = dict(c_hidden=[256, 512, 1024, 1024], nhead=[-1, -1, 16, 16], blocks=[[1, 2, 4, 2], [2, 4, 2, 1]],
                block_repeat=[[1, 1, 1, 1], [1, 1, 1, 1]])
     path = W.save_module(StageB(**cfg), tmp_path / "b.safetensors")
     out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), dtype], capture_output=True, text=True,
                          check=True).stdout.split()
     grown, size = int(out[0]), int(out[1])
-    assert size > 100e6 if dtype == "float32" else size > 50e6
+    assert size > 800e6 if dtype == "float32" else size > 400e6
     assert grown <= 1.25 * size, f"peak RSS grew by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
 
 
