@@ -291,6 +291,7 @@ def info(weights) -> None:
             [n for v in W.STAGE_B_FILES.values() for n in v.values()] + [W.EMPTY_CAPTION_FILE]
         click.echo(f"weights: {source.source}")
         found = 0
+        notes: dict[str, list[str]] = {}
         for name in names:
             if not source.has(name):
                 continue
@@ -302,7 +303,10 @@ def info(weights) -> None:
             click.echo(f"  {name:34s} {len(header.tensors):5d} tensors {header.n_params():>14,d} values  "
                        f"{dtypes}{custom}")
             if note:
-                click.secho(f"      note: {note}", fg="yellow")
+                notes.setdefault(note, []).append(name)
+        for note, files in notes.items():
+            which = "all files above" if len(files) == found else ", ".join(files)
+            click.secho(f"  note ({which}): {note}", fg="yellow")
         if not found:
             wanted = [W.STAGE_A_FILE, W.EFFNET_FILE, W.STAGE_B_FILES["lite"]["bf16"]]
             if source.folder is not None:
