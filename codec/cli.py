@@ -18,11 +18,14 @@ WEIGHTS_HELP = ("Folder with the official Stable Cascade files (stage_a.safetens
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from datasets_tools.sources import SourceError
+    from datasets_tools.store import StoreError
+
     from .codec import NonFiniteError
     from .images import ImageReadError
     from .weights import WeightsError
 
-    return (WeightsError, ImageReadError, NonFiniteError, ValueError, FileNotFoundError)
+    return (WeightsError, ImageReadError, NonFiniteError, SourceError, StoreError, ValueError, FileNotFoundError)
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -277,12 +280,17 @@ def reconstruct(image, out, scale, resize, steps, cfg, no_cfg, cfg_rho, sampler,
 
 
 @main.command()
-@click.argument("weights", required=False, metavar="[DIR|REPO]")
+@click.argument("weights", required=False, metavar="[DIR|REPO|STORE]")
 def info(weights) -> None:
-    """Show which Stable Cascade files are in DIR|REPO: variants, dtypes, parameter counts, notes.
+    """Show which Stable Cascade files are in DIR|REPO (variants, dtypes, sizes, notes), or summarise a latent
+    STORE written by `cascade encode-dataset` (count, buckets, dtype, preprocessing, errors).
 
-    Reads only file headers (fast, no model is built).
+    Reads only file headers and metadata (fast, no model is built).
     """
+    if weights and is_latent_store(weights):
+        click.echo(store_info(weights))
+        return
+
     def go():
         from . import weights as W
 
@@ -335,6 +343,83 @@ def demo_weights(folder, seed) -> None:
         write_tiny_weights(folder, seed=seed)
         click.echo(f"wrote tiny random (untrained) weights to {folder}")
     _run(go)
+
+
+def store_info(path: str) -> str:
+    """Summary of a latent store (count, buckets and shapes, dtype, preprocessing, errors) for ``cascade info``."""
+    from datasets_tools.store import store_info as describe
+
+    return _run(lambda: describe(path))
+
+
+def is_latent_store(path: str) -> bool:
+    """Whether ``path`` (folder or fsspec URL) is a latent store (zarr.json with our format attribute).
+
+    For ``cascade info``: dispatch to :func:`store_info` when true, else show weights.
+    """
+    from datasets_tools.store import FORMAT, Location
+
+    try:
+        meta = Location(path).read_json("zarr.json")
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not a store
+        return False
+    return isinstance(meta, dict) and meta.get("attributes", {}).get("format") == FORMAT
+
+
+@main.command("encode-dataset")
+@click.argument("source", metavar="SOURCE")
+@click.argument("out", metavar="OUT")
+@click.option("--weights", "-w", default=None, metavar="DIR|REPO",
+              help="Folder with effnet_encoder.safetensors (official layout) or a Hugging Face repo id. Default: "
+                   f"$CASCADE_WEIGHTS, else {DEFAULT_WEIGHTS}.")
+@click.option("--size", type=click.IntRange(32), default=768, show_default=True,
+              help="Encoder input size in pixels (multiple of 32): the square crop side, the bucket density "
+                   "(size²) with --buckets, or the short side with --keep-aspect. 768 → 24×24 latents.")
+@click.option("--buckets", "policy", flag_value="buckets",
+              help="Multi-aspect buckets (the official list at size² pixels, factor 32); each image goes to the "
+                   "bucket with the nearest aspect ratio, resized to cover it and centre-cropped.")
+@click.option("--keep-aspect", "policy", flag_value="keep-aspect",
+              help="Short side to --size, then each side centre-cropped down to a multiple of 32.")
+@click.option("--center", "policy", flag_value="center", default=True,
+              help="Short side to --size, then a centre square crop (the default; Stage C's training contract).")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+              help="Images encoded at once (per bucket).")
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
+              help="Background processes decoding and resizing images while the encoder runs (0: in-process).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage precision of the latents (computation is always fp32).")
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Use only the first N samples of SOURCE (in its deterministic order).")
+@click.option("--dry-run", is_flag=True,
+              help="List SOURCE and check OUT, print what would be encoded, write nothing.")
+@click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
+              help="Samples per work unit and rows per Zarr shard; fixed when the store is created.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (the summary line is still printed).")
+def encode_dataset_command(source, out, weights, size, policy, batch_size, workers, dtype, limit, dry_run, shard_size,
+                           no_progress) -> None:
+    """Encode every image of SOURCE into the Zarr latent store OUT (resumable, idempotent).
+
+    SOURCE: a folder of images (recursive; captions from sidecar .txt/.json files), a
+    manifest (.csv with a header or .jsonl: path|url, caption, optional id), or
+    webdataset-style .tar shards (brace patterns like shards-{000..009}.tar and fsspec
+    URLs allowed). OUT: a local folder or an fsspec URL (s3://bucket/store.zarr).
+
+    Kill it at any moment and run the same command again: it continues. Run it again
+    after SOURCE grew: only new samples are encoded. Under `torchrun --nproc_per_node N`
+    the work is split across processes. Unreadable images are skipped and recorded in
+    the store's errors table.
+    """
+    from datasets_tools.encode import encode_dataset
+
+    try:
+        summary = encode_dataset(source, out, weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS,
+                                 policy=policy, size=size, batch_size=batch_size, workers=workers, dtype=dtype,
+                                 limit=limit, dry_run=dry_run, shard_size=shard_size, progress=not no_progress,
+                                 log=click.echo)
+    except _user_errors() as e:
+        raise click.ClickException(str(e)) from None
+    if int(os.environ.get("RANK", "0")) == 0 or dry_run:
+        click.echo(summary.line())
 
 
 if __name__ == "__main__":  # pragma: no cover

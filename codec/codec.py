@@ -78,6 +78,35 @@ def _build(cls: Callable[..., torch.nn.Module], config: dict[str, Any] | None,
     return lambda: cls(**kwargs)
 
 
+def _load_component(src: W.WeightSource, filename: str, cls: Callable[..., torch.nn.Module],
+                    preset: dict[str, Any] | None, dtype: torch.dtype,
+                    device: torch.device | str) -> tuple[torch.nn.Module, ComponentInfo]:
+    """Load one model from ``filename`` (its stored config over ``preset``) and describe where it came from."""
+    path = src.path(filename)
+    header = W.read_header(path)
+    model = W.load_module(_build(cls, header.config, preset), path, dtype, device, f"{filename} ({cls.__name__})")
+    info = ComponentInfo(str(path), sum(p.numel() for p in model.parameters()), str(dtype).replace("torch.", ""),
+                         header.metadata.get(W.META_NOTE))
+    return model, info
+
+
+def load_encoder(source: str | os.PathLike | W.WeightSource,
+                 device: str | torch.device = "cpu") -> EfficientNetEncoder:
+    """Only the EfficientNet encoder (fp32, eval, channels_last) from a weights folder or repo id."""
+    src = source if isinstance(source, W.WeightSource) else W.WeightSource(source)
+    src.require([W.EFFNET_FILE])
+    model, _ = _load_component(src, W.EFFNET_FILE, EfficientNetEncoder, None, torch.float32, device)
+    return model.to(memory_format=torch.channels_last)
+
+
+@torch.no_grad()
+def encode_pixels(effnet: EfficientNetEncoder, pixels: torch.Tensor) -> torch.Tensor:
+    """RGB ``(B,3,H,W)`` in [0,1], already at the encoder's input size → fp32 latents on the CPU (not checked)."""
+    device = next(effnet.parameters()).device
+    x = pixels.to(device, torch.float32).contiguous(memory_format=torch.channels_last)
+    return effnet.encode(x).float().contiguous().cpu()
+
+
 class Codec:
     """Stable Cascade's image codec: EfficientNet encoder, Stage B diffusion decoder, Stage A decoder."""
 
@@ -113,20 +142,12 @@ class Codec:
         b_file = src.stage_b_file(stage_b, dtype)
         src.require([W.STAGE_A_FILE, W.EFFNET_FILE, b_file])
         components: dict[str, ComponentInfo] = {}
-
-        def load(name: str, filename: str, build_cls, preset, load_dtype):
-            path = src.path(filename)
-            header = W.read_header(path)
-            model = W.load_module(_build(build_cls, header.config, preset), path, load_dtype, device,
-                                  f"{name} ({build_cls.__name__})")
-            components[name] = ComponentInfo(str(path), sum(p.numel() for p in model.parameters()),
-                                             str(load_dtype).replace("torch.", ""), header.metadata.get(W.META_NOTE))
-            return model
-
-        stage_a = load("stage_a", W.STAGE_A_FILE, StageA, None, torch.float32)
-        effnet = load("effnet", W.EFFNET_FILE, EfficientNetEncoder, None, torch.float32)
+        stage_a, components["stage_a"] = _load_component(src, W.STAGE_A_FILE, StageA, None, torch.float32, device)
+        effnet, components["effnet"] = _load_component(src, W.EFFNET_FILE, EfficientNetEncoder, None,
+                                                        torch.float32, device)
         effnet = effnet.to(memory_format=torch.channels_last)
-        model_b = load("stage_b", b_file, StageB, asdict(STAGE_B_PRESETS[f"stage_b_{stage_b}"]), dtype)
+        model_b, components["stage_b"] = _load_component(src, b_file, StageB,
+                                                         asdict(STAGE_B_PRESETS[f"stage_b_{stage_b}"]), dtype, device)
         empty = None
         if src.has(W.EMPTY_CAPTION_FILE):
             empty = next(W.iter_tensors(W.read_header(src.path(W.EMPTY_CAPTION_FILE)), torch.float32, device))[1]
@@ -169,9 +190,7 @@ class Codec:
             x = F.interpolate(x, size=size, mode="nearest")
         else:
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-        latents = self.effnet.encode(x).float().contiguous()
-        return _check_finite(latents, "the EfficientNet encoder").cpu()
+        return _check_finite(encode_pixels(self.effnet, x), "the EfficientNet encoder")
 
     # ------------------------------------------------------------------ text
     def pooled_text(self, caption: str | Sequence[str] | None, batch: int) -> torch.Tensor:

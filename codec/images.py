@@ -10,9 +10,12 @@ transparency are composited onto white (transparent pixels often hold arbitrary 
 
 from __future__ import annotations
 
+import io
 import os
+import struct
+import warnings
 from pathlib import Path
-from typing import Sequence, Union
+from typing import BinaryIO, Sequence, Union
 
 import numpy as np
 import torch
@@ -25,7 +28,13 @@ Image.MAX_IMAGE_PIXELS = 16384 * 16384
 
 
 class ImageReadError(Exception):
-    """An input file cannot be read as an image; the message names the file."""
+    """An input cannot be read as an image. ``reason`` says why (``"what: details"``); the message
+    also names the file."""
+
+    def __init__(self, name: str, reason: str):
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -44,18 +53,39 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as an upright 8-bit RGB PIL image; :class:`ImageReadError` names the file on failure."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
-    except FileNotFoundError:
-        raise ImageReadError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+def load_image(source: str | os.PathLike | bytes | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open an image (a path, its bytes or a binary file object) as an upright 8-bit RGB PIL image.
+
+    Raises :class:`ImageReadError` naming the file (``name``, else the path) with one of the
+    reasons ``no such file``, ``empty file``, ``not an image``, ``too large
+    (decompression-bomb guard)`` or ``unreadable image`` (truncated or corrupt).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name = name or "<bytes>"
+        if not len(source):
+            raise ImageReadError(name, "empty file: 0 bytes")
+        source = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)):
+        name = name or str(source)
+        path = Path(source)
+        if not path.is_file():
+            raise ImageReadError(name, "no such file")
+        if path.stat().st_size == 0:
+            raise ImageReadError(name, "empty file: 0 bytes")
+    else:
+        name = name or getattr(source, "name", "<file>")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(source) as img:
+                img.load()
+                return _to_rgb(ImageOps.exif_transpose(img))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageReadError(name, f"too large (decompression-bomb guard): {e}") from None
+        except UnidentifiedImageError:
+            raise ImageReadError(name, "not an image: no image format recognised") from None
+        except (OSError, ValueError, SyntaxError, EOFError, struct.error) as e:
+            raise ImageReadError(name, f"unreadable image: {type(e).__name__}: {e}") from None
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -91,7 +91,7 @@ def test_user_errors_are_sentences_not_tracebacks(tiny_weights, tmp_path, images
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"definitely not a jpeg")
     r = run("encode", bad, "-o", tmp_path / "z.safetensors", "-w", tiny_weights)
-    assert r.exit_code == 1 and "bad.jpg: not a readable image" in r.output
+    assert r.exit_code == 1 and "bad.jpg: not an image" in r.output
     r = run("encode", images[0], "-o", tmp_path / "z.safetensors", "-w", tmp_path)
     assert r.exit_code == 1 and "is missing stage_a.safetensors" in r.output
     wrong = tmp_path / "wrong.npy"

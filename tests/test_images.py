@@ -50,12 +50,40 @@ def test_exif_orientation_is_applied(tmp_path):
     assert load_image(tmp_path / "r.jpg").size == (30, 40)
 
 
-@pytest.mark.parametrize("content", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 20])
-def test_unreadable_files_name_the_file(tmp_path, content):
+def _truncated_png() -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="PNG")
+    data = buf.getvalue()
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "empty file"), (b"not an image at all", "not an image"),
+                                             (_truncated_png(), "unreadable image")])
+def test_unreadable_files_name_the_file(tmp_path, content, reason):
     path = tmp_path / "broken.png"
     path.write_bytes(content)
-    with pytest.raises(ImageReadError, match="broken.png"):
+    with pytest.raises(ImageReadError, match="broken.png") as e:
         load_image(path)
+    assert e.value.reason.startswith(reason)
+    with pytest.raises(ImageReadError, match="in-memory") as e:
+        load_image(content, name="in-memory")
+    assert e.value.reason.startswith(reason)
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    import struct as st
+    import zlib
+
+    def chunk(kind, data):
+        return st.pack(">I", len(data)) + kind + data + st.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", st.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
+    with pytest.raises(ImageReadError) as e:
+        load_image(png, name="bomb.png")
+    assert e.value.reason.startswith("too large")
 
 
 def test_truncated_jpeg_names_the_file(tmp_path):

@@ -1,0 +1,137 @@
+"""Reading a latent store for training: ``LatentDataset`` and ``BucketBatchSampler``."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from .fastread import ShardedReader
+from .store import LatentStore, parse_bucket
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Map-style dataset over the committed samples of a latent store.
+
+    Item ``i`` is a dict: ``latent`` (float32 ``(16,h,w)``), ``id``, ``caption`` (when
+    ``with_captions``), ``bucket`` ((H, W) pixels), ``orig_size`` ((h, w)),
+    ``crop_box`` ((left, top, right, bottom)). Samples are ordered bucket by bucket
+    (sorted names), each in plan order. Small per-sample metadata is loaded at
+    construction; latents are read per item through handles opened lazily in each
+    process, so the dataset is safe with ``DataLoader(num_workers>0)``. Local stores are
+    read with :class:`~datasets_tools.fastread.ShardedReader` (one ``pread`` per sample),
+    others through zarr. Open the dataset after encoding has finished.
+    """
+
+    def __init__(self, store: str | os.PathLike, buckets: list[str] | None = None, with_captions: bool = True,
+                 storage_options: dict[str, Any] | None = None):
+        self.url, self.storage_options, self.with_captions = str(store), storage_options, with_captions
+        st = LatentStore.open(self.url, storage_options)
+        rows = st.visible_rows()
+        if buckets is not None:
+            unknown = sorted(set(buckets) - set(rows))
+            if unknown:
+                raise KeyError(f"{self.url} has no bucket(s) {unknown}; it has {sorted(rows)}")
+            rows = {b: rows[b] for b in sorted(buckets)}
+        self.bucket_names = [b for b in sorted(rows) if len(rows[b])]
+        self._bucket_of = np.concatenate([np.full(len(rows[b]), i, dtype=np.int32)
+                                          for i, b in enumerate(self.bucket_names)]) if self.bucket_names else \
+            np.zeros(0, dtype=np.int32)
+        self._row = np.concatenate([rows[b] for b in self.bucket_names]) if self.bucket_names else \
+            np.zeros(0, dtype=np.int64)
+        self.ids: list[str] = []
+        self.captions: list[str] = []
+        orig, crop = [], []
+        for b in self.bucket_names:
+            g, r = st.group[b], rows[b]
+            self.ids += g["id"][:][r].tolist() if len(r) else []
+            if with_captions:
+                self.captions += g["caption"][:][r].tolist() if len(r) else []
+            orig.append(g["orig_size"][:][r])
+            crop.append(g["crop_box"][:][r])
+        self._orig = np.concatenate(orig) if orig else np.zeros((0, 2), np.int32)
+        self._crop = np.concatenate(crop) if crop else np.zeros((0, 4), np.int32)
+        self._latents: dict[str, Any] | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def bucket_indices(self) -> dict[str, np.ndarray]:
+        """Dataset indices of each bucket (for batch samplers)."""
+        return {b: np.nonzero(self._bucket_of == i)[0] for i, b in enumerate(self.bucket_names)}
+
+    def _arrays(self) -> dict[str, Any]:
+        # Open per process: zarr stores pickle, but a fresh handle per worker avoids sharing event loops/files.
+        if self._latents is None or self._pid != os.getpid():
+            st = LatentStore.open(self.url, self.storage_options)
+            self._latents = {}
+            for b in self.bucket_names:
+                fast = ShardedReader.try_open(st.location.path / b / "latents") if st.location.local else None
+                self._latents[b] = fast.read if fast is not None else st.group[b]["latents"].__getitem__
+            self._pid = os.getpid()
+        return self._latents
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_latents"], state["_pid"] = None, None
+        return state
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} samples")
+        i = int(i) % len(self)
+        name = self.bucket_names[self._bucket_of[i]]
+        latent = torch.from_numpy(np.asarray(self._arrays()[name](int(self._row[i])))).float()  # torch: fast f16→f32
+        item = {"latent": latent, "id": self.ids[i], "bucket": parse_bucket(name),
+                "orig_size": tuple(int(v) for v in self._orig[i]), "crop_box": tuple(int(v) for v in self._crop[i])}
+        if self.with_captions:
+            item["caption"] = self.captions[i]
+        return item
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of dataset indices that all come from one bucket (so every batch has one latent shape).
+
+    ``shuffle``: shuffle within buckets and the order of batches, with ``seed`` plus
+    :meth:`set_epoch`'s epoch. ``drop_last``: drop each bucket's incomplete last batch.
+    """
+
+    def __init__(self, dataset: LatentDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        self.groups = dataset.bucket_indices()
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the shuffling (call once per epoch)."""
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        batches = []
+        for name in sorted(self.groups):
+            idx = self.groups[name].tolist()
+            if self.shuffle:
+                rng.shuffle(idx)
+            for s in range(0, len(idx), self.batch_size):
+                b = idx[s:s + self.batch_size]
+                if len(b) == self.batch_size or not self.drop_last:
+                    batches.append(b)
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        n = 0
+        for idx in self.groups.values():
+            n += len(idx) // self.batch_size if self.drop_last else -(-len(idx) // self.batch_size)
+        return n

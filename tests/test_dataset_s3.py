@@ -1,0 +1,64 @@
+"""Stores and tar sources on S3, against a local moto server on 127.0.0.1."""
+
+import socket
+
+import pytest
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+from datasets_tools import LatentDataset, LatentStore, encode_dataset, store_info  # noqa: E402
+from datasets_tools.store import StoreError  # noqa: E402
+from tests.test_dataset_helpers import image_bytes, make_tar  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch):
+    import s3fs
+
+    # botocore reads these, so plain s3:// URLs (CLI, DataLoader workers) reach the local server.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem(anon=False)
+    if not fs.exists("bkt"):
+        fs.mkdir("bkt")
+    return fs
+
+
+def test_s3_tar_source_and_store(s3, tmp_path, tiny_weights):
+    for k in range(2):
+        make_tar(tmp_path / f"shard-{k}.tar", {f"s{k}{i}.png": image_bytes(40 + 8 * i, 64, 10 * k + i)
+                                               for i in range(3)} | {f"s{k}0.txt": b"hello"})
+        s3.put_file(str(tmp_path / f"shard-{k}.tar"), f"bkt/shards/shard-{k}.tar")
+    out = "s3://bkt/stores/lat.zarr"
+    kw = dict(size=64, batch_size=2, workers=2, shard_size=2, progress=False, log=lambda s: None)
+    s = encode_dataset("s3://bkt/shards/shard-{0..1}.tar", out, tiny_weights, **kw)
+    assert s.encoded == 6 and s.store["complete"] and s.store["count"] == 6
+    assert s3.exists("bkt/stores/lat.zarr/commits/unit_000002.json")
+    ds = LatentDataset(out)
+    assert sorted(ds.ids) == [f"shard-{k}/s{k}{i}" for k in range(2) for i in range(3)]
+    assert ds[ds.ids.index("shard-1/s10")]["caption"] == "hello"
+    assert ds[0]["latent"].shape == (16, 2, 2)
+    again = encode_dataset("s3://bkt/shards/shard-{0..1}.tar", out, tiny_weights, **kw)
+    assert again.encoded == 0 and again.store["count"] == 6
+    assert "samples: 6" in store_info(out)
+    with pytest.raises(StoreError, match="preprocess"):
+        encode_dataset("s3://bkt/shards/shard-{0..1}.tar", out, tiny_weights, **{**kw, "size": 96})
+    s3.pipe("bkt/foreign/x.txt", b"x")
+    with pytest.raises(StoreError, match="not a cascade-codec latent store"):
+        encode_dataset("s3://bkt/shards/shard-0.tar", "s3://bkt/foreign", tiny_weights, **kw)
+    assert LatentStore.open(out).attrs["complete"]
