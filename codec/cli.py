@@ -345,6 +345,58 @@ def demo_weights(folder, seed) -> None:
     _run(go)
 
 
+@main.command("decode-dataset")
+@click.argument("store", metavar="STORE")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--ids", default=None, help="Comma-separated sample ids to decode (default: all, see --limit).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Decode at most N samples (in store order).")
+@click.option("--format", "fmt", type=click.Choice(["png", "jpg", "webp"]), default="png", show_default=True,
+              help="Image file format.")
+@click.option("--use-captions", is_flag=True,
+              help="Condition Stage B on each sample's stored caption (needs the text encoder); default: the "
+                   "empty caption, as for reconstruction.")
+@decode_options
+@weights_option
+def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption,
+                   batch_size, weights, stage_b, device, dtype) -> None:
+    """Decode samples of a latent STORE (from `cascade encode-dataset`) back to images in OUT_DIR/<id>.<format>.
+
+    Each latent is decoded at the size it stands for (encoder input size / 0.75, e.g. 768 → 1024).
+    Existing output files are skipped, so an interrupted run continues where it stopped.
+    """
+    def go():
+        from datasets_tools.dataset import LatentDataset
+
+        ds = LatentDataset(store)
+        wanted = list(range(len(ds)))
+        if ids:
+            index = {sid: i for i, sid in enumerate(ds.ids)}
+            missing = [sid for sid in ids.split(",") if sid not in index]
+            if missing:
+                raise ValueError(f"{store} has no sample(s) with id {', '.join(missing[:10])}")
+            wanted = [index[sid] for sid in ids.split(",")]
+        wanted = wanted[:limit] if limit else wanted
+        codec = _load_codec(weights, stage_b, device, dtype)
+        _warn_if_tiny(codec)
+        kwargs = _decode_kwargs(steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size)
+        bar, update = _progress_bar(steps * len(wanted), "decode-dataset")
+        written = skipped = 0
+        for i in wanted:
+            item = ds[i]
+            target = out_dir / f"{item['id'].replace('/', '__')}.{fmt}"
+            if target.exists():
+                skipped += 1
+                bar.update(steps)
+                continue
+            if use_captions:
+                kwargs["caption"] = item.get("caption") or None
+            _save_images(codec.decode(item["latent"], progress=update, **kwargs), target)
+            written += 1
+        bar.close()
+        click.echo(f"decoded {written} sample(s) into {out_dir} ({skipped} already there)")
+    _run(go)
+
+
 def store_info(path: str) -> str:
     """Summary of a latent store (count, buckets and shapes, dtype, preprocessing, errors) for ``cascade info``."""
     from datasets_tools.store import store_info as describe

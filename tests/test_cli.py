@@ -9,7 +9,7 @@ from PIL import Image
 
 from codec.cli import main
 
-COMMANDS = ["encode", "decode", "reconstruct", "info", "demo-weights"]
+COMMANDS = ["encode", "decode", "reconstruct", "info", "demo-weights", "encode-dataset", "decode-dataset"]
 
 
 @pytest.fixture
@@ -100,3 +100,23 @@ def test_user_errors_are_sentences_not_tracebacks(tiny_weights, tmp_path, images
     assert r.exit_code == 1 and "expected EfficientNet latents of shape (B, 16, h, w)" in r.output
     r = run("encode", images[0], "-o", tmp_path / "z.txt", "-w", tiny_weights)
     assert r.exit_code == 1 and "must end in .safetensors or .npy" in r.output
+
+
+def test_decode_dataset(tiny_weights, tmp_path):
+    from datasets_tools.encode import encode_dataset
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for name in ("a", "b", "c"):
+        Image.fromarray(rng.integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(src / f"{name}.png")
+    encode_dataset(src, tmp_path / "s.zarr", tiny_weights, size=32, workers=0, progress=False)
+    r = run("decode-dataset", tmp_path / "s.zarr", tmp_path / "out", "-w", tiny_weights, "--steps", "1",
+            "--ids", "a,c")
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "c.png"]
+    assert Image.open(tmp_path / "out" / "a.png").size == (43, 43)  # 32 px encoder input → 1×1 latent → 32/0.75
+    r = run("decode-dataset", tmp_path / "s.zarr", tmp_path / "out", "-w", tiny_weights, "--steps", "1")
+    assert r.exit_code == 0 and "decoded 1 sample(s)" in r.output and "2 already there" in r.output
+    r = run("decode-dataset", tmp_path / "s.zarr", tmp_path / "out", "-w", tiny_weights, "--ids", "zzz")
+    assert r.exit_code == 1 and "no sample(s) with id zzz" in r.output
