@@ -57,7 +57,7 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "speed.json"
 IMPL_LABELS = {
     ("effnet", "ours"): "ours (channels_last)",
     ("effnet", "reference"): "reference (NCHW eager)",
-    ("stage_a", "ours"): "ours (NCHW, as shipped)",
+    ("stage_a", "ours"): "ours StageA.decode",
     ("stage_a", "diffusers"): "diffusers PaellaVQModel",
     ("stage_b", "ours"): "ours StageB lite",
     ("stage_b", "diffusers"): "diffusers StableCascadeUNet",
@@ -290,13 +290,13 @@ def worker_main(conn, spec_dict: dict) -> None:
         try:
             inp = make_inputs(spec.task, msg["size"], msg["batch"], spec.seed)
             with torch.inference_mode():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 out = run(inp)
-                dt = time.perf_counter() - t0
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             if msg.get("save"):
                 torch.save(out.detach().float().cpu().clone(), msg["save"])
             del out
-            conn.send({"ok": True, "seconds": dt})
+            conn.send({"ok": True, "seconds": dt, "cpu_seconds": cpu})
         except BaseException:
             conn.send({"ok": False, "error": traceback.format_exc()})
 
@@ -379,6 +379,7 @@ def run_case(case: Case, args, tmpdir: Path, refs: dict[tuple[str, int, int], Pa
     result: dict[str, Any] = {
         "task": case.task, "dtype": case.dtype, "size": case.size, "batch": case.batch,
         "input": case.shape_text(), "impls": {}, "parity": None, "status": "ok",
+        "loadavg_at_start": os.getloadavg(),
     }
     baseline = case.impls[1]
     workers: dict[str, Worker] = {}
@@ -392,7 +393,7 @@ def run_case(case: Case, args, tmpdir: Path, refs: dict[tuple[str, int, int], Pa
             workers[impl] = w
             result["impls"][impl] = {
                 "label": IMPL_LABELS[(case.task, impl)], "build_s": w.setup["build_s"],
-                "rss_after_build": w.setup["rss_after_build"], "times_s": [], "warmup_s": None,
+                "rss_after_build": w.setup["rss_after_build"], "times_s": [], "cpu_times_s": [], "warmup_s": None,
             }
             log(f"[{case.key}] {impl} built in {time.perf_counter() - t0:.1f}s")
 
@@ -432,7 +433,9 @@ def run_case(case: Case, args, tmpdir: Path, refs: dict[tuple[str, int, int], Pa
                 if not res.get("ok"):
                     raise RuntimeError(f"{impl} failed:\n{res.get('error')}")
                 result["impls"][impl]["times_s"].append(res["seconds"])
-                log(f"[{case.key}] run {i + 1}/{case.repeats} {impl}: {res['seconds']:.2f}s")
+                result["impls"][impl]["cpu_times_s"].append(res["cpu_seconds"])
+                log(f"[{case.key}] run {i + 1}/{case.repeats} {impl}: {res['seconds']:.2f}s "
+                    f"(cpu {res['cpu_seconds']:.2f}s)")
 
         # Extra fp32 outputs of ours to check the bf16 cases against (not timed).
         for size, batch in case.make_reference_for:
@@ -454,9 +457,11 @@ def run_case(case: Case, args, tmpdir: Path, refs: dict[tuple[str, int, int], Pa
         r["median_s"] = statistics.median(ts) if ts else None
         r["min_s"] = min(ts) if ts else None
         r["max_s"] = max(ts) if ts else None
+        r["median_cpu_s"] = statistics.median(r["cpu_times_s"]) if r["cpu_times_s"] else None
     ours, base = result["impls"].get(case.impls[0], {}), result["impls"].get(baseline, {})
     if ours.get("median_s") and base.get("median_s"):
         result[f"ratio_ours_over_{baseline}"] = ours["median_s"] / base["median_s"]
+        result[f"cpu_ratio_ours_over_{baseline}"] = ours["median_cpu_s"] / base["median_cpu_s"]
     if ours.get("peak_rss") and base.get("peak_rss"):
         result[f"rss_ratio_ours_over_{baseline}"] = ours["peak_rss"] / base["peak_rss"]
     return result
@@ -525,12 +530,12 @@ def format_table(results: list[dict], env: dict) -> str:
     lines = [
         f"cascade-codec speed benchmark — torch {env['torch']}, diffusers {env.get('diffusers')}, "
         f"{cpu['model']} ({cpu['torch_cpu_capability']}), {env['threads']} threads",
-        "median of timed runs after 1 warm-up; ratio = ours / baseline (<1 means ours is faster); "
-        "peak RSS per process",
+        "median wall seconds of the timed runs after 1 warm-up; ratio = ours / baseline median (<1: ours is "
+        "faster); cpu s = median process CPU seconds (less sensitive to other load); peak RSS per process",
         "",
     ]
-    head = f"{'task':<8} {'dtype':<5} {'input':<38} {'implementation':<28} {'median s':>9} {'min–max s':>15} " \
-           f"{'ratio':>6} {'peak RSS':>9}  parity"
+    head = f"{'task':<8} {'dtype':<5} {'input':<42} {'implementation':<28} {'median s':>9} {'min–max s':>15} " \
+           f"{'ratio':>6} {'cpu s':>8} {'peak RSS':>9}  parity"
     lines += [head, "-" * len(head)]
     for r in results:
         impls = list(r["impls"].items())
@@ -550,15 +555,24 @@ def format_table(results: list[dict], env: dict) -> str:
             rng = f"{d['min_s']:.3f}–{d['max_s']:.3f}" if d.get("min_s") is not None else "-"
             lines.append(
                 f"{r['task'] if i == 0 else '':<8} {r['dtype'] if i == 0 else '':<5} "
-                f"{r['input'] if i == 0 else '':<38} {d['label']:<28} {_sec(d.get('median_s')):>9} {rng:>15} "
-                f"{(f'{ratio:.2f}' if (i == 0 and ratio) else ''):>6} {_gb(d.get('peak_rss')):>9}  "
+                f"{r['input'] if i == 0 else '':<42} {d['label']:<28} {_sec(d.get('median_s')):>9} {rng:>15} "
+                f"{(f'{ratio:.2f}' if (i == 0 and ratio) else ''):>6} {_sec(d.get('median_cpu_s')):>8} "
+                f"{_gb(d.get('peak_rss')):>9}  "
                 f"{ptxt if i == 0 else ''}")
-    notes = ["", "notes:",
-             "* effnet: diffusers has no EfficientNet encoder (only a Würstchen-v2 research example); the baseline "
-             "is the same module in default NCHW eager fp32, as the official code runs it.",
-             "* stage_a: diffusers time includes the `latents * scale_factor` its pipeline does before decode; "
-             "the codec ships Stage A in fp32 NCHW.",
-             "* stage_b: one denoiser evaluation (a 10-step CFG decode does 10 evaluations at batch 2)."]
+    tasks = {r["task"] for r in results}
+    notes = ["", "notes:"]
+    if "effnet" in tasks:
+        notes.append("* effnet: diffusers has no EfficientNet encoder (only a Würstchen-v2 research example); the "
+                     "baseline is the same module in default NCHW eager fp32, as the official code runs it.")
+    if "stage_a" in tasks:
+        notes.append("* stage_a: diffusers time includes the `latents * scale_factor` its pipeline does before "
+                     "decode.")
+    if "stage_b" in tasks:
+        notes.append("* stage_b: one denoiser evaluation (a 10-step CFG decode does 10 evaluations at batch 2).")
+    busy = [r for r in results if r.get("loadavg_at_start", (0,))[0] > env["threads"] + 1]
+    if busy:
+        notes.append(f"* load average was above {env['threads'] + 1} at the start of {len(busy)} case(s): other "
+                     "processes were competing for the CPU; compare the cpu s column.")
     if any(r["dtype"] == "bf16" for r in results):
         why = ("this CPU has no AVX512-BF16/AMX, bf16 is emulated and 10–100× slower than fp32"
                if not cpu["native_bf16"] else "the codec runs fp32 on CPU; bf16 targets GPUs")
