@@ -324,12 +324,11 @@ class Codec:
         if self._previewer is None:
             from .generation.previewer import Previewer
 
-            path = self.source.path(W.PREVIEWER_FILE) if self.source else None
-            if path is None:
+            if self.source is None:
                 raise W.WeightsError("no weight source to load previewer.safetensors from")
-            header = W.read_header(path)
-            self._previewer = W.load_module(_build(Previewer, header.config), path, torch.float32, self.device,
-                                            "the Previewer")
+            self.source.require([W.PREVIEWER_FILE])
+            self._previewer, _ = _load_component(self.source, W.PREVIEWER_FILE, Previewer, None, torch.float32,
+                                                 self.device)
         out = self._previewer(self.check_latents(latents).to(self.device)).float()
         return to_pil(_check_finite(out, "the Previewer").clamp(0, 1).cpu())
 
