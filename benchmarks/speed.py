@@ -63,7 +63,7 @@ IMPL_LABELS = {
     ("stage_b", "diffusers"): "diffusers StableCascadeUNet",
 }
 
-# Decoder-lite config, verbatim from diffusers' scripts/convert_stable_cascade_lite.py.
+# The decoder-lite config that diffusers' conversion script writes (facts: reference/diffusers.md §2.3).
 DIFFUSERS_DECODER_LITE = dict(
     in_channels=4,
     out_channels=4,
