@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job, end to end: encode the sample photos into 16×h×w latents, decode them back.
+# The main job, end to end: encode the sample photos into a Zarr latent store (16×24×24 per
+# image), show the store, decode two samples back to images.
 #
 # Weights: set CASCADE_WEIGHTS=DIR (a folder with the official stage_a.safetensors,
 # effnet_encoder.safetensors, stage_b_lite[_bf16].safetensors) to use the real codec.
@@ -17,6 +18,7 @@ if [ -z "$WEIGHTS" ]; then
     cascade demo-weights "$WEIGHTS"
 fi
 cascade info "$WEIGHTS"
-cascade encode scripts/samples/*.jpg -o "$OUT/latents.safetensors" --weights "$WEIGHTS"
-cascade decode "$OUT/latents.safetensors" -o "$OUT/decoded.png" --weights "$WEIGHTS"
-echo "[quickstart] done: latents in $OUT/latents.safetensors, images in $OUT/decoded_*.png"
+cascade encode-dataset scripts/samples "$OUT/samples.zarr" --weights "$WEIGHTS"
+cascade info "$OUT/samples.zarr"
+cascade decode-dataset "$OUT/samples.zarr" "$OUT/decoded" --limit 2 --weights "$WEIGHTS"
+echo "[quickstart] done: latent store $OUT/samples.zarr (format: datasets_tools/FORMAT.md), images in $OUT/decoded/"
