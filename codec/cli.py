@@ -463,7 +463,14 @@ def encode_dataset_command(source, out, weights, size, policy, batch_size, worke
     """
     from datasets_tools.encode import encode_dataset
 
+    from . import weights as W
+
     try:
+        source_w = W.WeightSource(weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS)
+        if source_w.has(W.EFFNET_FILE):
+            note = W.read_header(source_w.path(W.EFFNET_FILE)).metadata.get(W.META_NOTE)
+            if note:
+                click.secho(f"note: {note}", fg="yellow", err=True)
         summary = encode_dataset(source, out, weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS,
                                  policy=policy, size=size, batch_size=batch_size, workers=workers, dtype=dtype,
                                  limit=limit, dry_run=dry_run, shard_size=shard_size, progress=not no_progress,
