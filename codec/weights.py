@@ -288,6 +288,11 @@ def _hub_unreachable_message(repo_id: str, files: list[str], reason: str) -> str
             "then copy DIR here and pass it instead of the repo id (--weights DIR).")
 
 
+def hub_offline() -> bool:
+    """Whether the user asked huggingface_hub to stay offline (``HF_HUB_OFFLINE``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 def hub_reachable(timeout: float = 5.0) -> str | None:
     """``None`` if the Hugging Face endpoint accepts a TCP connection within ``timeout`` s, else the reason.
 
@@ -313,7 +318,7 @@ def _hub_file(repo_id: str, filename: str) -> Path:
     cached = try_to_load_from_cache(repo_id, filename)
     if isinstance(cached, str):
         return Path(cached)
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if hub_offline():
         raise WeightsError(_hub_unreachable_message(repo_id, [filename],
                                                     "it is not in the local cache and HF_HUB_OFFLINE is set"))
     reason = hub_reachable()
@@ -373,7 +378,7 @@ class WeightSource:
             alternatives = [f"{alt} instead of {f}" for f in absent if (alt := self.stage_b_alternative(f))]
             raise WeightsError(missing_files_message(self.folder, absent)
                                + "".join(f"\n({a} works too.)" for a in alternatives))
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        offline = hub_offline()
         reason = "they are not in the local cache and HF_HUB_OFFLINE is set" if offline else hub_reachable()
         if reason is not None:
             if not offline:

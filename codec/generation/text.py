@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from ..weights import OFFICIAL_REPO, WeightsError, hub_reachable
+from ..weights import OFFICIAL_REPO, WeightsError, hub_offline, hub_reachable
 
 MAX_TOKENS = 77
 
@@ -50,8 +50,7 @@ def _text_folders(source: str | os.PathLike) -> Path:
         return Path(snapshot_download(str(source), allow_patterns=patterns, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached: try the network once below
         pass
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    reason = "HF_HUB_OFFLINE is set" if offline else hub_reachable()
+    reason = "HF_HUB_OFFLINE is set" if hub_offline() else hub_reachable()
     if reason is None:
         try:
             return Path(snapshot_download(str(source), allow_patterns=patterns, etag_timeout=10))
