@@ -7,7 +7,7 @@ Run ``python -m benchmarks.speed --help`` for the options. What is timed:
   same module in default NCHW eager fp32, as the official code runs it. diffusers has no
   EfficientNet encoder, so there is no diffusers column.
 * ``stage_a`` — Stage A decode of a 4×256×256 latent to 1024². *ours* = ``StageA().decode`` as
-  the codec ships it (NCHW, fp32); *diffusers* = ``PaellaVQModel(scale_factor=0.43)`` with our
+  the codec ships it (fp32; NCHW in and out, channels_last inside); *diffusers* = ``PaellaVQModel(scale_factor=0.43)`` with our
   weights under diffusers' key names, called as its pipeline does:
   ``decode(latents * scale_factor, force_not_quantize=True)``.
 * ``stage_b`` — one Stage B lite denoiser evaluation at 1024² output (latent 4×256×256,
@@ -21,7 +21,8 @@ Each (case, implementation) runs in its own spawned process, so its peak RSS
 the parent drives them alternately (warm-up A, warm-up B, run A, run B, ...), so machine
 noise hits both. The warm-up outputs are compared before anything is timed; a case whose
 outputs differ beyond ``--tolerance`` is not timed (the key mapping would be wrong) and the
-run exits with status 1.
+run exits with status 1. With ``--bf16``, Stage A and Stage B also run in bf16 and each
+implementation's output is compared with the fp32 output of the same weights.
 
 Weights are random but identical for both implementations: every tensor is drawn, in
 state-dict order, from one seeded generator (PyTorch-default-like scales; the parameters
@@ -157,7 +158,10 @@ def _dtype(name: str) -> torch.dtype:
 
 
 def make_inputs(task: str, size: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
-    """Deterministic fp32 inputs. ``size`` is the image side (effnet input / decoded output)."""
+    """Deterministic fp32 inputs. ``size`` is the image side (effnet input / decoded output).
+
+    Stage B's noise ratio is 0.7, a value bf16 cannot hold exactly (what a real sampler meets).
+    """
     g = torch.Generator().manual_seed(seed + 1000)
     if task == "effnet":
         return {"images": torch.rand(batch, 3, size, size, generator=g)}
@@ -290,13 +294,15 @@ def worker_main(conn, spec_dict: dict) -> None:
         try:
             inp = make_inputs(spec.task, msg["size"], msg["batch"], spec.seed)
             with torch.inference_mode():
-                c0, t0 = time.process_time(), time.perf_counter()
+                r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
                 out = run(inp)
-                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+                dt, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
             if msg.get("save"):
                 torch.save(out.detach().float().cpu().clone(), msg["save"])
             del out
-            conn.send({"ok": True, "seconds": dt, "cpu_seconds": cpu})
+            user, sys_ = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+            conn.send({"ok": True, "seconds": dt, "cpu_seconds": user + sys_, "sys_seconds": sys_,
+                       "minor_faults": r1.ru_minflt - r0.ru_minflt})
         except BaseException:
             conn.send({"ok": False, "error": traceback.format_exc()})
 
@@ -393,7 +399,8 @@ def run_case(case: Case, args, tmpdir: Path, refs: dict[tuple[str, int, int], Pa
             workers[impl] = w
             result["impls"][impl] = {
                 "label": IMPL_LABELS[(case.task, impl)], "build_s": w.setup["build_s"],
-                "rss_after_build": w.setup["rss_after_build"], "times_s": [], "cpu_times_s": [], "warmup_s": None,
+                "rss_after_build": w.setup["rss_after_build"], "times_s": [], "cpu_times_s": [], "sys_times_s": [],
+                "minor_faults": [], "warmup_s": None,
             }
             log(f"[{case.key}] {impl} built in {time.perf_counter() - t0:.1f}s")
 
@@ -418,7 +425,11 @@ def run_case(case: Case, args, tmpdir: Path, refs: dict[tuple[str, int, int], Pa
             if ref_path is not None:
                 ref = torch.load(ref_path)
                 parity["vs_fp32"] = {impl: rel_errors(o, ref) for impl, o in outs.items()}
-                parity["pass"] = all(e["finite"] for e in parity["vs_fp32"].values())
+                parity["bf16_tolerance_rel_l2"] = args.bf16_tolerance
+                for e in parity["vs_fp32"].values():
+                    e["ok"] = e["finite"] and e["rel_l2"] <= args.bf16_tolerance
+                # Only our own implementation can fail the run; the baseline's drift is reported.
+                parity["pass"] = parity["vs_fp32"][case.impls[0]]["ok"]
         result["parity"] = parity
         log(f"[{case.key}] parity ours vs {baseline}: rel_max={parity['rel_max']:.2e} "
             f"rel_l2={parity['rel_l2']:.2e} -> {'PASS' if parity['pass'] else 'FAIL'}")
@@ -434,6 +445,8 @@ def run_case(case: Case, args, tmpdir: Path, refs: dict[tuple[str, int, int], Pa
                     raise RuntimeError(f"{impl} failed:\n{res.get('error')}")
                 result["impls"][impl]["times_s"].append(res["seconds"])
                 result["impls"][impl]["cpu_times_s"].append(res["cpu_seconds"])
+                result["impls"][impl]["sys_times_s"].append(res["sys_seconds"])
+                result["impls"][impl]["minor_faults"].append(res["minor_faults"])
                 log(f"[{case.key}] run {i + 1}/{case.repeats} {impl}: {res['seconds']:.2f}s "
                     f"(cpu {res['cpu_seconds']:.2f}s)")
 
@@ -493,7 +506,12 @@ def environment(args) -> dict[str, Any]:
     env: dict[str, Any] = {
         "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
         "threads": args.threads, "cpu": _cpu_info(),
+        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
     }
+    try:
+        env["transparent_hugepage"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
+    except OSError:
+        pass
     try:
         import diffusers
 
@@ -545,7 +563,8 @@ def format_table(results: list[dict], env: dict) -> str:
             ptxt = f"rel_max {p['rel_max']:.1e} {'PASS' if p['pass'] else 'FAIL'}"
         elif p:
             vs = p.get("vs_fp32") or {}
-            ptxt = "vs fp32 rel_l2 " + ", ".join(f"{k} {v['rel_l2']:.1e}" for k, v in vs.items()) if vs \
+            ptxt = "vs fp32 rel_l2 " + ", ".join(f"{k} {v['rel_l2']:.1e} {'ok' if v['ok'] else 'HIGH'}"
+                                                 for k, v in vs.items()) if vs \
                 else f"vs {p['vs']} rel_l2 {p['rel_l2']:.1e}"
         else:
             ptxt = r.get("status", "")
@@ -569,6 +588,8 @@ def format_table(results: list[dict], env: dict) -> str:
                      "decode.")
     if "stage_b" in tasks:
         notes.append("* stage_b: one denoiser evaluation (a 10-step CFG decode does 10 evaluations at batch 2).")
+    notes.append(f"* THP_MEM_ALLOC_ENABLE={env.get('THP_MEM_ALLOC_ENABLE')} in both implementations' workers "
+                 f"(kernel transparent_hugepage: {env.get('transparent_hugepage', '?')}).")
     busy = [r for r in results if r.get("loadavg_at_start", (0,))[0] > env["threads"] + 1]
     if busy:
         notes.append(f"* load average was above {env['threads'] + 1} at the start of {len(busy)} case(s): other "
@@ -579,6 +600,12 @@ def format_table(results: list[dict], env: dict) -> str:
         notes.append(f"* bf16 rows: bf16 on this CPU is not representative ({why}); they are a correctness check "
                      "(parity column: each implementation against the fp32 output of the same weights). ours runs "
                      "Stage B under autocast as the codec does; diffusers runs pure bf16 with timestep_ratio in bf16.")
+        drift = [r for r in results if r["dtype"] == "bf16" and r["task"] == "stage_b"
+                 and not ((r.get("parity") or {}).get("vs_fp32") or {}).get("diffusers", {}).get("ok", True)]
+        if drift:
+            notes.append("* diffusers' bf16 Stage B drifts because it rounds timestep_ratio to bf16 before the "
+                         "sinusoidal embedding (r=0.7 becomes 0.69921875, then ×10000 in bf16): the high-frequency "
+                         "features are garbled. At r=0.8, which bf16 holds exactly, its error falls to ~1e-2.")
     return "\n".join(lines + notes)
 
 
@@ -586,14 +613,15 @@ def format_table(results: list[dict], env: dict) -> str:
 # CLI
 # --------------------------------------------------------------------------------------------
 HELP_EPILOG = """\
-expected runtime (2 threads, no GPU): a default run (all tasks, --repeats 3) takes about
-8–10 minutes, dominated by Stage A at 1024² (diffusers ≈ 35–40 s per decode) and Stage B
-lite at 1024² (≈ 20–25 s per step). Each run = 1 warm-up + N timed runs per implementation,
-plus ~10–20 s per process to import and build. --bf16 adds, per timed run, roughly
-Stage A 512² 55 s and Stage B 512² 45 s per implementation on an AVX2-only CPU (far less
-with AVX512-BF16/AMX). Peak memory: two Stage B lite processes alive at once (~4 GB each).
+expected runtime (2 threads, no GPU): a default run (all tasks, --repeats 3) took 599 s
+(10 min) on the project's 2-core VM when quiet, 714 s while other jobs shared it. Per implementation it is 1 warm-up + N timed runs, plus 5–15 s per worker to import
+and build. The big items: Stage A 1024² (diffusers ~40 s, ours ~24 s per decode), Stage B
+lite 1024² (~20–25 s per step each), EfficientNet batch 8 (reference ~18 s, ours ~9 s).
+--repeats 2 saves ~2.5 min. --bf16 adds Stage A and Stage B at 512² in bf16: a few seconds
+per run with AVX512-BF16/AMX, roughly 45–55 s per run on an AVX2-only CPU. Peak memory: the
+two Stage B lite workers are alive together (~3.6 + 4.0 GB).
 
-quick run (~1 min):
+quick run (~1–2 min):
   python -m benchmarks.speed --tasks effnet,stage_b --effnet-batches 1 --stage-b-size 256 --repeats 1
 """
 
@@ -624,9 +652,17 @@ def parse_args(argv=None):
                         "Slow on CPUs without AVX512-BF16/AMX")
     p.add_argument("--bf16-size", type=int, default=512, help="output side in px for the bf16 cases (default: 512)")
     p.add_argument("--bf16-repeats", type=int, default=1, help="timed runs for the bf16 cases (default: 1)")
+    p.add_argument("--bf16-tolerance", type=float, default=0.05,
+                   help="bf16 check: largest ||out_bf16 - out_fp32|| / ||out_fp32|| accepted for ours; above it the "
+                        "exit status is 1 (the baseline's value is only reported) (default: 0.05)")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="fp32 parity threshold on max|ours-baseline| / max|baseline| (default: 1e-4); a case "
                         "above it is not timed and the exit status is 1")
+    p.add_argument("--thp-alloc", action="store_true",
+                   help="set THP_MEM_ALLOC_ENABLE=1 in every worker (both implementations): PyTorch then "
+                        "allocates large CPU tensors 2 MB-aligned with madvise(MADV_HUGEPAGE), which removes most "
+                        "page-fault time when the kernel's transparent_hugepage mode is 'madvise'. Default: the "
+                        "variable is inherited from the environment unchanged")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs (default: 0)")
     p.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT,
                    help="JSON file for environment, options and all numbers (default: benchmarks/results/speed.json next to "
@@ -673,6 +709,8 @@ def build_cases(args) -> list[Case]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.thp_alloc:
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # inherited by the spawned workers
     env = environment(args)
     cases = build_cases(args)
     t_start = time.perf_counter()
