@@ -27,6 +27,11 @@ TINY_STAGE_B = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=32, c_hidden=[
                     c_clip=24, c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=[0, 0, 0.1, 0.1],
                     self_attn=True, t_conds=["sca"])
 TINY_PREVIEWER = dict(c_in=16, c_hidden=32, c_out=3)
+# The text width matches TINY_STAGE_B's c_clip so one tiny text encoder conditions both stages.
+TINY_STAGE_C = dict(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=64, c_hidden=[64, 64], nhead=[2, 2],
+                    blocks=[[2, 3], [3, 2]], block_repeat=[[1, 1], [1, 1]], level_config=["CTA", "CTA"],
+                    c_clip_text=24, c_clip_text_pooled=24, c_clip_img=16, c_clip_seq=4, kernel_size=3,
+                    dropout=[0.1, 0.1], self_attn=True, t_conds=["sca", "crp"], switch_level=[False])
 
 
 def write_tiny_weights(folder: str | os.PathLike, seed: int = 0, stage_b: str = "lite") -> Path:

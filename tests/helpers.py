@@ -22,6 +22,14 @@ TINY_STAGE_B_CONFIG = dict(
     dropout=[0, 0, 0.1, 0.1], self_attn=True, t_conds=["sca"],
 )
 
+# Tiny Stage C configuration used for golden_stage_c.safetensors (verbatim from tests/data/README.md).
+TINY_STAGE_C_CONFIG = dict(
+    c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=64, c_hidden=[64, 64], nhead=[2, 2], blocks=[[2, 3], [3, 2]],
+    block_repeat=[[1, 1], [1, 1]], level_config=["CTA", "CTA"], c_clip_text=32, c_clip_text_pooled=32,
+    c_clip_img=24, c_clip_seq=4, kernel_size=3, dropout=[0.1, 0.1], self_attn=True, t_conds=["sca", "crp"],
+    switch_level=[False],
+)
+
 # Tiny Stage A configuration used for golden_stage_a.safetensors (verbatim from tests/data/README.md).
 TINY_STAGE_A_CONFIG = dict(levels=2, bottleneck_blocks=2, c_hidden=32, c_latent=4, codebook_size=64,
                            scale_factor=0.43)

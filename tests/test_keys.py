@@ -14,6 +14,7 @@ import torch
 
 from codec.effnet import EfficientNetEncoder
 from codec.generation.previewer import Previewer
+from codec.generation.stage_c import StageC
 from codec.stage_a import StageA
 from codec.stage_b import StageB
 
@@ -27,6 +28,8 @@ BUILDERS = {
     "previewer": Previewer,
     "stage_b_lite": lambda: StageB.from_preset("stage_b_lite"),
     "stage_b_large": lambda: StageB.from_preset("stage_b_large"),
+    "stage_c_lite": lambda: StageC.from_preset("stage_c_lite"),
+    "stage_c_large": lambda: StageC.from_preset("stage_c_large"),
 }
 
 N_PARAMS = {
@@ -35,6 +38,8 @@ N_PARAMS = {
     "stage_a": 18_406_894,
     "effnet": 20_197_968,
     "previewer": 3_979_651,
+    "stage_c_lite": 1_030_785_040,
+    "stage_c_large": 3_589_103_632,
 }
 
 
@@ -67,7 +72,7 @@ def test_state_dict_matches_official(name):
     assert n_params == OFFICIAL[name]["n_params"] == N_PARAMS[name]
 
 
-@pytest.mark.parametrize("name", ["stage_b_lite", "stage_b_large"])
+@pytest.mark.parametrize("name", ["stage_b_lite", "stage_b_large", "stage_c_lite", "stage_c_large"])
 def test_large_presets_build_fast_on_meta(name):
     _, seconds = build_on_meta(name)
     assert seconds < 2.0, f"building {name} on the meta device took {seconds:.2f} s (limit 2 s)"

@@ -14,11 +14,12 @@ from torch import nn
 from codec.blocks import PackedAttention, r_embedding
 from codec.effnet import EfficientNetEncoder
 from codec.generation.previewer import Previewer
+from codec.generation.stage_c import StageC
 from codec.stage_a import StageA
 from codec.stage_b import StageB
 
-from helpers import DATA_DIR, TINY_STAGE_A_CONFIG, TINY_STAGE_B_CONFIG, assert_close_scaled, fill_, load_golden, \
-    sub_dict
+from helpers import DATA_DIR, TINY_STAGE_A_CONFIG, TINY_STAGE_B_CONFIG, TINY_STAGE_C_CONFIG, assert_close_scaled, \
+    fill_, load_golden, sub_dict
 
 RTOL = 1e-4
 
@@ -65,6 +66,55 @@ def test_stage_b_forward(stage_b, golden_b, case):
     with torch.no_grad():
         out = stage_b(**inputs)
     assert_close_scaled(out, golden_b[f"{case}.out"], RTOL, name=f"stage_b.{case}")
+
+
+# --------------------------------------------------------------------------------------------- Stage C
+
+
+@pytest.fixture(scope="module")
+def golden_c() -> dict[str, torch.Tensor]:
+    return load_golden("golden_stage_c")
+
+
+@pytest.fixture(scope="module")
+def stage_c() -> StageC:
+    return fill_(StageC(**TINY_STAGE_C_CONFIG), 0).eval()
+
+
+def test_stage_c_tiny_keys_and_fill_match_official():
+    ref = json.loads((DATA_DIR / "stage_c_tiny_keys.json").read_text())
+    state = fill_(StageC(**TINY_STAGE_C_CONFIG), 0).state_dict()
+    assert [[k, list(v.shape)] for k, v in state.items()] == [[k, shape] for k, shape, _ in ref]
+    for (key, _, total), value in zip(ref, state.values()):
+        assert value.double().sum().item() == pytest.approx(total, rel=1e-9, abs=1e-9), key
+
+
+def _stage_c_inputs(golden: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: golden[f"a.{n}"] for n in ("x", "r", "clip_text", "clip_text_pooled", "clip_img")}
+
+
+def test_stage_c_forward(stage_c, golden_c):
+    with torch.no_grad():
+        out = stage_c(**_stage_c_inputs(golden_c))
+    assert_close_scaled(out, golden_c["a.out"], RTOL, name="stage_c.a")
+
+
+def test_stage_c_accepts_2d_pooled_and_image(stage_c, golden_c):
+    inputs = _stage_c_inputs(golden_c)
+    inputs["clip_text_pooled"] = inputs["clip_text_pooled"][:, 0]
+    inputs["clip_img"] = inputs["clip_img"][:, 0]
+    with torch.no_grad():
+        out = stage_c(**inputs)
+    assert_close_scaled(out, golden_c["a.out"], RTOL, name="stage_c.2d")
+
+
+def test_stage_c_controlnet_injection(stage_c, golden_c):
+    cnet = [golden_c.get(f"cnet.{i}") for i in range(10)]
+    assert sum(c is not None for c in cnet) == 3
+    with torch.no_grad():
+        out = stage_c(**_stage_c_inputs(golden_c), cnet=cnet)
+    assert_close_scaled(out, golden_c["cnet.out"], RTOL, name="stage_c.cnet")
+    assert (out - golden_c["a.out"]).abs().max() > 1e-2 * golden_c["a.out"].abs().max()
 
 
 # --------------------------------------------------------------------------------------------- Stage A
