@@ -100,12 +100,21 @@ def _output_paths(out: Path, n: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i:03d}{out.suffix}") for i in range(n)]
 
 
-def _save_images(images, out: Path) -> list[Path]:
+def _save_images(images, out: Path, texts: dict[str, str] | None = None) -> list[Path]:
+    """Write images atomically; ``texts`` go into PNG text chunks (prompt, settings)."""
     paths = _output_paths(out, len(images))
     out.parent.mkdir(parents=True, exist_ok=True)
     for img, p in zip(images, paths):
         tmp = p.with_name(p.stem + ".partial" + p.suffix)
-        img.save(tmp)
+        extra = {}
+        if texts and p.suffix.lower() == ".png":
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            for key, value in texts.items():
+                info.add_itxt(key, value)
+            extra["pnginfo"] = info
+        img.save(tmp, **extra)
         os.replace(tmp, p)
     return paths
 
@@ -479,6 +488,11 @@ def encode_dataset_command(source, out, weights, size, policy, batch_size, worke
         raise click.ClickException(str(e)) from None
     if int(os.environ.get("RANK", "0")) == 0 or dry_run:
         click.echo(summary.line())
+
+
+from .generation.commands import generate  # noqa: E402 - the command module imports this one lazily
+
+main.add_command(generate)
 
 
 if __name__ == "__main__":  # pragma: no cover

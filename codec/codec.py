@@ -110,7 +110,7 @@ def encode_pixels(effnet: EfficientNetEncoder, pixels: torch.Tensor) -> torch.Te
 class Codec:
     """Stable Cascade's image codec: EfficientNet encoder, Stage B diffusion decoder, Stage A decoder."""
 
-    def __init__(self, stage_a: StageA, effnet: EfficientNetEncoder, stage_b: StageB, *,
+    def __init__(self, stage_a: StageA, effnet: EfficientNetEncoder | None, stage_b: StageB, *,
                  empty_clip: torch.Tensor | None = None, source: W.WeightSource | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  components: dict[str, ComponentInfo] | None = None):
@@ -128,24 +128,28 @@ class Codec:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike = W.OFFICIAL_REPO, stage_b: str = "lite",
-                        dtype: str | torch.dtype | None = None, device: str | torch.device | None = None) -> "Codec":
+                        dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+                        encoder: bool = True) -> "Codec":
         """Load the codec from a folder of official files or a Hugging Face repo id.
 
         ``stage_b``: ``"lite"`` (700M) or ``"large"`` (1.5B). ``dtype`` is Stage B's
         precision (default bf16 on CUDA, fp32 elsewhere; fp16 is allowed for Stage B
         only); the EfficientNet encoder and Stage A stay fp32 as in the official code.
-        ``device`` defaults to CUDA when available.
+        ``device`` defaults to CUDA when available. ``encoder=False`` skips the
+        EfficientNet encoder (decode-only use, e.g. after Stage C).
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = W.parse_dtype(dtype, device)
         src = W.WeightSource(source)
         b_file = src.stage_b_file(stage_b, dtype)
-        src.require([W.STAGE_A_FILE, W.EFFNET_FILE, b_file])
+        src.require([W.STAGE_A_FILE, b_file] + ([W.EFFNET_FILE] if encoder else []))
         components: dict[str, ComponentInfo] = {}
         stage_a, components["stage_a"] = _load_component(src, W.STAGE_A_FILE, StageA, None, torch.float32, device)
-        effnet, components["effnet"] = _load_component(src, W.EFFNET_FILE, EfficientNetEncoder, None,
-                                                        torch.float32, device)
-        effnet = effnet.to(memory_format=torch.channels_last)
+        effnet = None
+        if encoder:
+            effnet, components["effnet"] = _load_component(src, W.EFFNET_FILE, EfficientNetEncoder, None,
+                                                            torch.float32, device)
+            effnet = effnet.to(memory_format=torch.channels_last)
         model_b, components["stage_b"] = _load_component(src, b_file, StageB,
                                                          asdict(STAGE_B_PRESETS[f"stage_b_{stage_b}"]), dtype, device)
         empty = None
@@ -165,6 +169,9 @@ class Codec:
         ``"bilinear"`` (antialiased). Returns one tensor when all images have the same
         size, else a list of ``(1,16,h,w)`` tensors in input order.
         """
+        if self.effnet is None:
+            raise W.WeightsError("this codec was loaded without its encoder (encoder=False); load it with "
+                                 "Codec.from_pretrained(..., encoder=True) to encode images")
         if not 0 < scale <= 1.5:
             raise ValueError(f"scale must be in (0, 1.5], got {scale}")
         if resize not in ("nearest", "bilinear"):
@@ -260,8 +267,8 @@ class Codec:
     def decode(self, latents: torch.Tensor, height: int | None = None, width: int | None = None, steps: int = 10,
                cfg: float | None = 1.1, seed: int | None = 0, caption: str | Sequence[str] | None = None,
                clip: torch.Tensor | None = None, sampler: str = "ddpm", cfg_rho: float = 0.7, shift: float = 1.0,
-               batch_size: int = 4, output: str = "pil",
-               progress: Callable[[int, int], None] | None = None) -> list[Image.Image] | torch.Tensor:
+               batch_size: int = 4, output: str = "pil", progress: Callable[[int, int], None] | None = None,
+               generator: torch.Generator | None = None) -> list[Image.Image] | torch.Tensor:
         """EfficientNet latents ``(B,16,h,w)`` → images of ``height``×``width`` (default: h·32/0.75).
 
         Stage B samples a Stage A latent conditioned on the latents and on the pooled
@@ -269,6 +276,8 @@ class Codec:
         caption's). ``seed`` seeds one CPU generator for the whole call (initial noise,
         then one draw per DDPM step, batch by batch); ``None`` uses torch's global RNG.
         ``output``: ``"pil"`` (list of images) or ``"tensor"`` (``(B,3,H,W)`` in [0,1]).
+        ``generator`` (a CPU generator) replaces ``seed`` to continue an RNG stream, as the
+        official pipeline does from Stage C into Stage B.
         """
         latents = self.check_latents(latents)
         n = latents.shape[0]
@@ -284,7 +293,8 @@ class Codec:
         if clip.shape[0] == 1 and n > 1:
             clip = clip.expand(n, -1, -1)
         uncond_clip = self.pooled_text(None, 1).expand(n, -1, -1) if cfg is not None else None
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        if generator is None and seed is not None:
+            generator = torch.Generator().manual_seed(seed)
         cfg_b = self.stage_b.config
         ha, wa = stage_a_latent_size(height, width, cfg_b.patch_size,
                                      cfg_b.patch_size * 2 ** (len(cfg_b.c_hidden) - 1))

@@ -15,6 +15,7 @@ import torch
 from . import weights as W
 from .effnet import EfficientNetEncoder
 from .generation.previewer import Previewer
+from .generation.stage_c import StageC
 from .stage_a import StageA
 from .stage_b import StageB
 
@@ -34,28 +35,59 @@ TINY_STAGE_C = dict(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=64, c_hidden
                     dropout=[0.1, 0.1], self_attn=True, t_conds=["sca", "crp"], switch_level=[False])
 
 
-def write_tiny_weights(folder: str | os.PathLike, seed: int = 0, stage_b: str = "lite") -> Path:
-    """Write tiny random ``stage_a``, ``effnet_encoder``, ``stage_b_<lite|large>``, ``previewer`` and the
-    empty-caption embedding into ``folder`` with official file names. The EfficientNet is
-    the real (full-size) architecture, since its shape is fixed."""
+def _fill_random(model: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
+    """Non-zero weights everywhere (``randn / sqrt(fan_in)``), so every branch of the network matters in tests."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel() if p.ndim > 1 else p.numel()) ** 0.5)
+    return model
+
+
+def write_tiny_weights(folder: str | os.PathLike, seed: int = 0, stage_b: str = "lite", clip: bool = True) -> Path:
+    """Write tiny random weights with official file names into ``folder``.
+
+    ``stage_a``, ``effnet_encoder``, ``stage_b_<lite|large>``, ``stage_c_lite``, ``previewer``
+    and, with ``clip``, the CLIP text and image encoders in the Hugging Face layout
+    (``text_encoder/``, ``tokenizer/``, ``image_encoder/``); the cached empty-caption
+    embedding is then that text encoder's. The EfficientNet is the real (full-size)
+    architecture, since its shape is fixed.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    stage_b_model = StageB(**TINY_STAGE_B)
-    # Random, non-zero everywhere, so every branch of the network matters in tests.
     g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in stage_b_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / max(1, p[0].numel() if p.ndim > 1 else p.numel()) ** 0.5)
+    stage_b_model = _fill_random(StageB(**TINY_STAGE_B), g)
     W.save_module(StageA(**TINY_STAGE_A), folder / W.STAGE_A_FILE, TINY_STAGE_A, TINY_NOTE)
     W.save_module(EfficientNetEncoder(), folder / W.EFFNET_FILE, None, TINY_NOTE)
     W.save_module(stage_b_model, folder / W.STAGE_B_FILES[stage_b]["fp32"], TINY_STAGE_B, TINY_NOTE)
     W.save_module(Previewer(**TINY_PREVIEWER), folder / W.PREVIEWER_FILE, TINY_PREVIEWER, TINY_NOTE)
-    pooled = torch.randn(1, 1, TINY_STAGE_B["c_clip"], generator=g)
-    save_file({"pooled": pooled}, str(folder / W.EMPTY_CAPTION_FILE), metadata={W.META_NOTE: TINY_NOTE})
+    W.save_module(_fill_random(StageC(**TINY_STAGE_C), g), folder / W.STAGE_C_FILES["lite"]["fp32"], TINY_STAGE_C,
+                  TINY_NOTE)
+    if clip:
+        from .generation.text import TextEncoder
+
+        write_tiny_text_encoder(folder, seed=seed)
+        write_tiny_image_encoder(folder, seed=seed)
+        pooled = TextEncoder.from_pretrained(folder).encode([""]).pooled
+    else:
+        pooled = torch.randn(1, 1, TINY_STAGE_B["c_clip"], generator=g)
+    save_file({"pooled": pooled.contiguous()}, str(folder / W.EMPTY_CAPTION_FILE), metadata={W.META_NOTE: TINY_NOTE})
     return folder
+
+
+def write_tiny_image_encoder(folder: str | os.PathLike, width: int = TINY_STAGE_C["c_clip_img"],
+                             seed: int = 0) -> Path:
+    """Write a tiny random ``CLIPVisionModelWithProjection`` (224² input, ``width``-d image embeds) into
+    ``folder/image_encoder`` (the Hugging Face layout)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=width, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=224, patch_size=32)
+    CLIPVisionModelWithProjection(config).save_pretrained(str(Path(folder) / "image_encoder"))
+    return Path(folder)
 
 
 def write_tiny_text_encoder(folder: str | os.PathLike, width: int = TINY_STAGE_B["c_clip"], seed: int = 0) -> Path:

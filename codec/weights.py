@@ -35,6 +35,10 @@ STAGE_B_FILES = {
     "lite": {"fp32": "stage_b_lite.safetensors", "bf16": "stage_b_lite_bf16.safetensors"},
     "large": {"fp32": "stage_b.safetensors", "bf16": "stage_b_bf16.safetensors"},
 }
+STAGE_C_FILES = {
+    "lite": {"fp32": "stage_c_lite.safetensors", "bf16": "stage_c_lite_bf16.safetensors"},
+    "large": {"fp32": "stage_c.safetensors", "bf16": "stage_c_bf16.safetensors"},
+}
 EMPTY_CAPTION_FILE = "clip_pooled_empty.safetensors"
 
 META_CONFIG = "cascade_codec.config"
@@ -375,7 +379,7 @@ class WeightSource:
         if not absent:
             return
         if self.folder is not None:
-            alternatives = [f"{alt} instead of {f}" for f in absent if (alt := self.stage_b_alternative(f))]
+            alternatives = [f"{alt} instead of {f}" for f in absent if (alt := self.precision_alternative(f))]
             raise WeightsError(missing_files_message(self.folder, absent)
                                + "".join(f"\n({a} works too.)" for a in alternatives))
         offline = hub_offline()
@@ -387,9 +391,16 @@ class WeightSource:
 
     def stage_b_file(self, size: str, dtype: torch.dtype) -> str:
         """Pick the Stage B file: the bf16 one for bf16/fp16 models, else fp32, using what is present."""
-        if size not in STAGE_B_FILES:
-            raise WeightsError(f"stage_b must be one of {sorted(STAGE_B_FILES)}, got {size!r}")
-        names = STAGE_B_FILES[size]
+        return self._variant_file(STAGE_B_FILES, "stage_b", size, dtype)
+
+    def stage_c_file(self, size: str, dtype: torch.dtype) -> str:
+        """Pick the Stage C file, as :meth:`stage_b_file` does for Stage B."""
+        return self._variant_file(STAGE_C_FILES, "stage_c", size, dtype)
+
+    def _variant_file(self, table: dict[str, dict[str, str]], what: str, size: str, dtype: torch.dtype) -> str:
+        if size not in table:
+            raise WeightsError(f"{what} must be one of {sorted(table)}, got {size!r}")
+        names = table[size]
         order = ["bf16", "fp32"] if dtype in (torch.bfloat16, torch.float16) else ["fp32", "bf16"]
         for variant in order:
             if self.has(names[variant]):
@@ -397,9 +408,9 @@ class WeightSource:
         return names[order[0]]
 
     @staticmethod
-    def stage_b_alternative(filename: str) -> str | None:
-        """The other precision's file name of a Stage B file (either one loads into any dtype)."""
-        for names in STAGE_B_FILES.values():
+    def precision_alternative(filename: str) -> str | None:
+        """The other precision's file name of a Stage B or Stage C file (either one loads into any dtype)."""
+        for names in [*STAGE_B_FILES.values(), *STAGE_C_FILES.values()]:
             if filename == names["fp32"]:
                 return names["bf16"]
             if filename == names["bf16"]:

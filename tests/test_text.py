@@ -19,7 +19,7 @@ def text_folder(tmp_path_factory, tiny_weights):
 
     folder = tmp_path_factory.mktemp("with_text")
     for f in tiny_weights.iterdir():
-        if f.name != EMPTY_CAPTION_FILE:
+        if f.is_file() and f.name != EMPTY_CAPTION_FILE:
             shutil.copy(f, folder / f.name)
     return write_tiny_text_encoder(folder)
 

@@ -11,6 +11,7 @@ Weights come from the ``text_encoder/`` and ``tokenizer/`` folders of the Huggin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -32,20 +33,23 @@ class TextEmbedding:
     pooled: torch.Tensor
 
 
-def _text_folders(source: str | os.PathLike) -> Path:
+def hf_subfolders(source: str | os.PathLike, subfolders: Sequence[str], what: str) -> Path:
+    """The root holding ``subfolders`` (Hugging Face repo layout): a local folder, or a repo id from the
+    local cache, or downloaded once. Raises :class:`WeightsError` naming what to download where."""
     path = Path(source).expanduser()
+    hint = " ".join(f"'{d}/*'" for d in subfolders)
     if path.is_dir():
-        missing = [d for d in ("text_encoder", "tokenizer") if not (path / d).is_dir()]
+        missing = [d for d in subfolders if not (path / d).is_dir()]
         if missing:
             raise WeightsError(
-                f"{path} has no {' or '.join(d + '/' for d in missing)} folder. Text conditioning needs the CLIP-G "
-                f"text encoder: download the text_encoder/ and tokenizer/ folders of https://huggingface.co/"
-                f"{OFFICIAL_REPO} into {path}/ (e.g. `hf download {OFFICIAL_REPO} --include 'text_encoder/*' "
-                f"'tokenizer/*' --local-dir {path}`).")
+                f"{path} has no {' or '.join(d + '/' for d in missing)} folder, needed for {what}: download the "
+                f"{', '.join(d + '/' for d in missing)} folder(s) of the Hugging Face repo that holds them "
+                f"({OFFICIAL_REPO} or {OFFICIAL_REPO}-prior) into {path}/ (e.g. `hf download REPO --include "
+                f"{hint} --local-dir {path}`).")
         return path
     from huggingface_hub import snapshot_download
 
-    patterns = ["text_encoder/*", "tokenizer/*"]
+    patterns = [f"{d}/*" for d in subfolders]
     try:
         return Path(snapshot_download(str(source), allow_patterns=patterns, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached: try the network once below
@@ -56,9 +60,23 @@ def _text_folders(source: str | os.PathLike) -> Path:
             return Path(snapshot_download(str(source), allow_patterns=patterns, etag_timeout=10))
         except Exception as e:  # noqa: BLE001 - every hub failure ends the same way for the user
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    raise WeightsError(f"cannot get the text encoder of {source} ({reason}). Download the text_encoder/ and "
-                       f"tokenizer/ folders of https://huggingface.co/{source} into a folder (e.g. `hf download "
-                       f"{source} --include 'text_encoder/*' 'tokenizer/*' --local-dir DIR`) and pass that folder.")
+    raise WeightsError(f"cannot get {what} from {source} ({reason}). Download the "
+                       f"{', '.join(d + '/' for d in subfolders)} folder(s) of https://huggingface.co/{source} into "
+                       f"a folder (e.g. `hf download {source} --include {hint} --local-dir DIR`) and pass that folder.")
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Hide transformers' per-file loading bars (ours show the work that takes time), restoring the setting after."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 class TextEncoder:
@@ -80,10 +98,11 @@ class TextEncoder:
         """Load from a folder (or repo id) with ``text_encoder/`` and ``tokenizer/`` subfolders."""
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-        root = _text_folders(source)
-        tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
-        model = CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder"), torch_dtype=dtype,
-                                                            local_files_only=True)
+        root = hf_subfolders(source, ["text_encoder", "tokenizer"], "text conditioning (the CLIP-G text encoder)")
+        with quiet_transformers():
+            tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+            model = CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder"), torch_dtype=dtype,
+                                                                local_files_only=True)
         return cls(tokenizer, model, device)
 
     def _check_length(self, captions: Sequence[str]) -> None:

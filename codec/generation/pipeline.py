@@ -1,0 +1,316 @@
+"""Text-to-image, image variation and image-to-image: text → Stage C → Stage B → Stage A.
+
+Defaults are the official notebook settings: Stage C 20 DDPM steps, shift 2, CFG 4
+(rescale 0.7); Stage B 10 steps, shift 1, CFG 1.1. The unconditional text is the CLIP
+encoding of the negative prompt (``""`` by default, as official); the unconditional
+image condition is zeros. One CPU generator, seeded once, draws the Stage C noise and
+then continues into Stage B, which is the official RNG order under
+``torch.manual_seed(seed)``.
+
+Models are staged so that no more than one large network is resident at a time:
+text encoder → (image encoder / EfficientNet) → Stage C → Stage B + Stage A, each
+released before the next is loaded (``keep_loaded=True`` keeps them for repeated calls).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .. import weights as W
+from ..codec import Codec, _check_finite, _load_component, encode_pixels, load_encoder
+from ..diffusion import diffuse, sample
+from ..images import ImageLike, to_pil, to_tensor_list
+from .stage_c import STAGE_C_PRESETS, StageC, StageCConfig
+
+COMPRESSION_C = 42.67  # output pixels per Stage C latent pixel (official calculate_latent_sizes)
+MODES = ("text", "variation", "img2img")
+
+PreviewCallback = Callable[[int, int, list[Image.Image]], None]
+
+
+def stage_c_latent_size(height: int, width: int) -> tuple[int, int]:
+    """Stage C latent size for an output size: ``ceil(side / 42.67)`` (1024 → 24, 1000 → 24, 1536 → 36)."""
+    return math.ceil(height / COMPRESSION_C), math.ceil(width / COMPRESSION_C)
+
+
+def check_size(height: int, width: int) -> None:
+    """Refuse output sizes outside 256–4096 px per side."""
+    for side in (height, width):
+        if not 256 <= side <= 4096:
+            raise ValueError(f"image size {width}×{height} (W×H) is outside 256–4096 px per side")
+
+
+def check_stage_c_dtype(dtype: torch.dtype) -> None:
+    """Refuse precisions Stage C cannot run in."""
+    if dtype == torch.float16:
+        raise ValueError("Stage C overflows in fp16 (its activations exceed 65504, giving NaN images); run it in "
+                         "bf16 (--dtype bf16) or fp32 instead.")
+
+
+@dataclass
+class GenerationSettings:
+    """Every knob of one generation call (recorded with the result)."""
+
+    height: int = 1024
+    width: int = 1024
+    steps_c: int = 20
+    cfg_c: float = 4.0
+    shift_c: float = 2.0
+    steps_b: int = 10
+    cfg_b: float = 1.1
+    shift_b: float = 1.0
+    cfg_rho: float = 0.7
+    sampler: str = "ddpm"
+    seed: int | None = 0
+    mode: str = "text"
+    strength: float = 0.8
+
+
+@dataclass
+class GenerationResult:
+    """Images, the Stage C latents they were decoded from, and the settings used."""
+
+    images: list[Image.Image] | torch.Tensor
+    latents: torch.Tensor
+    prompts: list[str]
+    settings: GenerationSettings
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _release(*_: object) -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class TextToImage:
+    """Stable Cascade generation on top of the codec: ``TextToImage.from_pretrained(...).generate("a cat")``."""
+
+    def __init__(self, source: W.WeightSource, stage_c: str = "lite", stage_b: str = "lite",
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 clip_source: str | os.PathLike | None = None, keep_loaded: bool = False):
+        check_stage_c_dtype(dtype)
+        self.source = source
+        self.stage_c_size = stage_c
+        self.stage_b_size = stage_b
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.clip_source = clip_source if clip_source is not None else (source.folder or source.repo_id)
+        self.keep_loaded = keep_loaded
+        self._cache: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike = W.OFFICIAL_REPO, stage_c: str = "lite",
+                        stage_b: str = "lite", dtype: str | torch.dtype | None = None,
+                        device: str | torch.device | None = None, clip_source: str | os.PathLike | None = None,
+                        keep_loaded: bool = False) -> "TextToImage":
+        """Check that the weights are there (official file layout) and return a pipeline that loads them on use.
+
+        ``stage_c``/``stage_b``: ``"lite"`` or ``"large"``. ``dtype``: Stage C and Stage B
+        precision (default bf16 on CUDA, fp32 elsewhere). ``clip_source``: folder or repo
+        with ``text_encoder/``, ``tokenizer/`` (and ``image_encoder/`` for variations);
+        default: ``source``.
+        """
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = W.parse_dtype(dtype, device)
+        src = W.WeightSource(source)
+        src.require([src.stage_c_file(stage_c, dtype), src.stage_b_file(stage_b, dtype), W.STAGE_A_FILE])
+        return cls(src, stage_c, stage_b, device, dtype, clip_source, keep_loaded)
+
+    def notes(self) -> list[str]:
+        """Notes stored in the weight files that will be used (e.g. that they are tiny random weights)."""
+        files = [self.source.stage_c_file(self.stage_c_size, self.dtype),
+                 self.source.stage_b_file(self.stage_b_size, self.dtype), W.STAGE_A_FILE]
+        notes = {W.read_header(self.source.path(f)).metadata.get(W.META_NOTE) for f in files}
+        return sorted(n for n in notes if n)
+
+    # ------------------------------------------------------------------ model staging
+    def _get(self, name: str, load: Callable[[], Any]) -> Any:
+        if name in self._cache:
+            return self._cache[name]
+        model = load()
+        if self.keep_loaded:
+            self._cache[name] = model
+        return model
+
+    def _text_encoder(self):
+        from .text import TextEncoder
+
+        return self._get("text", lambda: TextEncoder.from_pretrained(self.clip_source, device=self.device))
+
+    def _image_encoder(self):
+        from .clip_image import ImageEncoder
+
+        return self._get("image", lambda: ImageEncoder.from_pretrained(self.clip_source, device=self.device))
+
+    def _stage_c(self) -> StageC:
+        def load() -> StageC:
+            name = self.source.stage_c_file(self.stage_c_size, self.dtype)
+            model, _ = _load_component(self.source, name, StageC,
+                                       asdict(STAGE_C_PRESETS[f"stage_c_{self.stage_c_size}"]), self.dtype,
+                                       self.device)
+            return model
+
+        return self._get("stage_c", load)
+
+    def _codec(self) -> Codec:
+        return self._get("codec", lambda: Codec.from_pretrained(self.source.source, stage_b=self.stage_b_size,
+                                                                dtype=self.dtype, device=self.device,
+                                                                encoder=False))
+
+    def _previewer(self):
+        from .previewer import Previewer
+
+        def load():
+            self.source.require([W.PREVIEWER_FILE])
+            model, _ = _load_component(self.source, W.PREVIEWER_FILE, Previewer, None, torch.float32, self.device)
+            return model
+
+        return self._get("previewer", load)
+
+    # ------------------------------------------------------------------ conditions
+    def _conditions(self, prompts: list[str], negative: list[str], images: torch.Tensor | None,
+                    mode: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        text = self._text_encoder()
+        cond_t, uncond_t = text.encode(prompts), text.encode(negative)
+        del text
+        _release()
+        n = len(prompts)
+        c_img = self._stage_c_config().c_clip_img
+        clip_img = torch.zeros(n, 1, c_img, device=self.device)
+        if mode == "variation":
+            encoder = self._image_encoder()
+            clip_img = encoder.encode(images).to(self.device)
+            del encoder
+            _release()
+            if clip_img.shape[-1] != c_img:
+                raise ValueError(f"the image encoder gives {clip_img.shape[-1]}-d embeddings but Stage C expects "
+                                 f"{c_img}-d: use the CLIP ViT-L/14 image_encoder/ of {W.OFFICIAL_REPO}-prior")
+        cond = {"clip_text": cond_t.hidden.to(self.device), "clip_text_pooled": cond_t.pooled.to(self.device),
+                "clip_img": clip_img}
+        uncond = {"clip_text": uncond_t.hidden.to(self.device), "clip_text_pooled": uncond_t.pooled.to(self.device),
+                  "clip_img": torch.zeros_like(clip_img)}
+        return cond, uncond
+
+    def _stage_c_config(self) -> StageCConfig:
+        """Stage C's hyper-parameters, from the loaded model or the file header (without loading it)."""
+        if "stage_c" in self._cache:
+            return self._cache["stage_c"].config
+        header = W.read_header(self.source.path(self.source.stage_c_file(self.stage_c_size, self.dtype)))
+        preset = asdict(STAGE_C_PRESETS[f"stage_c_{self.stage_c_size}"])
+        preset.update(header.config or {})
+        return StageCConfig(**preset)
+
+    def _img2img_latents(self, images: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        encoder = self._get("effnet", lambda: load_encoder(self.source, self.device))
+        lh, lw = stage_c_latent_size(height, width)
+        x = F.interpolate(images.float(), size=(lh * 32, lw * 32), mode="bilinear", antialias=True,
+                          align_corners=False).clamp(0, 1)
+        latents = _check_finite(encode_pixels(encoder, x), "the EfficientNet encoder")
+        del encoder
+        _release()
+        return latents
+
+    # ------------------------------------------------------------------ generate
+    @torch.no_grad()
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
+                 height: int | None = None, width: int | None = None, num_images: int = 1, steps_c: int = 20,
+                 cfg_c: float | None = 4.0, shift_c: float = 2.0, steps_b: int = 10, cfg_b: float | None = 1.1,
+                 shift_b: float = 1.0, cfg_rho: float = 0.7, sampler: str = "ddpm", seed: int | None = 0,
+                 image: ImageLike | None = None, mode: str | None = None, strength: float = 0.8,
+                 batch_size: int = 4, preview: PreviewCallback | None = None,
+                 progress: Callable[[str, int, int], None] | None = None,
+                 output: str = "pil") -> GenerationResult:
+        """Generate ``num_images`` images per prompt.
+
+        ``mode``: ``"text"`` (default without ``image``), ``"variation"`` (condition on the
+        CLIP image embedding of ``image``; default with ``image``) or ``"img2img"`` (start
+        Stage C from ``image``'s EfficientNet latent noised to ``t = strength``, with the
+        official semantics: noised with shift 1, sampled with ``shift_c``, running
+        ``int(steps_c · strength)`` steps). Size: 1024² by default; with an image, its
+        aspect ratio at a 1024 px short side. ``preview(step, total, images)`` receives
+        Previewer decodes of Stage C's x0 after every step; ``progress(stage, step, total)``
+        reports sampling progress. ``output``: ``"pil"`` or ``"tensor"``.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("no prompt given")
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+        mode = mode or ("text" if image is None else "variation")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode != "text" and image is None:
+            raise ValueError(f"mode {mode!r} needs an image")
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        if num_images < 1:
+            raise ValueError(f"num_images must be at least 1, got {num_images}")
+
+        picture = None
+        if image is not None:
+            picture = to_tensor_list(image)[0][None]
+            if height is None and width is None:
+                h, w = picture.shape[-2:]
+                scale = 1024 / min(h, w)
+                height, width = round(h * scale), round(w * scale)
+        height, width = height or 1024, width or 1024
+        check_size(height, width)
+        settings = GenerationSettings(height, width, steps_c, cfg_c, shift_c, steps_b, cfg_b, shift_b, cfg_rho,
+                                      sampler, seed, mode, strength)
+
+        all_prompts = [p for p in prompts for _ in range(num_images)]
+        all_negatives = [n for n in negatives for _ in range(num_images)]
+        n = len(all_prompts)
+        images_in = picture.expand(n, -1, -1, -1) if picture is not None else None
+        cond, uncond = self._conditions(all_prompts, all_negatives, images_in, mode)
+        x_init = None
+        if mode == "img2img":
+            x_init = self._img2img_latents(picture, height, width).to(self.device).expand(n, -1, -1, -1)
+
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        lh, lw = stage_c_latent_size(height, width)
+        stage_c = self._stage_c()
+        previewer = self._previewer() if preview is not None else None
+        latents = []
+        for start in range(0, n, batch_size):
+            sl = slice(start, min(n, start + batch_size))
+            kwargs: dict[str, Any] = dict(steps=steps_c, t_start=1.0)
+            if x_init is not None:
+                noised = diffuse(x_init[sl], strength, shift=1.0, generator=generator)[0]
+                kwargs = dict(steps=max(1, int(steps_c * strength)), t_start=strength, x_init=noised)
+            total = kwargs["steps"]
+
+            def on_step(i: int, x0: torch.Tensor, _x: torch.Tensor, total: int = total) -> None:
+                if progress is not None:
+                    progress("stage_c", i + 1, total)
+                if previewer is not None:
+                    preview(i + 1, total, to_pil(previewer(x0.to(self.device)).float().clamp(0, 1).cpu()))
+
+            z = sample(stage_c, {k: v[sl] for k, v in cond.items()},
+                       shape=(sl.stop - sl.start, stage_c.config.c_in, lh, lw),
+                       uncond={k: v[sl] for k, v in uncond.items()} if cfg_c is not None else None,
+                       cfg=cfg_c, cfg_rho=cfg_rho, shift=shift_c, sampler=sampler, generator=generator,
+                       device=self.device, callback=on_step, **kwargs)
+            latents.append(_check_finite(z, "Stage C").float().cpu())
+        stage_c = previewer = None
+        _release()
+        latents_c = torch.cat(latents)
+
+        codec = self._codec()
+        images = codec.decode(latents_c, height=height, width=width, steps=steps_b, cfg=cfg_b,
+                              clip=cond["clip_text_pooled"], sampler=sampler, cfg_rho=cfg_rho, shift=shift_b,
+                              batch_size=batch_size, output=output, generator=generator, seed=None,
+                              progress=(lambda i, t: progress("stage_b", i, t)) if progress is not None else None)
+        del codec
+        _release()
+        return GenerationResult(images=images, latents=latents_c, prompts=all_prompts, settings=settings)

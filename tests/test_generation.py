@@ -1,0 +1,210 @@
+"""Text-to-image pipeline on tiny random weights: conditions, sizes, seeds, modes, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from codec.cli import main
+from codec.generation.clip_image import ImageEncoder, clip_preprocess
+from codec.generation.pipeline import TextToImage, stage_c_latent_size
+from codec.generation.text import TextEncoder
+from codec.tiny import TINY_STAGE_C
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_weights):
+    return TextToImage.from_pretrained(tiny_weights, device="cpu")
+
+
+FAST = dict(steps_c=2, steps_b=2, output="tensor")
+
+
+def test_stage_c_latent_size_matches_official_rounding():
+    assert stage_c_latent_size(1024, 1024) == (24, 24)
+    assert stage_c_latent_size(1536, 1152) == (36, 27)
+    assert stage_c_latent_size(1000, 600) == (24, 15)
+    assert stage_c_latent_size(2048, 1100) == (48, 26)
+
+
+def test_conditions_use_the_empty_string_as_unconditional(pipe, tiny_weights):
+    cond, uncond = pipe._conditions(["a red fox", "a blue car"], ["", ""], None, "text")
+    assert cond["clip_text"].shape == (2, 77, TINY_STAGE_C["c_clip_text"])
+    assert cond["clip_text_pooled"].shape == (2, 1, TINY_STAGE_C["c_clip_text_pooled"])
+    assert cond["clip_img"].shape == (2, 1, TINY_STAGE_C["c_clip_img"])
+    assert not cond["clip_img"].any() and not uncond["clip_img"].any()
+    empty = TextEncoder.from_pretrained(tiny_weights).encode([""])
+    torch.testing.assert_close(uncond["clip_text"], empty.hidden.expand(2, -1, -1))
+    torch.testing.assert_close(uncond["clip_text_pooled"], empty.pooled.expand(2, -1, -1))
+    assert not torch.allclose(cond["clip_text_pooled"][0], cond["clip_text_pooled"][1])
+
+
+def test_clip_preprocess_is_the_official_transform():
+    from torchvision import transforms as T
+
+    x = torch.rand(2, 3, 300, 451, generator=torch.Generator().manual_seed(0))
+    ref = T.Compose([T.Resize(224, interpolation=T.InterpolationMode.BICUBIC, antialias=False), T.CenterCrop(224),
+                     T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])(x)
+    torch.testing.assert_close(clip_preprocess(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_image_encoder_shape(tiny_weights):
+    emb = ImageEncoder.from_pretrained(tiny_weights).encode(torch.rand(3, 3, 64, 80))
+    assert emb.shape == (3, 1, TINY_STAGE_C["c_clip_img"])
+
+
+def test_same_seed_same_images_other_seed_differs(pipe):
+    a = pipe.generate("a lighthouse", height=256, width=320, seed=3, **FAST)
+    b = pipe.generate("a lighthouse", height=256, width=320, seed=3, **FAST)
+    c = pipe.generate("a lighthouse", height=256, width=320, seed=4, **FAST)
+    assert a.images.shape == (1, 3, 256, 320) and a.latents.shape == (1, 16, 6, 8)
+    assert torch.equal(a.images, b.images) and torch.equal(a.latents, b.latents)
+    assert not torch.equal(a.latents, c.latents)
+    assert pipe._cache == {}  # models are released between calls unless keep_loaded
+
+
+def test_stage_c_noise_follows_the_official_rng_order(pipe, monkeypatch):
+    """The first Stage C input is torch.randn(shape) right after torch.manual_seed(seed)."""
+    import codec.generation.pipeline as P
+
+    seen = {}
+    real_sample = P.sample
+
+    def spy(model, cond, shape=None, **kw):
+        if "stage_c" not in seen:
+            seen["stage_c"] = (shape, kw["generator"].get_state().clone())
+        return real_sample(model, cond, shape=shape, **kw)
+
+    monkeypatch.setattr(P, "sample", spy)
+    pipe.generate("x", height=256, width=256, seed=11, **FAST)
+    shape, state = seen["stage_c"]
+    torch.manual_seed(11)
+    expected = torch.randn(*shape)
+    g = torch.Generator()
+    g.set_state(state)
+    assert torch.equal(torch.randn(*shape, generator=g), expected)
+
+
+def test_batches_prompts_and_images_per_prompt(pipe):
+    r = pipe.generate(["a cat", "a dog"], num_images=2, height=256, width=256, batch_size=3, seed=0, **FAST)
+    assert r.prompts == ["a cat", "a cat", "a dog", "a dog"]
+    assert r.images.shape == (4, 3, 256, 256)
+    # the same prompt twice in one batch still gets different noise
+    assert not torch.equal(r.latents[0], r.latents[1])
+
+
+@pytest.mark.parametrize("height,width", [(600, 1000), (832, 1216), (517, 389)])
+def test_odd_sizes(pipe, height, width):
+    r = pipe.generate("a street", height=height, width=width, steps_c=1, steps_b=1, output="pil")
+    assert r.images[0].size == (width, height)
+    assert r.latents.shape[-2:] == stage_c_latent_size(height, width)
+
+
+def test_negative_prompt_changes_the_result(pipe):
+    a = pipe.generate("a cat", height=256, width=256, seed=1, **FAST)
+    b = pipe.generate("a cat", "blurry", height=256, width=256, seed=1, **FAST)
+    assert not torch.equal(a.latents, b.latents)
+
+
+def test_variation_uses_the_image_embedding(pipe):
+    img = torch.rand(3, 300, 200, generator=torch.Generator().manual_seed(2))
+    plain = pipe.generate("", height=384, width=256, seed=5, **FAST)
+    var1 = pipe.generate("", image=img, mode="variation", height=384, width=256, seed=5, **FAST)
+    var2 = pipe.generate("", image=img.flip(-1), mode="variation", height=384, width=256, seed=5, **FAST)
+    assert not torch.equal(plain.latents, var1.latents)
+    assert not torch.equal(var1.latents, var2.latents)
+    # default size: the image's aspect at a 1024 px short side
+    default = pipe.generate("", image=img, steps_c=1, steps_b=1, output="pil")
+    assert default.images[0].size == (1024, 1536)
+
+
+def test_img2img_strength(pipe, monkeypatch):
+    import codec.generation.pipeline as P
+
+    calls = []
+    real_sample = P.sample
+
+    def spy(model, cond, **kw):
+        calls.append({k: kw.get(k) for k in ("steps", "t_start", "x_init")})
+        return real_sample(model, cond, **kw)
+
+    monkeypatch.setattr(P, "sample", spy)
+    img = torch.rand(3, 256, 256, generator=torch.Generator().manual_seed(3))
+    r = pipe.generate("", image=img, mode="img2img", strength=0.5, height=256, width=256, steps_c=6, steps_b=1,
+                      output="tensor")
+    assert calls[0]["steps"] == 3 and calls[0]["t_start"] == 0.5
+    assert calls[0]["x_init"].shape == r.latents.shape == (1, 16, 6, 6)
+    weak = pipe.generate("", image=img, mode="img2img", strength=0.05, height=256, width=256, steps_c=20,
+                         steps_b=1, output="tensor")
+    source = pipe._img2img_latents(img[None], 256, 256)
+    # little noise → the result stays close to the image's own latent
+    assert (weak.latents - source).norm() < 0.5 * (r.latents - source).norm()
+
+
+def test_fp16_stage_c_is_refused_with_a_reason(tiny_weights):
+    with pytest.raises(ValueError, match="fp16"):
+        TextToImage.from_pretrained(tiny_weights, dtype="fp16", device="cpu")
+
+
+def test_missing_stage_c_file_is_named(tmp_path, tiny_weights):
+    import shutil
+
+    from codec.weights import WeightsError
+
+    for f in tiny_weights.iterdir():
+        if f.is_file() and not f.name.startswith("stage_c"):
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(WeightsError, match="stage_c_lite.safetensors"):
+        TextToImage.from_pretrained(tmp_path, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def _run(args):
+    return CliRunner().invoke(main, args, catch_exceptions=False)
+
+
+def test_cli_generate_prompt_file_writes_images_with_settings(tmp_path, tiny_weights):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a cat", "seed": 7}) + "\n\n" + json.dumps({"prompt": "a dog"}) + "\n")
+    out = tmp_path / "out" / "img.png"
+    res = _run(["generate", "--prompts", str(prompts), "-o", str(out), "-w", str(tiny_weights), "--size", "256x320",
+                "--steps-c", "1", "--steps-b", "1", "--n", "2", "--save-latents"])
+    assert res.exit_code == 0, res.output
+    files = sorted(p.name for p in out.parent.iterdir())
+    assert files == ["img_p000_000.png", "img_p000_000.safetensors", "img_p000_001.png", "img_p000_001.safetensors",
+                     "img_p001_000.png", "img_p001_000.safetensors", "img_p001_001.png", "img_p001_001.safetensors"]
+    im = Image.open(out.parent / "img_p000_000.png")
+    assert im.size == (256, 320)
+    assert im.text["prompt"] == "a cat" and json.loads(im.text["cascade_codec"])["seed"] == 7
+    assert json.loads(Image.open(out.parent / "img_p001_000.png").text["cascade_codec"])["seed"] == 1
+    # the saved latents decode with `cascade decode` at the recorded size
+    dec = tmp_path / "dec.png"
+    res = _run(["decode", str(out.parent / "img_p000_000.safetensors"), "-o", str(dec), "-w", str(tiny_weights),
+                "--steps", "1"])
+    assert res.exit_code == 0, res.output
+    assert Image.open(dec).size == (256, 320)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--size", "12x"], "is not WxH"),
+    (["--mode", "img2img"], "needs --image"),
+    (["--size", "100x100"], "outside 256–4096"),
+])
+def test_cli_generate_errors(tmp_path, tiny_weights, args, message):
+    res = _run(["generate", "a cat", "-w", str(tiny_weights), "-o", str(tmp_path / "x.png"), *args])
+    assert res.exit_code != 0
+    assert message in res.output
+    assert "Traceback" not in res.output
+
+
+def test_cli_generate_bad_image_is_a_clear_error(tmp_path, tiny_weights):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    res = _run(["generate", "-w", str(tiny_weights), "--image", str(bad), "-o", str(tmp_path / "x.png")])
+    assert res.exit_code == 1 and "bad.jpg" in res.output and "Traceback" not in res.output
