@@ -100,8 +100,11 @@ class SafetensorsHeader:
 def refuse_pickle(path: Path) -> None:
     """Raise :class:`WeightsError` if ``path`` looks like a pickle/zip torch checkpoint."""
     with open(path, "rb") as f:
-        head = f.read(2)
-    if path.suffix.lower() in _PICKLE_SUFFIXES or head[:1] == b"\x80" or head == b"PK":
+        head = f.read(9)
+    # A safetensors file is an 8-byte header length then "{": its first byte can be 0x80 or its first
+    # two "PK" by chance (e.g. a header of 0x15f80 bytes), so only the pickle/zip magic without "{" counts.
+    looks_pickled = head[8:9] != b"{" and (head[:1] == b"\x80" or head[:4] == b"PK\x03\x04")
+    if path.suffix.lower() in _PICKLE_SUFFIXES or looks_pickled:
         raise WeightsError(
             f"{path} is a pickle-based PyTorch checkpoint. Loading pickle files can run arbitrary code, so "
             "cascade-codec only reads .safetensors files. Download the .safetensors version of this checkpoint "

@@ -98,6 +98,21 @@ def test_pickle_files_are_refused_with_a_reason(tmp_path):
         W.read_header(disguised)
 
 
+@pytest.mark.parametrize("n", [0x180, 0x4B50])
+def test_safetensors_whose_header_length_looks_like_a_pickle_magic_loads(tmp_path, n):
+    """A header of 0x180 bytes starts the file with 0x80 (pickle's magic), one of 0x4b50 with "PK" (zip's)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", n) + header + b" " * (n - len(header)) + torch.ones(2).numpy().tobytes())
+    assert path.read_bytes()[:1] == b"\x80" or path.read_bytes()[:2] == b"PK"
+    assert torch.equal(load_file(str(path))["w"], torch.ones(2))  # a valid file for safetensors itself
+    assert list(W.read_header(path).tensors) == ["w"]
+
+
 def test_missing_folder_files_name_what_to_download(tmp_path):
     src = W.WeightSource(tmp_path)
     with pytest.raises(W.WeightsError) as e:
