@@ -144,12 +144,14 @@ class TextToImage:
     def _text_encoder(self):
         from .text import TextEncoder
 
-        return self._get("text", lambda: TextEncoder.from_pretrained(self.clip_source, device=self.device))
+        return self._get("text", lambda: TextEncoder.from_pretrained(self.clip_source, device=self.device,
+                                                                   dtype=self.dtype))
 
     def _image_encoder(self):
         from .clip_image import ImageEncoder
 
-        return self._get("image", lambda: ImageEncoder.from_pretrained(self.clip_source, device=self.device))
+        return self._get("image", lambda: ImageEncoder.from_pretrained(self.clip_source, device=self.device,
+                                                                     dtype=self.dtype))
 
     def _stage_c(self) -> StageC:
         def load() -> StageC:
