@@ -77,13 +77,13 @@ def write_weights(folder: Path, stage_c: str, dtype: torch.dtype) -> None:
         print("wrote text_encoder/ (CLIP-G size)", flush=True)
 
 
-def run_once(folder: str, keep_loaded: bool, size: int, dtype: str) -> dict:
+def run_once(folder: str, keep_loaded: bool, size: int, dtype: str, stage_c: str) -> dict:
     """One generation in this process; returns peak RSS and time."""
     from codec.generation.pipeline import TextToImage
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    pipe = TextToImage.from_pretrained(folder, dtype=dtype, device="cpu", keep_loaded=keep_loaded)
+    pipe = TextToImage.from_pretrained(folder, stage_c=stage_c, dtype=dtype, device="cpu", keep_loaded=keep_loaded)
     pipe.generate("a photo of a cat", height=size, width=size, steps_c=1, steps_b=1, seed=0)
     return {"keep_loaded": keep_loaded, "peak_rss_gb": peak_rss_bytes() / 2**30, "seconds": time.perf_counter() - t0}
 
@@ -112,11 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", choices=["staged", "resident"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(run_once(str(args.work), args.child == "resident", args.size, args.dtype)))
+        print(json.dumps(run_once(str(args.work), args.child == "resident", args.size, args.dtype, args.stage_c)))
         return 0
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     write_weights(args.work, args.stage_c, dtype)
-    files = {f.relative_to(args.work).as_posix(): f.stat().st_size for f in args.work.rglob("*.safetensors")}
+    from codec import weights as W
+
+    other_c = W.STAGE_C_FILES["large" if args.stage_c == "lite" else "lite"].values()
+    files = {f.relative_to(args.work).as_posix(): f.stat().st_size for f in args.work.rglob("*.safetensors")
+             if f.name not in other_c}
     rows = []
     for mode in ("staged", "resident"):
         cmd = [sys.executable, "-m", "benchmarks.generation_memory", "--work", str(args.work), "--size",
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"mode": mode, **json.loads(out)})
     print(f"weights ({args.dtype}): " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in sorted(files.items())))
     print(f"sum of weights: {sum(files.values()) / 1e9:.2f} GB; largest: {max(files.values()) / 1e9:.2f} GB")
+    print(f"Stage C {args.stage_c}, {args.size}² output, 1 step per stage")
     print(f"{'mode':<10} {'peak RSS':>10} {'time':>8}")
     for r in rows:
         print(f"{r['mode']:<10} {r['peak_rss_gb']:>7.2f} GB {r['seconds']:>6.0f} s")
