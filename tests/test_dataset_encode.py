@@ -13,7 +13,7 @@ from codec.cli import encode_dataset_command, is_latent_store, store_info
 from datasets_tools import BucketBatchSampler, LatentDataset, LatentStore, StoreError, encode_dataset
 from codec.codec import load_encoder
 from datasets_tools.preprocess import preprocess
-from tests.test_dataset_helpers import bomb_png, make_folder, noise_image
+from test_dataset_helpers import bomb_png, make_folder, noise_image
 
 
 def run(src, out, weights, **kw):

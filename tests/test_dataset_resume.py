@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from datasets_tools import LatentDataset, LatentStore
-from tests.test_dataset_helpers import make_folder
+from test_dataset_helpers import make_folder
 
 
 

@@ -9,7 +9,7 @@ moto_server = pytest.importorskip("moto.server")
 
 from datasets_tools import LatentDataset, LatentStore, encode_dataset, store_info  # noqa: E402
 from datasets_tools.store import StoreError  # noqa: E402
-from tests.test_dataset_helpers import image_bytes, make_tar  # noqa: E402
+from test_dataset_helpers import image_bytes, make_tar  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from datasets_tools.sources import SourceError, expand_braces, list_source
-from tests.test_dataset_helpers import image_bytes, json_bytes, make_tar, noise_image
+from test_dataset_helpers import image_bytes, json_bytes, make_tar, noise_image
 
 
 def test_folder_order_ids_and_sidecars(tmp_path):
