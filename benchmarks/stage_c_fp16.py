@@ -1,6 +1,6 @@
 """Stage C in fp16: plain fp16 overflows, ``StageC.half_safe()`` matches fp32 better than bf16 does.
 
-Run ``python -m benchmarks.stage_c_fp16`` (CPU, about a minute). It prints the error table
+Run ``python -m benchmarks.stage_c_fp16`` (CPU, about 30 s). It prints the error table
 (fp32 / bf16 / plain fp16 / fp16-safe) for random Stage C models with the depth layout of
 ``stage_c_large`` and ``stage_c_lite`` whose activations grow like the released large
 model's, and a sweep over the growth rate. Every mode runs the same weights and inputs;
@@ -26,7 +26,7 @@ scale is built to reproduce what users observed with the real ones):
   printed) and reaches about ``start · gain**n`` after ``n`` triplets.
 * Calibration. The large model (8 triplets in that group) overflows and the lite model
   (4 triplets) does not, so ``start · gain**8 > 65504 > start · gain**4``; the benchmark
-  prints that window for the measured ``start`` (about 3.8 to 14.5). The default
+  prints that window for the measured ``start`` (3.8 to 14.7 for the large layout). The default
   ``gain = 4`` sits at its mild end: the large layout peaks above 65504, the lite one
   stays well below it (measured, in the table). The sweep shows that the safe mode's error
   does not depend on the gain.
