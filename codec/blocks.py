@@ -92,9 +92,8 @@ class PackedAttention(nn.Module):
     def forward(self, q_in: torch.Tensor, kv_in: torch.Tensor) -> torch.Tensor:
         """Attend from ``q_in`` ``(B, Lq, C)`` to ``kv_in`` ``(B, Lk, C)``."""
         c, h = self.embed_dim, self.num_heads
-        w, b = self.in_proj_weight, self.in_proj_bias
-        q = F.linear(q_in, w[:c], b[:c])
-        k, v = F.linear(kv_in, w[c:], b[c:]).chunk(2, dim=-1)
+        q = self.project(q_in, 0, c)
+        k, v = self.project(kv_in, c, 3 * c).chunk(2, dim=-1)
         bsz = q_in.shape[0]
         q = q.view(bsz, -1, h, c // h).transpose(1, 2)
         k = k.reshape(bsz, -1, h, c // h).transpose(1, 2)
@@ -102,6 +101,10 @@ class PackedAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(bsz, -1, c))
+
+    def project(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the packed input projection applied to ``x`` (q: ``0:c``, k and v: ``c:3c``)."""
+        return F.linear(x, self.in_proj_weight[start:stop], self.in_proj_bias[start:stop])
 
 
 class Attention2D(nn.Module):
@@ -266,8 +269,12 @@ def autocast_for(module: nn.Module, device: torch.device) -> contextlib.Abstract
     """Autocast to the module's dtype when its weights are bf16/fp16 and the caller has not set autocast.
 
     The official code always ran low-precision weights under autocast (fp32 norms,
-    fp32 timestep embedding); doing it here spares the caller from managing it.
+    fp32 timestep embedding); doing it here spares the caller from managing it. A module
+    with a ``compute_dtype`` attribute stores its weights in another dtype than it computes
+    in and manages precision itself (``codec/generation/fp16.py``): autocast is switched off.
     """
+    if getattr(module, "compute_dtype", None) is not None:
+        return torch.autocast(device_type=device.type, enabled=False)
     dtype = next(module.parameters()).dtype
     if dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled(device.type):
         return torch.autocast(device_type=device.type, dtype=dtype)

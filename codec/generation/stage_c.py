@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..blocks import CascadeUNet, LayerNorm2d, autocast_for, init_cascade_weights, make_block
+from .fp16 import check_plain_fp16_output, make_half_safe
 
 
 @dataclass(frozen=True)
@@ -186,4 +187,13 @@ class StageC(CascadeUNet):
             clip = self.embed_clip(clip_text, clip_text_pooled, clip_img)
             # ControlNet features are consumed one per ResBlock call; past the list's end they are None.
             control = None if cnet is None else itertools.chain(cnet, itertools.repeat(None))
-            return self.clf(self.run_unet(self.embedding(x), r_embed, clip, control))
+            out = self.clf(self.run_unet(self.embedding(x), r_embed, clip, control))
+        # Only plain fp16 gives an fp16 output (half_safe() computes in fp32); refuse its NaN/inf.
+        return check_plain_fp16_output(out) if out.dtype == torch.float16 else out
+
+    def half_safe(self) -> "StageC":
+        """Switch to overflow-safe fp16 inference in place: fp16 weights and multiplies, fp32 activations.
+
+        Plain fp16 overflows with the released weights; see :mod:`codec.generation.fp16`.
+        """
+        return make_half_safe(self)
