@@ -145,9 +145,15 @@ def test_img2img_strength(pipe, monkeypatch):
     assert (weak.latents - source).norm() < 0.5 * (r.latents - source).norm()
 
 
-def test_fp16_stage_c_is_refused_with_a_reason(tiny_weights):
-    with pytest.raises(ValueError, match="fp16"):
-        TextToImage.from_pretrained(tiny_weights, dtype="fp16", device="cpu")
+def test_fp16_runs_stage_c_in_the_overflow_safe_mode(tiny_weights, pipe):
+    half = TextToImage.from_pretrained(tiny_weights, dtype="fp16", device="cpu")
+    model = half._stage_c()
+    assert model.compute_dtype == torch.float32 and model.clip_txt_mapper.weight.dtype == torch.float16
+    ref = pipe.generate("a cat", height=256, width=256, seed=2, **FAST)
+    out = half.generate("a cat", height=256, width=256, seed=2, **FAST)
+    assert torch.isfinite(out.latents).all()
+    rel = (out.latents - ref.latents).norm() / ref.latents.norm()
+    assert rel < 0.05, rel
 
 
 def test_missing_stage_c_file_is_named(tmp_path, tiny_weights):

@@ -123,8 +123,10 @@ def _png_text(prompt: str, negative: str, seed: int | None, settings) -> dict[st
               help="Folder or repo with text_encoder/, tokenizer/ (and image_encoder/ for variations) in the Hugging "
                    "Face layout. Default: the --weights folder.")
 @click.option("--device", default="auto", show_default=True, help="Torch device: auto (CUDA if available), cpu, cuda, …")
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp32"]), default="auto", show_default=True,
-              help="Stage C and Stage B precision. auto = bf16 on CUDA, fp32 on CPU.")
+@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+              help="Stage C and Stage B precision. auto = bf16 on CUDA, fp32 on CPU. fp16 (GPUs without bf16, "
+                   "Apple MPS) runs Stage C in an overflow-safe mode: fp16 weights and matrix multiplies, fp32 "
+                   "activations (plain fp16 overflows in Stage C).")
 def generate(prompt, out, prompt_file, negative, size, num_images, steps_c, cfg_c, shift_c, steps_b, cfg_b, cfg_rho,
              sampler, seed, image, mode, strength, preview_dir, save_latents, batch_size, stage_c, stage_b, weights,
              clip_source, device, dtype) -> None:

@@ -48,13 +48,6 @@ def check_size(height: int, width: int) -> None:
             raise ValueError(f"image size {width}×{height} (W×H) is outside 256–4096 px per side")
 
 
-def check_stage_c_dtype(dtype: torch.dtype) -> None:
-    """Refuse precisions Stage C cannot run in."""
-    if dtype == torch.float16:
-        raise ValueError("Stage C overflows in fp16 (its activations exceed 65504, giving NaN images); run it in "
-                         "bf16 (--dtype bf16) or fp32 instead.")
-
-
 @dataclass
 class GenerationSettings:
     """Every knob of one generation call (recorded with the result)."""
@@ -97,7 +90,6 @@ class TextToImage:
     def __init__(self, source: W.WeightSource, stage_c: str = "lite", stage_b: str = "lite",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  clip_source: str | os.PathLike | None = None, keep_loaded: bool = False):
-        check_stage_c_dtype(dtype)
         self.source = source
         self.stage_c_size = stage_c
         self.stage_b_size = stage_b
@@ -115,7 +107,8 @@ class TextToImage:
         """Check that the weights are there (official file layout) and return a pipeline that loads them on use.
 
         ``stage_c``/``stage_b``: ``"lite"`` or ``"large"``. ``dtype``: Stage C and Stage B
-        precision (default bf16 on CUDA, fp32 elsewhere). ``clip_source``: folder or repo
+        precision (default bf16 on CUDA, fp32 elsewhere); ``fp16`` runs Stage C in its
+        overflow-safe fp16 mode (:meth:`StageC.half_safe`). ``clip_source``: folder or repo
         with ``text_encoder/``, ``tokenizer/`` (and ``image_encoder/`` for variations);
         default: ``source``.
         """
@@ -156,10 +149,12 @@ class TextToImage:
     def _stage_c(self) -> StageC:
         def load() -> StageC:
             name = self.source.stage_c_file(self.stage_c_size, self.dtype)
+            # Plain fp16 overflows: fp16 means the overflow-safe mode, converted from bf16 (exact for the
+            # fp32 parts; fp16 holds every bf16 weight the safe mode accepts).
+            dtype = torch.bfloat16 if self.dtype == torch.float16 else self.dtype
             model, _ = _load_component(self.source, name, StageC,
-                                       asdict(STAGE_C_PRESETS[f"stage_c_{self.stage_c_size}"]), self.dtype,
-                                       self.device)
-            return model
+                                       asdict(STAGE_C_PRESETS[f"stage_c_{self.stage_c_size}"]), dtype, self.device)
+            return model.half_safe() if self.dtype == torch.float16 else model
 
         return self._get("stage_c", load)
 
