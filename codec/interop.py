@@ -360,3 +360,35 @@ def no_effnet_message(src: W.WeightSource) -> str:
             f"ships none), so this source can decode but not encode. Download {W.EFFNET_FILE} from "
             f"https://huggingface.co/{W.OFFICIAL_REPO}/resolve/main/{W.EFFNET_FILE} into {where}"
             f"{'/' if src.folder is not None else ' (or a folder you pass instead)'}.")
+
+
+# --------------------------------------------------------------------------------------------- inventory
+@dataclass(frozen=True)
+class InventoryRow:
+    """One model file (or diffusers folder variant) of a weight source, from its headers only."""
+
+    label: str
+    layout: str
+    tensors: int
+    params: int
+    dtypes: str
+    note: str | None
+    detail: str | None
+
+
+def inventory(src: W.WeightSource) -> list[InventoryRow]:
+    """Every Stable Cascade file of ``src`` in either layout (for a repo id: what the local cache holds)."""
+    locs = [loc for component in COMPONENTS for loc in locate_all(src, component)]
+    locs += [Located.official_file(name) for name in (W.EFFNET_FILE, W.PREVIEWER_FILE, W.EMPTY_CAPTION_FILE)
+             if src.has(name)]
+    rows = []
+    for loc in locs:
+        ckpt, config = open_component(src, loc)
+        if loc.component == "stage_a":
+            detail = describe_stage_a((config or default_config("stage_a"))["scale_factor"])
+        else:
+            detail = "own config" if loc.layout == "official" and config else None
+        rows.append(InventoryRow(loc.label, loc.layout, len(ckpt.tensors), ckpt.n_params(),
+                                 ",".join(sorted(str(d).replace("torch.", "") for d in ckpt.dtypes())),
+                                 ckpt.metadata.get(W.META_NOTE), detail))
+    return rows

@@ -397,6 +397,7 @@ def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, dtype: torch.dty
     raw += b" " * (-len(raw) % 8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
+    cast = torch.empty(0, dtype=torch.uint8)  # reused: fresh temporaries per chunk make glibc's heap grow
     with open(tmp, "wb") as f, _Reader() as reader:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
@@ -404,7 +405,12 @@ def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, dtype: torch.dty
             out = _target_dtype(st.dtype, dtype)
             for piece in st.pieces:
                 for chunk in reader.chunks(piece):
-                    data = chunk if chunk.dtype == out else chunk.to(out)
+                    data = chunk
+                    if chunk.dtype != out:
+                        if cast.numel() < chunk.numel() * out.itemsize:
+                            cast = torch.empty(chunk.numel() * out.itemsize, dtype=torch.uint8)
+                        data = cast[:chunk.numel() * out.itemsize].view(out)
+                        data.copy_(chunk)
                     f.write(memoryview(data.view(torch.uint8).numpy()))
                     if progress is not None:
                         progress(data.numel() * out.itemsize)
