@@ -331,7 +331,7 @@ def info(weights) -> None:
             wanted = [W.STAGE_A_FILE, W.EFFNET_FILE, W.STAGE_B_FILES["lite"]["bf16"]]
             if source.folder is not None:
                 raise W.WeightsError(W.missing_files_message(source.source, wanted) + "\n"
-                                     + interop.diffusers_alternative_hint("lite"))
+                                     + interop.diffusers_alternative_hint(["stage_a", "stage_b_lite"]))
             raise W.WeightsError(f"none of the files of {source.repo_id} are in the local Hugging Face cache "
                                  f"(`cascade info` does not download). Get them with: hf download {source.repo_id} "
                                  f"{' '.join(wanted)} --local-dir DIR, then run `cascade info DIR`.")

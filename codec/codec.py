@@ -160,19 +160,10 @@ class Codec:
         dtype = W.parse_dtype(dtype, device)
         src = W.WeightSource(source)
         b_file = src.stage_b_file(stage_b, dtype)
-        a_loc = interop.locate(src, "stage_a", torch.float32)
-        b_loc = interop.locate(src, f"stage_b_{stage_b}", dtype)
-        diffusers_only = all(loc is not None and loc.layout == "diffusers" for loc in (a_loc, b_loc))
-        wanted = [W.STAGE_A_FILE] * (a_loc is None) + [W.EFFNET_FILE] * (encoder and not diffusers_only) + \
-            [b_file] * (b_loc is None)
-        try:
-            src.require(wanted)
-        except W.WeightsError as e:
-            if src.folder is None:
-                raise
-            raise W.WeightsError(f"{e}\n{interop.diffusers_alternative_hint(stage_b)}") from None
-        a_loc = a_loc or interop.Located.official_file(W.STAGE_A_FILE, "stage_a")
-        b_loc = b_loc or interop.Located.official_file(b_file, f"stage_b_{stage_b}")
+        a_loc = interop.resolve(src, "stage_a", torch.float32, W.STAGE_A_FILE)
+        b_loc = interop.resolve(src, f"stage_b_{stage_b}", dtype, b_file)
+        diffusers_only = a_loc.layout == b_loc.layout == "diffusers"
+        interop.require(src, [a_loc, b_loc], [W.EFFNET_FILE] * (encoder and not diffusers_only))
         components: dict[str, ComponentInfo] = {}
         stage_a, components["stage_a"] = _load_component(src, a_loc, StageA, None, torch.float32, device)
         components["stage_a"].detail = interop.describe_stage_a(stage_a.scale_factor)

@@ -33,7 +33,7 @@ import inspect
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -45,8 +45,8 @@ OFFICIAL_FILES: dict[str, dict[str, str]] = {
     "stage_a": {"fp32": W.STAGE_A_FILE},
     "stage_b_lite": W.STAGE_B_FILES["lite"],
     "stage_b_large": W.STAGE_B_FILES["large"],
-    "stage_c_lite": {"fp32": "stage_c_lite.safetensors", "bf16": "stage_c_lite_bf16.safetensors"},
-    "stage_c_large": {"fp32": "stage_c.safetensors", "bf16": "stage_c_bf16.safetensors"},
+    "stage_c_lite": W.STAGE_C_FILES["lite"],
+    "stage_c_large": W.STAGE_C_FILES["large"],
 }
 DIFFUSERS_FOLDERS = {"stage_a": "vqgan", "stage_b_lite": "decoder_lite", "stage_b_large": "decoder",
                      "stage_c_lite": "prior_lite", "stage_c_large": "prior"}
@@ -321,6 +321,23 @@ def locate(src: W.WeightSource, component: str, dtype: torch.dtype) -> Located |
     return found[0] if found else None
 
 
+def resolve(src: W.WeightSource, component: str, dtype: torch.dtype, default: str) -> Located:
+    """:func:`locate`, or else the official file ``default`` (to download, or to name as missing)."""
+    return locate(src, component, dtype) or Located.official_file(default, component)
+
+
+def require(src: W.WeightSource, locs: Sequence[Located], extra: Sequence[str] = ()) -> None:
+    """Make sure the official files among ``locs`` and the files ``extra`` are there (downloading them for a repo
+    id); one error names every missing file and, for a folder, the diffusers folders that would do instead."""
+    try:
+        src.require([loc.files[0] for loc in locs if loc.layout == "official"] + list(extra))
+    except W.WeightsError as e:
+        if src.folder is None:
+            raise
+        missing = [loc.component for loc in locs if loc.layout == "official" and not src.has(loc.files[0])]
+        raise W.WeightsError(f"{e}\n{diffusers_alternative_hint(missing)}" if missing else str(e)) from None
+
+
 def open_component(src: W.WeightSource, loc: Located) -> tuple[W.Checkpoint, dict[str, Any] | None]:
     """The checkpoint of ``loc`` under official keys (mapped while streaming) and its stored configuration in our
     names (``None`` for an official file without one: the preset of its name applies)."""
@@ -346,11 +363,12 @@ def has_diffusers_layout(src: W.WeightSource) -> bool:
     return any(src.has(f"{folder}/{DIFFUSERS_CONFIG}") for folder in DIFFUSERS_FOLDERS.values())
 
 
-def diffusers_alternative_hint(stage_b: str) -> str:
-    """The diffusers-layout folders that can stand in for the official Stage A and Stage B files."""
-    return (f"(A folder in the diffusers layout works too: {DIFFUSERS_FOLDERS['stage_a']}/ and "
-            f"{DIFFUSERS_FOLDERS[f'stage_b_{stage_b}']}/, each with {DIFFUSERS_CONFIG} and "
-            f"{DIFFUSERS_WEIGHTS['fp32']} or its .bf16 variant; it has no EfficientNet encoder, so it only decodes.)")
+def diffusers_alternative_hint(components: Sequence[str]) -> str:
+    """The diffusers-layout folders that can stand in for the official files of ``components``."""
+    folders = " and ".join(f"{DIFFUSERS_FOLDERS[c]}/" for c in components)
+    return (f"(The diffusers layout works too: {folders}, each with {DIFFUSERS_CONFIG} and "
+            f"{DIFFUSERS_WEIGHTS['fp32']} or its .bf16 variant; it has no EfficientNet encoder, so it cannot "
+            "encode images.)")
 
 
 def no_effnet_message(src: W.WeightSource) -> str:
