@@ -21,7 +21,8 @@ from codec import weights as W
 from codec.cli import main
 from codec.stage_a import StageA
 from codec.stage_b import StageB
-from codec.tiny import TINY_STAGE_A, TINY_STAGE_B, write_tiny_text_encoder
+from codec.generation.stage_c import StageC
+from codec.tiny import TINY_STAGE_A, TINY_STAGE_B, TINY_STAGE_C, write_tiny_text_encoder
 
 from helpers import assert_close_scaled, fill_
 
@@ -37,6 +38,15 @@ TINY_DECODER = dict(
                                                                   [RES, TIME, ATTN]],
     clip_text_pooled_in_channels=24, clip_seq=4, effnet_in_channels=16, pixel_mapper_in_channels=3, kernel_size=3,
     dropout=[0, 0, 0.1, 0.1], self_attn=True, timestep_conditioning_type=["sca"],
+)
+# TINY_STAGE_C in diffusers' names.
+TINY_PRIOR = dict(
+    in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1, conditioning_dim=64,
+    block_out_channels=[64, 64], num_attention_heads=[2, 2], down_num_layers_per_block=[2, 3],
+    up_num_layers_per_block=[3, 2], down_blocks_repeat_mappers=[1, 1], up_blocks_repeat_mappers=[1, 1],
+    block_types_per_layer=[[RES, TIME, ATTN], [RES, TIME, ATTN]], clip_text_in_channels=24,
+    clip_text_pooled_in_channels=24, clip_image_in_channels=16, clip_seq=4, kernel_size=3, dropout=[0.1, 0.1],
+    self_attn=True, timestep_conditioning_type=["sca", "crp"], switch_level=[False],
 )
 TINY_VQGAN = dict(levels=2, bottleneck_blocks=2, embed_dim=32, latent_channels=4, num_vq_embeddings=64,
                   scale_factor=0.3764)
@@ -55,7 +65,7 @@ def _paella(**config):
 
 
 def _shapes(sd):
-    return [(k, tuple(v.shape)) for k, v in sd.items()]
+    return {k: tuple(v.shape) for k, v in sd.items()}  # key order differs (module definition order) and is irrelevant
 
 
 # --------------------------------------------------------------------------------------------- key plans, configs
@@ -67,6 +77,8 @@ def test_configs_translate_both_ways():
     ours_a = dict(TINY_STAGE_A, scale_factor=0.3764)
     assert interop.config_from_diffusers("stage_a", dict(TINY_VQGAN, in_channels=3, out_channels=3,
                                                          up_down_scale_factor=2), "x") == ours_a
+    assert interop.config_from_diffusers("stage_c", TINY_PRIOR, "x") == TINY_STAGE_C
+    assert TINY_PRIOR.items() <= interop.config_to_diffusers("stage_c", TINY_STAGE_C).items()
     with pytest.raises(W.WeightsError, match="not a Stage B"):
         interop.config_from_diffusers("stage_b", dict(TINY_DECODER, effnet_in_channels=None), "cfg.json")
 
@@ -76,6 +88,13 @@ def test_stage_b_keys_match_diffusers_module_in_both_directions():
     assert _shapes(interop.state_dict_to_diffusers(ours, "stage_b")) == _shapes(theirs)
     assert _shapes(interop.state_dict_to_official(theirs, "stage_b")) == _shapes(ours)
     assert "clip_mapper.weight" in ours and "down_blocks.2.2.attention.attn.in_proj_weight" in ours
+
+
+def test_stage_c_keys_match_diffusers_module_in_both_directions():
+    ours, theirs = StageC(**TINY_STAGE_C).state_dict(), _unet(**TINY_PRIOR).state_dict()
+    assert _shapes(interop.state_dict_to_diffusers(ours, "stage_c")) == _shapes(theirs)
+    assert _shapes(interop.state_dict_to_official(theirs, "stage_c")) == _shapes(ours)
+    assert "clip_txt_pooled_mapper.weight" in ours  # Stage C has diffusers' name already
 
 
 def test_stage_a_keys_match_paella_module_in_both_directions():
@@ -132,6 +151,33 @@ def test_stage_b_matches_diffusers_unet(filled):
     with torch.no_grad():
         for i, case in enumerate(_stage_b_cases()):
             assert_close_scaled(ours(**case), _diffusers_b(theirs, case), 1e-4, name=f"stage_b case {i}")
+
+
+def _stage_c_cases():
+    g = torch.Generator().manual_seed(3)
+    return [
+        dict(x=torch.randn(2, 16, 6, 6, generator=g), r=torch.tensor([0.2, 0.8]),
+             clip_text=torch.randn(2, 77, 24, generator=g), clip_text_pooled=torch.randn(2, 1, 24, generator=g),
+             clip_img=torch.randn(2, 1, 16, generator=g)),
+        # two image embeddings (8 image tokens), non-square latent
+        dict(x=torch.randn(1, 16, 5, 7, generator=g), r=torch.tensor([0.99]),
+             clip_text=torch.randn(1, 77, 24, generator=g), clip_text_pooled=torch.randn(1, 1, 24, generator=g),
+             clip_img=torch.randn(1, 2, 16, generator=g)),
+    ]
+
+
+@pytest.mark.parametrize("filled", ["ours", "diffusers"])
+def test_stage_c_matches_diffusers_unet(filled):
+    ours, theirs = StageC(**TINY_STAGE_C).eval(), _unet(**TINY_PRIOR)
+    if filled == "ours":
+        theirs.load_state_dict(interop.state_dict_to_diffusers(fill_(ours).state_dict(), "stage_c"), strict=True)
+    else:
+        ours.load_state_dict(interop.state_dict_to_official(fill_(theirs).state_dict(), "stage_c"), strict=True)
+    with torch.no_grad():
+        for i, case in enumerate(_stage_c_cases()):
+            ref = theirs(sample=case["x"], timestep_ratio=case["r"], clip_text_pooled=case["clip_text_pooled"],
+                         clip_text=case["clip_text"], clip_img=case["clip_img"], return_dict=False)[0]
+            assert_close_scaled(ours(**case), ref, 1e-4, name=f"stage_c case {i}")
 
 
 @pytest.mark.parametrize("scale", [0.43, 0.3764])
@@ -209,6 +255,33 @@ def test_sharded_diffusers_checkpoint_loads(tmp_path, diffusers_models):
     _assert_same_tensors(codec.stage_b, interop.state_dict_to_official(unet.state_dict(), "stage_b"))
 
 
+def test_generation_reads_the_diffusers_layout(tiny_weights, tmp_path):
+    """A prior_lite/ written by diffusers loads into the pipeline and generates the same images as the same weights
+    in the official layout."""
+    import shutil
+
+    from codec.convert import convert
+    from codec.generation.pipeline import TextToImage
+
+    prior = fill_(_unet(**TINY_PRIOR), 5)
+    official = interop.state_dict_to_official(prior.state_dict(), "stage_c")
+    convert(tiny_weights, tmp_path / "d", "diffusers", progress=False, log=lambda s: None)
+    shutil.rmtree(tmp_path / "d" / "prior_lite")
+    prior.save_pretrained(tmp_path / "d" / "prior_lite")
+    shutil.copytree(tiny_weights, tmp_path / "o")
+    model = StageC(**TINY_STAGE_C)
+    model.load_state_dict(official)
+    W.save_module(model, tmp_path / "o" / W.STAGE_C_FILES["lite"]["fp32"], TINY_STAGE_C)
+    images = []
+    for folder in ("d", "o"):
+        pipe = TextToImage.from_pretrained(tmp_path / folder, device="cpu")
+        if folder == "d":
+            _assert_same_tensors(pipe._stage_c(), official)
+            assert pipe._locations()[0].layout == "diffusers"
+        images.append(pipe.generate("a cat", height=256, width=256, seed=2, steps_c=2, steps_b=1, output="tensor"))
+    assert torch.equal(images[0].latents, images[1].latents) and torch.equal(images[0].images, images[1].images)
+
+
 def test_encoder_loader_explains_the_missing_effnet(diffusers_folder):
     from codec.codec import load_encoder
 
@@ -264,7 +337,10 @@ def test_converted_folder_loads_in_diffusers(tiny_weights, tmp_path):
     convert(tiny_weights, tmp_path, "diffusers", progress=False, log=lambda s: None)
     unet = StableCascadeUNet.from_pretrained(tmp_path, subfolder="decoder_lite")
     vqgan = PaellaVQModel.from_pretrained(tmp_path / "vqgan")
+    prior = StableCascadeUNet.from_pretrained(tmp_path / "prior_lite")
     assert vqgan.config.scale_factor == 0.43
+    _assert_same_tensors(prior, interop.state_dict_to_diffusers(
+        load_file(str(tiny_weights / W.STAGE_C_FILES["lite"]["fp32"])), "stage_c"))
     ours_b = load_file(str(tiny_weights / "stage_b_lite.safetensors"))
     _assert_same_tensors(unet, interop.state_dict_to_diffusers(ours_b, "stage_b"))
     _assert_same_tensors(vqgan, interop.state_dict_to_diffusers(load_file(str(tiny_weights / "stage_a.safetensors")),
