@@ -335,18 +335,14 @@ def info(weights) -> None:
             raise W.WeightsError(f"none of the files of {source.repo_id} are in the local Hugging Face cache "
                                  f"(`cascade info` does not download). Get them with: hf download {source.repo_id} "
                                  f"{' '.join(wanted)} --local-dir DIR, then run `cascade info DIR`.")
-        used = []
-        for name, component in (("Stage A", "stage_a"), ("Stage B lite", "stage_b_lite"),
-                                ("Stage B large", "stage_b_large")):
-            loc = interop.locate(source, component, torch.float32)
-            if loc is not None:
-                used.append(f"{name} ← {loc.label}")
+        used = [f"Stage {component[6].upper()}{component[7:].replace('_', ' ')} ← {loc.label}"
+                for component in interop.COMPONENTS
+                if (loc := interop.locate(source, component, torch.float32)) is not None]
         if source.has(W.EFFNET_FILE):
             used.append(f"encoder ← {W.EFFNET_FILE}")
-        click.echo(f"  the codec uses (fp32): {'; '.join(used) or 'nothing'}")
-        missing = [n for n in (W.STAGE_A_FILE, W.EFFNET_FILE) if not source.has(n)]
-        if interop.locate(source, "stage_a", torch.float32) is not None and W.STAGE_A_FILE in missing:
-            missing.remove(W.STAGE_A_FILE)
+        click.echo(f"  loaded for an fp32 run: {'; '.join(used)}")
+        missing = [name for name, there in ((W.STAGE_A_FILE, interop.locate(source, "stage_a", torch.float32)),
+                                            (W.EFFNET_FILE, source.has(W.EFFNET_FILE))) if not there]
         if missing:
             click.echo(f"  missing for the codec: {', '.join(missing)}"
                        + (" (diffusers ships no EfficientNet encoder: without it the codec decodes but cannot "

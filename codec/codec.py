@@ -94,17 +94,11 @@ def _load_component(src: W.WeightSource, where: str | interop.Located, cls: Call
     return model, info
 
 
-def _require_effnet(src: W.WeightSource) -> None:
-    if not src.has(W.EFFNET_FILE) and interop.has_diffusers_layout(src):
-        raise W.WeightsError(interop.no_effnet_message(src))
-    src.require([W.EFFNET_FILE])
-
-
 def load_encoder(source: str | os.PathLike | W.WeightSource,
                  device: str | torch.device = "cpu") -> EfficientNetEncoder:
     """Only the EfficientNet encoder (fp32, eval, channels_last) from a weights folder or repo id."""
     src = source if isinstance(source, W.WeightSource) else W.WeightSource(source)
-    _require_effnet(src)
+    interop.require_encoder(src)
     model, _ = _load_component(src, W.EFFNET_FILE, EfficientNetEncoder, None, torch.float32, device)
     return model.to(memory_format=torch.channels_last)
 

@@ -234,6 +234,16 @@ def config_from_diffusers(kind: str, config: Mapping[str, Any], where: str) -> d
     return out
 
 
+def diffusers_model(kind: str, config: Mapping[str, Any]) -> torch.nn.Module:
+    """diffusers' ``PaellaVQModel`` / ``StableCascadeUNet`` with the hyper-parameters of our ``config`` (needs
+    diffusers; honours an enclosing ``torch.device("meta")``)."""
+    if kind == "stage_a":
+        from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel as cls
+    else:
+        from diffusers import StableCascadeUNet as cls
+    return cls(**{k: v for k, v in config_to_diffusers(kind, config).items() if not k.startswith("_")})
+
+
 def default_config(component: str) -> dict[str, Any]:
     """The official constructor arguments of a component (the preset its official file name stands for)."""
     from dataclasses import asdict
@@ -369,6 +379,13 @@ def diffusers_alternative_hint(components: Sequence[str]) -> str:
     return (f"(The diffusers layout works too: {folders}, each with {DIFFUSERS_CONFIG} and "
             f"{DIFFUSERS_WEIGHTS['fp32']} or its .bf16 variant; it has no EfficientNet encoder, so it cannot "
             "encode images.)")
+
+
+def require_encoder(src: W.WeightSource) -> None:
+    """Make sure ``effnet_encoder.safetensors`` is there; for a diffusers-layout source say why it is not."""
+    if not src.has(W.EFFNET_FILE) and has_diffusers_layout(src):
+        raise W.WeightsError(no_effnet_message(src))
+    src.require([W.EFFNET_FILE])
 
 
 def no_effnet_message(src: W.WeightSource) -> str:

@@ -103,6 +103,36 @@ def test_stage_a_keys_match_paella_module_in_both_directions():
     assert _shapes(interop.state_dict_to_official(theirs, "stage_a")) == _shapes(ours)
 
 
+# From the configs diffusers' conversion scripts write (reference/diffusers.md §2.3).
+PRESET_TABLE = {
+    "stage_b_large": dict(block_out_channels=[320, 640, 1280, 1280], num_attention_heads=[0, 0, 20, 20],
+                          down_num_layers_per_block=[2, 6, 28, 6], up_num_layers_per_block=[6, 28, 6, 2],
+                          up_blocks_repeat_mappers=[3, 3, 2, 2], conditioning_dim=1280, switch_level=None),
+    "stage_b_lite": dict(block_out_channels=[320, 576, 1152, 1152], num_attention_heads=[0, 9, 18, 18],
+                         down_num_layers_per_block=[2, 4, 14, 4], up_num_layers_per_block=[4, 14, 4, 2],
+                         up_blocks_repeat_mappers=[2, 2, 2, 2], conditioning_dim=1280, switch_level=None),
+    "stage_c_large": dict(block_out_channels=[2048, 2048], num_attention_heads=[32, 32], conditioning_dim=2048,
+                          down_num_layers_per_block=[8, 24], up_num_layers_per_block=[24, 8], switch_level=[False],
+                          clip_text_in_channels=1280, clip_image_in_channels=768),
+    "stage_c_lite": dict(block_out_channels=[1536, 1536], num_attention_heads=[24, 24], conditioning_dim=1536,
+                         down_num_layers_per_block=[4, 12], up_num_layers_per_block=[12, 4], switch_level=[False]),
+}
+
+
+@pytest.mark.parametrize("component", sorted(PRESET_TABLE))
+def test_full_size_presets_map_onto_diffusers_configs(component):
+    """Built on the meta device (no memory): every full-size preset has diffusers' config and key set."""
+    from dataclasses import asdict
+
+    kind = interop.kind_of(component)
+    config = interop.default_config(component)
+    assert PRESET_TABLE[component].items() <= interop.config_to_diffusers(kind, config).items()
+    with torch.device("meta"):
+        ours = (StageB if kind == "stage_b" else StageC).from_preset(component)
+        theirs = interop.diffusers_model(kind, asdict(ours.config))
+    assert _shapes(interop.state_dict_to_diffusers(ours.state_dict(), kind)) == _shapes(theirs.state_dict())
+
+
 def test_qkv_split_and_pack_are_exact_inverses():
     sd = fill_(StageB(**TINY_STAGE_B)).state_dict()
     mapped = interop.state_dict_to_diffusers(sd, "stage_b")
