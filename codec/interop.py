@@ -234,14 +234,23 @@ def config_from_diffusers(kind: str, config: Mapping[str, Any], where: str) -> d
     return out
 
 
+def diffusers_class(kind: str) -> type:
+    """diffusers' class for a ``kind`` model: ``PaellaVQModel`` or ``StableCascadeUNet`` (needs diffusers)."""
+    if kind != "stage_a":
+        from diffusers import StableCascadeUNet
+
+        return StableCascadeUNet
+    try:  # moved under pipelines/deprecated/ in 2026
+        from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+    except ImportError:
+        from diffusers.pipelines.wuerstchen import PaellaVQModel
+    return PaellaVQModel
+
+
 def diffusers_model(kind: str, config: Mapping[str, Any]) -> torch.nn.Module:
-    """diffusers' ``PaellaVQModel`` / ``StableCascadeUNet`` with the hyper-parameters of our ``config`` (needs
-    diffusers; honours an enclosing ``torch.device("meta")``)."""
-    if kind == "stage_a":
-        from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel as cls
-    else:
-        from diffusers import StableCascadeUNet as cls
-    return cls(**{k: v for k, v in config_to_diffusers(kind, config).items() if not k.startswith("_")})
+    """diffusers' model with the hyper-parameters of our ``config`` (honours an enclosing ``torch.device``)."""
+    return diffusers_class(kind)(**{k: v for k, v in config_to_diffusers(kind, config).items()
+                                    if not k.startswith("_")})
 
 
 def default_config(component: str) -> dict[str, Any]:

@@ -5,7 +5,11 @@
 * Files are read tensor by tensor with plain reads (no memory map), each tensor cast to
   the target dtype and moved to the target device before the next is read, into a
   model built on the ``meta`` device. Peak memory is the model in its target dtype plus
-  one tensor — never a random-initialised copy, never the whole file twice.
+  a 16 MiB buffer — never a random-initialised copy, never the whole file twice.
+* A :class:`Checkpoint` is a view of one or more files (shards) whose tensors can be
+  renamed, split or joined by a key plan without reading data; it is what loads the
+  diffusers layout (:mod:`codec.interop`) and what :func:`write_checkpoint` streams to a
+  new file.
 * Keys and shapes are checked against the model *before* any tensor data is read; the
   error lists missing, unexpected and mis-shaped keys.
 * Our own files carry their model configuration in the safetensors metadata
