@@ -162,6 +162,15 @@ def _stage_b_cases():
     ]
 
 
+def _share_weights(ours, theirs, kind, filled="ours"):
+    """Fill one model with random weights (``fill_``) and load them, key-mapped, into the other."""
+    if filled == "ours":
+        theirs.load_state_dict(interop.state_dict_to_diffusers(fill_(ours).state_dict(), kind), strict=True)
+    else:
+        ours.load_state_dict(interop.state_dict_to_official(fill_(theirs).state_dict(), kind), strict=True)
+    return ours.eval(), theirs.eval()
+
+
 def _diffusers_b(model, case):
     return model(sample=case["x"], timestep_ratio=case["r"], clip_text_pooled=case["clip"], effnet=case["effnet"],
                  pixels=case.get("pixels"), return_dict=False)[0]
@@ -169,11 +178,7 @@ def _diffusers_b(model, case):
 
 @pytest.mark.parametrize("filled", ["ours", "diffusers"])
 def test_stage_b_matches_diffusers_unet(filled):
-    ours, theirs = StageB(**TINY_STAGE_B).eval(), _unet(**TINY_DECODER)
-    if filled == "ours":
-        theirs.load_state_dict(interop.state_dict_to_diffusers(fill_(ours).state_dict(), "stage_b"), strict=True)
-    else:
-        ours.load_state_dict(interop.state_dict_to_official(fill_(theirs).state_dict(), "stage_b"), strict=True)
+    ours, theirs = _share_weights(StageB(**TINY_STAGE_B), _unet(**TINY_DECODER), "stage_b", filled)
     with torch.no_grad():
         for i, case in enumerate(_stage_b_cases()):
             assert_close_scaled(ours(**case), _diffusers_b(theirs, case), 1e-4, name=f"stage_b case {i}")
@@ -194,11 +199,7 @@ def _stage_c_cases():
 
 @pytest.mark.parametrize("filled", ["ours", "diffusers"])
 def test_stage_c_matches_diffusers_unet(filled):
-    ours, theirs = StageC(**TINY_STAGE_C).eval(), _unet(**TINY_PRIOR)
-    if filled == "ours":
-        theirs.load_state_dict(interop.state_dict_to_diffusers(fill_(ours).state_dict(), "stage_c"), strict=True)
-    else:
-        ours.load_state_dict(interop.state_dict_to_official(fill_(theirs).state_dict(), "stage_c"), strict=True)
+    ours, theirs = _share_weights(StageC(**TINY_STAGE_C), _unet(**TINY_PRIOR), "stage_c", filled)
     with torch.no_grad():
         for i, case in enumerate(_stage_c_cases()):
             ref = theirs(sample=case["x"], timestep_ratio=case["r"], clip_text_pooled=case["clip_text_pooled"],
@@ -208,9 +209,8 @@ def test_stage_c_matches_diffusers_unet(filled):
 
 @pytest.mark.parametrize("scale", [0.43, 0.3764])
 def test_stage_a_matches_paella(scale):
-    ours, theirs = StageA(**dict(TINY_STAGE_A, scale_factor=scale)).eval(), _paella(**dict(TINY_VQGAN,
-                                                                                          scale_factor=scale))
-    theirs.load_state_dict(interop.state_dict_to_diffusers(fill_(ours).state_dict(), "stage_a"), strict=True)
+    ours, theirs = _share_weights(StageA(**dict(TINY_STAGE_A, scale_factor=scale)),
+                                  _paella(**dict(TINY_VQGAN, scale_factor=scale)), "stage_a")
     g = torch.Generator().manual_seed(2)
     x, z = torch.rand(2, 3, 24, 40, generator=g), torch.randn(2, 4, 6, 10, generator=g)
     with torch.no_grad():
