@@ -110,9 +110,10 @@ def plan_conversion(src: W.WeightSource, dst: Path, to: str, dtype: torch.dtype 
 def _copy_extras(src: W.WeightSource, dst: Path, to: str, overwrite: bool, log: Callable[[str], None]) -> int:
     copied = 0
     for name in ROOT_FILES:
-        if src.has(name) and (overwrite or not (dst / name).exists()):
-            shutil.copyfile(src.path(name), dst / name)
-            copied += 1
+        if not src.has(name) or ((dst / name).exists() and (not overwrite or src.path(name).samefile(dst / name))):
+            continue
+        shutil.copyfile(src.path(name), dst / name)
+        copied += 1
     folders = HF_FOLDERS + (DIFFUSERS_ONLY if to == "diffusers" else ())
     if src.folder is None:
         log(f"{', '.join(f + '/' for f in HF_FOLDERS)} of a repo id are not copied; download them with "
@@ -174,8 +175,9 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str, dtype: 
             todo[id(job)] = job
     dst.mkdir(parents=True, exist_ok=True)
     written = []
-    with tqdm(total=sum(j.nbytes() for j in todo.values()), unit="B", unit_scale=True, unit_divisor=1024, desc="convert",
-              dynamic_ncols=True, disable=None if progress else True) as bar:
+    total = sum(j.nbytes() for j in todo.values())
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", dynamic_ncols=True,
+              disable=None if progress else True) as bar:
         for job in jobs:
             if job.diffusers_config is not None and (overwrite or not (job.target.parent / "config.json").exists()):
                 job.target.parent.mkdir(parents=True, exist_ok=True)
@@ -190,4 +192,4 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str, dtype: 
     for line in skipped:
         log(f"  skipped {line}")
     copied = _copy_extras(src, dst, to, overwrite, log)
-    return ConvertSummary(written, skipped, copied, sum(j.nbytes() for j in todo.values()))
+    return ConvertSummary(written, skipped, copied, total)
