@@ -12,9 +12,9 @@ Run ``python -m benchmarks.speed --help`` for the options. What is timed:
   ``decode(latents * scale_factor, force_not_quantize=True)``.
 * ``stage_b`` — one Stage B lite denoiser evaluation at 1024² output (latent 4×256×256,
   effnet 16×24×24, pooled CLIP 1×1×1280, batch 1). *ours* = ``StageB.from_preset('stage_b_lite')``;
-  *diffusers* = ``StableCascadeUNet`` with the decoder-lite config of
-  ``scripts/convert_stable_cascade_lite.py`` and our weights converted by diffusers' own
-  ``convert_stable_cascade_unet_single_file_to_diffusers``.
+  *diffusers* = ``StableCascadeUNet`` with the decoder-lite config (the one diffusers'
+  ``scripts/convert_stable_cascade_lite.py`` writes) and our weights under diffusers' key
+  names, both from :mod:`codec.interop` (whose mapping the tests check against diffusers).
 
 Each (case, implementation) runs in its own spawned process, so its peak RSS
 (``getrusage(RUSAGE_SELF).ru_maxrss``) is clean. Both processes of a case stay alive and
@@ -52,6 +52,8 @@ from typing import Any, Callable
 
 import torch
 
+from codec.interop import OFFICIAL_STAGE_A_SCALE
+
 ALL_TASKS = ("effnet", "stage_a", "stage_b")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "speed.json"
 
@@ -64,36 +66,7 @@ IMPL_LABELS = {
     ("stage_b", "diffusers"): "diffusers StableCascadeUNet",
 }
 
-# The decoder-lite config that diffusers' conversion script writes (facts: reference/diffusers.md §2.3).
-DIFFUSERS_DECODER_LITE = dict(
-    in_channels=4,
-    out_channels=4,
-    timestep_ratio_embedding_dim=64,
-    patch_size=2,
-    conditioning_dim=1280,
-    block_out_channels=[320, 576, 1152, 1152],
-    down_num_layers_per_block=[2, 4, 14, 4],
-    up_num_layers_per_block=[4, 14, 4, 2],
-    down_blocks_repeat_mappers=[1, 1, 1, 1],
-    up_blocks_repeat_mappers=[2, 2, 2, 2],
-    num_attention_heads=[0, 9, 18, 18],
-    block_types_per_layer=[
-        ["SDCascadeResBlock", "SDCascadeTimestepBlock"],
-        ["SDCascadeResBlock", "SDCascadeTimestepBlock"],
-        ["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"],
-        ["SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"],
-    ],
-    clip_text_pooled_in_channels=1280,
-    clip_seq=4,
-    effnet_in_channels=16,
-    pixel_mapper_in_channels=3,
-    kernel_size=3,
-    dropout=[0, 0, 0.1, 0.1],
-    self_attn=True,
-    timestep_conditioning_type=["sca"],
-)
-
-STAGE_A_SCALE = 0.43  # official Stage A scale factor (diffusers' vqgan config has 0.3764)
+STAGE_A_SCALE = OFFICIAL_STAGE_A_SCALE  # diffusers' vqgan config has 0.3764 (the Würstchen v2 VQGAN)
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,12 +98,6 @@ def random_state_dict(meta_module: torch.nn.Module, seed: int, dtype: torch.dtyp
             v.normal_(0.0, 0.05, generator=g)
         out[name] = v if dtype == torch.float32 else v.to(dtype)
     return out
-
-
-def stage_a_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our/official Stage A keys → ``PaellaVQModel`` keys (only the codebook is renamed)."""
-    rename = {"vquantizer.codebook.weight": "vquantizer.embedding.weight"}
-    return {rename.get(k, k): v for k, v in sd.items()}
 
 
 def _set_threads(n: int) -> None:
@@ -213,11 +180,11 @@ def build_runner(spec: WorkerSpec) -> Callable[[dict[str, torch.Tensor]], torch.
             def run(inp):
                 return model.decode(inp["latent"].to(dtype))
         elif spec.impl == "diffusers":
-            from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+            from codec import interop
 
             with torch.device("meta"):
-                model = PaellaVQModel(scale_factor=STAGE_A_SCALE)
-            model.load_state_dict(stage_a_to_diffusers(sd), strict=True, assign=True)
+                model = interop.diffusers_model("stage_a", meta.config)
+            model.load_state_dict(interop.state_dict_to_diffusers(sd, "stage_a"), strict=True, assign=True)
             model.eval()
             scale = model.config.scale_factor
 
@@ -242,12 +209,11 @@ def build_runner(spec: WorkerSpec) -> Callable[[dict[str, torch.Tensor]], torch.
             def run(inp):  # as codec.diffusion.sample calls it: fp32 inputs, autocast inside for bf16
                 return model(inp["x"], inp["r"], inp["effnet"], inp["clip"])
         elif spec.impl == "diffusers":
-            from diffusers import StableCascadeUNet
-            from diffusers.loaders.single_file_utils import convert_stable_cascade_unet_single_file_to_diffusers
+            from codec import interop
 
             with torch.device("meta"):
-                model = StableCascadeUNet(**DIFFUSERS_DECODER_LITE)
-            model.load_state_dict(convert_stable_cascade_unet_single_file_to_diffusers(sd), strict=True, assign=True)
+                model = interop.diffusers_model("stage_b", asdict(meta.config))
+            model.load_state_dict(interop.state_dict_to_diffusers(sd, "stage_b"), strict=True, assign=True)
             model.eval()
 
             def run(inp):  # inputs in the model dtype, as the decoder pipeline passes them

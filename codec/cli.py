@@ -309,39 +309,71 @@ def info(weights) -> None:
         return
 
     def go():
+        import torch
+
+        from . import interop
         from . import weights as W
 
         source = W.WeightSource(weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS)
-        names = [W.STAGE_A_FILE, W.EFFNET_FILE, W.PREVIEWER_FILE] + \
-            [n for v in W.STAGE_B_FILES.values() for n in v.values()] + [W.EMPTY_CAPTION_FILE]
         click.echo(f"weights: {source.source}")
-        found = 0
+        rows = interop.inventory(source)
         notes: dict[str, list[str]] = {}
-        for name in names:
-            if not source.has(name):
-                continue
-            header = W.read_header(source.path(name))
-            dtypes = ",".join(sorted(str(d).replace("torch.", "") for d in header.dtypes()))
-            found += 1
-            note = header.metadata.get(W.META_NOTE)
-            custom = " (own config)" if header.config else ""
-            click.echo(f"  {name:34s} {len(header.tensors):5d} tensors {header.n_params():>14,d} values  "
-                       f"{dtypes}{custom}")
-            if note:
-                notes.setdefault(note, []).append(name)
+        for row in rows:
+            detail = f"  ({row.detail})" if row.detail else ""
+            click.echo(f"  {row.label:34s} {row.layout:9s} {row.tensors:5d} tensors {row.params:>14,d} values  "
+                       f"{row.dtypes}{detail}")
+            if row.note:
+                notes.setdefault(row.note, []).append(row.label)
         for note, files in notes.items():
-            which = "all files above" if len(files) == found else ", ".join(files)
+            which = "all files above" if len(files) == len(rows) else ", ".join(files)
             click.secho(f"  note ({which}): {note}", fg="yellow")
-        if not found:
+        if not rows:
             wanted = [W.STAGE_A_FILE, W.EFFNET_FILE, W.STAGE_B_FILES["lite"]["bf16"]]
             if source.folder is not None:
-                raise W.WeightsError(W.missing_files_message(source.source, wanted))
+                raise W.WeightsError(W.missing_files_message(source.source, wanted) + "\n"
+                                     + interop.diffusers_alternative_hint(["stage_a", "stage_b_lite"]))
             raise W.WeightsError(f"none of the files of {source.repo_id} are in the local Hugging Face cache "
                                  f"(`cascade info` does not download). Get them with: hf download {source.repo_id} "
                                  f"{' '.join(wanted)} --local-dir DIR, then run `cascade info DIR`.")
-        missing = [n for n in (W.STAGE_A_FILE, W.EFFNET_FILE) if not source.has(n)]
+        used = [f"Stage {component[6].upper()}{component[7:].replace('_', ' ')} ← {loc.label}"
+                for component in interop.COMPONENTS
+                if (loc := interop.locate(source, component, torch.float32)) is not None]
+        if source.has(W.EFFNET_FILE):
+            used.append(f"encoder ← {W.EFFNET_FILE}")
+        click.echo(f"  loaded for an fp32 run: {'; '.join(used)}")
+        missing = [name for name, there in ((W.STAGE_A_FILE, interop.locate(source, "stage_a", torch.float32)),
+                                            (W.EFFNET_FILE, source.has(W.EFFNET_FILE))) if not there]
         if missing:
-            click.echo(f"  missing for the codec: {', '.join(missing)}")
+            click.echo(f"  missing for the codec: {', '.join(missing)}"
+                       + (" (diffusers ships no EfficientNet encoder: without it the codec decodes but cannot "
+                          "encode)" if W.EFFNET_FILE in missing else ""))
+    _run(go)
+
+
+@main.command("convert")
+@click.argument("src", metavar="SRC")
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--to", "layout", type=click.Choice(["official", "diffusers"]), required=True,
+              help="Target layout: official (flat stage_a/stage_b*/stage_c*.safetensors, what the official code and "
+                   "ComfyUI read) or diffusers (vqgan/, decoder[_lite]/, prior[_lite]/ folders with config.json, what "
+                   "StableCascadeUNet/PaellaVQModel.from_pretrained read).")
+@click.option("--dtype", type=click.Choice(["keep", "bf16", "fp32"]), default="keep", show_default=True,
+              help="Precision of Stage B/C: keep converts every stored variant as it is (lossless); bf16/fp32 "
+                   "writes one variant per model, cast if needed. Stage A, the encoder and the previewer stay fp32.")
+@click.option("--overwrite", is_flag=True,
+              help="Rewrite outputs that already exist (default: skip them, so an interrupted run continues).")
+def convert_command(src, dst, layout, dtype, overwrite) -> None:
+    """Convert the Stable Cascade weights in SRC (folder or repo id, either layout) into DST in the other layout.
+
+    Tensors are streamed one 16 MiB chunk at a time (the 3.6B prior needs no more memory
+    than that); converting back gives bit-identical tensors. EfficientNet, Previewer and
+    the Hugging Face folders (text_encoder/, tokenizer/, …) are copied along.
+    """
+    def go():
+        from .convert import convert
+
+        summary = convert(src, dst, layout, dtype=dtype, overwrite=overwrite, log=click.echo)
+        click.echo(summary.line())
     _run(go)
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import interop
 from . import weights as W
 from .diffusion import sample
 from .effnet import EfficientNetEncoder
@@ -69,6 +70,8 @@ class ComponentInfo:
     params: int
     dtype: str
     note: str | None
+    layout: str = "official"
+    detail: str | None = None
 
 
 def _build(cls: Callable[..., torch.nn.Module], config: dict[str, Any] | None,
@@ -78,15 +81,16 @@ def _build(cls: Callable[..., torch.nn.Module], config: dict[str, Any] | None,
     return lambda: cls(**kwargs)
 
 
-def _load_component(src: W.WeightSource, filename: str, cls: Callable[..., torch.nn.Module],
+def _load_component(src: W.WeightSource, where: str | interop.Located, cls: Callable[..., torch.nn.Module],
                     preset: dict[str, Any] | None, dtype: torch.dtype,
                     device: torch.device | str) -> tuple[torch.nn.Module, ComponentInfo]:
-    """Load one model from ``filename`` (its stored config over ``preset``) and describe where it came from."""
-    path = src.path(filename)
-    header = W.read_header(path)
-    model = W.load_module(_build(cls, header.config, preset), path, dtype, device, f"{filename} ({cls.__name__})")
-    info = ComponentInfo(str(path), sum(p.numel() for p in model.parameters()), str(dtype).replace("torch.", ""),
-                         header.metadata.get(W.META_NOTE))
+    """Load one model from an official file name or a located variant in either layout (its stored config over
+    ``preset``; diffusers keys mapped while streaming) and describe where it came from."""
+    loc = where if isinstance(where, interop.Located) else interop.Located.official_file(where)
+    ckpt, config = interop.open_component(src, loc)
+    model = W.load_module(_build(cls, config, preset), ckpt, dtype, device, f"{loc.label} ({cls.__name__})")
+    info = ComponentInfo(str(ckpt.path), sum(p.numel() for p in model.parameters()), str(dtype).replace("torch.", ""),
+                         ckpt.metadata.get(W.META_NOTE), loc.layout)
     return model, info
 
 
@@ -94,7 +98,7 @@ def load_encoder(source: str | os.PathLike | W.WeightSource,
                  device: str | torch.device = "cpu") -> EfficientNetEncoder:
     """Only the EfficientNet encoder (fp32, eval, channels_last) from a weights folder or repo id."""
     src = source if isinstance(source, W.WeightSource) else W.WeightSource(source)
-    src.require([W.EFFNET_FILE])
+    interop.require_encoder(src)
     model, _ = _load_component(src, W.EFFNET_FILE, EfficientNetEncoder, None, torch.float32, device)
     return model.to(memory_format=torch.channels_last)
 
@@ -130,7 +134,15 @@ class Codec:
     def from_pretrained(cls, source: str | os.PathLike = W.OFFICIAL_REPO, stage_b: str = "lite",
                         dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                         encoder: bool = True) -> "Codec":
-        """Load the codec from a folder of official files or a Hugging Face repo id.
+        """Load the codec from a folder or a Hugging Face repo id, in the official or the diffusers layout.
+
+        Official layout: ``stage_a.safetensors``, ``effnet_encoder.safetensors``,
+        ``stage_b_<lite>[_bf16].safetensors`` at the root. diffusers layout: ``vqgan/`` and
+        ``decoder_lite/`` / ``decoder/`` folders (keys mapped while loading); it has no
+        EfficientNet encoder, so such a codec decodes but :meth:`encode` explains which file
+        to add. Where a source has both (as the hub repo does) the official files are used.
+        Stage A runs with the scale factor its own config names (0.43 official, 0.3764 for
+        diffusers' Würstchen v2 VQGAN); :meth:`info` says which.
 
         ``stage_b``: ``"lite"`` (700M) or ``"large"`` (1.5B). ``dtype`` is Stage B's
         precision (default bf16 on CUDA, fp32 elsewhere; fp16 is allowed for Stage B
@@ -142,15 +154,19 @@ class Codec:
         dtype = W.parse_dtype(dtype, device)
         src = W.WeightSource(source)
         b_file = src.stage_b_file(stage_b, dtype)
-        src.require([W.STAGE_A_FILE, b_file] + ([W.EFFNET_FILE] if encoder else []))
+        a_loc = interop.resolve(src, "stage_a", torch.float32, W.STAGE_A_FILE)
+        b_loc = interop.resolve(src, f"stage_b_{stage_b}", dtype, b_file)
+        diffusers_only = a_loc.layout == b_loc.layout == "diffusers"
+        interop.require(src, [a_loc, b_loc], [W.EFFNET_FILE] * (encoder and not diffusers_only))
         components: dict[str, ComponentInfo] = {}
-        stage_a, components["stage_a"] = _load_component(src, W.STAGE_A_FILE, StageA, None, torch.float32, device)
+        stage_a, components["stage_a"] = _load_component(src, a_loc, StageA, None, torch.float32, device)
+        components["stage_a"].detail = interop.describe_stage_a(stage_a.scale_factor)
         effnet = None
-        if encoder:
+        if encoder and (src.has(W.EFFNET_FILE) or not diffusers_only):
             effnet, components["effnet"] = _load_component(src, W.EFFNET_FILE, EfficientNetEncoder, None,
                                                             torch.float32, device)
             effnet = effnet.to(memory_format=torch.channels_last)
-        model_b, components["stage_b"] = _load_component(src, b_file, StageB,
+        model_b, components["stage_b"] = _load_component(src, b_loc, StageB,
                                                          asdict(STAGE_B_PRESETS[f"stage_b_{stage_b}"]), dtype, device)
         empty = None
         if src.has(W.EMPTY_CAPTION_FILE):
@@ -170,6 +186,9 @@ class Codec:
         size, else a list of ``(1,16,h,w)`` tensors in input order.
         """
         if self.effnet is None:
+            if self.source is not None and not self.source.has(W.EFFNET_FILE) and \
+                    interop.has_diffusers_layout(self.source):
+                raise W.WeightsError(interop.no_effnet_message(self.source))
             raise W.WeightsError("this codec was loaded without its encoder (encoder=False); load it with "
                                  "Codec.from_pretrained(..., encoder=True) to encode images")
         if not 0 < scale <= 1.5:

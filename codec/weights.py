@@ -5,7 +5,11 @@
 * Files are read tensor by tensor with plain reads (no memory map), each tensor cast to
   the target dtype and moved to the target device before the next is read, into a
   model built on the ``meta`` device. Peak memory is the model in its target dtype plus
-  one tensor — never a random-initialised copy, never the whole file twice.
+  a 16 MiB buffer — never a random-initialised copy, never the whole file twice.
+* A :class:`Checkpoint` is a view of one or more files (shards) whose tensors can be
+  renamed, split or joined by a key plan without reading data; it is what loads the
+  diffusers layout (:mod:`codec.interop`) and what :func:`write_checkpoint` streams to a
+  new file.
 * Keys and shapes are checked against the model *before* any tensor data is read; the
   error lists missing, unexpected and mis-shaped keys.
 * Our own files carry their model configuration in the safetensors metadata
@@ -16,11 +20,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -158,43 +163,266 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
     return SafetensorsHeader(path, tensors, {str(k): str(v) for k, v in metadata.items()}, 8 + n)
 
 
-def iter_tensors(header: SafetensorsHeader, dtype: torch.dtype | None = None,
-                 device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+@dataclass(frozen=True)
+class Piece:
+    """``numel`` consecutive elements of one stored tensor, from element ``offset`` of its flattened data."""
+
+    header: SafetensorsHeader
+    key: str
+    offset: int
+    numel: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Stored dtype of the tensor this piece belongs to."""
+        return self.header.tensors[self.key].dtype
+
+    @property
+    def file_start(self) -> int:
+        """Absolute byte offset of the piece in its file."""
+        info = self.header.tensors[self.key]
+        return self.header.data_offset + info.start + self.offset * info.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Part:
+    """Elements ``[offset, offset + numel)`` of the flattened tensor ``key``: one part of a mapped tensor."""
+
+    key: str
+    offset: int
+    numel: int
+
+
+# A key mapping: target key → (target shape, the parts of source tensors it is made of, in order).
+KeyPlan = dict[str, tuple[tuple[int, ...], list[Part]]]
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a :class:`Checkpoint`: its shape, its dtype on disk and where its bytes are."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+def _slice_pieces(pieces: Sequence[Piece], offset: int, numel: int) -> list[Piece]:
+    """The pieces covering elements ``[offset, offset + numel)`` of the concatenation of ``pieces``."""
+    out, pos = [], 0
+    for p in pieces:
+        lo, hi = max(offset, pos), min(offset + numel, pos + p.numel)
+        if lo < hi:
+            out.append(Piece(p.header, p.key, p.offset + lo - pos, hi - lo))
+        pos += p.numel
+    return out
+
+
+class Checkpoint:
+    """The tensors of one or more safetensors files (e.g. shards), possibly renamed, split or joined.
+
+    Nothing but headers is read until :func:`iter_checkpoint` or :func:`write_checkpoint`
+    runs, so remapping the keys of a 14 GB file costs nothing. ``path`` names the
+    source in messages.
+    """
+
+    def __init__(self, tensors: dict[str, StoredTensor], metadata: Mapping[str, str], path: str | os.PathLike):
+        self.tensors = tensors
+        self.metadata = dict(metadata)
+        self.path = path
+
+    @classmethod
+    def from_header(cls, header: SafetensorsHeader) -> "Checkpoint":
+        """The tensors of one parsed file, under their stored keys."""
+        tensors = {k: StoredTensor(i.dtype, i.shape, (Piece(header, k, 0, math.prod(i.shape)),))
+                   for k, i in header.tensors.items()}
+        return cls(tensors, header.metadata, header.path)
+
+    @classmethod
+    def open(cls, paths: str | os.PathLike | Sequence[str | os.PathLike]) -> "Checkpoint":
+        """One file, or the shards of one checkpoint (a key in two shards is an error)."""
+        if isinstance(paths, (str, os.PathLike)):
+            return cls.from_header(read_header(paths))
+        parts = [cls.from_header(read_header(p)) for p in paths]
+        tensors: dict[str, StoredTensor] = {}
+        metadata: dict[str, str] = {}
+        for part in parts:
+            twice = sorted(set(tensors) & set(part.tensors))
+            if twice:
+                raise WeightsError(f"{part.path} repeats {len(twice)} tensor(s) of another shard (e.g. {twice[0]!r}); "
+                                   "the shards do not belong to one checkpoint.")
+            tensors.update(part.tensors)
+            metadata.update(part.metadata)
+        folder = Path(parts[0].path).parent if parts else Path(".")
+        return cls(tensors, metadata, f"{folder}/{{{','.join(Path(p.path).name for p in parts)}}}")
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """Model configuration stored by cascade-codec, if any."""
+        raw = self.metadata.get(META_CONFIG)
+        return json.loads(raw) if raw else None
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Key → shape, in order."""
+        return {k: t.shape for k, t in self.tensors.items()}
+
+    def n_params(self) -> int:
+        """Number of elements over all tensors."""
+        return sum(t.numel for t in self.tensors.values())
+
+    def dtypes(self) -> set[torch.dtype]:
+        """Set of stored tensor dtypes."""
+        return {t.dtype for t in self.tensors.values()}
+
+    def remap(self, plan: KeyPlan) -> "Checkpoint":
+        """A checkpoint whose tensors are made of parts of this one's, as ``plan`` says (no data is read)."""
+        tensors = {}
+        for key, (shape, parts) in plan.items():
+            pieces = [p for part in parts
+                      for p in _slice_pieces(self.tensors[part.key].pieces, part.offset, part.numel)]
+            if sum(p.numel for p in pieces) != math.prod(shape):
+                raise RuntimeError(f"bug: the parts of {key!r} do not add up to its shape {list(shape)}")
+            tensors[key] = StoredTensor(self.tensors[parts[0].key].dtype, tuple(shape), tuple(pieces))
+        return Checkpoint(tensors, self.metadata, self.path)
+
+
+_CHUNK_BYTES = 1 << 24  # cast/copy granularity: the extra memory of reading or converting a checkpoint
+
+
+class _Reader:
+    """Open files of a checkpoint and one reused scratch buffer of at most ``_CHUNK_BYTES``."""
+
+    def __init__(self) -> None:
+        self.files: dict[Path, Any] = {}
+        self.scratch = torch.empty(0, dtype=torch.uint8)
+
+    def __enter__(self) -> "_Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.files.values():
+            f.close()
+
+    def _read(self, piece: Piece, start: int, out: memoryview) -> None:
+        path = Path(piece.header.path)
+        f = self.files.get(path)
+        if f is None:
+            f = self.files[path] = open(path, "rb", buffering=0)
+        f.seek(start)
+        got = 0
+        while got < len(out):
+            k = f.readinto(out[got:])
+            if not k:
+                raise WeightsError(f"{path} is truncated while reading {piece.key!r}. Download it again.")
+            got += k
+
+    def read_into(self, piece: Piece, dest: torch.Tensor) -> None:
+        """Read ``piece`` into ``dest`` (flat, contiguous, ``piece.numel`` elements, any dtype and device)."""
+        if piece.numel == 0:
+            return
+        if dest.dtype == piece.dtype and dest.device.type == "cpu":
+            self._read(piece, piece.file_start, memoryview(dest.view(torch.uint8).numpy()))
+            return
+        pos = 0
+        for chunk in self.chunks(piece):
+            dest[pos:pos + chunk.numel()].copy_(chunk)
+            pos += chunk.numel()
+
+    def chunks(self, piece: Piece) -> Iterator[torch.Tensor]:
+        """``piece`` as consecutive CPU tensors of its dtype, each valid until the next one is produced."""
+        size = piece.dtype.itemsize
+        step = max(1, _CHUNK_BYTES // size)
+        for first in range(0, piece.numel, step):
+            n = min(step, piece.numel - first)
+            if self.scratch.numel() < n * size:
+                self.scratch = torch.empty(min(piece.numel, step) * size, dtype=torch.uint8)
+            raw = self.scratch[:n * size]
+            self._read(piece, piece.file_start + first * size, memoryview(raw.numpy()))
+            yield raw.view(piece.dtype)
+
+
+def _target_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if (dtype is not None and stored.is_floating_point) else stored
+
+
+def iter_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` one at a time in file order, floats cast to ``dtype``, on ``device``.
 
-    A tensor that needs no conversion is read straight into its final CPU storage. One
-    that is cast or moved is read into a single reused scratch buffer first, so the
-    extra memory is one tensor of the largest size, without heap fragmentation.
+    Each tensor is allocated once in its final dtype and device. Bytes that need no
+    conversion are read straight into it; others go through one reused scratch buffer of
+    at most 16 MiB, so reading adds no more than that to the memory the tensors take.
     """
     device = torch.device(device)
-    order = sorted(header.tensors.items(), key=lambda kv: kv[1].start)
-    scratch: torch.Tensor | None = None
-    with open(header.path, "rb", buffering=0) as f:
-        for key, info in order:
-            nbytes = info.end - info.start
-            target = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
-            direct = target == info.dtype and device.type == "cpu"
-            if direct:
-                raw = torch.empty(nbytes, dtype=torch.uint8)
-            else:
-                if scratch is None or scratch.numel() < nbytes:
-                    scratch = torch.empty(max(nbytes, max(i.end - i.start for i in header.tensors.values())),
-                                          dtype=torch.uint8)
-                raw = scratch[:nbytes]
-            if nbytes:
-                f.seek(header.data_offset + info.start)
-                view = memoryview(raw.numpy())
-                got = 0
-                while got < nbytes:
-                    k = f.readinto(view[got:])
-                    if not k:
-                        raise WeightsError(f"{header.path} is truncated while reading {key!r}. Download it again.")
-                    got += k
-            t = raw.view(info.dtype).view(info.shape) if nbytes else torch.empty(info.shape, dtype=info.dtype)
-            yield key, (t if direct else t.to(device=device, dtype=target, copy=True))
+
+    def file_order(item: tuple[str, StoredTensor]) -> tuple[str, int]:
+        pieces = item[1].pieces
+        return (str(pieces[0].header.path), pieces[0].file_start) if pieces else ("", -1)
+
+    with _Reader() as reader:
+        for key, st in sorted(ckpt.tensors.items(), key=file_order):
+            out = torch.empty(st.shape, dtype=_target_dtype(st.dtype, dtype), device=device)
+            flat, pos = out.view(-1), 0
+            for piece in st.pieces:
+                reader.read_into(piece, flat[pos:pos + piece.numel])
+                pos += piece.numel
+            yield key, out
 
 
-def check_keys(model: nn.Module, header: SafetensorsHeader, what: str) -> None:
+def iter_tensors(header: SafetensorsHeader, dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`iter_checkpoint` over one parsed file, under its stored keys."""
+    return iter_checkpoint(Checkpoint.from_header(header), dtype, device)
+
+
+def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                     metadata: Mapping[str, str] | None = None,
+                     progress: Callable[[int], None] | None = None) -> Path:
+    """Write ``ckpt`` as one safetensors file, floats cast to ``dtype``, streaming 16 MiB at a time.
+
+    The file is written by hand to the safetensors format (8-byte little-endian header
+    length, JSON header padded to 8 bytes, raw little-endian tensor bytes in header
+    order): safetensors' own writers take every tensor in memory at once. ``progress``
+    is called with the number of bytes written after each chunk. The write is atomic.
+    """
+    path = Path(path)
+    header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}}
+    offset = 0
+    for key, st in ckpt.tensors.items():
+        out = _target_dtype(st.dtype, dtype)
+        header[key] = {"dtype": _DTYPE_NAMES[out], "shape": list(st.shape),
+                       "data_offsets": [offset, offset + st.numel * out.itemsize]}
+        offset += st.numel * out.itemsize
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    cast = torch.empty(0, dtype=torch.uint8)  # reused: fresh temporaries per chunk make glibc's heap grow
+    with open(tmp, "wb") as f, _Reader() as reader:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for st in ckpt.tensors.values():
+            out = _target_dtype(st.dtype, dtype)
+            for piece in st.pieces:
+                for chunk in reader.chunks(piece):
+                    data = chunk
+                    if chunk.dtype != out:
+                        if cast.numel() < chunk.numel() * out.itemsize:
+                            cast = torch.empty(chunk.numel() * out.itemsize, dtype=torch.uint8)
+                        data = cast[:chunk.numel() * out.itemsize].view(out)
+                        data.copy_(chunk)
+                    f.write(memoryview(data.view(torch.uint8).numpy()))
+                    if progress is not None:
+                        progress(data.numel() * out.itemsize)
+    os.replace(tmp, path)
+    return path
+
+
+def check_keys(model: nn.Module, header: SafetensorsHeader | Checkpoint, what: str) -> None:
     """Raise a :class:`WeightsError` listing every missing, unexpected and mis-shaped key."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: info.shape for k, info in header.tensors.items()}
@@ -222,18 +450,19 @@ def check_keys(model: nn.Module, header: SafetensorsHeader, what: str) -> None:
     raise WeightsError("\n".join(parts))
 
 
-def load_module(build: Callable[[], nn.Module], path: str | os.PathLike, dtype: torch.dtype | None,
-                device: torch.device | str, what: str) -> nn.Module:
-    """Build a model on the meta device and fill it from ``path`` (strict), in ``dtype`` on ``device``.
+def load_module(build: Callable[[], nn.Module], source: str | os.PathLike | Checkpoint,
+                dtype: torch.dtype | None, device: torch.device | str, what: str) -> nn.Module:
+    """Build a model on the meta device and fill it from a file or :class:`Checkpoint` (strict), in
+    ``dtype`` on ``device``.
 
     ``dtype=None`` keeps each tensor's stored dtype. The model is returned in eval mode
     with ``requires_grad`` off.
     """
-    header = read_header(path)
+    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source)
     with torch.device("meta"):
         model = build()
-    check_keys(model, header, what)
-    state = dict(iter_tensors(header, dtype, device))
+    check_keys(model, ckpt, what)
+    state = dict(iter_checkpoint(ckpt, dtype, device))
     model.load_state_dict(state, strict=True, assign=True)
     leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftovers:

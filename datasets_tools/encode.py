@@ -48,10 +48,11 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def encoder_file(weights: str | os.PathLike) -> Path:
     """Local path of ``effnet_encoder.safetensors`` in a weights folder or Hugging Face repo id."""
+    from codec import interop
     from codec import weights as W
 
     src = W.WeightSource(weights)
-    src.require([W.EFFNET_FILE])
+    interop.require_encoder(src)
     return src.path(W.EFFNET_FILE)
 
 

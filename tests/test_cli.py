@@ -9,7 +9,7 @@ from PIL import Image
 
 from codec.cli import main
 
-COMMANDS = ["encode", "decode", "reconstruct", "info", "demo-weights", "encode-dataset", "decode-dataset"]
+COMMANDS = ["encode", "decode", "reconstruct", "info", "demo-weights", "encode-dataset", "decode-dataset", "convert"]
 
 
 @pytest.fixture

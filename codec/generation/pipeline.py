@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .. import interop
 from .. import weights as W
 from ..codec import Codec, _check_finite, _load_component, encode_pixels, load_encoder
 from ..diffusion import diffuse, sample
@@ -104,7 +105,12 @@ class TextToImage:
                         stage_b: str = "lite", dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, clip_source: str | os.PathLike | None = None,
                         keep_loaded: bool = False) -> "TextToImage":
-        """Check that the weights are there (official file layout) and return a pipeline that loads them on use.
+        """Check that the weights are there and return a pipeline that loads them on use.
+
+        ``source``: a folder or repo id in the official layout (``stage_c*.safetensors``, …)
+        or the diffusers layout (``prior[_lite]/``, ``decoder[_lite]/``, ``vqgan/`` folders;
+        the hub keeps the prior in ``stable-cascade-prior``, so put both repos' folders in
+        one folder). img2img needs the official ``effnet_encoder.safetensors``.
 
         ``stage_c``/``stage_b``: ``"lite"`` or ``"large"``. ``dtype``: Stage C and Stage B
         precision (default bf16 on CUDA, fp32 elsewhere); ``fp16`` runs Stage C in its
@@ -115,14 +121,21 @@ class TextToImage:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = W.parse_dtype(dtype, device)
         src = W.WeightSource(source)
-        src.require([src.stage_c_file(stage_c, dtype), src.stage_b_file(stage_b, dtype), W.STAGE_A_FILE])
-        return cls(src, stage_c, stage_b, device, dtype, clip_source, keep_loaded)
+        pipeline = cls(src, stage_c, stage_b, device, dtype, clip_source, keep_loaded)
+        interop.require(src, pipeline._locations())
+        return pipeline
+
+    def _locations(self) -> list[interop.Located]:
+        """Where Stage C, Stage B and Stage A are, in either layout (official file names if absent)."""
+        return [interop.resolve(self.source, f"stage_c_{self.stage_c_size}", self.dtype,
+                                self.source.stage_c_file(self.stage_c_size, self.dtype)),
+                interop.resolve(self.source, f"stage_b_{self.stage_b_size}", self.dtype,
+                                self.source.stage_b_file(self.stage_b_size, self.dtype)),
+                interop.resolve(self.source, "stage_a", torch.float32, W.STAGE_A_FILE)]
 
     def notes(self) -> list[str]:
         """Notes stored in the weight files that will be used (e.g. that they are tiny random weights)."""
-        files = [self.source.stage_c_file(self.stage_c_size, self.dtype),
-                 self.source.stage_b_file(self.stage_b_size, self.dtype), W.STAGE_A_FILE]
-        notes = {W.read_header(self.source.path(f)).metadata.get(W.META_NOTE) for f in files}
+        notes = {interop.open_component(self.source, loc)[0].metadata.get(W.META_NOTE) for loc in self._locations()}
         return sorted(n for n in notes if n)
 
     # ------------------------------------------------------------------ model staging
@@ -148,11 +161,10 @@ class TextToImage:
 
     def _stage_c(self) -> StageC:
         def load() -> StageC:
-            name = self.source.stage_c_file(self.stage_c_size, self.dtype)
             # Plain fp16 overflows: fp16 means the overflow-safe mode, converted from bf16 (exact for the
             # fp32 parts; fp16 holds every bf16 weight the safe mode accepts).
             dtype = torch.bfloat16 if self.dtype == torch.float16 else self.dtype
-            model, _ = _load_component(self.source, name, StageC,
+            model, _ = _load_component(self.source, self._locations()[0], StageC,
                                        asdict(STAGE_C_PRESETS[f"stage_c_{self.stage_c_size}"]), dtype, self.device)
             return model.half_safe() if self.dtype == torch.float16 else model
 
@@ -201,9 +213,9 @@ class TextToImage:
         """Stage C's hyper-parameters, from the loaded model or the file header (without loading it)."""
         if "stage_c" in self._cache:
             return self._cache["stage_c"].config
-        header = W.read_header(self.source.path(self.source.stage_c_file(self.stage_c_size, self.dtype)))
+        _, config = interop.open_component(self.source, self._locations()[0])
         preset = asdict(STAGE_C_PRESETS[f"stage_c_{self.stage_c_size}"])
-        preset.update(header.config or {})
+        preset.update(config or {})
         return StageCConfig(**preset)
 
     def _img2img_latents(self, images: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -1,0 +1,438 @@
+"""The two checkpoint layouts of Stable Cascade and the mapping between them.
+
+*Official* layout: flat files at the root (``stage_a.safetensors``,
+``stage_b_lite_bf16.safetensors``, ``stage_c.safetensors``, …) with the official module
+names, which are ours. *diffusers* layout: one folder per model (``vqgan/``,
+``decoder_lite/``, ``decoder/``, ``prior_lite/``, ``prior/``) with ``config.json`` and
+``diffusion_pytorch_model[.bf16].safetensors`` (or shards and an index), in the naming of
+diffusers' ``StableCascadeUNet`` and ``PaellaVQModel``. The Hugging Face repo
+``stabilityai/stable-cascade`` holds both; ``stable-cascade-prior`` only the second.
+
+The key mapping was read off diffusers' ``StableCascadeUNet`` / ``PaellaVQModel`` and
+its single-file converter, and is checked by the tests against the state dicts of the
+real diffusers classes:
+
+* attention: packed ``<blk>.attention.attn.in_proj_{weight,bias}`` (q, k, v stacked on
+  dim 0) ↔ ``<blk>.attention.to_{q,k,v}.{weight,bias}``; ``attn.out_proj.*`` ↔ ``to_out.0.*``;
+* Stage B: ``clip_mapper.*`` ↔ ``clip_txt_pooled_mapper.*`` (Stage C has that name already);
+* Stage A: ``vquantizer.codebook.weight`` ↔ ``vquantizer.embedding.weight``;
+* every other key is the same in both.
+
+A mapping is a :data:`~codec.weights.KeyPlan` over shapes only, so it applies without
+reading data, to a file being streamed (:meth:`~codec.weights.Checkpoint.remap`) as
+well as to a state dict in memory (:func:`apply_plan`).
+
+The VQGAN in diffusers' ``vqgan/`` on the hub is Würstchen v2's (``scale_factor``
+0.3764), not the official Stage A (0.43); each Stage A is used with the scale factor
+its own config names.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import weights as W
+
+COMPONENTS = ("stage_a", "stage_b_lite", "stage_b_large", "stage_c_lite", "stage_c_large")
+
+OFFICIAL_FILES: dict[str, dict[str, str]] = {
+    "stage_a": {"fp32": W.STAGE_A_FILE},
+    "stage_b_lite": W.STAGE_B_FILES["lite"],
+    "stage_b_large": W.STAGE_B_FILES["large"],
+    "stage_c_lite": W.STAGE_C_FILES["lite"],
+    "stage_c_large": W.STAGE_C_FILES["large"],
+}
+DIFFUSERS_FOLDERS = {"stage_a": "vqgan", "stage_b_lite": "decoder_lite", "stage_b_large": "decoder",
+                     "stage_c_lite": "prior_lite", "stage_c_large": "prior"}
+DIFFUSERS_CONFIG = "config.json"
+DIFFUSERS_WEIGHTS = {"fp32": "diffusion_pytorch_model.safetensors", "bf16": "diffusion_pytorch_model.bf16.safetensors"}
+DIFFUSERS_INDEX = {"fp32": "diffusion_pytorch_model.safetensors.index.json",
+                   "bf16": "diffusion_pytorch_model.safetensors.index.bf16.json"}
+VARIANT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+OFFICIAL_STAGE_A_SCALE = 0.43
+WUERSTCHEN_V2_SCALE = 0.3764
+_STAGE_A_ORIGINS = {
+    OFFICIAL_STAGE_A_SCALE: "the official Stage A's scale (stage_a.safetensors, what Stage B was trained with)",
+    WUERSTCHEN_V2_SCALE: "the Würstchen v2 VQGAN's scale (what diffusers ships in vqgan/ on the hub, "
+                         "not the official stage_a.safetensors)",
+}
+
+
+def kind_of(component: str) -> str:
+    """``"stage_a"``, ``"stage_b"`` or ``"stage_c"`` for a component name like ``stage_b_lite``."""
+    return component if component == "stage_a" else component.rsplit("_", 1)[0]
+
+
+# --------------------------------------------------------------------------------------------- key mapping
+_QKV = ("to_q", "to_k", "to_v")
+_RENAMES = {  # official → diffusers, besides attention
+    "stage_a": {"vquantizer.codebook.weight": "vquantizer.embedding.weight"},
+    "stage_b": {"clip_mapper.weight": "clip_txt_pooled_mapper.weight",
+                "clip_mapper.bias": "clip_txt_pooled_mapper.bias"},
+    "stage_c": {},
+}
+
+
+def _whole(key: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], list[W.Part]]:
+    return tuple(shape), [W.Part(key, 0, math.prod(shape))]
+
+
+def plan_to_diffusers(shapes: Mapping[str, tuple[int, ...]], kind: str) -> W.KeyPlan:
+    """Official key → diffusers key plan for a ``kind`` model with these official keys and shapes.
+
+    Keys come out in the order of the diffusers module (``to_q.weight, to_q.bias, to_k.weight, …``).
+    """
+    plan: W.KeyPlan = {}
+    renames = _RENAMES[kind]
+    for key, shape in shapes.items():
+        base, sep, leaf = key.rpartition(".attention.attn.")
+        if sep and leaf in ("in_proj_weight", "in_proj_bias"):
+            if f"{base}.attention.to_q.{leaf[len('in_proj_'):]}" in plan:
+                continue
+            prefix = key[:-len(leaf)]
+            packed = [k for k in (f"{prefix}in_proj_weight", f"{prefix}in_proj_bias") if k in shapes]
+            for i, name in enumerate(_QKV):
+                for k in packed:
+                    third = math.prod(shapes[k]) // 3
+                    plan[f"{base}.attention.{name}.{k.rsplit('_', 1)[1]}"] = (
+                        (shapes[k][0] // 3, *shapes[k][1:]), [W.Part(k, i * third, third)])
+        elif sep and leaf.startswith("out_proj."):
+            plan[f"{base}.attention.to_out.0.{leaf[len('out_proj.'):]}"] = _whole(key, shape)
+        else:
+            plan[renames.get(key, key)] = _whole(key, shape)
+    return plan
+
+
+def plan_to_official(shapes: Mapping[str, tuple[int, ...]], kind: str, where: str = "the checkpoint") -> W.KeyPlan:
+    """diffusers key → official key plan (q, k, v are packed back into ``in_proj``, in that order)."""
+    plan: W.KeyPlan = {}
+    renames = {v: k for k, v in _RENAMES[kind].items()}
+    for key, shape in shapes.items():
+        base, sep, rest = key.rpartition(".attention.")
+        name, _, leaf = rest.partition(".")
+        if sep and name in _QKV:
+            if f"{base}.attention.attn.in_proj_{leaf}" in plan:
+                continue
+            for which in [x for x in ("weight", "bias") if f"{base}.attention.to_q.{x}" in shapes]:
+                keys = [f"{base}.attention.{q}.{which}" for q in _QKV]
+                if any(k not in shapes for k in keys) or len({tuple(shapes[k]) for k in keys}) != 1:
+                    raise W.WeightsError(f"{where}: the attention projections {', '.join(keys)} are incomplete or of "
+                                         "different shapes, so they cannot be packed into in_proj; the file is "
+                                         "damaged or not a Stable Cascade checkpoint.")
+                q_shape = tuple(shapes[keys[0]])
+                plan[f"{base}.attention.attn.in_proj_{which}"] = (
+                    (3 * q_shape[0], *q_shape[1:]), [W.Part(k, 0, math.prod(q_shape)) for k in keys])
+        elif sep and name == "to_out" and leaf.startswith("0."):
+            plan[f"{base}.attention.attn.out_proj.{leaf[2:]}"] = _whole(key, shape)
+        else:
+            plan[renames.get(key, key)] = _whole(key, shape)
+    return plan
+
+
+def apply_plan(state: Mapping[str, torch.Tensor], plan: W.KeyPlan) -> dict[str, torch.Tensor]:
+    """A key plan applied to an in-memory state dict (whole tensors are passed through, not copied)."""
+    out = {}
+    for key, (shape, parts) in plan.items():
+        chunks = [state[p.key].reshape(-1)[p.offset:p.offset + p.numel] for p in parts]
+        out[key] = (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).view(shape)
+    return out
+
+
+def state_dict_to_diffusers(state: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """Our/official state dict of a ``kind`` model → the state dict of the diffusers class."""
+    return apply_plan(state, plan_to_diffusers({k: tuple(v.shape) for k, v in state.items()}, kind))
+
+
+def state_dict_to_official(state: Mapping[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """A diffusers state dict of a ``kind`` model → our/official state dict."""
+    return apply_plan(state, plan_to_official({k: tuple(v.shape) for k, v in state.items()}, kind))
+
+
+# --------------------------------------------------------------------------------------------- configs
+_BLOCK_NAMES = {"C": "SDCascadeResBlock", "T": "SDCascadeTimestepBlock", "A": "SDCascadeAttnBlock"}
+_BLOCK_LETTERS = {v: k for k, v in _BLOCK_NAMES.items()}
+_UNET_COMMON = {  # ours → diffusers
+    "c_in": "in_channels", "c_out": "out_channels", "c_r": "timestep_ratio_embedding_dim", "patch_size": "patch_size",
+    "c_cond": "conditioning_dim", "c_hidden": "block_out_channels", "c_clip_seq": "clip_seq",
+    "kernel_size": "kernel_size", "dropout": "dropout", "self_attn": "self_attn",
+    "t_conds": "timestep_conditioning_type",
+}
+_UNET_BY_KIND = {
+    "stage_b": {"c_clip": "clip_text_pooled_in_channels", "c_effnet": "effnet_in_channels",
+                "c_pixels": "pixel_mapper_in_channels"},
+    "stage_c": {"c_clip_text": "clip_text_in_channels", "c_clip_text_pooled": "clip_text_pooled_in_channels",
+                "c_clip_img": "clip_image_in_channels", "switch_level": "switch_level"},
+}
+_UNSET_BY_KIND = {  # diffusers options our class of that kind does not have
+    "stage_b": ("clip_text_in_channels", "clip_image_in_channels", "switch_level"),
+    "stage_c": ("effnet_in_channels", "pixel_mapper_in_channels"),
+}
+_PAELLA = {"levels": "levels", "bottleneck_blocks": "bottleneck_blocks", "c_hidden": "embed_dim",
+           "c_latent": "latent_channels", "codebook_size": "num_vq_embeddings", "scale_factor": "scale_factor"}
+_PAELLA_FIXED = {"in_channels": 3, "out_channels": 3, "up_down_scale_factor": 2}
+
+
+def config_to_diffusers(kind: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """Our (official-named) constructor arguments → the diffusers ``config.json`` of the same model."""
+    if kind == "stage_a":
+        return {"_class_name": "PaellaVQModel", **_PAELLA_FIXED,
+                **{theirs: config[ours] for ours, theirs in _PAELLA.items()}}
+    bad = [letter for level in config["level_config"] for letter in level if letter not in _BLOCK_NAMES]
+    if bad:
+        raise W.WeightsError(f"block type(s) {sorted(set(bad))} of this {kind} have no diffusers equivalent.")
+    out: dict[str, Any] = {"_class_name": "StableCascadeUNet"}
+    out.update({theirs: config[ours] for ours, theirs in {**_UNET_COMMON, **_UNET_BY_KIND[kind]}.items()})
+    out.update({name: None for name in _UNSET_BY_KIND[kind]})
+    out["num_attention_heads"] = [max(0, h) for h in config["nhead"]]  # official -1 = no attention; diffusers 0
+    out["down_num_layers_per_block"], out["up_num_layers_per_block"] = config["blocks"]
+    out["down_blocks_repeat_mappers"], out["up_blocks_repeat_mappers"] = config["block_repeat"]
+    out["block_types_per_layer"] = [[_BLOCK_NAMES[c] for c in level] for level in config["level_config"]]
+    return out
+
+
+def config_from_diffusers(kind: str, config: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A diffusers ``config.json`` → our (official-named) constructor arguments; refuses what we cannot build."""
+    def need(names):
+        missing = [n for n in names if n not in config]
+        if missing:
+            raise W.WeightsError(f"{where} has no {', '.join(missing)}; it is not a complete diffusers config of a "
+                                 f"{'PaellaVQModel' if kind == 'stage_a' else 'StableCascadeUNet'} (re-download it).")
+
+    if kind == "stage_a":
+        need(list(_PAELLA.values()) + list(_PAELLA_FIXED))
+        odd = {k: config[k] for k, v in _PAELLA_FIXED.items() if config[k] != v}
+        if odd:
+            raise W.WeightsError(f"{where}: {odd} is not supported (Stage A has 3 image channels and scale 2 stages).")
+        return {ours: config[theirs] for ours, theirs in _PAELLA.items()}
+    names = {**_UNET_COMMON, **_UNET_BY_KIND[kind]}
+    need(list(names.values()) + ["num_attention_heads", "down_num_layers_per_block", "up_num_layers_per_block",
+                                 "down_blocks_repeat_mappers", "up_blocks_repeat_mappers", "block_types_per_layer"])
+    present = [n for n in _UNSET_BY_KIND[kind] if config.get(n) is not None]
+    absent = [n for n in names.values() if config[n] is None and n != "switch_level"]
+    if present or absent:
+        raise W.WeightsError(f"{where} describes a StableCascadeUNet that is not a {kind.replace('_', ' ').title()} "
+                             f"({', '.join(present)} set, {', '.join(absent) or 'nothing'} unset); is it in the right "
+                             "folder (decoder*/ = Stage B, prior*/ = Stage C)?")
+    out = {ours: config[theirs] for ours, theirs in names.items()}
+    out["nhead"] = [h if h > 0 else -1 for h in config["num_attention_heads"]]
+    out["blocks"] = [list(config["down_num_layers_per_block"]), list(config["up_num_layers_per_block"])]
+    out["block_repeat"] = [list(config["down_blocks_repeat_mappers"]), list(config["up_blocks_repeat_mappers"])]
+    try:
+        out["level_config"] = ["".join(_BLOCK_LETTERS[b] for b in level) for level in config["block_types_per_layer"]]
+    except KeyError as e:
+        raise W.WeightsError(f"{where}: block type {e.args[0]!r} is not one of {sorted(_BLOCK_LETTERS)}.") from None
+    for key in ("c_hidden", "dropout", "t_conds"):
+        if isinstance(out[key], (list, tuple)):
+            out[key] = list(out[key])
+    return out
+
+
+def diffusers_class(kind: str) -> type:
+    """diffusers' class for a ``kind`` model: ``PaellaVQModel`` or ``StableCascadeUNet`` (needs diffusers)."""
+    if kind != "stage_a":
+        from diffusers import StableCascadeUNet
+
+        return StableCascadeUNet
+    try:  # moved under pipelines/deprecated/ in 2026
+        from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+    except ImportError:
+        from diffusers.pipelines.wuerstchen import PaellaVQModel
+    return PaellaVQModel
+
+
+def diffusers_model(kind: str, config: Mapping[str, Any]) -> torch.nn.Module:
+    """diffusers' model with the hyper-parameters of our ``config`` (honours an enclosing ``torch.device``)."""
+    return diffusers_class(kind)(**{k: v for k, v in config_to_diffusers(kind, config).items()
+                                    if not k.startswith("_")})
+
+
+def default_config(component: str) -> dict[str, Any]:
+    """The official constructor arguments of a component (the preset its official file name stands for)."""
+    from dataclasses import asdict
+
+    if component == "stage_a":
+        from .stage_a import StageA
+
+        return {k: p.default for k, p in inspect.signature(StageA).parameters.items()}
+    if kind_of(component) == "stage_b":
+        from .stage_b import STAGE_B_PRESETS
+
+        return asdict(STAGE_B_PRESETS[component])
+    from .generation.stage_c import STAGE_C_PRESETS  # lazy: codec does not import generation at module level
+
+    return asdict(STAGE_C_PRESETS[component])
+
+
+def describe_stage_a(scale: float) -> str:
+    """What a Stage A scale factor says about where the weights come from."""
+    origin = _STAGE_A_ORIGINS.get(round(float(scale), 6), "not a released Stage A's scale")
+    return f"scale_factor {scale:g}: {origin}"
+
+
+# --------------------------------------------------------------------------------------------- locating files
+@dataclass(frozen=True)
+class Located:
+    """Where one variant of one component is in a weight source."""
+
+    component: str
+    layout: str  # "official" | "diffusers"
+    variant: str  # "fp32" | "bf16", as the file is named
+    files: tuple[str, ...]  # names relative to the source (several for shards)
+    config_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        """Short human name: the official file, or ``folder/`` with variant and shard count."""
+        if self.layout == "official":
+            return self.files[0]
+        shards = f", {len(self.files)} shards" if len(self.files) > 1 else ""
+        return f"{DIFFUSERS_FOLDERS[self.component]}/ ({self.variant}{shards})"
+
+    @classmethod
+    def official_file(cls, name: str, component: str = "") -> "Located":
+        """A file of the official layout that has no diffusers counterpart (EfficientNet, Previewer)."""
+        return cls(component or name, "official", "fp32", (name,))
+
+
+def _diffusers_variant(src: W.WeightSource, component: str, variant: str) -> Located | None:
+    folder = DIFFUSERS_FOLDERS[component]
+    config = f"{folder}/{DIFFUSERS_CONFIG}"
+    single = f"{folder}/{DIFFUSERS_WEIGHTS[variant]}"
+    if src.has(single):
+        return Located(component, "diffusers", variant, (single,), config)
+    index = f"{folder}/{DIFFUSERS_INDEX[variant]}"
+    if not src.has(index):
+        return None
+    try:
+        weight_map = json.loads(src.path(index).read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise W.WeightsError(f"{src.source}/{index} is not a valid shard index (no weight_map); download it "
+                             "again.") from None
+    shards = tuple(f"{folder}/{name}" for name in dict.fromkeys(weight_map.values()))
+    return Located(component, "diffusers", variant, shards, config)
+
+
+def locate_all(src: W.WeightSource, component: str) -> list[Located]:
+    """Every variant of ``component`` present in ``src`` (a folder, or what a repo id has in the local cache):
+    official files first, fp32 before bf16."""
+    found = [Located(component, "official", v, (name,)) for v, name in OFFICIAL_FILES[component].items()
+             if src.has(name)]
+    for variant in DIFFUSERS_WEIGHTS:
+        loc = _diffusers_variant(src, component, variant)
+        if loc is not None:
+            found.append(loc)
+    return found
+
+
+def locate(src: W.WeightSource, component: str, dtype: torch.dtype) -> Located | None:
+    """The variant of ``component`` to load into ``dtype``: the official file before the diffusers folder (when a
+    source has both, as the hub repo does), the bf16 variant for bf16/fp16 models, else fp32; ``None`` if absent."""
+    low = dtype in (torch.bfloat16, torch.float16)
+    found = locate_all(src, component)
+    found.sort(key=lambda loc: (loc.layout != "official", (loc.variant == "bf16") != low))
+    return found[0] if found else None
+
+
+def resolve(src: W.WeightSource, component: str, dtype: torch.dtype, default: str) -> Located:
+    """:func:`locate`, or else the official file ``default`` (to download, or to name as missing)."""
+    return locate(src, component, dtype) or Located.official_file(default, component)
+
+
+def require(src: W.WeightSource, locs: Sequence[Located], extra: Sequence[str] = ()) -> None:
+    """Make sure the official files among ``locs`` and the files ``extra`` are there (downloading them for a repo
+    id); one error names every missing file and, for a folder, the diffusers folders that would do instead."""
+    try:
+        src.require([loc.files[0] for loc in locs if loc.layout == "official"] + list(extra))
+    except W.WeightsError as e:
+        if src.folder is None:
+            raise
+        missing = [loc.component for loc in locs if loc.layout == "official" and not src.has(loc.files[0])]
+        raise W.WeightsError(f"{e}\n{diffusers_alternative_hint(missing)}" if missing else str(e)) from None
+
+
+def open_component(src: W.WeightSource, loc: Located) -> tuple[W.Checkpoint, dict[str, Any] | None]:
+    """The checkpoint of ``loc`` under official keys (mapped while streaming) and its stored configuration in our
+    names (``None`` for an official file without one: the preset of its name applies)."""
+    paths = [src.path(f) for f in loc.files]
+    ckpt = W.Checkpoint.open(paths[0] if len(paths) == 1 else paths)
+    if loc.layout == "official":
+        return ckpt, ckpt.config
+    if not src.has(loc.config_file):
+        raise W.WeightsError(f"{src.source} has {loc.files[0]} but no {loc.config_file}; a diffusers model folder "
+                             "needs both (download config.json too).")
+    where = f"{src.source}/{loc.config_file}"
+    try:
+        config = json.loads(src.path(loc.config_file).read_text())
+    except ValueError as e:
+        raise W.WeightsError(f"{where} is not valid JSON ({e}); download it again.") from None
+    kind = kind_of(loc.component)
+    ours = config_from_diffusers(kind, config, where)
+    return ckpt.remap(plan_to_official(ckpt.shapes(), kind, str(ckpt.path))), ours
+
+
+def has_diffusers_layout(src: W.WeightSource) -> bool:
+    """Whether ``src`` holds any model folder of the diffusers layout (``vqgan/``, ``decoder*/``, ``prior*/``)."""
+    return any(src.has(f"{folder}/{DIFFUSERS_CONFIG}") for folder in DIFFUSERS_FOLDERS.values())
+
+
+def diffusers_alternative_hint(components: Sequence[str]) -> str:
+    """The diffusers-layout folders that can stand in for the official files of ``components``."""
+    folders = " and ".join(f"{DIFFUSERS_FOLDERS[c]}/" for c in components)
+    return (f"(The diffusers layout works too: {folders}, each with {DIFFUSERS_CONFIG} and "
+            f"{DIFFUSERS_WEIGHTS['fp32']} or its .bf16 variant; it has no EfficientNet encoder, so it cannot "
+            "encode images.)")
+
+
+def require_encoder(src: W.WeightSource) -> None:
+    """Make sure ``effnet_encoder.safetensors`` is there; for a diffusers-layout source say why it is not."""
+    if not src.has(W.EFFNET_FILE) and has_diffusers_layout(src):
+        raise W.WeightsError(no_effnet_message(src))
+    src.require([W.EFFNET_FILE])
+
+
+def no_effnet_message(src: W.WeightSource) -> str:
+    """Why a diffusers-layout source cannot encode, and the file to get."""
+    where = src.folder if src.folder is not None else src.repo_id
+    return (f"{where} has no {W.EFFNET_FILE}: the EfficientNet encoder exists only in the official layout (diffusers "
+            f"ships none), so this source can decode but not encode. Download {W.EFFNET_FILE} from "
+            f"https://huggingface.co/{W.OFFICIAL_REPO}/resolve/main/{W.EFFNET_FILE} into {where}"
+            f"{'/' if src.folder is not None else ' (or a folder you pass instead)'}.")
+
+
+# --------------------------------------------------------------------------------------------- inventory
+@dataclass(frozen=True)
+class InventoryRow:
+    """One model file (or diffusers folder variant) of a weight source, from its headers only."""
+
+    label: str
+    layout: str
+    tensors: int
+    params: int
+    dtypes: str
+    note: str | None
+    detail: str | None
+
+
+def inventory(src: W.WeightSource) -> list[InventoryRow]:
+    """Every Stable Cascade file of ``src`` in either layout (for a repo id: what the local cache holds)."""
+    locs = [loc for component in COMPONENTS for loc in locate_all(src, component)]
+    locs += [Located.official_file(name) for name in (W.EFFNET_FILE, W.PREVIEWER_FILE, W.EMPTY_CAPTION_FILE)
+             if src.has(name)]
+    rows = []
+    for loc in locs:
+        ckpt, config = open_component(src, loc)
+        if loc.component == "stage_a":
+            detail = describe_stage_a((config or default_config("stage_a"))["scale_factor"])
+        else:
+            detail = "own config" if loc.layout == "official" and config else None
+        rows.append(InventoryRow(loc.label, loc.layout, len(ckpt.tensors), ckpt.n_params(),
+                                 ",".join(sorted(str(d).replace("torch.", "") for d in ckpt.dtypes())),
+                                 ckpt.metadata.get(W.META_NOTE), detail))
+    return rows
