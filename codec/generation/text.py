@@ -91,6 +91,7 @@ class TextEncoder:
         self.tokenizer = tokenizer
         self.model = model.eval().requires_grad_(False).to(device)
         self.device = torch.device(device)
+        self.pool_at: str | None = None
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike = OFFICIAL_REPO, device: torch.device | str = "cpu",
@@ -113,14 +114,37 @@ class TextEncoder:
                 warnings.warn(f"caption is {len(ids)} tokens long; CLIP reads only {MAX_TOKENS}, so this part is "
                               f"ignored: {cut!r}", stacklevel=3)
 
+    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Captions → ``input_ids`` and ``attention_mask`` ``(B,77)`` on the encoder's device (official padding)."""
+        self._check_length(captions)
+        tokens = self.tokenizer(list(captions), truncation=True, padding="max_length", max_length=MAX_TOKENS,
+                                return_tensors="pt")
+        return {"input_ids": tokens["input_ids"].to(self.device), "attention_mask": tokens["attention_mask"].to(self.device)}
+
+    def embed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextEmbedding:
+        """Token ids → conditions, with gradients when the model has trainable parts (new-token training).
+
+        ``pool_at`` chooses the pooled position: ``None`` lets transformers decide (first EOS,
+        or the largest id when the config's ``eos_token_id`` is 2), ``"eos"`` forces the first
+        EOS, ``"argmax"`` the largest id (old transformers; with an added token this is the
+        added token, not EOS — official.md §9.2).
+        """
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        pooled = out.text_embeds
+        if self.pool_at is not None:
+            if self.pool_at == "eos":
+                pos = (input_ids == self.tokenizer.eos_token_id).int().argmax(dim=-1)
+            elif self.pool_at == "argmax":
+                pos = input_ids.int().argmax(dim=-1)
+            else:
+                raise ValueError(f"pool_at must be None, 'eos' or 'argmax', got {self.pool_at!r}")
+            last = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), pos]
+            pooled = self.model.text_projection(last)
+        return TextEmbedding(hidden=out.hidden_states[-1].float(), pooled=pooled.float().unsqueeze(1))
+
     @torch.no_grad()
     def encode(self, captions: str | Sequence[str]) -> TextEmbedding:
         """Captions → ``hidden`` ``(B,77,C)`` (before the final layer norm) and ``pooled`` ``(B,1,C)``."""
         if isinstance(captions, str):
             captions = [captions]
-        self._check_length(captions)
-        tokens = self.tokenizer(list(captions), truncation=True, padding="max_length", max_length=MAX_TOKENS,
-                                return_tensors="pt").to(self.device)
-        out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"],
-                         output_hidden_states=True)
-        return TextEmbedding(hidden=out.hidden_states[-1].float(), pooled=out.text_embeds.float().unsqueeze(1))
+        return self.embed_tokens(**self.tokenize(captions))
