@@ -473,12 +473,18 @@ def load_module(build: Callable[[], nn.Module], source: str | os.PathLike | Chec
 def save_module(model: nn.Module, path: str | os.PathLike, config: Mapping[str, Any] | None = None,
                 note: str | None = None, dtype: torch.dtype | None = None) -> Path:
     """Save ``model``'s state dict as safetensors (atomically), with its config and a note in the metadata."""
+    return save_state(model.state_dict(), path, config, note, dtype)
+
+
+def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike, config: Mapping[str, Any] | None = None,
+               note: str | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Save a state dict as safetensors (atomically), with a model config and a note in the metadata."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().contiguous().cpu()
-             for k, v in model.state_dict().items()}
+             for k, v in state.items()}
     metadata = {"format": "pt"}
     if config is not None:
         metadata[META_CONFIG] = json.dumps(config)
@@ -488,6 +494,17 @@ def save_module(model: nn.Module, path: str | os.PathLike, config: Mapping[str, 
     save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
+
+
+def load_configured(cls: Callable[..., nn.Module], path: str | os.PathLike, preset: Mapping[str, Any] | None,
+                    dtype: torch.dtype | None, device: torch.device | str) -> tuple[nn.Module, SafetensorsHeader]:
+    """Load ``cls`` from ``path``, built with the config stored in the file over ``preset`` (official files
+    store none), in ``dtype`` on ``device``; returns the model (eval, frozen) and the file's header."""
+    header = read_header(path)
+    kwargs = dict(preset or {})
+    kwargs.update(header.config or {})
+    model = load_module(lambda: cls(**kwargs), path, dtype, device, f"{Path(path).name} ({cls.__name__})")
+    return model, header
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:

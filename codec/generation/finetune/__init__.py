@@ -1,0 +1,10 @@
+"""Fine-tuning: one training loop for every task (Stage C, LoRA + new tokens, Stage B, ControlNet later).
+
+Entry point :func:`train`; CLI ``cascade train TASK CONFIG.yaml``. Config reference:
+:mod:`.config`; what a task supplies: :mod:`.task`.
+"""
+
+from .config import ConfigError, TrainConfig
+from .run import TASKS, train
+
+__all__ = ["ConfigError", "TrainConfig", "TASKS", "train"]

@@ -1,0 +1,98 @@
+"""Batches for training: one bucket per global batch, split between processes, resumable mid-epoch.
+
+Every process builds the same list of global micro-batches for an epoch
+(:class:`~datasets_tools.dataset.BucketBatchSampler` with the run's seed and the epoch
+number, incomplete batches dropped) and takes its contiguous slice of each. The position
+``(epoch, batch)`` is saved in checkpoints, so a resumed run reads exactly the batches an
+uninterrupted run would have read.
+
+Dataset items (see :mod:`.store_fields`): ``latent`` (EfficientNet latent ``(16,h,w)``),
+``caption``, and when the store has them ``clip_text``/``clip_text_pooled`` (stored CLIP-G
+embeddings), ``clip_img`` (CLIP-L image embedding), ``stage_a`` (Stage A latent).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .distributed import Dist
+
+TENSOR_KEYS = ("latent", "clip_text", "clip_text_pooled", "clip_img", "stage_a", "images")
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack the tensors of the known keys (present in every item); keep the rest as lists."""
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if key in TENSOR_KEYS and all(torch.is_tensor(v) for v in values):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out
+
+
+def epoch_batches(dataset: Any, global_batch: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
+    """Global micro-batches of one epoch (all from one bucket; incomplete ones dropped)."""
+    from datasets_tools.dataset import BucketBatchSampler
+
+    sampler = BucketBatchSampler(dataset, global_batch, shuffle=shuffle, seed=seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    batches = list(sampler)
+    if not batches:
+        sizes = {k: len(v) for k, v in dataset.bucket_indices().items()}
+        raise ValueError(f"no bucket of the dataset holds a full batch of {global_batch} samples (bucket sizes: "
+                         f"{sizes}); lower batch_size/grad_accum_steps or add data.")
+    return batches
+
+
+class _Slices(torch.utils.data.Sampler[list[int]]):
+    def __init__(self, batches: list[list[int]]):
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def rank_slice(batch: list[int], d: Dist) -> list[int]:
+    """This process's contiguous part of a global batch."""
+    n = len(batch) // d.world_size
+    return batch[d.rank * n:(d.rank + 1) * n]
+
+
+def iterate(dataset: Any, batches: list[list[int]], start: int, d: Dist,
+            num_workers: int = 0) -> Iterator[tuple[int, list[int], dict[str, Any]]]:
+    """Yield ``(batch_index, global_indices, local_batch)`` for ``batches[start:]``."""
+    local = [rank_slice(b, d) for b in batches[start:]]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_Slices(local), collate_fn=collate,
+                                         num_workers=num_workers, persistent_workers=False)
+    for offset, batch in enumerate(loader):
+        yield start + offset, batches[start + offset], batch
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """An in-memory dataset of item dicts (tests, small experiments); one bucket per latent shape."""
+
+    def __init__(self, items: Sequence[dict[str, Any]]):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return dict(self.items[i])
+
+    def bucket_indices(self) -> dict[str, Any]:
+        """Indices grouped by the shape of ``latent`` (or ``stage_a``)."""
+        import numpy as np
+
+        groups: dict[str, list[int]] = {}
+        for i, it in enumerate(self.items):
+            t = it.get("latent", it.get("stage_a"))
+            groups.setdefault("x".join(map(str, t.shape[-2:])), []).append(i)
+        return {k: np.array(v) for k, v in groups.items()}

@@ -1,0 +1,34 @@
+"""Preview collages during training: rows of images (e.g. data, then samples) in one PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+def save_collage(rows: Sequence[torch.Tensor], path: Path) -> Path:
+    """Save rows of RGB images ``(n,3,h,w)`` in [0,1] (all rows the same n and size) as one PNG."""
+    from torchvision.utils import make_grid, save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = torch.cat([r.float().clamp(0, 1).cpu() for r in rows])
+    tmp = path.with_name(path.stem + ".partial.png")
+    save_image(make_grid(images, nrow=rows[0].shape[0], padding=2), str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def load_previewer(weights: str | None, device: torch.device) -> torch.nn.Module | None:
+    """The Previewer from ``weights/previewer.safetensors``, or ``None`` when it is not there."""
+    if weights is None:
+        return None
+    from ... import weights as W
+    from ..previewer import Previewer
+
+    src = W.WeightSource(weights)
+    if not src.has(W.PREVIEWER_FILE):
+        return None
+    model, _ = W.load_configured(Previewer, src.path(W.PREVIEWER_FILE), None, torch.float32, device)
+    return model

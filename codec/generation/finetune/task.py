@@ -1,0 +1,113 @@
+"""What a training task supplies to the loop, and helpers shared by the tasks.
+
+A task (Stage C, LoRA, Stage B, ControlNet …) says:
+
+* ``build(dataset)`` → the module to train, on the CPU, trained parameters with
+  ``requires_grad`` (frozen parts inside it are fine); its ``forward(x_t, r, **inputs)``
+  predicts epsilon;
+* ``inputs(batch, rand)`` → clean latents ``x0`` and the keyword inputs of ``forward``
+  (condition dropout happens here, with the per-sample generators of ``rand``);
+* ``noise(x0, rand)`` → the epsilon to add (default: standard normal per sample);
+* ``export(state, path)`` / ``import_(path)`` → the trained tensors (``named_parameters``
+  names of the module) to and from the file users get (checkpoints hold that file);
+* ``preview(module, step, path)`` → an optional collage.
+
+``section``/``section_model`` name and validate the task's own YAML section.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from ... import weights as W
+from .config import ConfigError, TrainConfig
+from .distributed import Dist
+from .rng import BatchRandom
+
+
+class Task:
+    """Base class of training tasks (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+    section: ClassVar[str | None] = None
+    section_model: ClassVar[type[BaseModel] | None] = None
+
+    def __init__(self, cfg: TrainConfig, section: BaseModel | None, d: Dist, source: str = "config"):
+        self.cfg, self.options, self.d, self.source = cfg, section, d, source
+
+    def build(self, dataset: Any) -> nn.Module:
+        """The module to train (see the module docstring)."""
+        raise NotImplementedError
+
+    def inputs(self, batch: dict[str, Any], rand: BatchRandom) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Clean latents and model inputs for a local batch."""
+        raise NotImplementedError
+
+    def noise(self, x0: torch.Tensor, rand: BatchRandom) -> torch.Tensor:
+        """Epsilon for ``x0``: standard normal, one generator per sample."""
+        return rand.normal(x0.shape[1:]).to(x0.dtype)
+
+    def export(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        """Write the trained tensors as the user-facing file."""
+        raise NotImplementedError
+
+    def import_(self, path: Path) -> dict[str, torch.Tensor]:
+        """Read what :meth:`export` wrote, with the module's parameter names."""
+        raise NotImplementedError
+
+    def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
+        """Write a sample collage (optional)."""
+        return None
+
+    def dataset(self) -> Any:
+        """The training data: the Zarr latent store of ``data.store``."""
+        from datasets_tools.dataset import LatentDataset
+
+        return LatentDataset(self.cfg.data.store, buckets=self.cfg.data.buckets)
+
+
+def load_trainable_model(cls: type[nn.Module], presets: dict[str, Any], tiny: dict[str, Any], cfg: TrainConfig,
+                         source: str) -> nn.Module:
+    """The model to fine-tune: from ``model.checkpoint`` (config from the file, else the preset), or built
+    from ``model.preset``/``model.config`` with the official training initialisation; fp32, train mode."""
+    m = cfg.model
+    preset: dict[str, Any] = {}
+    if m.preset == "tiny":
+        preset = copy.deepcopy(tiny)
+    elif m.preset is not None:
+        if m.preset not in presets:
+            raise ConfigError(f"{source}: model.preset {m.preset!r} is not one of {sorted(presets) + ['tiny']}.")
+        preset = asdict(presets[m.preset])
+    preset.update(m.config)
+    if m.checkpoint:
+        model, _ = W.load_configured(cls, m.checkpoint, preset or None, torch.float32, "cpu")
+    else:
+        if not preset:
+            raise ConfigError(f"{source}: give model.checkpoint (weights to fine-tune) or model.preset to train "
+                              "from scratch.")
+        model = cls(**preset)
+        model.init_weights()
+    if m.dropout is not None:
+        for sub in model.modules():
+            if isinstance(sub, nn.Dropout):
+                sub.p = m.dropout
+            if hasattr(sub, "dropout") and isinstance(getattr(sub, "dropout"), float):
+                sub.dropout = m.dropout
+    return model.train().requires_grad_(True)
+
+
+def read_state(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file (fp32 for floats)."""
+    return dict(W.iter_tensors(W.read_header(path), torch.float32))
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The constructor arguments recorded by our models (``model.config`` dataclass)."""
+    return asdict(model.config)
