@@ -535,5 +535,34 @@ from .generation.commands import generate  # noqa: E402 - the command module imp
 main.add_command(generate)
 
 
+TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet")  # = codec.generation.finetune.run.TASKS
+
+
+@main.command("train")
+@click.argument("task", type=click.Choice(TRAIN_TASKS))
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--device", default="auto", show_default=True,
+              help="Torch device: auto (this process's CUDA device under torchrun, else CUDA if available, else CPU).")
+def train_command(task, config, device) -> None:
+    """Fine-tune with the YAML CONFIG: TASK is stage-c (full Stage C), lora (LoRA + new tokens on Stage C),
+    stage-b (full Stage B) or controlnet.
+
+    Reads latents from the Zarr store of data.store, writes OUTPUT_DIR/checkpoint/ (model.safetensors
+    in the release format, optimiser and RNG state), log.jsonl and previews/. Run the same command
+    again after a stop: it resumes exactly where the last checkpoint left off. Several processes:
+    `torchrun --nproc_per_node N -m codec.cli train TASK CONFIG` (DDP; distributed.strategy: fsdp to
+    shard large models). Config keys: see codec/generation/finetune/config.py and configs/train/.
+    """
+    def go():
+        from tqdm.auto import tqdm
+
+        from .generation.finetune import train
+
+        pos = train(task, config, echo=tqdm.write, device=None if device == "auto" else device)
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(f"done: {pos.step} updates ({pos.epoch} full epochs)")
+    _run(go)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

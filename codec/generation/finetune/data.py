@@ -69,8 +69,11 @@ def iterate(dataset: Any, batches: list[list[int]], start: int, d: Dist,
             num_workers: int = 0) -> Iterator[tuple[int, list[int], dict[str, Any]]]:
     """Yield ``(batch_index, global_indices, local_batch)`` for ``batches[start:]``."""
     local = [rank_slice(b, d) for b in batches[start:]]
+    # an own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would make
+    # a resumed run's dropout differ from an uninterrupted one
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=_Slices(local), collate_fn=collate,
-                                         num_workers=num_workers, persistent_workers=False)
+                                         num_workers=num_workers, persistent_workers=False,
+                                         generator=torch.Generator().manual_seed(len(batches) + start))
     for offset, batch in enumerate(loader):
         yield start + offset, batches[start + offset], batch
 
