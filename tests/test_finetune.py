@@ -1,0 +1,187 @@
+"""The training loop on tiny models: exact resume, configs, objectives, the Stage C / LoRA / Stage B tasks."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from codec.generation.finetune import ConfigError, TASKS, train
+from codec.generation.finetune.data import ListDataset
+from codec.generation.finetune.logs import read_log
+from codec.generation.finetune.objectives import AdaptiveLossWeight, pyramid_noise
+
+
+def stage_c_items(n=8, side=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"latent": torch.randn(16, side, side, generator=g), "caption": f"c{i}",
+             "clip_text": torch.randn(77, 24, generator=g), "clip_text_pooled": torch.randn(1, 24, generator=g)}
+            for i in range(n)]
+
+
+def stored_dataset(**kw):
+    ds = ListDataset(stage_c_items(**kw))
+    ds.empty_text_embedding = (torch.zeros(1, 77, 24), torch.zeros(1, 1, 24))
+    return ds
+
+
+def config(out, **over):
+    cfg = {"output_dir": str(out), "data": {"store": "unused"}, "batch_size": 4, "grad_accum_steps": 2,
+           "max_steps": 6, "model": {"preset": "tiny"}, "log": {"every": 1}, "checkpoint": {"save_every": 3}}
+    cfg.update(over)
+    return cfg
+
+
+class Kill(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    """Dropout on, adaptive weights, EMA and accumulation: a run killed after update 5 (last checkpoint at 3)
+    and started again ends bit-identical to an uninterrupted run."""
+    ds = stored_dataset()
+    over = {"loss_weight": "adaptive", "ema": {"start": 2, "every": 1}}
+    train("stage-c", config(tmp_path / "a", **over), dataset=ds, echo=None)
+
+    def kill(step):
+        if step == 5:
+            raise Kill
+
+    with pytest.raises(Kill):
+        train("stage-c", config(tmp_path / "b", **over), dataset=ds, hook=kill, echo=None)
+    assert json.loads((tmp_path / "b/checkpoint/state.json").read_text())["step"] == 3
+    train("stage-c", config(tmp_path / "b", **over), dataset=ds, echo=None)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(tmp_path / "a/checkpoint" / name), load_file(tmp_path / "b/checkpoint" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    la, lb = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    assert [r["step"] for r in lb] == list(range(1, 7))  # the killed run's steps 4-5 were dropped from the log
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    # the first update runs at lr 0 (official warm-up of 1), so step 1 changes nothing but the optimiser
+    assert la[0]["lr"] == 1e-4 and la[0]["loss"] > 0
+
+
+def test_changed_config_is_refused_on_resume(tmp_path):
+    ds = stored_dataset()
+    train("stage-c", config(tmp_path, max_steps=3), dataset=ds, echo=None)
+    with pytest.raises(ConfigError, match=r"optim.lr: 0.0001 → 0.001"):
+        train("stage-c", config(tmp_path, max_steps=4, optim={"lr": 1e-3}), dataset=ds, echo=None)
+    train("stage-c", config(tmp_path, max_steps=4), dataset=ds, echo=None)  # max_steps may grow
+    assert read_log(tmp_path)[-1]["step"] == 4
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"optim": {"lrr": 1}}, "unknown key 'optim.lrr' (did you mean 'lr'?)"),
+    ({"batch_size": "many"}, "batch_size: Input should be a valid integer"),
+    ({"max_steps": None, "loss_weight": "p3"}, "loss_weight: Input should be 'p2' or 'adaptive'"),
+    ({"batch_size": 3}, "batch_size 3 must be a multiple of grad_accum_steps 2"),
+    ({"lora": {"rank": 4}}, "unknown key 'lora'"),
+])
+def test_config_errors_name_the_key(tmp_path, bad, message):
+    with pytest.raises(ConfigError) as e:
+        train("stage-c", config(tmp_path, **bad), dataset=stored_dataset(), echo=None)
+    assert message in str(e.value)
+
+
+def test_cli_reports_config_errors_and_the_controlnet_slot(tmp_path):
+    from codec.cli import TRAIN_TASKS, main
+
+    assert set(TRAIN_TASKS) == set(TASKS)
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: x\ndata: {store: s}\nbatch_size: 2\nmax_steps: 1\nlora: {rank: [\n")
+    r = CliRunner().invoke(main, ["train", "lora", str(path)])
+    assert r.exit_code == 1 and "invalid YAML" in r.output and "Traceback" not in r.output
+    path.write_text("output_dir: x\ndata: {store: s}\nbatch_size: 2\nmax_steps: 1\nmodel: {dropout: 2}\n")
+    r = CliRunner().invoke(main, ["train", "stage-c", str(path)])
+    assert r.exit_code == 1 and "model.dropout: Input should be less than or equal to 1" in r.output
+    r = CliRunner().invoke(main, ["train", "controlnet", str(path)])
+    if "controlnet" not in TASKS or "not available" in r.output:
+        assert "not available" in r.output or r.exit_code == 1
+    r = CliRunner().invoke(main, ["train", "--help"])
+    assert r.exit_code == 0 and "resumes" in r.output
+
+
+def test_pyramid_noise_levels_and_norm():
+    """official.md §13.4: for 256² latents levels i = 4…8 are used, norm 1.10270."""
+    levels = [0.75 ** i for i in range(4, 9)]
+    assert abs((1 + sum(m * m for m in levels)) ** 0.5 - 1.10270) < 1e-5
+    zero = torch.zeros(1, 1, 256, 256)
+    g = torch.Generator().manual_seed(0)
+    out = pyramid_noise(zero, generator=g)
+    # only the coarse levels contribute; the finest used level (16×16) makes 16×16-pixel constant blocks
+    assert out.std() > 0 and torch.equal(out[..., :16, :16], out[..., :1, :1].expand(1, 1, 16, 16))
+    noise = torch.randn(64, 4, 256, 256, generator=torch.Generator().manual_seed(1))
+    assert abs(pyramid_noise(noise, generator=g).std().item() - 1) < 0.02
+
+
+def test_adaptive_weight_follows_bucket_losses():
+    w = AdaptiveLossWeight()
+    logsnr = torch.tensor([0.0, 0.0, 5.0])
+    assert torch.equal(w(logsnr), torch.ones(3))
+    w.update(logsnr, torch.tensor([2.0, 4.0, 1.0]))
+    # duplicate bucket in one batch: the last sample wins (official vectorised assignment)
+    assert torch.allclose(w.bucket_losses[w._index(torch.tensor([0.0]))], torch.tensor([0.99 + 0.04]))
+    assert torch.allclose(w(torch.tensor([0.0])), 1 / torch.tensor([1.03]))
+
+
+def test_stage_c_checkpoint_is_a_release_file(tmp_path):
+    from codec.generation.stage_c import StageC
+    from codec.weights import load_configured
+
+    train("stage-c", config(tmp_path, max_steps=2), dataset=stored_dataset(), echo=None)
+    model, header = load_configured(StageC, tmp_path / "checkpoint/model.safetensors", None, torch.float32, "cpu")
+    assert header.config["c_cond"] == 64 and sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.fixture(scope="module")
+def text_weights(tmp_path_factory, tiny_weights):
+    from codec.tiny import write_tiny_text_encoder
+
+    folder = tmp_path_factory.mktemp("w")
+    for f in tiny_weights.iterdir():
+        shutil.copy(f, folder / f.name)
+    return write_tiny_text_encoder(folder)
+
+
+def test_lora_with_a_new_token_trains_and_loads_back(tmp_path, text_weights):
+    from codec.generation.lora import read_lora
+    from codec.generation.stage_c import StageC
+    from codec.generation.text import TextEncoder
+    from codec.generation.tokens import add_train_tokens, load_token_state
+    from codec.tiny import TINY_STAGE_C
+    from codec.weights import save_module
+
+    torch.manual_seed(0)
+    base = StageC(**TINY_STAGE_C)
+    base.init_weights()
+    save_module(base, tmp_path / "stage_c.safetensors", TINY_STAGE_C)
+    items = [{"latent": it["latent"], "caption": "a photo of [sks]"} for it in stage_c_items()]
+    cfg = config(tmp_path / "run", max_steps=3, weights=str(text_weights), optim={"lr": 1e-2},
+                 model={"checkpoint": str(tmp_path / "stage_c.safetensors")}, preview={"every": 3, "n": 2, "steps": 2},
+                 lora={"rank": 2, "train_tokens": [["[sks]", "^a</w>$"]], "export_kohya": True})
+    train("lora", cfg, dataset=ListDataset(items), echo=None)
+    path = tmp_path / "run/checkpoint/model.safetensors"
+    assert (tmp_path / "run/checkpoint/model.kohya.safetensors").exists()
+    assert (tmp_path / "run/previews/step_0000003.png").exists()
+    net, info, token_state = read_lora(path, base)
+    assert info.rank == 2 and info.tokens == [["[sks]", "^a</w>$"]] and info.pool_at == "eos"
+    assert token_state["embeddings.embeddings"].abs().sum() > 0  # the token delta was trained
+    assert any(w.lora_down.abs().sum() > 0 for w in net.weights)
+    enc, plain = TextEncoder.from_pretrained(text_weights), TextEncoder.from_pretrained(text_weights)
+    add_train_tokens(plain, info.tokens)
+    load_token_state(enc, token_state, info.tokens)
+    assert not torch.equal(enc.encode(["a photo of [sks]"]).hidden, plain.encode(["a photo of [sks]"]).hidden)
+    assert torch.equal(enc.encode(["a cat"]).hidden, plain.encode(["a cat"]).hidden)
+
+
+@pytest.mark.parametrize("effnet_from", ["stored", "pixels"])
+def test_stage_b_recipe_runs(tmp_path, text_weights, effnet_from):
+    g = torch.Generator().manual_seed(0)
+    items = [{"stage_a": torch.randn(4, 16, 16, generator=g), "latent": torch.randn(16, 2, 2, generator=g),
+              "caption": "x"} for _ in range(4)]
+    cfg = config(tmp_path, max_steps=2, grad_accum_steps=1, batch_size=2, weights=str(text_weights),
+                 stage_b={"effnet_from": effnet_from}, preview={"every": 2, "n": 2, "steps": 2})
+    train("stage-b", cfg, dataset=ListDataset(items), echo=None)
+    assert len(read_log(tmp_path)) == 2 and (tmp_path / "previews/step_0000002.png").exists()
