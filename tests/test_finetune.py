@@ -186,3 +186,17 @@ def test_stage_b_recipe_runs(tmp_path, text_weights, effnet_from):
                  stage_b={"effnet_from": effnet_from}, preview={"every": 2, "n": 2, "steps": 2})
     train("stage-b", cfg, dataset=ListDataset(items), echo=None)
     assert len(read_log(tmp_path)) == 2 and (tmp_path / "previews/step_0000002.png").exists()
+
+
+@pytest.mark.parametrize("task", ["stage-c", "lora", "stage-b"])
+def test_example_configs_are_valid(task):
+    from pathlib import Path
+
+    import codec.generation.finetune as ft
+    from codec.generation.finetune.config import load_config, read_yaml
+    from codec.generation.finetune.run import task_class
+
+    path = Path(ft.__file__).parent / "examples" / f"{task.replace('-', '_')}.yaml"
+    cls = task_class(task)
+    cfg, section = load_config(read_yaml(path), cls.section, cls.section_model, str(path))
+    assert cfg.max_steps == 10000 and (section is None) == (cls.section is None)
