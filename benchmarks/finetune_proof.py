@@ -138,15 +138,14 @@ def main() -> None:
     from codec.generation.stage_c import StageC
     from codec.generation.text import TextEncoder
     from codec.generation.tokens import add_train_tokens, load_token_state
-    from codec.tiny import TINY_STAGE_C, write_tiny_text_encoder, write_tiny_weights
+    from codec.tiny import TINY_STAGE_C, write_tiny_weights
     from codec.weights import load_configured
     from datasets_tools import encode_dataset
 
     out = args.out
     if out.exists():
         shutil.rmtree(out)
-    weights = write_tiny_weights(out / "weights")
-    write_tiny_text_encoder(out / "weights")
+    weights = write_tiny_weights(out / "weights")  # includes the tiny CLIP text encoder
     t0 = time.time()
 
     # 1. data

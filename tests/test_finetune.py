@@ -1,7 +1,6 @@
 """The training loop on tiny models: exact resume, configs, objectives, the Stage C / LoRA / Stage B tasks."""
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -137,13 +136,8 @@ def test_stage_c_checkpoint_is_a_release_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def text_weights(tmp_path_factory, tiny_weights):
-    from codec.tiny import write_tiny_text_encoder
-
-    folder = tmp_path_factory.mktemp("w")
-    for f in tiny_weights.iterdir():
-        shutil.copy(f, folder / f.name)
-    return write_tiny_text_encoder(folder)
+def text_weights(tiny_weights):
+    return tiny_weights  # tiny weights include the CLIP text encoder (text_encoder/, tokenizer/)
 
 
 def test_lora_with_a_new_token_trains_and_loads_back(tmp_path, text_weights):

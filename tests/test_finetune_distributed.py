@@ -1,7 +1,6 @@
 """torchrun with 2 gloo CPU processes gives the loss curve and weights of 1 process with the same global batch."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -15,16 +14,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_weights):
-    from codec.tiny import write_tiny_text_encoder
     from datasets_tools import encode_dataset
     from test_dataset_helpers import make_folder
 
     root = tmp_path_factory.mktemp("ddp")
-    weights = root / "weights"
-    weights.mkdir()
-    for f in tiny_weights.iterdir():
-        shutil.copy(f, weights / f.name)
-    write_tiny_text_encoder(weights)
+    weights = tiny_weights  # with the tiny CLIP text encoder
     make_folder(root / "src", 8)
     encode_dataset(root / "src", root / "store.zarr", weights, size=64, batch_size=4, workers=0, shard_size=4,
                    progress=False, log=lambda s: None)
