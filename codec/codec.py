@@ -74,13 +74,6 @@ class ComponentInfo:
     detail: str | None = None
 
 
-def _build(cls: Callable[..., torch.nn.Module], config: dict[str, Any] | None,
-           preset: dict[str, Any] | None = None) -> Callable[[], torch.nn.Module]:
-    kwargs = dict(preset or {})
-    kwargs.update(config or {})
-    return lambda: cls(**kwargs)
-
-
 def _load_component(src: W.WeightSource, where: str | interop.Located, cls: Callable[..., torch.nn.Module],
                     preset: dict[str, Any] | None, dtype: torch.dtype,
                     device: torch.device | str) -> tuple[torch.nn.Module, ComponentInfo]:
@@ -88,7 +81,7 @@ def _load_component(src: W.WeightSource, where: str | interop.Located, cls: Call
     ``preset``; diffusers keys mapped while streaming) and describe where it came from."""
     loc = where if isinstance(where, interop.Located) else interop.Located.official_file(where)
     ckpt, config = interop.open_component(src, loc)
-    model = W.load_module(_build(cls, config, preset), ckpt, dtype, device, f"{loc.label} ({cls.__name__})")
+    model = W.load_module(W.configured_builder(cls, config, preset), ckpt, dtype, device, f"{loc.label} ({cls.__name__})")
     info = ComponentInfo(str(ckpt.path), sum(p.numel() for p in model.parameters()), str(dtype).replace("torch.", ""),
                          ckpt.metadata.get(W.META_NOTE), loc.layout)
     return model, info

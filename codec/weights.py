@@ -496,14 +496,21 @@ def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike, confi
     return path
 
 
+def configured_builder(cls: Callable[..., nn.Module], config: Mapping[str, Any] | None,
+                       preset: Mapping[str, Any] | None = None) -> Callable[[], nn.Module]:
+    """A builder of ``cls`` from a file's stored ``config`` over ``preset`` (official files store none)."""
+    kwargs = dict(preset or {})
+    kwargs.update(config or {})
+    return lambda: cls(**kwargs)
+
+
 def load_configured(cls: Callable[..., nn.Module], path: str | os.PathLike, preset: Mapping[str, Any] | None,
                     dtype: torch.dtype | None, device: torch.device | str) -> tuple[nn.Module, SafetensorsHeader]:
     """Load ``cls`` from ``path``, built with the config stored in the file over ``preset`` (official files
     store none), in ``dtype`` on ``device``; returns the model (eval, frozen) and the file's header."""
     header = read_header(path)
-    kwargs = dict(preset or {})
-    kwargs.update(header.config or {})
-    model = load_module(lambda: cls(**kwargs), path, dtype, device, f"{Path(path).name} ({cls.__name__})")
+    model = load_module(configured_builder(cls, header.config, preset), path, dtype, device,
+                        f"{Path(path).name} ({cls.__name__})")
     return model, header
 
 
