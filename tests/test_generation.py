@@ -168,6 +168,40 @@ def test_missing_stage_c_file_is_named(tmp_path, tiny_weights):
         TextToImage.from_pretrained(tmp_path, device="cpu")
 
 
+def test_lora_file_changes_stage_c_and_brings_its_token(tiny_weights, tmp_path, pipe):
+    from codec.generation.lora import LoraNetwork, save_lora
+    from codec.generation.tokens import add_train_tokens, attach_token_delta
+
+    model = pipe._stage_c()
+    net = LoraNetwork.create(model, rank=2, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for lora in net.weights:
+            lora.lora_down.copy_(torch.randn(lora.lora_down.shape, generator=g) * 0.1)
+    enc = TextEncoder.from_pretrained(tiny_weights)
+    tokens = [["[sks]", "^a</w>$"]]
+    delta = attach_token_delta(enc, add_train_tokens(enc, tokens))
+    with torch.no_grad():
+        delta.embeddings.normal_(generator=g)
+    path = save_lora(LoraNetwork(net.targets, list(net.weights), delta), tmp_path / "lora.safetensors",
+                     tokens=tokens, pool_at="eos")
+
+    def run(p, prompt):
+        return p.generate(prompt, height=256, width=256, seed=0, **FAST).latents
+
+    full = TextToImage.from_pretrained(tiny_weights, device="cpu", loras=[(path, 1.0)])
+    off = TextToImage.from_pretrained(tiny_weights, device="cpu", loras=[(path, 0.0)])
+    assert not torch.equal(run(full, "a photo of a cat"), run(pipe, "a photo of a cat"))
+    # strength 0 leaves Stage C as it was: prompts without the token are unchanged, the token still acts
+    assert torch.equal(run(off, "a photo of a cat"), run(pipe, "a photo of a cat"))
+    assert not torch.equal(run(off, "a photo of [sks]"), run(pipe, "a photo of [sks]"))
+    res = _run(["generate", "a photo of [sks]", "-w", str(tiny_weights), "-o", str(tmp_path / "l.png"),
+                "--lora", f"{path}:0.5", "--size", "256", "--steps-c", "1", "--steps-b", "1"])
+    assert res.exit_code == 0, res.output
+    res = _run(["generate", "x", "-w", str(tiny_weights), "-o", str(tmp_path / "m.png"), "--lora", "nope.safetensors"])
+    assert res.exit_code == 1 and "nope.safetensors" in res.output
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 

@@ -37,6 +37,17 @@ def _parse_size(value: str | None) -> tuple[int | None, int | None]:
     return height, width
 
 
+def _parse_lora(value: str) -> tuple[Path, float]:
+    """``FILE`` or ``FILE:STRENGTH`` → ``(path, strength)``."""
+    path, _, strength = value.rpartition(":")
+    if path:
+        try:
+            return Path(path), float(strength)
+        except ValueError:
+            pass
+    return Path(value), 1.0
+
+
 def read_prompt_file(path: Path) -> list[dict]:
     """Prompts from a text file (one per line) or JSONL (``prompt``, optional ``negative`` and ``seed``)."""
     if not path.is_file():
@@ -122,6 +133,10 @@ def _png_text(prompt: str, negative: str, seed: int | None, settings) -> dict[st
 @click.option("--clip", "clip_source", default=None, metavar="DIR|REPO",
               help="Folder or repo with text_encoder/, tokenizer/ (and image_encoder/ for variations) in the Hugging "
                    "Face layout. Default: the --weights folder.")
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:STRENGTH]",
+              help="LoRA for Stage C (official lora_*.safetensors, kohya/ComfyUI or diffusers/PEFT naming), merged at "
+                   "STRENGTH (default 1); repeat for several. Tokens the file trained (e.g. [fernando]) are added to "
+                   "the text encoder.")
 @click.option("--device", default="auto", show_default=True, help="Torch device: auto (CUDA if available), cpu, cuda, …")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="Stage C and Stage B precision. auto = bf16 on CUDA, fp32 on CPU. fp16 (GPUs without bf16, "
@@ -129,7 +144,7 @@ def _png_text(prompt: str, negative: str, seed: int | None, settings) -> dict[st
                    "activations (plain fp16 overflows in Stage C).")
 def generate(prompt, out, prompt_file, negative, size, num_images, steps_c, cfg_c, shift_c, steps_b, cfg_b, cfg_rho,
              sampler, seed, image, mode, strength, preview_dir, save_latents, batch_size, stage_c, stage_b, weights,
-             clip_source, device, dtype) -> None:
+             clip_source, loras, device, dtype) -> None:
     """Generate images from PROMPT (or --prompts FILE): text → Stage C → Stage B → Stage A.
 
     Examples: cascade generate "a lighthouse at dusk" -o out.png --size 1216x832 --n 2;
@@ -157,7 +172,7 @@ def generate(prompt, out, prompt_file, negative, size, num_images, steps_c, cfg_
         pipe = TextToImage.from_pretrained(source, stage_c=stage_c, stage_b=stage_b,
                                            dtype=None if dtype == "auto" else dtype,
                                            device=None if device == "auto" else device, clip_source=clip_source,
-                                           keep_loaded=len(items) > 1)
+                                           keep_loaded=len(items) > 1, loras=[_parse_lora(v) for v in loras])
         for note in pipe.notes():
             click.secho(f"note: {note}", fg="yellow", err=True)
         t0 = time.perf_counter()

@@ -332,6 +332,15 @@ def read_lora(path: str | os.PathLike, model: nn.Module, filters: Sequence[str] 
     return _read_named(path, model, tensors)
 
 
+def read_lora_tokens(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoraFileInfo | None]:
+    """The trained-token part of a LoRA file without a model: ``(token_state, info)``; empty for files that
+    train no tokens (and ``info`` is ``None`` for files not in the official layout)."""
+    tensors, metadata = _read_tensors(path)
+    if not any(re.fullmatch(r"weights\.\d+\.lora_(down|up)", k) for k in tensors):
+        return {}, None
+    return {k: v for k, v in tensors.items() if k.startswith("embeddings.")}, _official_info(metadata, tensors)
+
+
 def _read_official(path, model, tensors, metadata, filters, alpha):
     info = _official_info(metadata, tensors)
     if filters is not None:

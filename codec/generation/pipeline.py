@@ -18,6 +18,7 @@ import gc
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -90,7 +91,8 @@ class TextToImage:
 
     def __init__(self, source: W.WeightSource, stage_c: str = "lite", stage_b: str = "lite",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 clip_source: str | os.PathLike | None = None, keep_loaded: bool = False):
+                 clip_source: str | os.PathLike | None = None, keep_loaded: bool = False,
+                 loras: Sequence[tuple[str | os.PathLike, float]] = ()):
         self.source = source
         self.stage_c_size = stage_c
         self.stage_b_size = stage_b
@@ -98,13 +100,18 @@ class TextToImage:
         self.dtype = dtype
         self.clip_source = clip_source if clip_source is not None else (source.folder or source.repo_id)
         self.keep_loaded = keep_loaded
+        self.loras = [(Path(p), float(m)) for p, m in loras]
+        for path, _ in self.loras:
+            if not path.is_file():
+                raise FileNotFoundError(f"LoRA file {path} does not exist")
         self._cache: dict[str, Any] = {}
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike = W.OFFICIAL_REPO, stage_c: str = "lite",
                         stage_b: str = "lite", dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, clip_source: str | os.PathLike | None = None,
-                        keep_loaded: bool = False) -> "TextToImage":
+                        keep_loaded: bool = False,
+                        loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> "TextToImage":
         """Check that the weights are there and return a pipeline that loads them on use.
 
         ``source``: a folder or repo id in the official layout (``stage_c*.safetensors``, …)
@@ -116,12 +123,14 @@ class TextToImage:
         precision (default bf16 on CUDA, fp32 elsewhere); ``fp16`` runs Stage C in its
         overflow-safe fp16 mode (:meth:`StageC.half_safe`). ``clip_source``: folder or repo
         with ``text_encoder/``, ``tokenizer/`` (and ``image_encoder/`` for variations);
-        default: ``source``.
+        default: ``source``. ``loras``: ``(file, strength)`` pairs merged into Stage C (official,
+        kohya/ComfyUI or diffusers/PEFT naming); trained tokens in a file are added to the
+        tokenizer and text encoder.
         """
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = W.parse_dtype(dtype, device)
         src = W.WeightSource(source)
-        pipeline = cls(src, stage_c, stage_b, device, dtype, clip_source, keep_loaded)
+        pipeline = cls(src, stage_c, stage_b, device, dtype, clip_source, keep_loaded, loras)
         interop.require(src, pipeline._locations())
         return pipeline
 
@@ -150,8 +159,19 @@ class TextToImage:
     def _text_encoder(self):
         from .text import TextEncoder
 
-        return self._get("text", lambda: TextEncoder.from_pretrained(self.clip_source, device=self.device,
-                                                                   dtype=self.dtype))
+        def load():
+            from .lora import read_lora_tokens
+            from .tokens import load_token_state
+
+            encoder = TextEncoder.from_pretrained(self.clip_source, device=self.device, dtype=self.dtype)
+            for path, _ in self.loras:
+                state, info = read_lora_tokens(path)
+                if state:
+                    load_token_state(encoder, state, info.tokens, source=str(path))
+                    encoder.pool_at = info.pool_at or encoder.pool_at
+            return encoder
+
+        return self._get("text", load)
 
     def _image_encoder(self):
         from .clip_image import ImageEncoder
@@ -166,6 +186,12 @@ class TextToImage:
             dtype = torch.bfloat16 if self.dtype == torch.float16 else self.dtype
             model, _ = _load_component(self.source, self._locations()[0], StageC,
                                        asdict(STAGE_C_PRESETS[f"stage_c_{self.stage_c_size}"]), dtype, self.device)
+            from .lora import read_lora
+
+            for path, strength in self.loras:
+                network, _, _ = read_lora(path, model)
+                network.set_multiplier(strength)
+                network.merge(model)
             return model.half_safe() if self.dtype == torch.float16 else model
 
         return self._get("stage_c", load)
