@@ -169,3 +169,35 @@ def test_super_resolution_features(weights_dir, effnet):
 def test_unknown_kind_is_explained(canny):
     with pytest.raises(ValueError, match="unknown control kind 'depth'"):
         control_features(canny, torch.rand(1, 3, 64, 64), "depth")
+
+
+class RampSaliency(torch.nn.Module):
+    """Saliency rising from 0 (left) to 0.5 (right): the mask fraction reveals the threshold drawn."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linspace(0, 0.5, x.shape[-1]).expand(x.size(0), 1, x.shape[-2], -1)
+
+
+def test_training_control_draws_are_official_and_reproducible():
+    control = CF.TrainingControl("inpainting", saliency=RampSaliency())
+    images = torch.rand(1, 3, 128, 128)
+
+    def masks(seed: int, n: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.cat([control(images, g)[:, 3] for _ in range(n)])
+
+    first = masks(0, 24)
+    assert torch.equal(first[:4], masks(0, 4))  # same generator seed, same thresholds and outpaint draws
+    # the ramp is salient on the right: inpainting fills a right part, outpainting (p = 0.4) a left part,
+    # and the threshold ~U(0.04, 0.4) sets how much (about 1 - 2·threshold of the width)
+    left, right = first[:, :, 0].mean(dim=1) > 0.5, first[:, :, -1].mean(dim=1) > 0.5
+    assert (right & ~left).sum() > 5 and (left & ~right).sum() > 2
+    assert len(set(first.mean(dim=(1, 2)).tolist())) > 6
+    with pytest.raises(ValueError, match="saliency"):
+        CF.TrainingControl("inpainting")
+    edges = CF.TrainingControl("canny")(torch.stack(to_tensor_list(shapes_image(128, 128))))
+    assert edges.shape == (1, 1, 128, 128) and edges.max() > 0
