@@ -67,6 +67,13 @@ def test_only_the_controlnet_trains(setup):
     assert stage_c.training and not any(p.requires_grad for p in stage_c.parameters())
     assert controlnet.projections.training and not controlnet.backbone.training
     assert {id(p) for p in task.parameters()} == {id(p) for p in controlnet.parameters()}
+    # the module a generic loop trains: trainable names are the ControlNet's, modes survive eval()/train()
+    trainable = [n for n, p in task.model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("controlnet.") for n in trainable)
+    task.model.eval()
+    assert not stage_c.training and not controlnet.training
+    task.model.train()
+    assert stage_c.training and controlnet.projections.training and not controlnet.backbone.training
     task.loss(batch, torch.Generator().manual_seed(0)).loss.backward()
     assert all(p.grad is None for p in stage_c.parameters())
     # zero-initialised output projections: only they get a gradient on the first step

@@ -70,6 +70,45 @@ def controlnet_for(stage_c: StageC, kind: str, proj_blocks: list[int] | None = N
     return model
 
 
+class ControlledStageC(nn.Module):
+    """Frozen Stage C + trainable ControlNet as one epsilon model: ``forward(x, r, clip_text, clip_text_pooled,
+    clip_img, control)`` = ``stage_c(..., cnet=controlnet(control))``.
+
+    This is the module a generic diffusion loop trains: its only trainable parameters are
+    ``controlnet.*``. ``train()`` keeps the official modes: the ControlNet's EfficientNet
+    BatchNorm frozen, and Stage C in train mode (dropout active) unless ``stage_c_dropout``
+    is False.
+    """
+
+    def __init__(self, stage_c: StageC, controlnet: ControlNet, stage_c_dropout: bool = True):
+        super().__init__()
+        self.stage_c = stage_c.requires_grad_(False)
+        self.controlnet = controlnet.requires_grad_(True)
+        self.stage_c_dropout = stage_c_dropout
+        self.train()
+
+    def train(self, mode: bool = True) -> "ControlledStageC":
+        """Training mode for the ControlNet; Stage C follows ``stage_c_dropout`` (see the class docstring)."""
+        self.training = mode
+        self.controlnet.train(mode)
+        self.stage_c.train(mode and self.stage_c_dropout)
+        return self
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, clip_text: torch.Tensor, clip_text_pooled: torch.Tensor,
+                clip_img: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+        param = next(self.controlnet.parameters())
+        cnet = self.controlnet(control.to(param.device, param.dtype))
+        return self.stage_c(x, r, clip_text, clip_text_pooled, clip_img, cnet=cnet)
+
+
+def offset_noise_like(x0: torch.Tensor, offset_noise: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """ε for ``x0`` as the official GDF draws it: N(0,1), plus ``offset_noise``·N(0,1) per sample and channel."""
+    noise = torch.randn(x0.shape, generator=generator)
+    if offset_noise > 0:
+        noise = noise + offset_noise * torch.randn(x0.size(0), x0.size(1), *[1] * (x0.ndim - 2), generator=generator)
+    return noise.to(x0.device, x0.dtype)
+
+
 @dataclass
 class StepLoss:
     """One step's loss: ``loss`` (the scalar to back-propagate) and the per-sample unweighted MSE."""
@@ -91,14 +130,12 @@ class ControlNetTask:
     def __init__(self, stage_c: StageC, controlnet: ControlNet, control: ControlFn,
                  effnet: EfficientNetEncoder | None = None, offset_noise: float = 0.0,
                  stage_c_dropout: bool = True, schedule: CosineSchedule | None = None):
-        self.stage_c = stage_c.requires_grad_(False)
-        self.controlnet = controlnet.requires_grad_(True)
+        self.model = ControlledStageC(stage_c, controlnet, stage_c_dropout)
+        self.stage_c, self.controlnet = stage_c, controlnet
         self.control = control
         self.effnet = None if effnet is None else effnet.eval().requires_grad_(False)
         self.offset_noise = offset_noise
-        self.stage_c_dropout = stage_c_dropout
         self.schedule = schedule or CosineSchedule()
-        self.train_mode()
 
     @classmethod
     def for_kind(cls, kind: str, stage_c: StageC, controlnet: ControlNet, *,
@@ -116,15 +153,15 @@ class ControlNetTask:
 
     def train_mode(self) -> None:
         """Modes for training steps (call again after sampling previews in eval mode)."""
-        self.controlnet.train()  # keeps an EfficientNet backbone in eval mode
-        self.stage_c.train(self.stage_c_dropout)
+        self.model.train()
 
     def models_to_save(self) -> dict[str, nn.Module]:
         """Modules a checkpoint stores, by file stem (``controlnet.safetensors``, as officially)."""
         return {"controlnet": self.controlnet}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Save the ControlNet as safetensors with its config (loads with ``ControlNet.from_pretrained(path)``)."""
+        """Save the whole ControlNet (BatchNorm statistics included, as the released files) with its config;
+        it loads with ``ControlNet.from_pretrained(path)``."""
         return W.save_module(self.controlnet, path, self.controlnet.config)
 
     @torch.no_grad()
@@ -136,37 +173,32 @@ class ControlNetTask:
             raise ValueError("the batch has no 'latents' and the task has no EfficientNet encoder to compute them")
         return self.effnet.encode(batch["images"])
 
-    def features(self, batch: Mapping[str, torch.Tensor],
-                 generator: torch.Generator | None = None) -> list[torch.Tensor | None]:
-        """``cnet`` for a batch (with gradients): the training filter on ``batch['images']``, then the ControlNet.
-        Also what previews pass to sampling, for both the conditional and the unconditional branch."""
-        with torch.no_grad():
-            control = self.control(batch["images"], generator)
-        param = next(self.controlnet.parameters())
-        return self.controlnet(control.to(param.device, param.dtype))
+    @torch.no_grad()
+    def control_input(self, batch: Mapping[str, torch.Tensor],
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """The training filter on ``batch['images']`` (no gradient). Previews pass ``controlnet(control)`` as
+        ``cnet`` to both the conditional and the unconditional branch."""
+        return self.control(batch["images"], generator)
 
     def loss(self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None = None) -> StepLoss:
         """The official ControlNet loss for one batch.
 
         ``batch``: ``images`` (B,3,H,W) in [0,1]; ``clip_text`` (B,77,C), ``clip_text_pooled``
         (B,1,C), optional ``clip_img`` (B,1,C_img; zeros when absent) — conditions after the
-        loop's condition dropout; optional ``latents`` (B,16,h,w). Random numbers (t, noise,
-        filter draws) come from ``generator`` (CPU) when given; Stage C dropout uses torch's
-        global RNG.
+        loop's condition dropout; optional ``latents`` (B,16,h,w). Random numbers (filter
+        draws, t, noise) come from ``generator`` (CPU) when given, in that order; Stage C
+        dropout uses torch's global RNG.
         """
-        cnet = self.features(batch, generator)
+        control = self.control_input(batch, generator)
         x0 = self.latents(batch)
         bsz = x0.size(0)
         t = self.schedule.random_t(bsz, generator)
-        noise = torch.randn(x0.shape, generator=generator)
-        if self.offset_noise > 0:
-            noise = noise + self.offset_noise * torch.randn(bsz, x0.size(1), 1, 1, generator=generator)
-        noise = noise.to(x0.device, x0.dtype)
-        noised, noise, logsnr, noise_cond = diffuse(x0, t, noise, schedule=self.schedule)
+        noised, noise, logsnr, noise_cond = diffuse(x0, t, offset_noise_like(x0, self.offset_noise, generator),
+                                                    schedule=self.schedule)
         clip_img = batch.get("clip_img")
         if clip_img is None:
             clip_img = x0.new_zeros(bsz, 1, self.stage_c.config.c_clip_img)
-        pred = self.stage_c(noised, noise_cond, batch["clip_text"], batch["clip_text_pooled"], clip_img, cnet=cnet)
+        pred = self.model(noised, noise_cond, batch["clip_text"], batch["clip_text_pooled"], clip_img, control)
         per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
         weight = p2_loss_weight(logsnr).to(per_sample.device)
         return StepLoss((per_sample * weight).mean(), per_sample.detach(), weight)
