@@ -136,10 +136,9 @@ def write_tiny_controlnet(folder: str | os.PathLike, kind: str = "canny", seed: 
     from .generation.controlnet import CONTROLNET_FILES, ControlNet
 
     config = TINY_CONTROLNETS[kind]
-    g = torch.Generator().manual_seed(seed)
-    model = ControlNet(**config)
+    model = _fill_random(ControlNet(**config), torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        for projection in model.projections:
-            w = projection[-1].weight
-            w.copy_(torch.randn(w.shape, generator=g) / w[0].numel() ** 0.5)
+        for m in model.modules():  # BatchNorm gains near 1, so the deep EfficientNet keeps the input's signal
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight += 1.0
     return W.save_module(model, Path(folder) / CONTROLNET_FILES[kind], config, TINY_NOTE)

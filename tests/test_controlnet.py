@@ -201,3 +201,26 @@ def test_training_control_draws_are_official_and_reproducible():
         CF.TrainingControl("inpainting")
     edges = CF.TrainingControl("canny")(torch.stack(to_tensor_list(shapes_image(128, 128))))
     assert edges.shape == (1, 1, 128, 128) and edges.max() > 0
+
+
+def test_cnet_goes_through_the_sampler_with_cfg(canny):
+    """The documented wiring: the same ``cnet`` list in the conditional and unconditional inputs."""
+    from codec.diffusion import sample
+    from codec.generation.stage_c import StageC
+    from codec.tiny import TINY_STAGE_C
+
+    stage_c = fill_(StageC(**TINY_STAGE_C), 0).eval()
+    g = torch.Generator().manual_seed(0)
+    cond = {"clip_text": torch.randn(2, 77, 24, generator=g), "clip_text_pooled": torch.randn(2, 1, 24, generator=g),
+            "clip_img": torch.zeros(2, 1, 16)}
+    uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+    cnet = control_features(canny, shapes_image(), size=(256, 256), batch_size=2)
+    assert cnet[0].shape == (2, 64, 6, 6)
+
+    def run(extra: dict) -> torch.Tensor:
+        return sample(stage_c, {**cond, **extra}, shape=(2, 16, 6, 6), uncond={**uncond, **extra}, steps=3, cfg=4.0,
+                      shift=2.0, generator=torch.Generator().manual_seed(1))
+
+    with_control, zero_strength = run({"cnet": cnet}), run({"cnet": [None if c is None else c * 0 for c in cnet]})
+    torch.testing.assert_close(zero_strength, run({}), rtol=0, atol=0)
+    assert (with_control - zero_strength).abs().max() > 1e-2 * zero_strength.abs().max()
