@@ -35,8 +35,9 @@ class GlobalResponseNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # sqrt of a sum of squares is ~3× faster than vector_norm over non-contiguous dims on CPU;
-        # fp16 keeps vector_norm, whose squares cannot overflow.
-        if x.dtype == torch.float16:
+        # fp16 keeps vector_norm, whose squares cannot overflow. Under autograd vector_norm too: the
+        # gradient of sqrt at 0 is inf (NaN for an all-zero channel), vector_norm's is defined as 0.
+        if x.dtype == torch.float16 or (x.requires_grad and torch.is_grad_enabled()):
             gx = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)
         else:
             gx = x.square().sum(dim=(1, 2), keepdim=True).sqrt()

@@ -119,3 +119,26 @@ def write_tiny_text_encoder(folder: str | os.PathLike, width: int = TINY_STAGE_B
                             eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["!"])
     CLIPTextModelWithProjection(config).save_pretrained(str(folder / "text_encoder"))
     return folder
+
+
+# ControlNets sized for TINY_STAGE_C (width 64, 10 ResBlock calls). The official 'large' bottleneck has
+# fixed widths (203M parameters), so the tiny super-resolution one uses 'simple' (same input and output).
+TINY_CONTROLNETS = {
+    "canny": dict(c_in=1, c_proj=64, proj_blocks=[0, 3, 9], bottleneck_mode="effnet"),
+    "inpainting": dict(c_in=4, c_proj=64, proj_blocks=[0, 3, 9], bottleneck_mode="effnet"),
+    "super_resolution": dict(c_in=16, c_proj=64, proj_blocks=[0, 3, 9], bottleneck_mode="simple"),
+}
+
+
+def write_tiny_controlnet(folder: str | os.PathLike, kind: str = "canny", seed: int = 0) -> Path:
+    """Write a tiny random ``controlnet/<kind>.safetensors`` (non-zero projections, so it changes Stage C's
+    output) into ``folder``; it loads with ``ControlNet.from_pretrained(folder, kind)``."""
+    from .generation.controlnet import CONTROLNET_FILES, ControlNet
+
+    config = TINY_CONTROLNETS[kind]
+    model = _fill_random(ControlNet(**config), torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        for m in model.modules():  # BatchNorm gains near 1, so the deep EfficientNet keeps the input's signal
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight += 1.0
+    return W.save_module(model, Path(folder) / CONTROLNET_FILES[kind], config, TINY_NOTE)

@@ -56,6 +56,21 @@ def fill_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return module
 
 
+@torch.no_grad()
+def bn1_(module: torch.nn.Module) -> int:
+    """The "bn1" variant of the fill: ``weight += 1`` on every affine ``BatchNorm2d``; returns how many.
+
+    With the plain fill every BN gamma is about N(0, 1/C), so deep EfficientNet outputs
+    barely depend on the input; this keeps the signal alive.
+    """
+    n = 0
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and m.affine:
+            m.weight += 1.0
+            n += 1
+    return n
+
+
 def load_golden(name: str) -> dict[str, torch.Tensor]:
     """All tensors of ``tests/data/<name>`` (``.safetensors`` appended when missing)."""
     if not name.endswith(".safetensors"):

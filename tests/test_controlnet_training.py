@@ -1,0 +1,154 @@
+"""ControlNet training task: what trains, the official loss, and a few optimisation steps that lower it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from codec.effnet import EfficientNetEncoder
+from codec.generation.control_filters import TrainingControl, canny_filter
+from codec.generation.controlnet import ControlNet
+from codec.generation.controlnet_training import ControlNetTask, controlnet_for, resblock_calls
+from codec.generation.stage_c import StageC
+from codec.tiny import TINY_STAGE_C
+
+from helpers import fill_
+
+
+def blocky_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=(size, size), mode="nearest")
+
+
+@pytest.fixture(scope="module")
+def effnet() -> EfficientNetEncoder:
+    return fill_(EfficientNetEncoder(), 0).eval().requires_grad_(False)
+
+
+@pytest.fixture()
+def stage_c_and_batch():
+    torch.manual_seed(0)
+    stage_c = fill_(StageC(**TINY_STAGE_C), 0)
+    g = torch.Generator().manual_seed(1)
+    batch = {"images": blocky_images(2),
+             "latents": torch.randn(2, 16, 4, 4, generator=g),
+             "clip_text": torch.randn(2, 77, TINY_STAGE_C["c_clip_text"], generator=g),
+             "clip_text_pooled": torch.randn(2, 1, TINY_STAGE_C["c_clip_text_pooled"], generator=g)}
+    return stage_c, batch
+
+
+@pytest.fixture()
+def setup(stage_c_and_batch, effnet):
+    stage_c, batch = stage_c_and_batch
+    controlnet = controlnet_for(stage_c, "canny", proj_blocks=[0, 3, 9])
+    controlnet.init_backbone(effnet.state_dict())
+    return stage_c, controlnet, effnet, batch
+
+
+def test_controlnet_for_sizes_to_stage_c():
+    with torch.device("meta"):
+        large = StageC.from_preset("stage_c_large")
+        lite = StageC.from_preset("stage_c_lite")
+    assert resblock_calls(large) == 64 and resblock_calls(lite) == 32
+    assert resblock_calls(StageC(**TINY_STAGE_C)) == 10
+    with torch.device("meta"):
+        net = controlnet_for(large, "canny")
+        assert net.config["c_proj"] == 2048 and net.proj_blocks == [0, 4, 8, 12, 51, 55, 59, 63]
+        with pytest.raises(ValueError, match="32 ResBlock calls"):
+            controlnet_for(lite, "canny")
+        assert controlnet_for(lite, "canny", proj_blocks=[0, 31]).config["c_proj"] == 1536
+
+
+def test_only_the_controlnet_trains(setup):
+    stage_c, controlnet, effnet, batch = setup
+    task = ControlNetTask.for_kind("canny", stage_c, controlnet, effnet=effnet)
+    assert task.offset_noise == 0.0 and isinstance(task.control, TrainingControl)
+    # official modes: Stage C frozen but in train mode (dropout on), ControlNet BN frozen
+    assert stage_c.training and not any(p.requires_grad for p in stage_c.parameters())
+    assert controlnet.projections.training and not controlnet.backbone.training
+    assert {id(p) for p in task.parameters()} == {id(p) for p in controlnet.parameters()}
+    # the module a generic loop trains: trainable names are the ControlNet's, modes survive eval()/train()
+    trainable = [n for n, p in task.model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.startswith("controlnet.") for n in trainable)
+    task.model.eval()
+    assert not stage_c.training and not controlnet.training
+    task.model.train()
+    assert stage_c.training and controlnet.projections.training and not controlnet.backbone.training
+    task.loss(batch, torch.Generator().manual_seed(0)).loss.backward()
+    assert all(p.grad is None for p in stage_c.parameters())
+    # zero-initialised output projections: only they get a gradient on the first step
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for proj in controlnet.projections for p in [proj[-1].weight])
+    assert controlnet.backbone[0][0].weight.grad.abs().max() == 0
+
+
+def test_loss_is_the_official_recipe(setup):
+    """Rebuild the loss by hand from the same random draws (official order: filter, t, ε, offset)."""
+    stage_c, controlnet, effnet, batch = setup
+    task = ControlNetTask(stage_c, controlnet, lambda x, g: canny_filter(x), offset_noise=0.1, stage_c_dropout=False)
+    with torch.no_grad():
+        controlnet.projections[0][-1].weight.normal_(std=0.05)
+        got = task.loss(batch, torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(5)
+        t = (1 - torch.rand(2, generator=g)).add(0.001).clamp(0.001, 1.0)
+        eps = torch.randn(2, 16, 4, 4, generator=g) + 0.1 * torch.randn(2, 16, 1, 1, generator=g)
+        from codec.diffusion import CosineSchedule, noise_condition, p2_loss_weight, vp_scalers
+
+        logsnr = CosineSchedule()(t)
+        a, b = (s.view(-1, 1, 1, 1) for s in vp_scalers(logsnr))
+        x0 = batch["latents"]
+        pred = stage_c(a * x0 + b * eps, noise_condition(logsnr), batch["clip_text"], batch["clip_text_pooled"],
+                       torch.zeros(2, 1, TINY_STAGE_C["c_clip_img"]), cnet=controlnet(canny_filter(batch["images"])))
+        per_sample = ((pred - eps) ** 2).mean(dim=[1, 2, 3])
+    torch.testing.assert_close(got.per_sample, per_sample)
+    torch.testing.assert_close(got.loss, (per_sample * p2_loss_weight(logsnr)).mean())
+
+
+def test_a_few_steps_lower_the_loss(stage_c_and_batch):
+    """A small 'simple' ControlNet reading the image at latent resolution (cheap on a CPU) learns to help."""
+    stage_c, batch = stage_c_and_batch
+    controlnet = ControlNet(c_in=3, c_proj=TINY_STAGE_C["c_hidden"][0], proj_blocks=[0, 3, 9],
+                            bottleneck_mode="simple")
+    task = ControlNetTask(stage_c, controlnet, lambda x, g: torch.nn.functional.adaptive_avg_pool2d(x, (4, 4)))
+    optimizer = torch.optim.AdamW(task.parameters(), lr=1e-2)
+
+    def held_out_loss() -> float:
+        # the same t, noise and dropout every time, none of them seen in training
+        torch.manual_seed(123)
+        with torch.no_grad():
+            return task.loss(batch, torch.Generator().manual_seed(999)).loss.item()
+
+    before = held_out_loss()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        optimizer.zero_grad(set_to_none=True)
+        task.loss(batch, g).loss.backward()
+        torch.nn.utils.clip_grad_norm_(task.parameters(), 1.0)
+        optimizer.step()
+    after = held_out_loss()
+    assert after < 0.8 * before, f"loss {before:.4f} -> {after:.4f}"
+    assert all(p.grad is None for p in stage_c.parameters())
+
+
+def test_grn_gradient_is_finite_for_a_zero_channel():
+    """Training needs GRN's gradient where a channel is all zero (sqrt'(0) = inf would give NaN)."""
+    from codec.blocks import GlobalResponseNorm
+
+    grn = GlobalResponseNorm(4)
+    with torch.no_grad():
+        grn.gamma.fill_(0.5)
+    x = torch.randn(1, 3, 3, 4)
+    x[..., 1] = 0
+    x.requires_grad_(True)
+    grn(x).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_saved_controlnet_loads_back(setup, tmp_path):
+    stage_c, controlnet, effnet, _ = setup
+    task = ControlNetTask.for_kind("canny", stage_c, controlnet, effnet=effnet)
+    assert set(task.models_to_save()) == {"controlnet"}
+    path = task.save(tmp_path / "controlnet.safetensors")
+    loaded = ControlNet.from_pretrained(path, "canny", device="cpu")
+    assert loaded.config == controlnet.config
+    for (k, a), b in zip(controlnet.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
