@@ -202,6 +202,51 @@ def test_lora_file_changes_stage_c_and_brings_its_token(tiny_weights, tmp_path, 
     assert res.exit_code == 1 and "nope.safetensors" in res.output
 
 
+@pytest.fixture(scope="module")
+def control_weights(tiny_weights, tmp_path_factory):
+    import shutil
+
+    from codec.tiny import write_tiny_controlnet
+
+    folder = tmp_path_factory.mktemp("control_weights")
+    shutil.copytree(tiny_weights, folder, dirs_exist_ok=True)
+    for kind in ("canny", "inpainting", "super_resolution"):
+        write_tiny_controlnet(folder, kind)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["canny", "inpainting", "super_resolution"])
+def test_controlnet_guides_stage_c(control_weights, kind):
+    p = TextToImage.from_pretrained(control_weights, device="cpu")
+    g = torch.Generator().manual_seed(4)
+    img = torch.rand(3, 128, 192, generator=g)
+    img[:, 32:96, 48:144] = 1.0  # a bright box gives canny edges
+    extra = {"control_mask": (torch.rand(1, 128, 192, generator=g) > 0.5).float()} if kind == "inpainting" else {}
+    kw = dict(steps_c=2, steps_b=1, seed=0, output="tensor", height=256, width=384)
+    if kind == "super_resolution":
+        kw.pop("height"), kw.pop("width")
+    guided = p.generate("x", controlnet=kind, control_image=img, **extra, **kw)
+    weak = p.generate("x", controlnet=kind, control_image=img, control_strength=0.0, **extra, **kw)
+    plain = p.generate("x", **{**kw, "height": guided.settings.height, "width": guided.settings.width})
+    if kind == "super_resolution":
+        assert guided.images.shape[-2:] == (256, 384)  # twice the control image
+    else:
+        assert guided.latents.shape == plain.latents.shape == (1, 16, 6, 9)
+        assert torch.equal(weak.latents, plain.latents)  # strength 0 = no ControlNet
+    assert not torch.allclose(guided.latents, weak.latents)
+
+
+def test_cli_generate_with_controlnet(control_weights, tmp_path):
+    img = tmp_path / "edges.png"
+    Image.fromarray((torch.rand(96, 128, 3) * 255).byte().numpy()).save(img)
+    res = _run(["generate", "a house", "-w", str(control_weights), "-o", str(tmp_path / "c.png"), "--controlnet",
+                "canny", "--control-image", str(img), "--size", "256x256", "--steps-c", "1", "--steps-b", "1"])
+    assert res.exit_code == 0, res.output
+    res = _run(["generate", "a house", "-w", str(control_weights), "-o", str(tmp_path / "c.png"), "--controlnet",
+                "canny"])
+    assert res.exit_code != 0 and "go together" in res.output
+
+
 # --------------------------------------------------------------------------------------------- CLI
 
 

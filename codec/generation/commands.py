@@ -116,6 +116,20 @@ def _png_text(prompt: str, negative: str, seed: int | None, settings) -> dict[st
 @click.option("--strength", type=click.FloatRange(0.01, 1.0), default=0.8, show_default=True,
               help="img2img: how much noise is added (1 = ignore the image). Runs int(steps_c·strength) steps; "
                    "the image is noised with shift 1 as in the official notebook.")
+@click.option("--controlnet", type=click.Choice(["canny", "inpainting", "super_resolution"]), default=None,
+              help="Guide Stage C with an official ControlNet (controlnet/<kind>.safetensors in the weights folder) "
+                   "from --control-image.")
+@click.option("--control-image", type=click.Path(path_type=Path), default=None,
+              help="Image the ControlNet reads: edges are taken from it (canny), it is filled (inpainting) or "
+                   "upscaled 2× (super_resolution). Sets the default size like --image.")
+@click.option("--control-strength", type=float, default=1.0, show_default=True,
+              help="Multiplier of the ControlNet features (official: 1).")
+@click.option("--mask", "control_mask", type=click.Path(path_type=Path), default=None,
+              help="Inpainting: image whose white part is the region to fill. Without it the salient region is "
+                   "found by controlnet/saliency_model.safetensors.")
+@click.option("--control-threshold", type=float, default=0.2, show_default=True,
+              help="Inpainting without --mask: saliency threshold (official: 0.2).")
+@click.option("--outpaint", is_flag=True, help="Inpainting without --mask: fill around the salient object instead.")
 @click.option("--preview-dir", type=click.Path(path_type=Path), default=None,
               help="Write a Previewer image of Stage C's current estimate after every step into this folder.")
 @click.option("--save-latents", is_flag=True,
@@ -143,7 +157,8 @@ def _png_text(prompt: str, negative: str, seed: int | None, settings) -> dict[st
                    "Apple MPS) runs Stage C in an overflow-safe mode: fp16 weights and matrix multiplies, fp32 "
                    "activations (plain fp16 overflows in Stage C).")
 def generate(prompt, out, prompt_file, negative, size, num_images, steps_c, cfg_c, shift_c, steps_b, cfg_b, cfg_rho,
-             sampler, seed, image, mode, strength, preview_dir, save_latents, batch_size, stage_c, stage_b, weights,
+             sampler, seed, image, mode, strength, controlnet, control_image, control_strength, control_mask,
+             control_threshold, outpaint, preview_dir, save_latents, batch_size, stage_c, stage_b, weights,
              clip_source, loras, device, dtype) -> None:
     """Generate images from PROMPT (or --prompts FILE): text → Stage C → Stage B → Stage A.
 
@@ -155,7 +170,7 @@ def generate(prompt, out, prompt_file, negative, size, num_images, steps_c, cfg_
     def go():
         from .pipeline import TextToImage
 
-        if prompt is None and prompt_file is None and image is None:
+        if prompt is None and prompt_file is None and image is None and control_image is None:
             raise click.UsageError("give a PROMPT, --prompts FILE or --image")
         if prompt is not None and prompt_file is not None:
             raise click.UsageError("give either PROMPT or --prompts FILE, not both")
@@ -163,11 +178,13 @@ def generate(prompt, out, prompt_file, negative, size, num_images, steps_c, cfg_
             raise click.UsageError(f"--mode {mode} needs --image")
         items = read_prompt_file(prompt_file) if prompt_file else [{"prompt": prompt or ""}]
         height, width = _parse_size(size)
-        picture = None
-        if image is not None:
-            from ..images import load_image
+        from ..images import load_image
 
-            picture = load_image(image)
+        if (controlnet is None) != (control_image is None):
+            raise click.UsageError("--controlnet and --control-image go together")
+        picture = load_image(image) if image is not None else None
+        control = load_image(control_image) if control_image is not None else None
+        mask = load_image(control_mask) if control_mask is not None else None
         source = weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS
         pipe = TextToImage.from_pretrained(source, stage_c=stage_c, stage_b=stage_b,
                                            dtype=None if dtype == "auto" else dtype,
@@ -195,7 +212,9 @@ def generate(prompt, out, prompt_file, negative, size, num_images, steps_c, cfg_
                                    num_images=num_images, steps_c=steps_c, cfg_c=cfg_c, shift_c=shift_c,
                                    steps_b=steps_b, cfg_b=cfg_b, cfg_rho=cfg_rho, sampler=sampler, seed=item_seed,
                                    image=picture, mode=mode, strength=strength, batch_size=batch_size,
-                                   preview=preview if preview_dir else None, progress=progress)
+                                   preview=preview if preview_dir else None, progress=progress,
+                                   controlnet=controlnet, control_image=control, control_strength=control_strength,
+                                   control_mask=mask, control_threshold=control_threshold, outpaint=outpaint)
             bar.close()
             texts = _png_text(item["prompt"], item.get("negative", negative), item_seed, result.settings)
             paths = _save_images(result.images, target, texts=texts)

@@ -254,6 +254,23 @@ class TextToImage:
         _release()
         return latents
 
+    def _control_features(self, kind: str, image: ImageLike, strength: float, size: tuple[int, int],
+                          mask: ImageLike | None, threshold: float, outpaint: bool) -> list[torch.Tensor | None]:
+        """The ControlNet features for one control image (loaded, run and released here)."""
+        from . import control_filters as CF
+        from .controlnet import ControlNet, control_features
+
+        dtype = torch.bfloat16 if self.dtype == torch.float16 else self.dtype
+        net = self._get(f"controlnet_{kind}",
+                        lambda: ControlNet.from_pretrained(self.source.source, kind, dtype=dtype, device=self.device))
+        saliency = CF.load_saliency(self.source) if kind == "inpainting" and mask is None else None
+        effnet = load_encoder(self.source, self.device) if kind == "super_resolution" else None
+        features = control_features(net, image, kind, strength, size=size, mask=mask, saliency=saliency,
+                                    threshold=threshold, outpaint=outpaint, effnet=effnet)
+        net = saliency = effnet = None
+        _release()
+        return features
+
     # ------------------------------------------------------------------ generate
     @torch.no_grad()
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
@@ -262,8 +279,10 @@ class TextToImage:
                  shift_b: float = 1.0, cfg_rho: float = 0.7, sampler: str = "ddpm", seed: int | None = 0,
                  image: ImageLike | None = None, mode: str | None = None, strength: float = 0.8,
                  batch_size: int = 4, preview: PreviewCallback | None = None,
-                 progress: Callable[[str, int, int], None] | None = None,
-                 output: str = "pil") -> GenerationResult:
+                 progress: Callable[[str, int, int], None] | None = None, output: str = "pil",
+                 controlnet: str | None = None, control_image: ImageLike | None = None,
+                 control_strength: float = 1.0, control_mask: ImageLike | None = None,
+                 control_threshold: float = 0.2, outpaint: bool = False) -> GenerationResult:
         """Generate ``num_images`` images per prompt.
 
         ``mode``: ``"text"`` (default without ``image``), ``"variation"`` (condition on the
@@ -274,6 +293,14 @@ class TextToImage:
         aspect ratio at a 1024 px short side. ``preview(step, total, images)`` receives
         Previewer decodes of Stage C's x0 after every step; ``progress(stage, step, total)``
         reports sampling progress. ``output``: ``"pil"`` or ``"tensor"``.
+
+        ``controlnet``: ``"canny"``, ``"inpainting"`` or ``"super_resolution"`` (the official
+        ``controlnet/<kind>.safetensors`` in the weights folder) guided by ``control_image``
+        at ``control_strength``; inpainting fills the white part of ``control_mask`` (or,
+        without a mask, the salient region found by ``controlnet/saliency_model.safetensors``
+        with ``control_threshold``; ``outpaint`` fills the rest instead). Default size with a
+        control image: its aspect at a 1024 px short side (super-resolution: twice its size).
+        The same features go to the conditional and the unconditional pass, as official.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -291,7 +318,15 @@ class TextToImage:
         if num_images < 1:
             raise ValueError(f"num_images must be at least 1, got {num_images}")
 
+        if (controlnet is None) != (control_image is None):
+            raise ValueError("controlnet and control_image go together: give both or neither")
         picture = None
+        if control_image is not None and image is None and height is None and width is None:
+            ch, cw = to_tensor_list(control_image)[0].shape[-2:]
+            if controlnet == "super_resolution":
+                height, width = 2 * ch, 2 * cw
+            else:
+                height, width = round(ch * 1024 / min(ch, cw)), round(cw * 1024 / min(ch, cw))
         if image is not None:
             picture = to_tensor_list(image)[0][None]
             if height is None and width is None:
@@ -314,6 +349,12 @@ class TextToImage:
 
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         lh, lw = stage_c_latent_size(height, width)
+        features = None
+        if controlnet is not None:
+            features = self._control_features(controlnet, control_image, control_strength, (height, width),
+                                              control_mask, control_threshold, outpaint)
+            if controlnet == "super_resolution":  # the features fix the latent size
+                lh, lw = next(f for f in features if f is not None).shape[-2:]
         stage_c = self._stage_c()
         previewer = self._previewer() if preview is not None else None
         latents = []
@@ -331,9 +372,13 @@ class TextToImage:
                 if previewer is not None:
                     preview(i + 1, total, to_pil(previewer(x0.to(self.device)).float().clamp(0, 1).cpu()))
 
-            z = sample(stage_c, {k: v[sl] for k, v in cond.items()},
-                       shape=(sl.stop - sl.start, stage_c.config.c_in, lh, lw),
-                       uncond={k: v[sl] for k, v in uncond.items()} if cfg_c is not None else None,
+            cond_b = {k: v[sl] for k, v in cond.items()}
+            uncond_b = {k: v[sl] for k, v in uncond.items()}
+            if features is not None:
+                cnet = [None if f is None else f.expand(sl.stop - sl.start, -1, -1, -1) for f in features]
+                cond_b["cnet"] = uncond_b["cnet"] = cnet
+            z = sample(stage_c, cond_b, shape=(sl.stop - sl.start, stage_c.config.c_in, lh, lw),
+                       uncond=uncond_b if cfg_c is not None else None,
                        cfg=cfg_c, cfg_rho=cfg_rho, shift=shift_c, sampler=sampler, generator=generator,
                        device=self.device, callback=on_step, **kwargs)
             latents.append(_check_finite(z, "Stage C").float().cpu())
