@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from .rss import peak_rss_bytes
 
 DEFAULT_WORK = Path(__file__).resolve().parent / "results" / "generation_memory_weights"
 
@@ -86,18 +87,6 @@ def run_once(folder: str, keep_loaded: bool, size: int, dtype: str, stage_c: str
     pipe = TextToImage.from_pretrained(folder, stage_c=stage_c, dtype=dtype, device="cpu", keep_loaded=keep_loaded)
     pipe.generate("a photo of a cat", height=size, width=size, steps_c=1, steps_b=1, seed=0)
     return {"keep_loaded": keep_loaded, "peak_rss_gb": peak_rss_bytes() / 2**30, "seconds": time.perf_counter() - t0}
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak RSS. ``VmHWM`` starts afresh at exec, unlike ``ru_maxrss``, which Linux carries over
-    from the parent that forked us (here: the parent that just built gigabytes of weights)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,13 +15,18 @@ Run ``python -m benchmarks.speed --help`` for the options. What is timed:
   *diffusers* = ``StableCascadeUNet`` with the decoder-lite config (the one diffusers'
   ``scripts/convert_stable_cascade_lite.py`` writes) and our weights under diffusers' key
   names, both from :mod:`codec.interop` (whose mapping the tests check against diffusers).
+* ``stage_c`` — one Stage C lite denoiser evaluation at 1024² output (latent 16×24×24, CLIP
+  text 77×1280, pooled 1×1280, CLIP image 1×768, batch 1). *ours* =
+  ``StageC.from_preset('stage_c_lite')``; *diffusers* = ``StableCascadeUNet`` with the
+  prior-lite config and our weights under diffusers' key names, as for Stage B.
 
 Each (case, implementation) runs in its own spawned process, so its peak RSS
-(``getrusage(RUSAGE_SELF).ru_maxrss``) is clean. Both processes of a case stay alive and
+(``VmHWM`` of that process, :func:`benchmarks.rss.peak_rss_bytes`) is its own: ``ru_maxrss``
+would carry the parent's peak over across fork+exec. Both processes of a case stay alive and
 the parent drives them alternately (warm-up A, warm-up B, run A, run B, ...), so machine
 noise hits both. The warm-up outputs are compared before anything is timed; a case whose
 outputs differ beyond ``--tolerance`` is not timed (the key mapping would be wrong) and the
-run exits with status 1. With ``--bf16``, Stage A and Stage B also run in bf16 and each
+run exits with status 1. With ``--bf16``, Stages A, B and C also run in bf16 and each
 implementation's output is compared with the fp32 output of the same weights.
 
 Weights are random but identical for both implementations: every tensor is drawn, in
@@ -54,7 +59,9 @@ import torch
 
 from codec.interop import OFFICIAL_STAGE_A_SCALE
 
-ALL_TASKS = ("effnet", "stage_a", "stage_b")
+from .rss import current_rss_bytes, peak_rss_bytes
+
+ALL_TASKS = ("effnet", "stage_a", "stage_b", "stage_c")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "speed.json"
 
 IMPL_LABELS = {
@@ -64,6 +71,8 @@ IMPL_LABELS = {
     ("stage_a", "diffusers"): "diffusers PaellaVQModel",
     ("stage_b", "ours"): "ours StageB lite",
     ("stage_b", "diffusers"): "diffusers StableCascadeUNet",
+    ("stage_c", "ours"): "ours StageC lite",
+    ("stage_c", "diffusers"): "diffusers StableCascadeUNet",
 }
 
 STAGE_A_SCALE = OFFICIAL_STAGE_A_SCALE  # diffusers' vqgan config has 0.3764 (the Würstchen v2 VQGAN)
@@ -127,7 +136,7 @@ def _dtype(name: str) -> torch.dtype:
 def make_inputs(task: str, size: int, batch: int, seed: int) -> dict[str, torch.Tensor]:
     """Deterministic fp32 inputs. ``size`` is the image side (effnet input / decoded output).
 
-    Stage B's noise ratio is 0.7, a value bf16 cannot hold exactly (what a real sampler meets).
+    Stage B's and Stage C's noise ratio is 0.7, a value bf16 cannot hold exactly (what a real sampler meets).
     """
     g = torch.Generator().manual_seed(seed + 1000)
     if task == "effnet":
@@ -141,7 +150,23 @@ def make_inputs(task: str, size: int, batch: int, seed: int) -> dict[str, torch.
             "effnet": torch.randn(batch, 16, 24, 24, generator=g),
             "clip": torch.randn(batch, 1, 1280, generator=g),
         }
+    if task == "stage_c":
+        side = stage_c_side(size)
+        return {
+            "x": torch.randn(batch, 16, side, side, generator=g),
+            "r": torch.full((batch,), 0.7),
+            "clip_text": torch.randn(batch, 77, 1280, generator=g),
+            "clip_text_pooled": torch.randn(batch, 1, 1280, generator=g),
+            "clip_img": torch.randn(batch, 1, 768, generator=g),
+        }
     raise ValueError(task)
+
+
+def stage_c_side(size: int) -> int:
+    """Stage C latent side for an output side, as the generation pipeline computes it (1024 → 24)."""
+    from codec.generation.pipeline import stage_c_latent_size
+
+    return stage_c_latent_size(size, size)[0]
 
 
 def build_runner(spec: WorkerSpec) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
@@ -224,20 +249,37 @@ def build_runner(spec: WorkerSpec) -> Callable[[dict[str, torch.Tensor]], torch.
             raise ValueError(spec.impl)
         del sd, meta
         return run
+
+    if spec.task == "stage_c":
+        from codec.generation.stage_c import StageC
+
+        with torch.device("meta"):
+            meta = StageC.from_preset("stage_c_lite")
+        sd = random_state_dict(meta, spec.seed, dtype)
+        if spec.impl == "ours":
+            model = meta
+            model.load_state_dict(sd, strict=True, assign=True)
+            model.eval()
+
+            def run(inp):  # as codec.diffusion.sample calls it: fp32 inputs, autocast inside for bf16
+                return model(inp["x"], inp["r"], inp["clip_text"], inp["clip_text_pooled"], inp["clip_img"])
+        elif spec.impl == "diffusers":
+            from codec import interop
+
+            with torch.device("meta"):
+                model = interop.diffusers_model("stage_c", asdict(meta.config))
+            model.load_state_dict(interop.state_dict_to_diffusers(sd, "stage_c"), strict=True, assign=True)
+            model.eval()
+
+            def run(inp):  # inputs in the model dtype, as the prior pipeline passes them
+                return model(sample=inp["x"].to(dtype), timestep_ratio=inp["r"].to(dtype),
+                             clip_text_pooled=inp["clip_text_pooled"].to(dtype), clip_text=inp["clip_text"].to(dtype),
+                             clip_img=inp["clip_img"].to(dtype), return_dict=False)[0]
+        else:
+            raise ValueError(spec.impl)
+        del sd, meta
+        return run
     raise ValueError(spec.task)
-
-
-def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def _current_rss_bytes() -> int | None:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except Exception:
-        return None
 
 
 def worker_main(conn, spec_dict: dict) -> None:
@@ -248,14 +290,14 @@ def worker_main(conn, spec_dict: dict) -> None:
         t0 = time.perf_counter()
         with torch.inference_mode():
             run = build_runner(spec)
-        conn.send({"ok": True, "build_s": time.perf_counter() - t0, "rss_after_build": _current_rss_bytes()})
+        conn.send({"ok": True, "build_s": time.perf_counter() - t0, "rss_after_build": current_rss_bytes()})
     except BaseException:
         conn.send({"ok": False, "error": traceback.format_exc()})
         return
     while True:
         msg = conn.recv()
         if msg["cmd"] == "finish":
-            conn.send({"ok": True, "maxrss": _maxrss_bytes()})
+            conn.send({"ok": True, "maxrss": peak_rss_bytes()})
             return
         try:
             inp = make_inputs(spec.task, msg["size"], msg["batch"], spec.seed)
@@ -327,6 +369,8 @@ class Case:
             return f"{self.batch}×3×{self.size}² → 16×{self.size // 32}²"
         if self.task == "stage_a":
             return f"{self.batch}×4×{self.size // 4}² → {self.size}²"
+        if self.task == "stage_c":
+            return f"{self.batch}×16×{stage_c_side(self.size)}², text 77×1280, img 768 ({self.size}²)"
         return f"{self.batch}×4×{self.size // 4}², eff 16×24², clip 1280 ({self.size}²)"
 
 
@@ -554,6 +598,8 @@ def format_table(results: list[dict], env: dict) -> str:
                      "decode.")
     if "stage_b" in tasks:
         notes.append("* stage_b: one denoiser evaluation (a 10-step CFG decode does 10 evaluations at batch 2).")
+    if "stage_c" in tasks:
+        notes.append("* stage_c: one denoiser evaluation (a 20-step CFG generation does 20 evaluations at batch 2).")
     notes.append(f"* THP_MEM_ALLOC_ENABLE={env.get('THP_MEM_ALLOC_ENABLE')} in both implementations' workers "
                  f"(kernel transparent_hugepage: {env.get('transparent_hugepage', '?')}).")
     busy = [r for r in results if r.get("loadavg_at_start", (0,))[0] > env["threads"] + 1]
@@ -565,11 +611,12 @@ def format_table(results: list[dict], env: dict) -> str:
                if not cpu["native_bf16"] else "the codec runs fp32 on CPU; bf16 targets GPUs")
         notes.append(f"* bf16 rows: bf16 on this CPU is not representative ({why}); they are a correctness check "
                      "(parity column: each implementation against the fp32 output of the same weights). ours runs "
-                     "Stage B under autocast as the codec does; diffusers runs pure bf16 with timestep_ratio in bf16.")
-        drift = [r for r in results if r["dtype"] == "bf16" and r["task"] == "stage_b"
+                     "Stages B and C under autocast as the codec does; diffusers runs pure bf16 with timestep_ratio "
+                     "in bf16.")
+        drift = [r for r in results if r["dtype"] == "bf16" and r["task"] in ("stage_b", "stage_c")
                  and not ((r.get("parity") or {}).get("vs_fp32") or {}).get("diffusers", {}).get("ok", True)]
         if drift:
-            notes.append("* diffusers' bf16 Stage B drifts because it rounds timestep_ratio to bf16 before the "
+            notes.append("* diffusers' bf16 Stage B/C drifts because it rounds timestep_ratio to bf16 before the "
                          "sinusoidal embedding (r=0.7 becomes 0.69921875, then ×10000 in bf16): the high-frequency "
                          "features are garbled. At r=0.8, which bf16 holds exactly, its error falls to ~1e-2.")
     return "\n".join(lines + notes)
@@ -595,12 +642,12 @@ quick run (~1–2 min):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.speed",
-        description="Time cascade-codec against diffusers (Stage A, Stage B) and the plain NCHW reference "
+        description="Time cascade-codec against diffusers (Stage A, Stage B, Stage C) and the plain NCHW reference "
                     "(EfficientNet encoder) on the same random weights; report median seconds, ratios, peak RSS "
                     "and an output-parity check per case.",
         epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default=",".join(ALL_TASKS),
-                   help="comma-separated subset of effnet,stage_a,stage_b (default: all)")
+                   help="comma-separated subset of effnet,stage_a,stage_b,stage_c (default: all)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs per implementation after 1 warm-up; the median is reported (default: 3)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every worker (default: 2)")
@@ -612,8 +659,10 @@ def parse_args(argv=None):
                    help="Stage A output side in px, multiple of 4; latent side = size/4 (default: 1024)")
     p.add_argument("--stage-b-size", type=int, default=1024,
                    help="Stage B output side in px, multiple of 8; latent side = size/4 (default: 1024)")
+    p.add_argument("--stage-c-size", type=int, default=1024,
+                   help="Stage C output side in px; latent side = ceil(size/42.67) (default: 1024 → 24)")
     p.add_argument("--bf16", action="store_true",
-                   help="also run Stage A and Stage B in bf16 at --bf16-size, as a correctness check against "
+                   help="also run Stages A, B and C in bf16 at --bf16-size, as a correctness check against "
                         "the fp32 output (timing reported but flagged: bf16 on CPU is not representative). "
                         "Slow on CPUs without AVX512-BF16/AMX")
     p.add_argument("--bf16-size", type=int, default=512, help="output side in px for the bf16 cases (default: 512)")
@@ -649,6 +698,8 @@ def parse_args(argv=None):
         p.error("--effnet-size must be a positive multiple of 32")
     if args.stage_a_size % 4 or args.stage_a_size <= 0:
         p.error("--stage-a-size must be a positive multiple of 4")
+    if not 256 <= args.stage_c_size <= 4096:
+        p.error("--stage-c-size must be within 256–4096 px (what the generation pipeline accepts)")
     for name in ("stage_b_size", "bf16_size"):
         if getattr(args, name) % 8 or getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be a positive multiple of 8")
@@ -660,14 +711,15 @@ def build_cases(args) -> list[Case]:
     if "effnet" in args.tasks:
         for b in args.effnet_batches:
             cases.append(Case("effnet", "fp32", args.effnet_size, b, ["ours", "reference"], args.repeats))
-    for task, size in (("stage_a", args.stage_a_size), ("stage_b", args.stage_b_size)):
+    for task, size in (("stage_a", args.stage_a_size), ("stage_b", args.stage_b_size),
+                       ("stage_c", args.stage_c_size)):
         if task in args.tasks:
             case = Case(task, "fp32", size, 1, ["ours", "diffusers"], args.repeats)
             if args.bf16:
                 case.make_reference_for.append((args.bf16_size, 1))
             cases.append(case)
     if args.bf16:
-        for task in ("stage_a", "stage_b"):
+        for task in ("stage_a", "stage_b", "stage_c"):
             if task in args.tasks:
                 cases.append(Case(task, "bf16", args.bf16_size, 1, ["ours", "diffusers"], args.bf16_repeats))
     return cases
