@@ -21,8 +21,9 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 DEFAULT_WEIGHTS = "stabilityai/stable-cascade"
 WEIGHTS_HELP = ("Folder with the official Stable Cascade files (stage_a.safetensors, effnet_encoder.safetensors, "
-                "stage_b_lite[_bf16].safetensors, …) or a Hugging Face repo id. Default: $CASCADE_WEIGHTS, else "
-                f"{DEFAULT_WEIGHTS}.")
+                "stage_b_lite[_bf16].safetensors, …; or the diffusers or ComfyUI layout), a Hugging Face repo id, or "
+                "a ComfyUI single-file checkpoint (stable_cascade_stage_b.safetensors). Default: $CASCADE_WEIGHTS, "
+                f"else {DEFAULT_WEIGHTS}.")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -52,13 +53,14 @@ def weights_option(f: Callable) -> Callable:
                           "fp16 is allowed for Stage B only; the encoder and Stage A always run in fp32.")(f)
     f = click.option("--device", default="auto", show_default=True,
                      help="Torch device: auto (CUDA if available), cpu, cuda, cuda:1, mps, …")(f)
-    f = click.option("--stage-b", type=click.Choice(["lite", "large"]), default="lite", show_default=True,
-                     help="Stage B size: lite (700M parameters) or large (1.5B).")(f)
-    f = click.option("--weights", "-w", default=None, metavar="DIR|REPO", help=WEIGHTS_HELP)(f)
+    f = click.option("--stage-b", type=click.Choice(["lite", "large"]), default=None,
+                     help="Stage B size: lite (700M parameters) or large (1.5B). Default: lite, or the size in the "
+                          "ComfyUI file given as --weights.")(f)
+    f = click.option("--weights", "-w", default=None, metavar="DIR|REPO|FILE", help=WEIGHTS_HELP)(f)
     return f
 
 
-def _load_codec(weights: str | None, stage_b: str, device: str, dtype: str):
+def _load_codec(weights: str | None, stage_b: str | None, device: str, dtype: str):
     from .codec import Codec
 
     source = weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS
@@ -331,43 +333,49 @@ def info(weights) -> None:
             wanted = [W.STAGE_A_FILE, W.EFFNET_FILE, W.STAGE_B_FILES["lite"]["bf16"]]
             if source.folder is not None:
                 raise W.WeightsError(W.missing_files_message(source.source, wanted) + "\n"
-                                     + interop.diffusers_alternative_hint(["stage_a", "stage_b_lite"]))
+                                     + interop.other_layouts_hint(["stage_a", "stage_b_lite"]))
             raise W.WeightsError(f"none of the files of {source.repo_id} are in the local Hugging Face cache "
                                  f"(`cascade info` does not download). Get them with: hf download {source.repo_id} "
                                  f"{' '.join(wanted)} --local-dir DIR, then run `cascade info DIR`.")
         used = [f"Stage {component[6].upper()}{component[7:].replace('_', ' ')} ← {loc.label}"
                 for component in interop.COMPONENTS
                 if (loc := interop.locate(source, component, torch.float32)) is not None]
-        if source.has(W.EFFNET_FILE):
-            used.append(f"encoder ← {W.EFFNET_FILE}")
+        encoder = interop.locate(source, "effnet", torch.float32)
+        if encoder is not None:
+            used.append(f"encoder ← {encoder.label}")
         click.echo(f"  loaded for an fp32 run: {'; '.join(used)}")
         missing = [name for name, there in ((W.STAGE_A_FILE, interop.locate(source, "stage_a", torch.float32)),
-                                            (W.EFFNET_FILE, source.has(W.EFFNET_FILE))) if not there]
+                                            (W.EFFNET_FILE, encoder)) if not there]
         if missing:
             click.echo(f"  missing for the codec: {', '.join(missing)}"
-                       + (" (diffusers ships no EfficientNet encoder: without it the codec decodes but cannot "
-                          "encode)" if W.EFFNET_FILE in missing else ""))
+                       + (" (diffusers ships no EfficientNet encoder, nor does ComfyUI's Stage B file: without it "
+                          "the codec decodes but cannot encode)" if W.EFFNET_FILE in missing else ""))
     _run(go)
 
 
 @main.command("convert")
 @click.argument("src", metavar="SRC")
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option("--to", "layout", type=click.Choice(["official", "diffusers"]), required=True,
-              help="Target layout: official (flat stage_a/stage_b*/stage_c*.safetensors, what the official code and "
-                   "ComfyUI read) or diffusers (vqgan/, decoder[_lite]/, prior[_lite]/ folders with config.json, what "
-                   "StableCascadeUNet/PaellaVQModel.from_pretrained read).")
+@click.option("--to", "layout", type=click.Choice(["official", "diffusers", "comfyui"]), required=True,
+              help="Target layout: official (flat stage_a/stage_b*/stage_c*.safetensors, what the official code "
+                   "reads), diffusers (vqgan/, decoder[_lite]/, prior[_lite]/ folders with config.json, what "
+                   "StableCascadeUNet/PaellaVQModel.from_pretrained read) or comfyui (all-in-one "
+                   "stable_cascade_stage_c[_lite].safetensors and stable_cascade_stage_b[_lite].safetensors, what "
+                   "ComfyUI's checkpoint loader reads).")
 @click.option("--dtype", type=click.Choice(["keep", "bf16", "fp32"]), default="keep", show_default=True,
-              help="Precision of Stage B/C: keep converts every stored variant as it is (lossless); bf16/fp32 "
-                   "writes one variant per model, cast if needed. Stage A, the encoder and the previewer stay fp32.")
+              help="Precision of Stage B/C: keep converts every stored variant as it is (lossless; comfyui: one "
+                   "file per model, from the fp32 variant if there is one); bf16/fp32 writes one variant per model, "
+                   "cast if needed. Everything else is written as stored.")
 @click.option("--overwrite", is_flag=True,
               help="Rewrite outputs that already exist (default: skip them, so an interrupted run continues).")
 def convert_command(src, dst, layout, dtype, overwrite) -> None:
-    """Convert the Stable Cascade weights in SRC (folder or repo id, either layout) into DST in the other layout.
+    """Convert the Stable Cascade weights in SRC (folder, repo id or ComfyUI file; any layout) into DST in another
+    layout.
 
     Tensors are streamed one 16 MiB chunk at a time (the 3.6B prior needs no more memory
     than that); converting back gives bit-identical tensors. EfficientNet, Previewer and
-    the Hugging Face folders (text_encoder/, tokenizer/, …) are copied along.
+    the Hugging Face folders (text_encoder/, tokenizer/, …) are copied along, or packed
+    into and taken out of ComfyUI's all-in-one files.
     """
     def go():
         from .convert import convert

@@ -89,11 +89,24 @@ def _load_component(src: W.WeightSource, where: str | interop.Located, cls: Call
 
 def load_encoder(source: str | os.PathLike | W.WeightSource,
                  device: str | torch.device = "cpu") -> EfficientNetEncoder:
-    """Only the EfficientNet encoder (fp32, eval, channels_last) from a weights folder or repo id."""
+    """Only the EfficientNet encoder (fp32, eval, channels_last) from a weights folder, repo id or ComfyUI
+    Stage C checkpoint."""
     src = source if isinstance(source, W.WeightSource) else W.WeightSource(source)
-    interop.require_encoder(src)
-    model, _ = _load_component(src, W.EFFNET_FILE, EfficientNetEncoder, None, torch.float32, device)
+    loc = interop.locate(src, "effnet", torch.float32)
+    if loc is None:
+        interop.require_encoder(src)  # explains what is missing
+        loc = interop.Located.official_file(W.EFFNET_FILE, "effnet")
+    model, _ = _load_component(src, loc, EfficientNetEncoder, None, torch.float32, device)
     return model.to(memory_format=torch.channels_last)
+
+
+def load_previewer(src: W.WeightSource, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The Previewer (fp32, eval) from ``previewer.safetensors`` or a ComfyUI Stage C checkpoint."""
+    from .generation.previewer import Previewer
+
+    loc = interop.resolve(src, "previewer", torch.float32, W.PREVIEWER_FILE)
+    interop.require(src, [loc])
+    return _load_component(src, loc, Previewer, None, torch.float32, device)[0]
 
 
 @torch.no_grad()
@@ -124,20 +137,24 @@ class Codec:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike = W.OFFICIAL_REPO, stage_b: str = "lite",
+    def from_pretrained(cls, source: str | os.PathLike = W.OFFICIAL_REPO, stage_b: str | None = None,
                         dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                         encoder: bool = True) -> "Codec":
-        """Load the codec from a folder or a Hugging Face repo id, in the official or the diffusers layout.
+        """Load the codec from a folder, a Hugging Face repo id or a ComfyUI single-file checkpoint.
 
         Official layout: ``stage_a.safetensors``, ``effnet_encoder.safetensors``,
         ``stage_b_<lite>[_bf16].safetensors`` at the root. diffusers layout: ``vqgan/`` and
         ``decoder_lite/`` / ``decoder/`` folders (keys mapped while loading); it has no
         EfficientNet encoder, so such a codec decodes but :meth:`encode` explains which file
-        to add. Where a source has both (as the hub repo does) the official files are used.
+        to add. ComfyUI layout: ``stable_cascade_stage_b[_lite].safetensors`` (Stage B and
+        Stage A; the encoder is in ``stable_cascade_stage_c.safetensors`` beside it, if there),
+        given as the file or its folder. Where a folder has several, the official files come
+        first, then diffusers, then ComfyUI; a file given as ``source`` comes before all.
         Stage A runs with the scale factor its own config names (0.43 official, 0.3764 for
         diffusers' Würstchen v2 VQGAN); :meth:`info` says which.
 
-        ``stage_b``: ``"lite"`` (700M) or ``"large"`` (1.5B). ``dtype`` is Stage B's
+        ``stage_b``: ``"lite"`` (700M) or ``"large"`` (1.5B); default lite, or the size of
+        the ComfyUI file given as ``source``. ``dtype`` is Stage B's
         precision (default bf16 on CUDA, fp32 elsewhere; fp16 is allowed for Stage B
         only); the EfficientNet encoder and Stage A stay fp32 as in the official code.
         ``device`` defaults to CUDA when available. ``encoder=False`` skips the
@@ -146,18 +163,22 @@ class Codec:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = W.parse_dtype(dtype, device)
         src = W.WeightSource(source)
+        stage_b = stage_b or interop.default_size(src, "stage_b")
         b_file = src.stage_b_file(stage_b, dtype)
         a_loc = interop.resolve(src, "stage_a", torch.float32, W.STAGE_A_FILE)
         b_loc = interop.resolve(src, f"stage_b_{stage_b}", dtype, b_file)
-        diffusers_only = a_loc.layout == b_loc.layout == "diffusers"
-        interop.require(src, [a_loc, b_loc], [W.EFFNET_FILE] * (encoder and not diffusers_only))
+        e_loc = interop.resolve(src, "effnet", torch.float32, W.EFFNET_FILE)
+        # Neither layout of the other two has an encoder of its own: without one, the codec only decodes.
+        encoder_optional = a_loc.layout != "official" and b_loc.layout != "official"
+        load_effnet = encoder and (e_loc.layout != "official" or src.has(e_loc.files[0]) or not encoder_optional)
+        interop.require(src, [a_loc, b_loc] + ([e_loc] if load_effnet else []))
         components: dict[str, ComponentInfo] = {}
         stage_a, components["stage_a"] = _load_component(src, a_loc, StageA, None, torch.float32, device)
         components["stage_a"].detail = interop.describe_stage_a(stage_a.scale_factor)
         effnet = None
-        if encoder and (src.has(W.EFFNET_FILE) or not diffusers_only):
-            effnet, components["effnet"] = _load_component(src, W.EFFNET_FILE, EfficientNetEncoder, None,
-                                                            torch.float32, device)
+        if load_effnet:
+            effnet, components["effnet"] = _load_component(src, e_loc, EfficientNetEncoder, None, torch.float32,
+                                                            device)
             effnet = effnet.to(memory_format=torch.channels_last)
         model_b, components["stage_b"] = _load_component(src, b_loc, StageB,
                                                          asdict(STAGE_B_PRESETS[f"stage_b_{stage_b}"]), dtype, device)
@@ -179,8 +200,8 @@ class Codec:
         size, else a list of ``(1,16,h,w)`` tensors in input order.
         """
         if self.effnet is None:
-            if self.source is not None and not self.source.has(W.EFFNET_FILE) and \
-                    interop.has_diffusers_layout(self.source):
+            if self.source is not None and interop.locate(self.source, "effnet", torch.float32) is None and \
+                    interop.has_other_layout(self.source):
                 raise W.WeightsError(interop.no_effnet_message(self.source))
             raise W.WeightsError("this codec was loaded without its encoder (encoder=False); load it with "
                                  "Codec.from_pretrained(..., encoder=True) to encode images")
@@ -231,8 +252,7 @@ class Codec:
 
             if self.source is None:
                 raise W.WeightsError("this codec was not loaded from a weight source; pass clip= instead of a caption")
-            root = self.source.folder if self.source.folder is not None else self.source.repo_id
-            self._text_encoder = TextEncoder.from_pretrained(root, device=self.device)
+            self._text_encoder = TextEncoder.from_pretrained(self.source, device=self.device)
         return self._text_encoder
 
     def _empty_pooled(self) -> torch.Tensor:
@@ -344,13 +364,9 @@ class Codec:
     def preview(self, latents: torch.Tensor) -> list[Image.Image]:
         """Fast 8× preview of latents through the Previewer (needs ``previewer.safetensors``)."""
         if self._previewer is None:
-            from .generation.previewer import Previewer
-
             if self.source is None:
                 raise W.WeightsError("no weight source to load previewer.safetensors from")
-            self.source.require([W.PREVIEWER_FILE])
-            self._previewer, _ = _load_component(self.source, W.PREVIEWER_FILE, Previewer, None, torch.float32,
-                                                 self.device)
+            self._previewer = load_previewer(self.source, self.device)
         out = self._previewer(self.check_latents(latents).to(self.device)).float()
         return to_pil(_check_finite(out, "the Previewer").clamp(0, 1).cpu())
 

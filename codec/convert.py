@@ -1,17 +1,18 @@
-"""``cascade convert``: rewrite Stable Cascade weights in the official or the diffusers layout.
+"""``cascade convert``: rewrite Stable Cascade weights in the official, diffusers or ComfyUI layout.
 
-Every model found in the source (either layout, see :mod:`codec.interop`) is written
-tensor by tensor through :func:`codec.weights.write_checkpoint`: the keys are mapped
-without reading data, and the bytes are copied (or cast) 16 MiB at a time, so
-converting the 3.6B prior takes no more memory than that. Converting back gives
-bit-identical tensors (``--dtype keep``). Output files are written atomically and
-existing ones are skipped, so an interrupted run continues where it stopped.
+Every model found in the source (any layout, see :mod:`codec.interop`) is written tensor by
+tensor through :func:`codec.weights.write_checkpoint`: the keys are mapped without reading
+data, and the bytes are copied (or cast) 16 MiB at a time, so converting the 3.6B prior
+takes no more memory than that. Converting back gives bit-identical tensors (``--dtype
+keep``). Output files are written atomically and existing ones are skipped, so an
+interrupted run continues where it stopped.
 
-The EfficientNet encoder, the Previewer and the cached empty-caption embedding exist
-only as official files; they are copied to the root in both layouts, as the hub repo
-does. The Hugging Face folders (``text_encoder/``, ``tokenizer/``, …) are copied as they
-are. ``--dtype`` applies to Stage B and Stage C; Stage A, like the other fp32-only
-releases, is written as stored.
+The EfficientNet encoder, the Previewer and the cached empty-caption embedding exist only as
+official files (and inside ComfyUI's Stage C file); they are copied to the root in the
+official and diffusers layouts, as the hub repo does. The Hugging Face folders
+(``text_encoder/``, ``tokenizer/``, …) are copied as they are. ComfyUI's all-in-one files
+(:mod:`codec.comfyui`) are assembled from all of these, and taken apart again. ``--dtype``
+applies to Stage B and Stage C; everything else is written as stored.
 """
 
 from __future__ import annotations
@@ -19,38 +20,47 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from . import interop
+from . import comfyui, interop
 from . import weights as W
 
-LAYOUTS = ("official", "diffusers")
+LAYOUTS = ("official", "diffusers", "comfyui")
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 ROOT_FILES = (W.EFFNET_FILE, W.PREVIEWER_FILE, W.EMPTY_CAPTION_FILE)
 HF_FOLDERS = ("text_encoder", "tokenizer", "image_encoder", "feature_extractor")
 DIFFUSERS_ONLY = ("scheduler", "model_index.json")
+# Files and folders copied as they are, per target layout (ComfyUI's files hold the rest).
+COPIED = {"official": ROOT_FILES + HF_FOLDERS, "diffusers": ROOT_FILES + HF_FOLDERS + DIFFUSERS_ONLY,
+          "comfyui": (W.EMPTY_CAPTION_FILE, "tokenizer")}
+
+DtypeRule = torch.dtype | None | Callable[[str], torch.dtype | None]
 
 
 @dataclass
 class ConvertJob:
-    """One model variant to write: where it comes from, where it goes, in which keys and dtype."""
+    """One file to write: where its tensors come from, where it goes, in which keys and dtype."""
 
-    source: interop.Located
+    label: str
     target: Path
     ckpt: W.Checkpoint
-    dtype: torch.dtype | None
+    dtype: DtypeRule
     metadata: dict[str, str]
-    config: dict[str, Any]
-    diffusers_config: dict[str, Any] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    side_files: dict[Path, str] = field(default_factory=dict)  # small text files that go with it (config.json)
+
+    def dtype_of(self, key: str) -> torch.dtype | None:
+        """Target dtype of the floats of tensor ``key`` (``None``: as stored)."""
+        return self.dtype(key) if callable(self.dtype) else self.dtype
 
     def nbytes(self) -> int:
         """Size of the tensor data to write."""
-        return sum(t.numel * (self.dtype if self.dtype is not None and t.dtype.is_floating_point else t.dtype).itemsize
-                   for t in self.ckpt.tensors.values())
+        return sum(t.numel * ((self.dtype_of(k) or t.dtype) if t.dtype.is_floating_point else t.dtype).itemsize
+                   for k, t in self.ckpt.tensors.items())
 
 
 def _variant(ckpt: W.Checkpoint, dtype: torch.dtype | None, label: str) -> str:
@@ -59,7 +69,12 @@ def _variant(ckpt: W.Checkpoint, dtype: torch.dtype | None, label: str) -> str:
         if floats == {d}:
             return name
     raise W.WeightsError(f"{label} holds {', '.join(sorted(str(d).replace('torch.', '') for d in floats))} tensors, "
-                         "which neither layout has a file name for; pass --dtype bf16 or --dtype fp32.")
+                         "which no layout has a file name for; pass --dtype bf16 or --dtype fp32.")
+
+
+def _metadata(ckpt: W.Checkpoint, **extra: str) -> dict[str, str]:
+    note = ckpt.metadata.get(W.META_NOTE)
+    return {"format": "pt", **({W.META_NOTE: note} if note else {}), **extra}
 
 
 def _job(src: W.WeightSource, loc: interop.Located, dst: Path, to: str, dtype: torch.dtype | None) -> ConvertJob:
@@ -69,33 +84,58 @@ def _job(src: W.WeightSource, loc: interop.Located, dst: Path, to: str, dtype: t
         dtype = None  # released in fp32 only; the official code runs it in fp32
     config = {**interop.default_config(loc.component), **(stored or {})}
     variant = _variant(ckpt, dtype, loc.label)
-    note = ckpt.metadata.get(W.META_NOTE)
-    metadata = {"format": "pt", **({W.META_NOTE: note} if note else {})}
     if to == "official":
         names = interop.OFFICIAL_FILES[loc.component]
         target = dst / names.get(variant, names["fp32"])
-        return ConvertJob(loc, target, ckpt, dtype, {**metadata, W.META_CONFIG: json.dumps(config)}, config)
+        return ConvertJob(loc.label, target, ckpt, dtype, _metadata(ckpt, **{W.META_CONFIG: json.dumps(config)}),
+                          config)
     folder = dst / interop.DIFFUSERS_FOLDERS[loc.component]
-    return ConvertJob(loc, folder / interop.DIFFUSERS_WEIGHTS[variant],
-                      ckpt.remap(interop.plan_to_diffusers(ckpt.shapes(), kind)), dtype, metadata, config,
-                      interop.config_to_diffusers(kind, config))
+    return ConvertJob(loc.label, folder / interop.DIFFUSERS_WEIGHTS[variant],
+                      ckpt.remap(interop.plan_to_diffusers(ckpt.shapes(), kind)), dtype, _metadata(ckpt), config,
+                      {folder / interop.DIFFUSERS_CONFIG: json.dumps(interop.config_to_diffusers(kind, config),
+                                                                     indent=2)})
+
+
+def _unbundle_job(src: W.WeightSource, loc: interop.Located, dst: Path) -> ConvertJob:
+    """A part of a ComfyUI checkpoint that is not a diffusion model, written as the official file (encoder,
+    Previewer) or the Hugging Face folder (CLIP encoders) it stands for."""
+    ckpt, config = interop.open_component(src, loc)
+    if loc.component in interop.ROOT_FILES:
+        extra = {W.META_CONFIG: json.dumps(config)} if config else {}
+        return ConvertJob(loc.label, dst / interop.ROOT_FILES[loc.component], ckpt, None, _metadata(ckpt, **extra))
+    folder = dst / interop.HF_FOLDERS[loc.component]
+    return ConvertJob(loc.label, folder / interop.HF_WEIGHTS["fp32"], ckpt, None, {"format": "pt"}, config,
+                      {folder / interop.DIFFUSERS_CONFIG: comfyui.hf_config_json(loc.component, config)})
+
+
+def _from_one_layout(src: W.WeightSource, found: list[interop.Located], to: str, what: str,
+                     log: Callable[[str], None]) -> list[interop.Located]:
+    """Of the variants ``found``, those in the target layout, else those of the first other layout; logs what is
+    left out. A single file given as the source yields only what it holds."""
+    if src.pinned:
+        found = [loc for loc in found if loc.files[0] == src.pinned]
+    same = [loc for loc in found if loc.layout == to]
+    first = min((interop.LAYOUT_ORDER[loc.layout] for loc in found), default=0)
+    pool = same or [loc for loc in found if interop.LAYOUT_ORDER[loc.layout] == first]
+    left = [loc for loc in found if loc not in pool]
+    if left:
+        log(f"{what}: {', '.join(loc.label for loc in pool)} is converted"
+            f"{f' (already in the {to} layout)' if same else ''}; {', '.join(loc.label for loc in left)} is not")
+    return pool
 
 
 def plan_conversion(src: W.WeightSource, dst: Path, to: str, dtype: torch.dtype | None,
                     log: Callable[[str], None]) -> list[ConvertJob]:
-    """The jobs converting every model of ``src``. A model present in both layouts is taken from the one already
-    in the target layout (the hub repo's ``vqgan/`` is a different VQGAN than its ``stage_a.safetensors``).
-    With ``dtype`` set, one variant per model is written (the one stored in that dtype if present); with
-    ``None`` every variant is."""
+    """The jobs converting every model of ``src``. A model present in several layouts is taken from the one already
+    in the target layout, else from the first of official, diffusers, ComfyUI (the hub repo's ``vqgan/`` is a
+    different VQGAN than its ``stage_a.safetensors``). With ``dtype`` set, one variant per model is written (the
+    one stored in that dtype if present); with ``None`` every variant is (ComfyUI: one file per model, fp32
+    preferred)."""
+    if to == "comfyui":
+        return _comfyui_jobs(src, dst, dtype, log)
     jobs = []
     for component in interop.COMPONENTS:
-        found = interop.locate_all(src, component)
-        same = [loc for loc in found if loc.layout == to]
-        other = [loc for loc in found if loc.layout != to]
-        if same and other:
-            log(f"{component}: {', '.join(loc.label for loc in same)} is already in the {to} layout; "
-                f"{', '.join(loc.label for loc in other)} is not converted")
-        pool = same or other
+        pool = _from_one_layout(src, interop.locate_all(src, component), to, component, log)
         if dtype is not None and pool and interop.kind_of(component) != "stage_a":
             wanted = [loc for loc in pool if interop.VARIANT_DTYPES[loc.variant] == dtype]
             pool = wanted[:1] or pool[:1]
@@ -104,20 +144,85 @@ def plan_conversion(src: W.WeightSource, dst: Path, to: str, dtype: torch.dtype 
             if component == "stage_a":
                 log(f"{loc.label}: {interop.describe_stage_a(jobs[-1].config['scale_factor'])}; the converted "
                     "Stage A keeps it")
+    for component in interop.EXTRA_COMPONENTS:  # an official file or Hugging Face folder is copied as it is
+        found = _from_one_layout(src, interop.locate_all(src, component), to, component, log)
+        if found and found[0].layout == "comfyui":
+            jobs.append(_unbundle_job(src, found[0], dst))
+            copied = not src.pinned and src.folder is not None and (src.folder / "tokenizer").is_dir()
+            if component == "text_encoder" and not copied:
+                log(f"{found[0].files[0]} holds no tokenizer: put the tokenizer/ folder of {W.OFFICIAL_REPO} into "
+                    f"{dst} (`hf download {W.OFFICIAL_REPO} --include 'tokenizer/*' --local-dir {dst}`)")
     return jobs
 
 
+def _comfyui_jobs(src: W.WeightSource, dst: Path, dtype: torch.dtype | None,
+                  log: Callable[[str], None]) -> list[ConvertJob]:
+    """One all-in-one file per Stage B and Stage C model of ``src`` (fp32 variant preferred with ``dtype=None``)."""
+    jobs = []
+    for component in interop.COMPONENTS:
+        kind = interop.kind_of(component)
+        found = interop.locate_all(src, component)
+        if kind == "stage_a" or not found:
+            continue
+        if any(loc.layout == "comfyui" for loc in found):
+            log(f"{component}: already in the ComfyUI layout ({found[-1].files[0]}); not converted")
+            continue
+        wanted = [loc for loc in found if interop.VARIANT_DTYPES[loc.variant] == (dtype or torch.float32)]
+        model = (wanted or found)[0]
+        if len(found) > 1:
+            log(f"{component}: {model.label} is converted; {', '.join(l.label for l in found if l != model)} is "
+                "not (ComfyUI has one file per model)")
+        parts = [(component, model)]
+        for extra in comfyui.CONTENTS[kind]:
+            loc = interop.locate(src, extra, torch.float32)
+            if loc is None:
+                log(f"{comfyui.FILES[component]}: {src.source} has no {comfyui.title(extra)}; the file goes "
+                    "without it")
+            else:
+                parts.append((extra, loc))
+        jobs.append(_bundle_job(src, parts, dst / comfyui.FILES[component], dtype, log))
+    return jobs
+
+
+def _bundle_job(src: W.WeightSource, parts: list[tuple[str, interop.Located]], target: Path,
+                dtype: torch.dtype | None, log: Callable[[str], None]) -> ConvertJob:
+    """A ComfyUI checkpoint made of ``parts`` (component, where it is), with every part's configuration."""
+    sections, metadata = [], {"format": "pt"}
+    for component, loc in parts:
+        ckpt, config = interop.open_component(src, loc)
+        if component in interop.COMPONENTS:
+            config = {**interop.default_config(component), **(config or {})}
+        if component == "stage_a" and config["scale_factor"] != interop.OFFICIAL_STAGE_A_SCALE:
+            log(f"{target.name}: {loc.label} has {interop.describe_stage_a(config['scale_factor'])}; ComfyUI decodes "
+                f"with {interop.OFFICIAL_STAGE_A_SCALE} whatever the file says (cascade-codec reads the scale back)")
+        if config:
+            metadata[comfyui.META_CONFIG + component] = json.dumps(config)
+        metadata.update(_metadata(ckpt))
+        sections.append(ckpt.remap(comfyui.plan_to_comfyui(ckpt.shapes(), component)))
+    ckpt = W.Checkpoint.union(sections, target)
+
+    def dtype_of(key: str) -> torch.dtype | None:
+        return dtype if key.startswith(comfyui.UNET) else None
+
+    label = " + ".join(loc.label for _, loc in parts)
+    return ConvertJob(label, target, ckpt, dtype_of, metadata)
+
+
 def _copy_extras(src: W.WeightSource, dst: Path, to: str, overwrite: bool, log: Callable[[str], None]) -> int:
+    """Copy the files and folders that the ``to`` layout keeps as they are; nothing when the source is one file."""
+    if src.pinned:
+        return 0
     copied = 0
-    for name in ROOT_FILES:
+    for name in (n for n in COPIED[to] if n in ROOT_FILES):
         if not src.has(name) or ((dst / name).exists() and (not overwrite or src.path(name).samefile(dst / name))):
             continue
         shutil.copyfile(src.path(name), dst / name)
         copied += 1
-    folders = HF_FOLDERS + (DIFFUSERS_ONLY if to == "diffusers" else ())
+    folders = [n for n in COPIED[to] if n not in ROOT_FILES]
     if src.folder is None:
-        log(f"{', '.join(f + '/' for f in HF_FOLDERS)} of a repo id are not copied; download them with "
-            f"`hf download {src.repo_id} --include 'text_encoder/*' 'tokenizer/*' --local-dir {dst}`")
+        hf = [f for f in folders if f in HF_FOLDERS]
+        log(f"{', '.join(f + '/' for f in hf)} of a repo id are not copied; download them with "
+            f"`hf download {src.repo_id} --include {' '.join(repr(f + '/*') for f in hf)} --local-dir {dst}`")
         return copied
     for name in folders:
         path = src.folder / name
@@ -149,8 +254,8 @@ class ConvertSummary:
 def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str, dtype: str = "keep",
             overwrite: bool = False, progress: bool = True,
             log: Callable[[str], None] = print) -> ConvertSummary:
-    """Convert every Stable Cascade model in ``source`` (folder or repo id, either layout) into ``dest`` in the
-    ``to`` layout (``"official"`` or ``"diffusers"``), floats of Stage B/C cast to ``dtype``
+    """Convert every Stable Cascade model in ``source`` (folder, repo id or ComfyUI file; any layout) into ``dest``
+    in the ``to`` layout (``"official"``, ``"diffusers"`` or ``"comfyui"``), floats of Stage B/C cast to ``dtype``
     (``"keep"``, ``"bf16"``, ``"fp32"``). Existing outputs are skipped unless ``overwrite``."""
     from tqdm.auto import tqdm
 
@@ -161,8 +266,9 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str, dtype: 
     src, dst = W.WeightSource(source), Path(dest)
     jobs = plan_conversion(src, dst, to, DTYPES[dtype], log)
     if not jobs:
-        raise W.WeightsError(f"{source} holds no Stage A, B or C weights in either layout (official files like "
-                             f"{W.STAGE_A_FILE}, or diffusers folders like vqgan/ and decoder_lite/ with config.json).")
+        raise W.WeightsError(f"{source} holds no Stage A, B or C weights{' to put in a ComfyUI file' * (to == 'comfyui')} "
+                             f"in any layout (official files like {W.STAGE_A_FILE}, diffusers folders like vqgan/ and "
+                             "decoder_lite/ with config.json, or ComfyUI files like stable_cascade_stage_b.safetensors).")
     inputs = {Path(p.header.path).resolve() for job in jobs for t in job.ckpt.tensors.values() for p in t.pieces}
     todo: dict[int, ConvertJob] = {}
     skipped = []
@@ -179,14 +285,15 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str, dtype: 
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", dynamic_ncols=True,
               disable=None if progress else True) as bar:
         for job in jobs:
-            if job.diffusers_config is not None and (overwrite or not (job.target.parent / "config.json").exists()):
-                job.target.parent.mkdir(parents=True, exist_ok=True)
-                (job.target.parent / interop.DIFFUSERS_CONFIG).write_text(json.dumps(job.diffusers_config, indent=2))
+            for path, text in job.side_files.items():
+                if overwrite or not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(text)
             if id(job) not in todo:
                 continue
-            bar.set_postfix_str(f"{job.source.label} → {job.target.relative_to(dst)}", refresh=False)
+            bar.set_postfix_str(f"{job.label} → {job.target.relative_to(dst)}", refresh=False)
             W.write_checkpoint(job.ckpt, job.target, job.dtype, job.metadata, progress=bar.update)
-            written.append(f"{job.source.label} → {job.target}")
+            written.append(f"{job.label} → {job.target}")
     for line in written:
         log(f"  {line}")
     for line in skipped:

@@ -7,9 +7,9 @@
   model built on the ``meta`` device. Peak memory is the model in its target dtype plus
   a 16 MiB buffer — never a random-initialised copy, never the whole file twice.
 * A :class:`Checkpoint` is a view of one or more files (shards) whose tensors can be
-  renamed, split or joined by a key plan without reading data; it is what loads the
-  diffusers layout (:mod:`codec.interop`) and what :func:`write_checkpoint` streams to a
-  new file.
+  renamed, split, joined or transposed by a key plan without reading data; it is what
+  loads the diffusers and ComfyUI layouts (:mod:`codec.interop`) and what
+  :func:`write_checkpoint` streams to a new file.
 * Keys and shapes are checked against the model *before* any tensor data is read; the
   error lists missing, unexpected and mis-shaped keys.
 * Our own files carry their model configuration in the safetensors metadata
@@ -186,11 +186,15 @@ class Piece:
 
 @dataclass(frozen=True)
 class Part:
-    """Elements ``[offset, offset + numel)`` of the flattened tensor ``key``: one part of a mapped tensor."""
+    """Elements ``[offset, offset + numel)`` of the flattened tensor ``key``: one part of a mapped tensor.
+
+    ``transpose``: the part is the whole 2-D tensor ``key`` transposed (it must then be the only part).
+    """
 
     key: str
     offset: int
     numel: int
+    transpose: bool = False
 
 
 # A key mapping: target key → (target shape, the parts of source tensors it is made of, in order).
@@ -199,11 +203,16 @@ KeyPlan = dict[str, tuple[tuple[int, ...], list[Part]]]
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """One tensor of a :class:`Checkpoint`: its shape, its dtype on disk and where its bytes are."""
+    """One tensor of a :class:`Checkpoint`: its shape, its dtype on disk and where its bytes are.
+
+    ``transposed``: the bytes hold the 2-D transpose of the tensor (shape ``shape[::-1]``, row-major);
+    reading or writing it costs one tensor's worth of memory.
+    """
 
     dtype: torch.dtype
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
+    transposed: bool = False
 
     @property
     def numel(self) -> int:
@@ -248,17 +257,23 @@ class Checkpoint:
         if isinstance(paths, (str, os.PathLike)):
             return cls.from_header(read_header(paths))
         parts = [cls.from_header(read_header(p)) for p in paths]
+        folder = Path(parts[0].path).parent if parts else Path(".")
+        return cls.union(parts, f"{folder}/{{{','.join(Path(p.path).name for p in parts)}}}")
+
+    @classmethod
+    def union(cls, parts: Sequence["Checkpoint"], path: str | os.PathLike) -> "Checkpoint":
+        """The tensors of several checkpoints as one (shards, or the models of an all-in-one file); a key in two
+        parts is an error. Metadata is merged, later parts winning."""
         tensors: dict[str, StoredTensor] = {}
         metadata: dict[str, str] = {}
         for part in parts:
             twice = sorted(set(tensors) & set(part.tensors))
             if twice:
-                raise WeightsError(f"{part.path} repeats {len(twice)} tensor(s) of another shard (e.g. {twice[0]!r}); "
-                                   "the shards do not belong to one checkpoint.")
+                raise WeightsError(f"{part.path} repeats {len(twice)} tensor(s) of another part (e.g. {twice[0]!r}); "
+                                   "they do not belong to one checkpoint.")
             tensors.update(part.tensors)
             metadata.update(part.metadata)
-        folder = Path(parts[0].path).parent if parts else Path(".")
-        return cls(tensors, metadata, f"{folder}/{{{','.join(Path(p.path).name for p in parts)}}}")
+        return cls(tensors, metadata, path)
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -282,12 +297,24 @@ class Checkpoint:
         """A checkpoint whose tensors are made of parts of this one's, as ``plan`` says (no data is read)."""
         tensors = {}
         for key, (shape, parts) in plan.items():
+            if any(part.transpose or self.tensors[part.key].transposed for part in parts):
+                tensors[key] = self._transposed(key, tuple(shape), parts)
+                continue
             pieces = [p for part in parts
                       for p in _slice_pieces(self.tensors[part.key].pieces, part.offset, part.numel)]
             if sum(p.numel for p in pieces) != math.prod(shape):
                 raise RuntimeError(f"bug: the parts of {key!r} do not add up to its shape {list(shape)}")
             tensors[key] = StoredTensor(self.tensors[parts[0].key].dtype, tuple(shape), tuple(pieces))
         return Checkpoint(tensors, self.metadata, self.path)
+
+    def _transposed(self, key: str, shape: tuple[int, ...], parts: Sequence[Part]) -> StoredTensor:
+        """``key`` as one whole 2-D tensor, transposed or not, of a tensor that is or will be transposed."""
+        (part,) = parts if len(parts) == 1 else (None,)
+        src = self.tensors[part.key] if part is not None else None
+        if src is None or len(src.shape) != 2 or part.offset != 0 or part.numel != src.numel or \
+                shape != (src.shape[::-1] if part.transpose else src.shape):
+            raise RuntimeError(f"bug: {key!r} must be one whole 2-D tensor, transposed or as it is")
+        return StoredTensor(src.dtype, shape, src.pieces, src.transposed != part.transpose)
 
 
 _CHUNK_BYTES = 1 << 24  # cast/copy granularity: the extra memory of reading or converting a checkpoint
@@ -349,6 +376,17 @@ def _target_dtype(stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype
     return dtype if (dtype is not None and stored.is_floating_point) else stored
 
 
+def _read_transposed(reader: "_Reader", st: StoredTensor, dtype: torch.dtype,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """A :attr:`StoredTensor.transposed` tensor read whole, transposed back, in ``dtype`` on ``device``."""
+    raw = torch.empty(st.shape[::-1], dtype=dtype, device=device)
+    flat, pos = raw.view(-1), 0
+    for piece in st.pieces:
+        reader.read_into(piece, flat[pos:pos + piece.numel])
+        pos += piece.numel
+    return raw.t().contiguous()
+
+
 def iter_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(key, tensor)`` one at a time in file order, floats cast to ``dtype``, on ``device``.
@@ -365,6 +403,9 @@ def iter_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None = None,
 
     with _Reader() as reader:
         for key, st in sorted(ckpt.tensors.items(), key=file_order):
+            if st.transposed:
+                yield key, _read_transposed(reader, st, _target_dtype(st.dtype, dtype), device)
+                continue
             out = torch.empty(st.shape, dtype=_target_dtype(st.dtype, dtype), device=device)
             flat, pos = out.view(-1), 0
             for piece in st.pieces:
@@ -379,21 +420,26 @@ def iter_tensors(header: SafetensorsHeader, dtype: torch.dtype | None = None,
     return iter_checkpoint(Checkpoint.from_header(header), dtype, device)
 
 
-def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, dtype: torch.dtype | None = None,
+def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike,
+                     dtype: torch.dtype | None | Callable[[str], torch.dtype | None] = None,
                      metadata: Mapping[str, str] | None = None,
                      progress: Callable[[int], None] | None = None) -> Path:
     """Write ``ckpt`` as one safetensors file, floats cast to ``dtype``, streaming 16 MiB at a time.
 
-    The file is written by hand to the safetensors format (8-byte little-endian header
-    length, JSON header padded to 8 bytes, raw little-endian tensor bytes in header
-    order): safetensors' own writers take every tensor in memory at once. ``progress``
-    is called with the number of bytes written after each chunk. The write is atomic.
+    ``dtype`` may be a function of the key (``None``: keep the stored dtype), for files
+    that bundle several models. The file is written by hand to the safetensors format
+    (8-byte little-endian header length, JSON header padded to 8 bytes, raw little-endian
+    tensor bytes in header order): safetensors' own writers take every tensor in memory
+    at once. A transposed tensor (:attr:`StoredTensor.transposed`) is the one exception:
+    it is read whole. ``progress`` is called with the number of bytes written after each
+    chunk. The write is atomic.
     """
     path = Path(path)
+    dtype_of = dtype if callable(dtype) else (lambda _key: dtype)
     header: dict[str, Any] = {"__metadata__": {str(k): str(v) for k, v in (metadata or {}).items()}}
     offset = 0
     for key, st in ckpt.tensors.items():
-        out = _target_dtype(st.dtype, dtype)
+        out = _target_dtype(st.dtype, dtype_of(key))
         header[key] = {"dtype": _DTYPE_NAMES[out], "shape": list(st.shape),
                        "data_offsets": [offset, offset + st.numel * out.itemsize]}
         offset += st.numel * out.itemsize
@@ -405,8 +451,14 @@ def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, dtype: torch.dty
     with open(tmp, "wb") as f, _Reader() as reader:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for st in ckpt.tensors.values():
-            out = _target_dtype(st.dtype, dtype)
+        for key, st in ckpt.tensors.items():
+            out = _target_dtype(st.dtype, dtype_of(key))
+            if st.transposed:
+                whole = _read_transposed(reader, st, out)
+                f.write(memoryview(whole.view(-1).view(torch.uint8).numpy()))
+                if progress is not None:
+                    progress(whole.numel() * out.itemsize)
+                continue
             for piece in st.pieces:
                 for chunk in reader.chunks(piece):
                     data = chunk
@@ -592,17 +644,26 @@ def _hub_file(repo_id: str, filename: str) -> Path:
 
 
 class WeightSource:
-    """A local folder with official file names, or a Hugging Face repo id."""
+    """A local folder, a Hugging Face repo id, or one ``.safetensors`` file (a ComfyUI single-file checkpoint).
+
+    A file stands for its folder with that file ``pinned``: the models it holds are taken
+    from it before any other file of the folder (:mod:`codec.interop` decides what it holds).
+    """
 
     def __init__(self, source: str | os.PathLike):
         self.source = str(source)
+        self.pinned: str | None = None
+        self._headers: dict[str, SafetensorsHeader] = {}
         path = Path(source).expanduser()
         if path.is_dir():
             self.folder: Path | None = path
             self.repo_id: str | None = None
+        elif path.is_file() and path.suffix == ".safetensors":
+            self.folder, self.repo_id, self.pinned = path.parent, None, path.name
         elif path.exists():
-            raise WeightsError(f"{path} is a file; give the folder that holds the weights "
-                               f"({STAGE_A_FILE}, {EFFNET_FILE}, stage_b_lite[_bf16].safetensors, …).")
+            raise WeightsError(f"{path} is not a .safetensors file; give the folder that holds the weights "
+                               f"({STAGE_A_FILE}, {EFFNET_FILE}, stage_b_lite[_bf16].safetensors, …) or a ComfyUI "
+                               "single-file checkpoint (stable_cascade_stage_c.safetensors, …).")
         elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
             self.folder, self.repo_id = None, str(source)
         else:
@@ -619,6 +680,12 @@ class WeightSource:
         from huggingface_hub import try_to_load_from_cache
 
         return isinstance(try_to_load_from_cache(self.repo_id, filename), str)
+
+    def header(self, filename: str) -> SafetensorsHeader:
+        """The parsed header of ``filename`` (read once per source; downloads it for a repo id)."""
+        if filename not in self._headers:
+            self._headers[filename] = read_header(self.path(filename))
+        return self._headers[filename]
 
     def path(self, filename: str) -> Path:
         """Local path of ``filename``, downloading it from the hub if needed."""

@@ -6,7 +6,8 @@ normalise with CLIP's mean/std. The condition is the projected ``image_embeds``
 (not normalised) as ``(B,1,768)``; the unconditional image condition is zeros.
 
 Weights come from the ``image_encoder/`` folder of the Hugging Face
-``stabilityai/stable-cascade-prior`` layout (a local folder or the repo id).
+``stabilityai/stable-cascade-prior`` layout (a local folder or the repo id), or from ComfyUI's
+Stage C single-file checkpoint (``clip_l_vision.``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .text import hf_subfolders, quiet_transformers
+from ..weights import WeightSource
+from .text import hf_source, hf_subfolders, quiet_transformers
 
 PRIOR_REPO = "stabilityai/stable-cascade-prior"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,12 +44,20 @@ class ImageEncoder:
         self.width = int(model.config.projection_dim)
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike = PRIOR_REPO, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "ImageEncoder":
-        """Load from a folder (or repo id) with an ``image_encoder/`` subfolder."""
-        from transformers import CLIPVisionModelWithProjection
+    def from_pretrained(cls, source: str | os.PathLike | WeightSource = PRIOR_REPO,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "ImageEncoder":
+        """Load from a folder (or repo id) with an ``image_encoder/`` subfolder, or from ComfyUI's Stage C
+        checkpoint (the file, or a folder with one and no ``image_encoder/``)."""
+        from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-        root = hf_subfolders(source, ["image_encoder"], "the CLIP image encoder (needed for image variation)")
+        from .. import comfyui
+
+        found = comfyui.bundled(source, "image_encoder")
+        if found is not None:
+            return cls(comfyui.load_clip(*found, CLIPVisionModelWithProjection, CLIPVisionConfig, dtype, device),
+                       device)
+        root = hf_subfolders(hf_source(source), ["image_encoder"],
+                             "the CLIP image encoder (needed for image variation)")
         with quiet_transformers():
             model = CLIPVisionModelWithProjection.from_pretrained(str(Path(root) / "image_encoder"),
                                                                   torch_dtype=dtype, local_files_only=True)

@@ -136,13 +136,17 @@ def _png_text(prompt: str, negative: str, seed: int | None, settings) -> dict[st
               help="Also write the Stage C latents next to each image (.safetensors, decodable with `cascade decode`).")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True,
               help="Images sampled at once.")
-@click.option("--stage-c", type=click.Choice(["lite", "large"]), default="lite", show_default=True,
-              help="Stage C size: lite (1.0B) or large (3.6B).")
-@click.option("--stage-b", type=click.Choice(["lite", "large"]), default="lite", show_default=True,
-              help="Stage B size: lite (700M) or large (1.5B).")
-@click.option("--weights", "-w", default=None, metavar="DIR|REPO",
+@click.option("--stage-c", type=click.Choice(["lite", "large"]), default=None,
+              help="Stage C size: lite (1.0B) or large (3.6B). Default: lite, or the size in the ComfyUI file given as "
+                   "--weights.")
+@click.option("--stage-b", type=click.Choice(["lite", "large"]), default=None,
+              help="Stage B size: lite (700M) or large (1.5B). Default: lite, or the size in the ComfyUI file given "
+                   "as --weights.")
+@click.option("--weights", "-w", default=None, metavar="DIR|REPO|FILE",
               help="Folder with the official files (stage_c_lite[_bf16].safetensors, stage_b_lite[_bf16].safetensors, "
-                   "stage_a.safetensors, previewer.safetensors, effnet_encoder.safetensors for img2img) or a repo id. "
+                   "stage_a.safetensors, previewer.safetensors, effnet_encoder.safetensors for img2img; or the "
+                   "diffusers or ComfyUI layout), a repo id, or ComfyUI's stable_cascade_stage_c.safetensors (with "
+                   "stable_cascade_stage_b.safetensors and tokenizer/ beside it). "
                    "Default: $CASCADE_WEIGHTS, else stabilityai/stable-cascade.")
 @click.option("--clip", "clip_source", default=None, metavar="DIR|REPO",
               help="Folder or repo with text_encoder/, tokenizer/ (and image_encoder/ for variations) in the Hugging "

@@ -27,7 +27,7 @@ from PIL import Image
 
 from .. import interop
 from .. import weights as W
-from ..codec import Codec, _check_finite, _load_component, encode_pixels, load_encoder
+from ..codec import Codec, _check_finite, _load_component, encode_pixels, load_encoder, load_previewer
 from ..diffusion import diffuse, sample
 from ..images import ImageLike, to_pil, to_tensor_list
 from .stage_c import STAGE_C_PRESETS, StageC, StageCConfig
@@ -98,7 +98,7 @@ class TextToImage:
         self.stage_b_size = stage_b
         self.device = torch.device(device)
         self.dtype = dtype
-        self.clip_source = clip_source if clip_source is not None else (source.folder or source.repo_id)
+        self.clip_source: str | os.PathLike | W.WeightSource = clip_source if clip_source is not None else source
         self.keep_loaded = keep_loaded
         self.loras = [(Path(p), float(m)) for p, m in loras]
         for path, _ in self.loras:
@@ -107,8 +107,8 @@ class TextToImage:
         self._cache: dict[str, Any] = {}
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike = W.OFFICIAL_REPO, stage_c: str = "lite",
-                        stage_b: str = "lite", dtype: str | torch.dtype | None = None,
+    def from_pretrained(cls, source: str | os.PathLike = W.OFFICIAL_REPO, stage_c: str | None = None,
+                        stage_b: str | None = None, dtype: str | torch.dtype | None = None,
                         device: str | torch.device | None = None, clip_source: str | os.PathLike | None = None,
                         keep_loaded: bool = False,
                         loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> "TextToImage":
@@ -117,9 +117,14 @@ class TextToImage:
         ``source``: a folder or repo id in the official layout (``stage_c*.safetensors``, …)
         or the diffusers layout (``prior[_lite]/``, ``decoder[_lite]/``, ``vqgan/`` folders;
         the hub keeps the prior in ``stable-cascade-prior``, so put both repos' folders in
-        one folder). img2img needs the official ``effnet_encoder.safetensors``.
+        one folder), or ComfyUI's ``stable_cascade_stage_c[_lite].safetensors`` (Stage C, text
+        and image encoders, EfficientNet, Previewer) given as the file or its folder, with
+        ``stable_cascade_stage_b[_lite].safetensors`` beside it for Stage B and Stage A and the
+        Hugging Face ``tokenizer/`` folder (ComfyUI's files hold no tokenizer). img2img needs the
+        EfficientNet encoder: the official ``effnet_encoder.safetensors`` or ComfyUI's Stage C file.
 
-        ``stage_c``/``stage_b``: ``"lite"`` or ``"large"``. ``dtype``: Stage C and Stage B
+        ``stage_c``/``stage_b``: ``"lite"`` or ``"large"``; default lite, or the size in the
+        ComfyUI file given as ``source``. ``dtype``: Stage C and Stage B
         precision (default bf16 on CUDA, fp32 elsewhere); ``fp16`` runs Stage C in its
         overflow-safe fp16 mode (:meth:`StageC.half_safe`). ``clip_source``: folder or repo
         with ``text_encoder/``, ``tokenizer/`` (and ``image_encoder/`` for variations);
@@ -130,6 +135,8 @@ class TextToImage:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = W.parse_dtype(dtype, device)
         src = W.WeightSource(source)
+        stage_c = stage_c or interop.default_size(src, "stage_c")
+        stage_b = stage_b or interop.default_size(src, "stage_b")
         pipeline = cls(src, stage_c, stage_b, device, dtype, clip_source, keep_loaded, loras)
         interop.require(src, pipeline._locations())
         return pipeline
@@ -202,14 +209,7 @@ class TextToImage:
                                                                 encoder=False))
 
     def _previewer(self):
-        from .previewer import Previewer
-
-        def load():
-            self.source.require([W.PREVIEWER_FILE])
-            model, _ = _load_component(self.source, W.PREVIEWER_FILE, Previewer, None, torch.float32, self.device)
-            return model
-
-        return self._get("previewer", load)
+        return self._get("previewer", lambda: load_previewer(self.source, self.device))
 
     # ------------------------------------------------------------------ conditions
     def _conditions(self, prompts: list[str], negative: list[str], images: torch.Tensor | None,

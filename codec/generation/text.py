@@ -6,7 +6,8 @@ norm (``hidden_states[-1]``); the pooled condition is the projected ``text_embed
 (not normalised) as ``(B,1,1280)``. The unconditional text is the encoding of ``""``.
 
 Weights come from the ``text_encoder/`` and ``tokenizer/`` folders of the Hugging Face
-``stabilityai/stable-cascade`` layout (a local folder or the repo id).
+``stabilityai/stable-cascade`` layout (a local folder or the repo id), or from a ComfyUI
+single-file checkpoint (which holds the weights; the tokenizer still comes from ``tokenizer/``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Sequence
 
 import torch
 
-from ..weights import OFFICIAL_REPO, WeightsError, hub_offline, hub_reachable
+from ..weights import OFFICIAL_REPO, WeightSource, WeightsError, hub_offline, hub_reachable
 
 MAX_TOKENS = 77
 
@@ -65,6 +66,13 @@ def hf_subfolders(source: str | os.PathLike, subfolders: Sequence[str], what: st
                        f"a folder (e.g. `hf download {source} --include {hint} --local-dir DIR`) and pass that folder.")
 
 
+def hf_source(source: str | os.PathLike | WeightSource) -> str | os.PathLike:
+    """The folder or repo id holding the Hugging Face folders of ``source`` (a weight source's own)."""
+    if isinstance(source, WeightSource):
+        return source.folder if source.folder is not None else source.repo_id
+    return source
+
+
 @contextlib.contextmanager
 def quiet_transformers():
     """Hide transformers' per-file loading bars (ours show the work that takes time), restoring the setting after."""
@@ -94,16 +102,29 @@ class TextEncoder:
         self.pool_at: str | None = None
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike = OFFICIAL_REPO, device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "TextEncoder":
-        """Load from a folder (or repo id) with ``text_encoder/`` and ``tokenizer/`` subfolders."""
-        from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+    def from_pretrained(cls, source: str | os.PathLike | WeightSource = OFFICIAL_REPO,
+                        device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "TextEncoder":
+        """Load from a folder (or repo id) with ``text_encoder/`` and ``tokenizer/`` subfolders, or from a ComfyUI
+        checkpoint (the file, or a folder with one and no ``text_encoder/``) and the ``tokenizer/`` beside it."""
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-        root = hf_subfolders(source, ["text_encoder", "tokenizer"], "text conditioning (the CLIP-G text encoder)")
+        from .. import comfyui
+
+        found = comfyui.bundled(source, "text_encoder")
+        if found is None:
+            root = hf_subfolders(hf_source(source), ["text_encoder", "tokenizer"],
+                                 "text conditioning (the CLIP-G text encoder)")
+            with quiet_transformers():
+                model = CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder"), torch_dtype=dtype,
+                                                                    local_files_only=True)
+        else:
+            src, loc = found
+            model = comfyui.load_clip(src, loc, CLIPTextModelWithProjection, CLIPTextConfig, dtype, device)
+            root = hf_subfolders(comfyui.hf_root(src), ["tokenizer"],
+                                 f"the CLIP tokenizer ({loc.files[0]} holds the text encoder's weights, not its "
+                                 "tokenizer)")
         with quiet_transformers():
             tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
-            model = CLIPTextModelWithProjection.from_pretrained(str(root / "text_encoder"), torch_dtype=dtype,
-                                                                local_files_only=True)
         return cls(tokenizer, model, device)
 
     def _check_length(self, captions: Sequence[str]) -> None:
