@@ -397,7 +397,22 @@ def require(src: W.WeightSource, locs: Sequence[Located], extra: Sequence[str] =
         if src.folder is None:
             raise
         missing = [loc.component for loc in locs if loc.layout == "official" and not src.has(loc.files[0])]
-        raise W.WeightsError(f"{e}\n{other_layouts_hint(missing)}" if missing else str(e)) from None
+        raise W.WeightsError(f"{e}\n{other_layouts_hint(missing)}{_other_size_hint(src, missing)}" if missing
+                             else str(e)) from None
+
+
+def _other_size_hint(src: W.WeightSource, missing: Sequence[str]) -> str:
+    """Where a missing Stage B/C size is present in the other size: the argument that selects it."""
+    hints = []
+    for component in missing:
+        kind, _, size = component.rpartition("_")
+        other = f"{kind}_{'large' if size == 'lite' else 'lite'}" if kind in ("stage_b", "stage_c") else None
+        there = locate(src, other, torch.float32) if other else None
+        if there is not None:
+            wanted = other.rpartition("_")[2]
+            hints.append(f"\n({src.source} has {there.label}, the {wanted} {kind.replace('_', ' ').title()}: pass "
+                         f"{kind}={wanted!r} or --{kind.replace('_', '-')} {wanted}.)")
+    return "".join(hints)
 
 
 def open_component(src: W.WeightSource, loc: Located) -> tuple[W.Checkpoint, dict[str, Any] | None]:

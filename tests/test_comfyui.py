@@ -228,6 +228,19 @@ def test_files_saved_by_comfyui_itself_read_the_same(comfy_folder, tmp_path):
     assert torch.equal(ref.hidden, got.hidden) and torch.equal(ref.pooled, got.pooled)
 
 
+def test_the_file_given_sets_the_size(tmp_path):
+    from codec.tiny import write_tiny_weights
+
+    write_tiny_weights(tmp_path / "official", stage_b="large", clip=False)
+    convert(tmp_path / "official", tmp_path / "comfy", "comfyui", progress=False, log=_quiet)
+    codec = Codec.from_pretrained(tmp_path / "comfy" / comfyui.FILES["stage_b_large"], device="cpu", encoder=False)
+    assert codec.components["stage_b"].layout == "comfyui"
+    _same(codec.stage_b, _tensors(tmp_path / "official" / "stage_b.safetensors"))
+    with pytest.raises(W.WeightsError, match=r"(?s)stage_b_lite\.safetensors.*stable_cascade_stage_b_lite\.safetensors"
+                                             r".*the large Stage B: pass stage_b='large' or --stage-b large"):
+        Codec.from_pretrained(tmp_path / "comfy", device="cpu")  # a folder: lite unless asked
+
+
 def test_a_non_released_size_without_our_metadata_is_refused(comfy_folder, tmp_path):
     sd = _tensors(comfy_folder / C_FILE)
     save_file(sd, str(tmp_path / C_FILE))  # no cascade-codec configurations: only the shapes are left
