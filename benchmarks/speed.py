@@ -220,66 +220,45 @@ def build_runner(spec: WorkerSpec) -> Callable[[dict[str, torch.Tensor]], torch.
         del sd
         return run
 
-    if spec.task == "stage_b":
-        from codec.stage_b import StageB
-
-        with torch.device("meta"):
-            meta = StageB.from_preset("stage_b_lite")
-        sd = random_state_dict(meta, spec.seed, dtype)
-        if spec.impl == "ours":
-            model = meta
-            model.load_state_dict(sd, strict=True, assign=True)
-            model.eval()
-
-            def run(inp):  # as codec.diffusion.sample calls it: fp32 inputs, autocast inside for bf16
-                return model(inp["x"], inp["r"], inp["effnet"], inp["clip"])
-        elif spec.impl == "diffusers":
-            from codec import interop
-
-            with torch.device("meta"):
-                model = interop.diffusers_model("stage_b", asdict(meta.config))
-            model.load_state_dict(interop.state_dict_to_diffusers(sd, "stage_b"), strict=True, assign=True)
-            model.eval()
-
-            def run(inp):  # inputs in the model dtype, as the decoder pipeline passes them
-                return model(sample=inp["x"].to(dtype), timestep_ratio=inp["r"].to(dtype),
-                             clip_text_pooled=inp["clip"].to(dtype), effnet=inp["effnet"].to(dtype),
-                             return_dict=False)[0]
-        else:
-            raise ValueError(spec.impl)
-        del sd, meta
-        return run
-
-    if spec.task == "stage_c":
-        from codec.generation.stage_c import StageC
-
-        with torch.device("meta"):
-            meta = StageC.from_preset("stage_c_lite")
-        sd = random_state_dict(meta, spec.seed, dtype)
-        if spec.impl == "ours":
-            model = meta
-            model.load_state_dict(sd, strict=True, assign=True)
-            model.eval()
-
-            def run(inp):  # as codec.diffusion.sample calls it: fp32 inputs, autocast inside for bf16
-                return model(inp["x"], inp["r"], inp["clip_text"], inp["clip_text_pooled"], inp["clip_img"])
-        elif spec.impl == "diffusers":
-            from codec import interop
-
-            with torch.device("meta"):
-                model = interop.diffusers_model("stage_c", asdict(meta.config))
-            model.load_state_dict(interop.state_dict_to_diffusers(sd, "stage_c"), strict=True, assign=True)
-            model.eval()
-
-            def run(inp):  # inputs in the model dtype, as the prior pipeline passes them
-                return model(sample=inp["x"].to(dtype), timestep_ratio=inp["r"].to(dtype),
-                             clip_text_pooled=inp["clip_text_pooled"].to(dtype), clip_text=inp["clip_text"].to(dtype),
-                             clip_img=inp["clip_img"].to(dtype), return_dict=False)[0]
-        else:
-            raise ValueError(spec.impl)
-        del sd, meta
-        return run
+    if spec.task in ("stage_b", "stage_c"):
+        return _denoiser_runner(spec, dtype)
     raise ValueError(spec.task)
+
+
+def _denoiser_runner(spec: WorkerSpec, dtype: torch.dtype) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """One evaluation of the lite Stage B or Stage C denoiser: ours, or diffusers' ``StableCascadeUNet`` with the
+    same weights under its key names (:mod:`codec.interop`)."""
+    from codec import interop
+    from codec.generation.stage_c import StageC
+    from codec.stage_b import StageB
+
+    kind = spec.task
+    with torch.device("meta"):
+        meta = (StageB if kind == "stage_b" else StageC).from_preset(f"{kind}_lite")
+    sd = random_state_dict(meta, spec.seed, dtype)
+    if spec.impl == "ours":
+        model = meta
+        model.load_state_dict(sd, strict=True, assign=True)
+        model.eval()
+        conds = ("effnet", "clip") if kind == "stage_b" else ("clip_text", "clip_text_pooled", "clip_img")
+
+        def run(inp):  # as codec.diffusion.sample calls it: fp32 inputs, autocast inside for bf16
+            return model(inp["x"], inp["r"], *(inp[c] for c in conds))
+    elif spec.impl == "diffusers":
+        with torch.device("meta"):
+            model = interop.diffusers_model(kind, asdict(meta.config))
+        model.load_state_dict(interop.state_dict_to_diffusers(sd, kind), strict=True, assign=True)
+        model.eval()
+        names = {"effnet": "effnet", "clip": "clip_text_pooled"} if kind == "stage_b" else \
+            {"clip_text": "clip_text", "clip_text_pooled": "clip_text_pooled", "clip_img": "clip_img"}
+
+        def run(inp):  # inputs in the model dtype, as diffusers' decoder / prior pipelines pass them
+            return model(sample=inp["x"].to(dtype), timestep_ratio=inp["r"].to(dtype),
+                         **{theirs: inp[ours].to(dtype) for ours, theirs in names.items()}, return_dict=False)[0]
+    else:
+        raise ValueError(spec.impl)
+    del sd
+    return run
 
 
 def worker_main(conn, spec_dict: dict) -> None:
