@@ -607,7 +607,8 @@ def format_table(results: list[dict], env: dict) -> str:
 HELP_EPILOG = """\
 expected runtime (2 threads, no GPU): effnet, stage_a and stage_b (--repeats 3) took 599 s
 (10 min) on the project's 2-core VM when quiet, 714 s while other jobs shared it (measured
-before stage_c existed; a default run now adds the stage_c case below). Per implementation it is 1 warm-up + N timed runs, plus 5–15 s per worker to import
+before stage_c existed; a default run now adds the stage_c case below). Per implementation
+it is 1 warm-up + N timed runs, plus 5–15 s per worker to import
 and build. The big items: Stage A 1024² (diffusers ~40 s, ours ~24 s per decode), Stage B
 lite 1024² (~20–25 s per step each), EfficientNet batch 8 (reference ~18 s, ours ~9 s).
 --tasks stage_c alone took 775 s with the machine's load average near 9 (building each Stage C lite

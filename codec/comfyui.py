@@ -60,11 +60,14 @@ PREFIXES = {"stage_a": "vae.", "effnet": "vae.encoder.", "previewer": "vae.previ
             "image_encoder": "clip_l_vision."}
 # Parameters of ComfyUI's modules that ours do not have (constants there), dropped when reading.
 COMFY_ONLY = ("vae.encoder.mean", "vae.encoder.std", "text_encoder.clip_g.logit_scale")
-FILES = {"stage_c_large": "stable_cascade_stage_c.safetensors", "stage_c_lite": "stable_cascade_stage_c_lite.safetensors",
-         "stage_b_large": "stable_cascade_stage_b.safetensors", "stage_b_lite": "stable_cascade_stage_b_lite.safetensors"}
+FILES = {"stage_c_large": "stable_cascade_stage_c.safetensors",
+         "stage_c_lite": "stable_cascade_stage_c_lite.safetensors",
+         "stage_b_large": "stable_cascade_stage_b.safetensors",
+         "stage_b_lite": "stable_cascade_stage_b_lite.safetensors"}
 HUB_FOLDER = "comfyui_checkpoints"  # where the hub repo keeps them
 # What each file holds besides its Stage B or C, in the order written.
-CONTENTS = {"stage_c": ("text_encoder", "effnet", "previewer", "image_encoder"), "stage_b": ("stage_a", "text_encoder")}
+CONTENTS = {"stage_c": ("text_encoder", "effnet", "previewer", "image_encoder"),
+            "stage_b": ("stage_a", "text_encoder")}
 TITLES = {"stage_a": "Stage A", "stage_b": "Stage B", "stage_c": "Stage C", "effnet": "EfficientNet encoder",
           "previewer": "Previewer", "text_encoder": "CLIP-G text encoder", "image_encoder": "CLIP-L image encoder"}
 META_CONFIG = W.META_CONFIG + "."

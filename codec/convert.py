@@ -170,8 +170,8 @@ def _comfyui_jobs(src: W.WeightSource, dst: Path, dtype: torch.dtype | None,
         wanted = [loc for loc in found if interop.VARIANT_DTYPES[loc.variant] == (dtype or torch.float32)]
         model = (wanted or found)[0]
         if len(found) > 1:
-            log(f"{component}: {model.label} is converted; {', '.join(l.label for l in found if l != model)} is "
-                "not (ComfyUI has one file per model)")
+            others = ", ".join(other.label for other in found if other != model)
+            log(f"{component}: {model.label} is converted; {others} is not (ComfyUI has one file per model)")
         parts = [(component, model)]
         for extra in comfyui.CONTENTS[kind]:
             loc = interop.locate(src, extra, torch.float32)
@@ -266,9 +266,10 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str, dtype: 
     src, dst = W.WeightSource(source), Path(dest)
     jobs = plan_conversion(src, dst, to, DTYPES[dtype], log)
     if not jobs:
-        raise W.WeightsError(f"{source} holds no Stage A, B or C weights{' to put in a ComfyUI file' * (to == 'comfyui')} "
-                             f"in any layout (official files like {W.STAGE_A_FILE}, diffusers folders like vqgan/ and "
-                             "decoder_lite/ with config.json, or ComfyUI files like stable_cascade_stage_b.safetensors).")
+        what = "Stage B or C weights to put in a ComfyUI file" if to == "comfyui" else "Stage A, B or C weights"
+        raise W.WeightsError(f"{source} holds no {what} in any layout (official files like {W.STAGE_A_FILE}, "
+                             "diffusers folders like vqgan/ and decoder_lite/ with config.json, or ComfyUI files like "
+                             "stable_cascade_stage_b.safetensors).")
     inputs = {Path(p.header.path).resolve() for job in jobs for t in job.ckpt.tensors.values() for p in t.pieces}
     todo: dict[int, ConvertJob] = {}
     skipped = []

@@ -208,7 +208,8 @@ def _as_comfyui_saves_it(path, out):
     sd["text_encoder.clip_g.transformer.text_projection.weight"] = sd.pop(
         "text_encoder.clip_g.text_projection").t().contiguous()
     sd["text_encoder.clip_g.logit_scale"] = torch.tensor(4.6055)
-    sd["vae.encoder.mean"], sd["vae.encoder.std"] = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([.229, .224, .225])
+    sd["vae.encoder.mean"] = torch.tensor([0.485, 0.456, 0.406])
+    sd["vae.encoder.std"] = torch.tensor([0.229, 0.224, 0.225])
     save_file(sd, str(out), metadata=W.read_header(path).metadata)
 
 

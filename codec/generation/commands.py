@@ -145,8 +145,8 @@ def _png_text(prompt: str, negative: str, seed: int | None, settings) -> dict[st
 @click.option("--weights", "-w", default=None, metavar="DIR|REPO|FILE",
               help="Folder with the official files (stage_c_lite[_bf16].safetensors, stage_b_lite[_bf16].safetensors, "
                    "stage_a.safetensors, previewer.safetensors, effnet_encoder.safetensors for img2img; or the "
-                   "diffusers or ComfyUI layout), a repo id, or ComfyUI's stable_cascade_stage_c.safetensors (with "
-                   "stable_cascade_stage_b.safetensors and tokenizer/ beside it). "
+                   "diffusers or ComfyUI layout), a repo id, or ComfyUI's stable_cascade_stage_c.safetensors "
+                   "(with stable_cascade_stage_b.safetensors and tokenizer/ beside it). "
                    "Default: $CASCADE_WEIGHTS, else stabilityai/stable-cascade.")
 @click.option("--clip", "clip_source", default=None, metavar="DIR|REPO",
               help="Folder or repo with text_encoder/, tokenizer/ (and image_encoder/ for variations) in the Hugging "
