@@ -597,7 +597,8 @@ def format_table(results: list[dict], env: dict) -> str:
         if drift:
             notes.append("* diffusers' bf16 Stage B/C drifts because it rounds timestep_ratio to bf16 before the "
                          "sinusoidal embedding (r=0.7 becomes 0.69921875, then ×10000 in bf16): the high-frequency "
-                         "features are garbled. At r=0.8, which bf16 holds exactly, its error falls to ~1e-2.")
+                         "features are garbled. For Stage B at r=0.8, which bf16 holds exactly, its error falls to "
+                         "~1e-2.")
     return "\n".join(lines + notes)
 
 
