@@ -553,9 +553,9 @@ TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet")  # = codec.generation
               help="Torch device: auto (this process's CUDA device under torchrun, else CUDA if available, else CPU).")
 def train_command(task, config, device) -> None:
     """Fine-tune with the YAML CONFIG: TASK is stage-c (full Stage C), lora (LoRA + new tokens on Stage C),
-    stage-b (full Stage B) or controlnet.
+    stage-b (full Stage B) or controlnet (a ControlNet on a frozen Stage C).
 
-    Reads latents from the Zarr store of data.store, writes OUTPUT_DIR/checkpoint/ (model.safetensors
+    Reads latents from the Zarr store of data.store (controlnet: images from data.images), writes OUTPUT_DIR/checkpoint/ (model.safetensors
     in the release format, optimiser and RNG state), log.jsonl and previews/. Run the same command
     again after a stop: it resumes exactly where the last checkpoint left off. Several processes:
     `torchrun --nproc_per_node N -m codec.cli train TASK CONFIG` (DDP; distributed.strategy: fsdp to

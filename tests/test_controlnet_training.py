@@ -152,3 +152,158 @@ def test_saved_controlnet_loads_back(setup, tmp_path):
     assert loaded.config == controlnet.config
     for (k, a), b in zip(controlnet.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+# ------------------------------------------------------------------ `cascade train controlnet` (the generic loop)
+
+
+@pytest.fixture(scope="module")
+def cnet_run_files(tmp_path_factory, tiny_weights):
+    """Tiny weights with a tiny canny ControlNet to continue from, and a folder of captioned shape images."""
+    import shutil
+
+    from PIL import Image, ImageDraw
+
+    from codec.tiny import write_tiny_controlnet
+
+    root = tmp_path_factory.mktemp("cnet_train")
+    weights = root / "weights"
+    shutil.copytree(tiny_weights, weights)
+    start = write_tiny_controlnet(root / "start", "canny")
+    images = root / "images"
+    images.mkdir()
+    for i in range(4):
+        im = Image.new("RGB", (96, 64 + 8 * i), (30 * i, 60, 90))
+        draw = ImageDraw.Draw(im)
+        draw.rectangle([8 + 4 * i, 10, 50, 50], fill=(230, 200, 30))
+        draw.ellipse([40, 12 + 3 * i, 90, 60], fill=(200, 30, 60))
+        im.save(images / f"img{i}.png")
+        (images / f"img{i}.txt").write_text(f"shapes number {i}")
+    return weights, start, images
+
+
+def cnet_config(out, files, **over):
+    from codec import weights as W
+
+    weights, start, images = files
+    # the tiny weights' Stage C (random, non-zero output layer: a fresh one's zero-initialised output passes
+    # no gradient to the ControlNet)
+    stage_c = weights / W.STAGE_C_FILES["lite"]["fp32"]
+    cfg = {"output_dir": str(out), "weights": str(weights), "data": {"images": str(images), "image_size": 64},
+           "batch_size": 2, "max_steps": 3, "model": {"checkpoint": str(stage_c)}, "log": {"every": 1},
+           "optim": {"lr": 1e-3}, "checkpoint": {"save_every": 2},
+           "controlnet": {"kind": "canny", "checkpoint": str(start)}}
+    cfg.update(over)
+    return cfg
+
+
+@pytest.mark.slow
+def test_cli_trains_only_the_controlnet_and_exports_the_release_file(tmp_path, cnet_run_files):
+    import yaml
+    from click.testing import CliRunner
+
+    from codec.cli import main
+    from codec.generation.finetune.logs import read_log
+
+    _, start, _ = cnet_run_files
+    path = tmp_path / "cnet.yaml"
+    path.write_text(yaml.safe_dump(cnet_config(tmp_path / "out", cnet_run_files)))
+    result = CliRunner().invoke(main, ["train", "controlnet", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "done: 3 updates" in result.output
+    log = read_log(tmp_path / "out")
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["grad_norm"] > 0 for r in log)
+    before = ControlNet.from_pretrained(start, "canny", device="cpu").state_dict()
+    trained = ControlNet.from_pretrained(tmp_path / "out/checkpoint/model.safetensors", "canny", device="cpu")
+    after = trained.state_dict()
+    assert list(after) == list(before)  # the released key order, BatchNorm buffers included
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.startswith("projections.") for k in changed) and any(k.startswith("backbone.") for k in changed)
+    # BatchNorm statistics stay frozen (official: backbone in eval mode)
+    assert not any("running_" in k or "num_batches" in k for k in changed)
+
+
+def test_stage_c_is_untouched(cnet_run_files):
+    """The loop's module: only controlnet.* trains, and Stage C's weights are the same after updates."""
+    from codec.generation.finetune.config import load_config
+    from codec.generation.finetune.controlnet_task import ControlNetTrainingTask
+    from codec.generation.finetune.distributed import setup
+    from codec.generation.finetune.loop import Trainer
+
+    cfg, section = load_config(cnet_config("unused", cnet_run_files), "controlnet",
+                               ControlNetTrainingTask.section_model, "test")
+    assert cfg.offset_noise == 0.0
+    task = ControlNetTrainingTask(cfg, section, setup("cpu"))
+    trainer = Trainer(task, cfg, task.d, task.dataset())
+    trainer.setup()
+    assert all(n.startswith("controlnet.") for n in trainer.trainable_names)
+    stage_c = {k: v.clone() for k, v in trainer.module.stage_c.state_dict().items()}
+    cnet = {k: v.clone() for k, v in trainer.module.controlnet.state_dict().items()}
+    for group in trainer.optim.param_groups:  # past the warm-up update (lr 0)
+        group["lr"] = 1e-3
+    from codec.generation.finetune.data import collate
+
+    batch = collate([trainer.dataset[i] for i in range(2)])
+    trainer._micro_step(batch, sync=True)
+    trainer._update()
+    assert all(torch.equal(v, trainer.module.stage_c.state_dict()[k]) for k, v in stage_c.items())
+    assert not all(torch.equal(v, trainer.module.controlnet.state_dict()[k]) for k, v in cnet.items())
+
+
+def test_inpainting_defaults_to_the_official_offset_noise(cnet_run_files):
+    from codec.generation.finetune.config import load_config
+    from codec.generation.finetune.controlnet_task import ControlNetTrainingTask
+    from codec.generation.finetune.distributed import setup
+
+    data = cnet_config("unused", cnet_run_files, controlnet={"kind": "inpainting"})
+    cfg, section = load_config(data, "controlnet", ControlNetTrainingTask.section_model, "test")
+    ControlNetTrainingTask(cfg, section, setup("cpu"))
+    assert cfg.offset_noise == 0.1
+    cfg, section = load_config({**data, "offset_noise": 0.0}, "controlnet", ControlNetTrainingTask.section_model, "t")
+    ControlNetTrainingTask(cfg, section, setup("cpu"))
+    assert cfg.offset_noise == 0.0
+
+
+@pytest.mark.slow
+def test_controlnet_run_resumes_bit_identically(tmp_path, cnet_run_files):
+    from safetensors.torch import load_file
+
+    from codec.generation.finetune import train
+
+    class Kill(Exception):
+        pass
+
+    def kill(step):
+        if step == 3:
+            raise Kill
+
+    over = {"max_steps": 4, "conditions": {"caption_dropout": 0.5, "image_embed_p": 0.5}}
+    train("controlnet", cnet_config(tmp_path / "a", cnet_run_files, **over), echo=None)
+    with pytest.raises(Kill):
+        train("controlnet", cnet_config(tmp_path / "b", cnet_run_files, **over), hook=kill, echo=None)
+    train("controlnet", cnet_config(tmp_path / "b", cnet_run_files, **over), echo=None)
+    a, b = (load_file(tmp_path / run / "checkpoint/model.safetensors") for run in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_exported_controlnet_drives_the_pipeline(tmp_path, cnet_run_files):
+    """The trained file, placed as controlnet/canny.safetensors in a weights folder, steers generation."""
+    import shutil
+
+    from codec.generation.finetune import train
+    from codec.generation.pipeline import TextToImage
+
+    weights, _, images = cnet_run_files
+    train("controlnet", cnet_config(tmp_path / "run", cnet_run_files, max_steps=2), echo=None)
+    folder = tmp_path / "weights"
+    shutil.copytree(weights, folder)
+    (folder / "controlnet").mkdir(exist_ok=True)
+    shutil.copy(tmp_path / "run/checkpoint/model.safetensors", folder / "controlnet/canny.safetensors")
+    pipe = TextToImage.from_pretrained(folder, device="cpu")
+    kw = dict(height=256, width=256, steps_c=2, steps_b=2, seed=0, output="pt")
+    plain = pipe.generate("shapes", **kw).images
+    steered = pipe.generate("shapes", controlnet="canny", control_image=images / "img0.png", **kw).images
+    assert plain.shape == steered.shape and torch.isfinite(steered).all()
+    assert not torch.equal(plain, steered)

@@ -53,14 +53,18 @@ def resblock_calls(stage_c: StageC) -> int:
     return total
 
 
-def controlnet_for(stage_c: StageC, kind: str, proj_blocks: list[int] | None = None) -> ControlNet:
+def controlnet_for(stage_c: StageC, kind: str, proj_blocks: list[int] | None = None,
+                   bottleneck_mode: str | None = None) -> ControlNet:
     """A new ControlNet of ``kind`` sized for ``stage_c``: ``c_proj`` = its width; ``proj_blocks`` default to
-    the official ones (for the 64-call 3.6B model), which must fit in the model's ResBlock calls."""
+    the official ones (for the 64-call 3.6B model), which must fit in the model's ResBlock calls;
+    ``bottleneck_mode`` defaults to the kind's official one."""
     if kind not in CONTROLNET_PRESETS:
         raise ValueError(f"unknown ControlNet kind {kind!r}; choose one of {sorted(CONTROLNET_PRESETS)}")
     config = dict(CONTROLNET_PRESETS[kind], c_proj=stage_c.config.c_hidden[0])
     if proj_blocks is not None:
         config["proj_blocks"] = list(proj_blocks)
+    if bottleneck_mode is not None:
+        config["bottleneck_mode"] = bottleneck_mode
     calls = resblock_calls(stage_c)
     if max(config["proj_blocks"]) >= calls:
         raise ValueError(f"proj_blocks {config['proj_blocks']} reach past this Stage C's {calls} ResBlock calls "

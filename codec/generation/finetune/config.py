@@ -37,9 +37,14 @@ class ModelSection(Section):
 
 
 class DataSection(Section):
-    """Where the latents come from."""
+    """Where the training data come from: a latent store, or images for tasks that need pixels (controlnet)."""
 
-    store: str = Field(description="Zarr latent store written by `cascade encode-dataset`")
+    store: Optional[str] = Field(None, description="Zarr latent store written by `cascade encode-dataset` "
+                                                   "(stage-c, lora, stage-b)")
+    images: Optional[str] = Field(None, description="image source for tasks that need pixels (controlnet): a "
+                                                    "folder, a .csv/.jsonl manifest or .tar shards")
+    image_size: int = Field(768, ge=32, multiple_of=32,
+                            description="images: short side to this size, then a centre square crop")
     buckets: Optional[list[str]] = None
     num_workers: int = Field(0, ge=0)
     text: Literal["auto", "stored", "encoder"] = Field(

@@ -17,7 +17,7 @@ TASKS: dict[str, str] = {
     "stage-c": "codec.generation.finetune.stage_c_task:StageCTask",
     "lora": "codec.generation.finetune.lora_task:LoraTask",
     "stage-b": "codec.generation.finetune.stage_b_task:StageBTask",
-    "controlnet": "codec.generation.controlnet:ControlNetTask",
+    "controlnet": "codec.generation.finetune.controlnet_task:ControlNetTrainingTask",
 }
 
 

@@ -79,15 +79,22 @@ class StageCTask(Task):
             return None
         p = self.cfg.preview
         text, real = self.preview_conditions(p.n)
+        x0 = self.sample_preview(module, text, real.shape[-2:] if real is not None else (24, 24))
+        rows = ([self.previewer(real.to(self.d.device))] if real is not None else []) + [self.previewer(x0)]
+        return save_collage(rows, path)
+
+    def sample_preview(self, module: nn.Module, text: TextEmbedding, size: tuple[int, int],
+                       extra: dict[str, Any] | None = None) -> torch.Tensor:
+        """Latents ``(n,16,*size)`` sampled with the preview settings for ``text`` (CFG against the empty
+        caption, zero image embedding); ``extra`` inputs go to both branches (e.g. a ControlNet's control)."""
+        p = self.cfg.preview
         n = text.hidden.shape[0]
         dev = self.d.device
-        shape = (n, 16, *(real.shape[-2:] if real is not None else (24, 24)))
         empty = self.text.empty()
         img = torch.zeros(n, 1, self.c_clip_img, device=dev)
-        cond = {"clip_text": text.hidden.to(dev), "clip_text_pooled": text.pooled.to(dev), "clip_img": img}
+        cond = {"clip_text": text.hidden.to(dev), "clip_text_pooled": text.pooled.to(dev), "clip_img": img,
+                **(extra or {})}
         uncond = {"clip_text": empty.hidden.to(dev).expand(n, -1, -1), "clip_text_pooled":
-                  empty.pooled.to(dev).expand(n, -1, -1), "clip_img": img}
-        x0 = sample(module, cond, shape=shape, uncond=uncond, steps=p.steps, cfg=p.cfg, shift=p.shift,
-                    generator=torch.Generator().manual_seed(self.cfg.seed), device=dev)
-        rows = ([self.previewer(real.to(dev))] if real is not None else []) + [self.previewer(x0)]
-        return save_collage(rows, path)
+                  empty.pooled.to(dev).expand(n, -1, -1), "clip_img": img, **(extra or {})}
+        return sample(module, cond, shape=(n, 16, *size), uncond=uncond, steps=p.steps, cfg=p.cfg, shift=p.shift,
+                      generator=torch.Generator().manual_seed(self.cfg.seed), device=dev)

@@ -70,6 +70,9 @@ class Task:
         """The training data: the Zarr latent store of ``data.store``."""
         from datasets_tools.dataset import LatentDataset
 
+        if self.cfg.data.store is None:
+            raise ConfigError(f"{self.source}: task {self.name} trains from latents; set data.store to a Zarr latent "
+                              "store (`cascade encode-dataset IMAGES STORE`).")
         return LatentDataset(self.cfg.data.store, buckets=self.cfg.data.buckets)
 
 

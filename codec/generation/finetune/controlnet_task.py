@@ -1,0 +1,174 @@
+"""ControlNet training on a frozen Stage C (official ``train_c_controlnet.py`` recipe) from images.
+
+The control (canny edges, an inpainting mask, a low-resolution latent) is computed from
+pixels, which a latent store does not hold, so this task reads an image source
+(``data.images``: folder, manifest or tar shards; centre crop to ``data.image_size``) and
+per batch computes, without gradients: the training filter of ``controlnet.kind``
+(:class:`~codec.generation.control_filters.TrainingControl`), the Stage C latents with the
+EfficientNet encoder, the text conditions with the text encoder and, for the official 10 %,
+the CLIP image embedding. The trained module is
+:class:`~codec.generation.controlnet_training.ControlledStageC` (Stage C frozen, left in
+train mode so its dropout is active as officially; the ControlNet's EfficientNet
+BatchNorm statistics frozen). ``offset_noise`` defaults to the kind's official value (0.1
+for inpainting and super_resolution). Checkpoints and the exported file hold the whole
+ControlNet (BatchNorm buffers included) in the released layout with its config: it loads
+with ``ControlNet.from_pretrained(path)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ... import weights as W
+from ..control_filters import TrainingControl, load_saliency
+from ..controlnet import ControlNet
+from ..controlnet_training import OFFSET_NOISE, ControlledStageC, controlnet_for, resblock_calls
+from ..stage_c import STAGE_C_PRESETS, StageC
+from .conditions import TextSource
+from .config import ConfigError, Section, TrainConfig
+from .distributed import Dist
+from .preview import load_previewer, save_collage
+from .rng import BatchRandom
+from .stage_c_task import StageCTask
+from .task import load_trainable_model, read_state
+
+TRAINED_NOTE = "ControlNet trained with cascade-codec"
+PREFIX = "controlnet."
+
+
+class ControlNetSection(Section):
+    """``controlnet:`` section (official: the kind's filter, effnet bottleneck, blocks [0,4,8,12,51,55,59,63])."""
+
+    kind: Literal["canny", "inpainting", "super_resolution"] = "canny"
+    checkpoint: Optional[str] = Field(None, description="ControlNet file to continue from (else a new one)")
+    proj_blocks: Optional[list[int]] = Field(None, description="Stage C ResBlock calls fed (new ControlNet; "
+                                                               "default: the official ones)")
+    bottleneck_mode: Optional[Literal["effnet", "simple", "large"]] = None
+    backbone_init: Literal["effnet_encoder", "random"] = Field(
+        "effnet_encoder", description="start an effnet backbone from effnet_encoder.safetensors")
+    stage_c_dropout: bool = Field(True, description="Stage C dropout active while training (official quirk)")
+
+
+class ControlNetTrainingTask(StageCTask):
+    """ControlNet: x0 = EfficientNet(image); inputs = Stage C conditions + ``control`` = filter(image)."""
+
+    name = "controlnet"
+    section = "controlnet"
+    section_model = ControlNetSection
+
+    def __init__(self, cfg: TrainConfig, section: ControlNetSection, d: Dist, source: str = "config"):
+        super().__init__(cfg, section, d, source)
+        if "offset_noise" not in cfg.model_fields_set:
+            cfg.offset_noise = OFFSET_NOISE[section.kind]
+
+    def dataset(self) -> Any:
+        from datasets_tools.image_dataset import ImageDataset
+
+        if self.cfg.data.images is None:
+            raise ConfigError(f"{self.source}: ControlNet training computes its controls from pixels; set "
+                              "data.images to an image folder, a .csv/.jsonl manifest or .tar shards.")
+        return ImageDataset(self.cfg.data.images, size=self.cfg.data.image_size)
+
+    def build(self, dataset: Any) -> nn.Module:
+        from ...codec import load_encoder
+        from ...tiny import TINY_STAGE_C
+
+        cfg, o, dev = self.cfg, self.options, self.d.device
+        if cfg.weights is None:
+            raise ConfigError(f"{self.source}: ControlNet training needs weights: a folder with "
+                              "effnet_encoder.safetensors, text_encoder/ and tokenizer/.")
+        if not cfg.model.checkpoint and cfg.model.preset != "tiny":
+            raise ConfigError(f"{self.source}: a ControlNet steers trained weights; set model.checkpoint to a Stage C "
+                              "file (official: stage_c_bf16.safetensors).")
+        src = W.WeightSource(cfg.weights)
+        self.dataset_ref = dataset
+        self.effnet = load_encoder(src, dev)
+        self.text = TextSource.for_run(cfg, dataset, dev, self.source)
+        stage_c = load_trainable_model(StageC, STAGE_C_PRESETS, TINY_STAGE_C, cfg, self.source)
+        self.c_clip_img = stage_c.config.c_clip_img
+        self.image_encoder = None
+        if cfg.conditions.image_embed_p > 0:
+            from ..clip_image import ImageEncoder
+
+            self.image_encoder = ImageEncoder.from_pretrained(cfg.weights, device=dev)
+        self.controlnet = self._controlnet(stage_c)
+        saliency = load_saliency(src, dev) if o.kind == "inpainting" else None
+        self.control = TrainingControl(o.kind, saliency=saliency, effnet=self.effnet)
+        self.previewer = load_previewer(cfg.weights, dev) if cfg.preview.every else None
+        return ControlledStageC(stage_c, self.controlnet, o.stage_c_dropout)
+
+    def _controlnet(self, stage_c: StageC) -> ControlNet:
+        o = self.options
+        try:
+            if o.checkpoint:
+                net = ControlNet.from_pretrained(o.checkpoint, o.kind, dtype=torch.float32, device="cpu")
+                calls = resblock_calls(stage_c)
+                if max(net.proj_blocks) >= calls or net.config["c_proj"] != stage_c.config.c_hidden[0]:
+                    raise ConfigError(f"{self.source}: {o.checkpoint} (proj_blocks {net.proj_blocks}, c_proj "
+                                      f"{net.config['c_proj']}) does not fit this Stage C ({calls} ResBlock calls, "
+                                      f"width {stage_c.config.c_hidden[0]}); use a ControlNet made for it.")
+            else:
+                net = controlnet_for(stage_c, o.kind, o.proj_blocks, o.bottleneck_mode)
+                if o.backbone_init == "effnet_encoder" and net.config["bottleneck_mode"] == "effnet":
+                    net.init_backbone(self.effnet.state_dict())
+        except ValueError as e:
+            raise ConfigError(f"{self.source}: controlnet: {e}") from None
+        return net.train().requires_grad_(True)
+
+    def clip_image(self, images: torch.Tensor, use: torch.Tensor) -> torch.Tensor:
+        """CLIP image embeddings ``(B,1,C)`` of the images where ``use``, zeros elsewhere (official 10 %)."""
+        out = torch.zeros(len(use), 1, self.c_clip_img)
+        if self.image_encoder is not None and use.any():
+            out[use] = self.image_encoder.encode(images[use]).cpu()
+        return out
+
+    @torch.no_grad()
+    def inputs(self, batch: dict[str, Any], rand: BatchRandom) -> tuple[torch.Tensor, dict[str, Any]]:
+        from ...codec import encode_pixels
+
+        images = batch["images"].float()
+        c = self.cfg.conditions
+        keep = rand.uniform() >= c.caption_dropout
+        use_img = rand.uniform() >= 1 - c.image_embed_p
+        text = self.text.embed(batch, keep)
+        dev = self.d.device
+        control = self.control(images.to(dev), rand.batch)  # one draw per batch (inpainting), as officially
+        x0 = encode_pixels(self.effnet, images)
+        return x0, {"clip_text": text.hidden.to(dev), "clip_text_pooled": text.pooled.to(dev),
+                    "clip_img": self.clip_image(images, use_img).to(dev), "control": control}
+
+    def _full_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The whole ControlNet state dict (released key order, BatchNorm buffers) with the trained tensors."""
+        full = {k: v.detach().cpu() for k, v in self.controlnet.state_dict().items()}
+        for k, v in state.items():
+            full[k.removeprefix(PREFIX)] = v
+        return full
+
+    def export(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        W.save_state(self._full_state(state), path, config=self.controlnet.config, note=TRAINED_NOTE)
+
+    def import_(self, path: Path) -> dict[str, torch.Tensor]:
+        names = {k for k, _ in self.controlnet.named_parameters()}
+        return {PREFIX + k: v for k, v in read_state(path).items() if k in names}
+
+    @torch.no_grad()
+    def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
+        if self.previewer is None:
+            return None
+        from .data import collate
+
+        n = min(self.cfg.preview.n, len(self.dataset_ref))
+        batch = collate([self.dataset_ref[i] for i in range(n)])
+        images = batch["images"].float().to(self.d.device)
+        text = self.text.embed(batch, torch.ones(n, dtype=torch.bool))
+        control = self.control(images, torch.Generator().manual_seed(self.cfg.seed))
+        size = tuple(-(-s // 32) for s in images.shape[-2:])
+        x0 = self.sample_preview(module, text, size, {"control": control})
+        out = self.previewer(x0)
+        return save_collage([F.interpolate(images, size=out.shape[-2:], mode="bilinear", antialias=True), out], path)
