@@ -10,15 +10,22 @@ import numpy as np
 import torch
 
 from .fastread import ShardedReader
-from .store import LatentStore, parse_bucket
+from .store import EXTRAS, LatentStore, parse_bucket
+
+# Item key → (array name in a bucket group, extra of the store that holds it or None for the latents).
+FIELDS = {"latent": ("latents", None), "clip_pooled": ("clip_pooled", "clip"), "clip_seq": ("clip_seq", "clip"),
+          "stage_a": ("stage_a", "stage_a")}
 
 
 class LatentDataset(torch.utils.data.Dataset):
     """Map-style dataset over the committed samples of a latent store.
 
-    Item ``i`` is a dict: ``latent`` (float32 ``(16,h,w)``), ``id``, ``caption`` (when
-    ``with_captions``), ``bucket`` ((H, W) pixels), ``orig_size`` ((h, w)),
-    ``crop_box`` ((left, top, right, bottom)). Samples are ordered bucket by bucket
+    Item ``i`` is a dict: one float32 tensor per name in ``fields`` — ``latent``
+    ``(16,h,w)`` (the default), and when the store holds them ``clip_pooled`` ``(1,C)``,
+    ``clip_seq`` ``(77,C)`` (CLIP text embeddings of the caption; batches give Stage C's
+    ``(B,1,C)`` and ``(B,77,C)``) and ``stage_a`` ``(4,H/4,W/4)`` (Stage A latent) — plus
+    ``id``, ``caption`` (when ``with_captions``), ``bucket`` ((H, W) pixels),
+    ``orig_size`` ((h, w)), ``crop_box`` ((left, top, right, bottom)). Samples are ordered bucket by bucket
     (sorted names), each in plan order. Small per-sample metadata is loaded at
     construction; latents are read per item through handles opened lazily in each
     process, so the dataset is safe with ``DataLoader(num_workers>0)``. Local stores are
@@ -27,9 +34,19 @@ class LatentDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, store: str | os.PathLike, buckets: list[str] | None = None, with_captions: bool = True,
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, fields: tuple[str, ...] = ("latent",)):
         self.url, self.storage_options, self.with_captions = str(store), storage_options, with_captions
+        self.fields = tuple(fields)
+        unknown = [f for f in self.fields if f not in FIELDS]
+        if unknown or not self.fields:
+            raise ValueError(f"fields must be a non-empty subset of {', '.join(FIELDS)}; got {list(self.fields)}")
         st = LatentStore.open(self.url, storage_options)
+        absent = sorted({FIELDS[f][1] for f in self.fields} - {None} - set(st.extras))
+        if absent:
+            what = " and ".join(f"{EXTRAS[e][0]} ({EXTRAS[e][1]})" for e in absent)
+            raise ValueError(f"{self.url} has no {what}: it was encoded without them. Its fields are "
+                             f"{', '.join(f for f, (_, e) in FIELDS.items() if e is None or e in st.extras)}; "
+                             "re-encode into a new store with those options to get them.")
         rows = st.visible_rows()
         if buckets is not None:
             unknown = sorted(set(buckets) - set(rows))
@@ -54,7 +71,7 @@ class LatentDataset(torch.utils.data.Dataset):
             crop.append(g["crop_box"][:][r])
         self._orig = np.concatenate(orig) if orig else np.zeros((0, 2), np.int32)
         self._crop = np.concatenate(crop) if crop else np.zeros((0, 4), np.int32)
-        self._latents: dict[str, Any] | None = None
+        self._handles: dict[str, dict[str, Any]] = {}
         self._pid: int | None = None
 
     def __len__(self) -> int:
@@ -64,20 +81,24 @@ class LatentDataset(torch.utils.data.Dataset):
         """Dataset indices of each bucket (for batch samplers)."""
         return {b: np.nonzero(self._bucket_of == i)[0] for i, b in enumerate(self.bucket_names)}
 
-    def _arrays(self) -> dict[str, Any]:
+    def _arrays(self, field: str = "latent") -> dict[str, Any]:
+        """Per bucket, a function reading one row of ``field``'s array (opened once per process)."""
         # Open per process: zarr stores pickle, but a fresh handle per worker avoids sharing event loops/files.
-        if self._latents is None or self._pid != os.getpid():
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if field not in self._handles:
             st = LatentStore.open(self.url, self.storage_options)
-            self._latents = {}
+            array = FIELDS[field][0]
+            readers = {}
             for b in self.bucket_names:
-                fast = ShardedReader.try_open(st.location.path / b / "latents") if st.location.local else None
-                self._latents[b] = fast.read if fast is not None else st.group[b]["latents"].__getitem__
-            self._pid = os.getpid()
-        return self._latents
+                fast = ShardedReader.try_open(st.location.path / b / array) if st.location.local else None
+                readers[b] = fast.read if fast is not None else st.group[b][array].__getitem__
+            self._handles[field] = readers
+        return self._handles[field]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_latents"], state["_pid"] = None, None
+        state["_handles"], state["_pid"] = {}, None
         return state
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -85,9 +106,11 @@ class LatentDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for {len(self)} samples")
         i = int(i) % len(self)
         name = self.bucket_names[self._bucket_of[i]]
-        latent = torch.from_numpy(np.asarray(self._arrays()[name](int(self._row[i])))).float()  # torch: fast f16→f32
-        item = {"latent": latent, "id": self.ids[i], "bucket": parse_bucket(name),
-                "orig_size": tuple(int(v) for v in self._orig[i]), "crop_box": tuple(int(v) for v in self._crop[i])}
+        row = int(self._row[i])
+        item: dict[str, Any] = {f: torch.from_numpy(np.asarray(self._arrays(f)[name](row))).float()  # fast f16→f32
+                                for f in self.fields}
+        item.update({"id": self.ids[i], "bucket": parse_bucket(name), "orig_size": tuple(int(v) for v in self._orig[i]),
+                     "crop_box": tuple(int(v) for v in self._crop[i])})
         if self.with_captions:
             item["caption"] = self.captions[i]
         return item
