@@ -1,0 +1,124 @@
+"""Optional store arrays: CLIP text embeddings of the captions and Stage A latents; refusals; old stores."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from codec.cli import store_info
+from codec.codec import load_stage_a
+from codec.generation.text import TextEncoder
+from datasets_tools import LatentDataset, LatentStore, StoreError, encode_dataset
+from datasets_tools.encode import file_sha256, text_encoder_sha256
+from datasets_tools.preprocess import preprocess
+from test_dataset_helpers import make_folder
+
+ALL = ("latent", "clip_pooled", "clip_seq", "stage_a")
+
+
+def run(src, out, weights, **kw):
+    kw = {"size": 64, "batch_size": 2, "workers": 0, "shard_size": 2, "progress": False, "log": lambda s: None, **kw}
+    return encode_dataset(src, out, weights, **kw)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    src = tmp_path_factory.mktemp("extras") / "src"
+    make_folder(src, 5)
+    (src / "img_001.txt").unlink()                       # no caption → embedding of ""
+    (src / "img_002.txt").write_text("word " * 100)      # longer than 77 tokens → a warning
+    return src
+
+
+def test_extras_match_direct_computation(corpus, tmp_path, tiny_weights, tiny_text_encoder):
+    out = tmp_path / "out.zarr"
+    s = run(corpus, out, tiny_weights, dtype="float32", policy="keep-aspect", text_encoder=tiny_text_encoder,
+            stage_a=True)
+    assert (s.encoded, s.skipped) == (5, 0)
+    ds = LatentDataset(out, fields=ALL)
+    assert sorted(ds.ids) == [f"img_{i:03d}" for i in range(5)]
+    text = TextEncoder.from_pretrained(tiny_text_encoder)
+    stage_a = load_stage_a(tiny_weights)
+    for item in ds:
+        h, w = item["bucket"]
+        assert item["clip_pooled"].shape == (1, 24) and item["clip_seq"].shape == (77, 24)
+        assert item["stage_a"].shape == (4, h // 4, w // 4) and item["latent"].shape == (16, h // 32, w // 32)
+        caption = (corpus / f"{item['id']}.txt").read_text().strip() if item["id"] != "img_001" else ""
+        assert item["caption"] == caption
+        ref = text.encode([caption], warn=False)
+        torch.testing.assert_close(item["clip_pooled"], ref.pooled[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(item["clip_seq"], ref.hidden[0], rtol=1e-4, atol=1e-5)
+        img = torch.from_numpy(np.array(Image.open(corpus / f"{item['id']}.png"))).permute(2, 0, 1) / 255
+        pixels = preprocess(img, "keep-aspect", 64).pixels
+        with torch.no_grad():
+            torch.testing.assert_close(item["stage_a"], stage_a.encode(pixels[None])[0], rtol=1e-4, atol=1e-5)
+    empty = ds[ds.ids.index("img_001")]["clip_pooled"]
+    assert not torch.equal(empty, ds[ds.ids.index("img_000")]["clip_pooled"])
+    store = LatentStore.open(out)
+    extras = store.attrs["extras"]
+    assert extras["clip"]["sha256"] == text_encoder_sha256(tiny_text_encoder)
+    assert extras["stage_a"]["sha256"] == file_sha256(tiny_weights / "stage_a.safetensors")
+    assert extras["clip"]["dtype"] == extras["stage_a"]["dtype"] == "float32"
+    assert [w[0] for w in store.table("warnings")] == ["img_002"] and "77 CLIP tokens" in store.table("warnings")[0][2]
+    info = store_info(str(out))
+    assert "clip_pooled 1×24, clip_seq 77×24: CLIP text embeddings (float32)" in info
+    assert "stage_a 4×16×24" in info and "Stage A latents (float32)" in info
+    only = LatentDataset(out, fields=("clip_seq",), with_captions=False)
+    assert set(only[0]) == {"clip_seq", "id", "bucket", "orig_size", "crop_box"}
+    loader = torch.utils.data.DataLoader(LatentDataset(out, buckets=["b64x96"], fields=ALL), batch_size=2,
+                                         num_workers=1)
+    batch = next(iter(loader))
+    assert batch["clip_pooled"].shape == (2, 1, 24) and batch["stage_a"].shape == (2, 4, 16, 24)
+
+
+def test_float16_extras_are_float32_rounded(corpus, tmp_path, tiny_weights, tiny_text_encoder):
+    for dtype in ("float16", "float32"):
+        run(corpus, tmp_path / f"{dtype}.zarr", tiny_weights, dtype=dtype, text_encoder=tiny_text_encoder,
+            stage_a=True, limit=3)
+    g16 = LatentStore.open(tmp_path / "float16.zarr").group["b64x64"]
+    g32 = LatentStore.open(tmp_path / "float32.zarr").group["b64x64"]
+    for key in ("latents", "clip_pooled", "clip_seq", "stage_a"):
+        assert g16[key].dtype == np.float16 and g32[key].dtype == np.float32
+        assert np.array_equal(g16[key][:4], g32[key][:4].astype(np.float16)), key
+    assert LatentStore.open(tmp_path / "float16.zarr").attrs["extras"]["clip"]["dtype"] == "float16"
+
+
+def test_mismatching_extras_are_refused(corpus, tmp_path, tiny_weights, tiny_text_encoder):
+    from codec.tiny import write_tiny_text_encoder
+
+    plain, rich = tmp_path / "plain.zarr", tmp_path / "rich.zarr"
+    run(corpus, plain, tiny_weights, limit=2)
+    run(corpus, rich, tiny_weights, limit=2, text_encoder=tiny_text_encoder, stage_a=True)
+    with pytest.raises(StoreError, match=r"CLIP text embeddings \(--text-encoder\): the store has none, this run "
+                                         r"would add them"):
+        run(corpus, plain, tiny_weights, text_encoder=tiny_text_encoder)
+    with pytest.raises(StoreError, match=r"Stage A latents \(--stage-a\): the store has none"):
+        run(corpus, plain, tiny_weights, stage_a=True)
+    with pytest.raises(StoreError, match=r"(?s)CLIP text embeddings \(--text-encoder\): the store has them.*this run "
+                                         r"has none; pass --text-encoder.*Stage A latents"):
+        run(corpus, rich, tiny_weights)
+    other = write_tiny_text_encoder(tmp_path / "other_text", seed=1)
+    with pytest.raises(StoreError, match="text encoder sha256: store has"):
+        run(corpus, rich, tiny_weights, text_encoder=other, stage_a=True)
+    with pytest.raises(ValueError, match=r"has no CLIP text embeddings \(--text-encoder\).*fields are latent"):
+        LatentDataset(plain, fields=("latent", "clip_seq"))
+    with pytest.raises(ValueError, match="subset of"):
+        LatentDataset(plain, fields=("latents",))
+    # Nothing was written by the refused runs.
+    assert LatentStore.open(plain).attrs["count"] == 2 and "clip" not in LatentStore.open(plain).extras
+    # The matching options resume: the rest of the corpus is appended with its extras.
+    assert run(corpus, rich, tiny_weights, text_encoder=tiny_text_encoder, stage_a=True).encoded == 3
+
+
+def test_store_without_extras_attribute_still_opens_and_resumes(corpus, tmp_path, tiny_weights):
+    """Stores written before extras existed have no ``extras`` attribute."""
+    out = tmp_path / "old.zarr"
+    run(corpus, out, tiny_weights, limit=3)
+    group = LatentStore.open(out, mode="r+").group
+    attrs = dict(group.attrs)
+    del attrs["extras"], attrs["source_root"]
+    group.attrs.clear()
+    group.attrs.update(attrs)
+    assert "extras" not in LatentStore.open(out).attrs
+    assert len(LatentDataset(out)) == 3 and "samples: 3" in store_info(str(out))
+    assert run(corpus, out, tiny_weights).encoded == 2 and len(LatentDataset(out)) == 5
