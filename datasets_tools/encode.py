@@ -358,7 +358,7 @@ def _unstorable(key: str, t: torch.Tensor, dtype: str) -> str | None:
 
 
 @torch.no_grad()
-def _encode_extras(models: _Models, pixels: torch.Tensor, captions: list[str], device: str) -> dict[str, torch.Tensor]:
+def _encode_arrays(models: _Models, pixels: torch.Tensor, captions: list[str], device: str) -> dict[str, torch.Tensor]:
     """Every stored float array of one batch, fp32 on the CPU: ``latents`` and the extras asked for."""
     out = {"latents": encode_pixels(models.effnet, pixels)}
     if models.stage_a is not None:
@@ -401,7 +401,7 @@ def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]
         batch = st["pending"].pop(bucket, [])
         if not batch:
             return
-        arrays = _encode_extras(models, torch.stack([b["pixels"] for b in batch]), [b["caption"] for b in batch],
+        arrays = _encode_arrays(models, torch.stack([b["pixels"] for b in batch]), [b["caption"] for b in batch],
                                 device)
         rows = st["rows"].setdefault(bucket, {key: [] for key in (*arrays, "id", "source", "caption", "orig_size",
                                                                    "crop_box")})
