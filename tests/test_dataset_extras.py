@@ -122,3 +122,21 @@ def test_store_without_extras_attribute_still_opens_and_resumes(corpus, tmp_path
     assert "extras" not in LatentStore.open(out).attrs
     assert len(LatentDataset(out)) == 3 and "samples: 3" in store_info(str(out))
     assert run(corpus, out, tiny_weights).encoded == 2 and len(LatentDataset(out)) == 5
+
+
+def test_stage_a_from_the_diffusers_layout(corpus, tmp_path, tiny_weights):
+    """``--stage-a`` also reads diffusers' ``vqgan/``; the same weights give the same Stage A latents."""
+    import shutil
+
+    from codec.convert import convert
+
+    folder = tmp_path / "diffusers"
+    convert(tiny_weights, folder, "diffusers", progress=False, log=lambda s: None)
+    shutil.copy(tiny_weights / "effnet_encoder.safetensors", folder)  # diffusers ships no EfficientNet
+    assert not (folder / "stage_a.safetensors").exists() and (folder / "vqgan").is_dir()
+    for name, weights in (("official", tiny_weights), ("diffusers", folder)):
+        run(corpus, tmp_path / f"{name}.zarr", weights, limit=2, stage_a=True, dtype="float32")
+    a, b = (LatentStore.open(tmp_path / f"{n}.zarr") for n in ("official", "diffusers"))
+    assert b.extras["stage_a"]["file"].startswith("vqgan/")
+    assert b.extras["stage_a"]["scale_factor"] == a.extras["stage_a"]["scale_factor"] == 0.43
+    assert np.array_equal(a.group["b64x64"]["stage_a"][:2], b.group["b64x64"]["stage_a"][:2])
