@@ -42,7 +42,7 @@ LATENT_CHANNELS = 16
 BUCKET_RE = re.compile(r"^b(\d+)x(\d+)$")
 IDENTITY_KEYS = ("format", "format_version", "encoder", "preprocess", "dtype", "latent_channels", "shard_size")
 STRING_ARRAYS = ("id", "source", "caption")
-# Optional extras: attribute key → (what it is, the option that asks for it, the key holding its weights' sha256).
+# Optional extras: key in the ``extras`` attribute → (what they are, the option asking for them, their weights).
 EXTRAS = {"clip": ("CLIP text embeddings", "--text-encoder", "text encoder"),
           "stage_a": ("Stage A latents", "--stage-a", "Stage A")}
 PAUSE_ENV = "CASCADE_TEST_PAUSE_AT"
@@ -84,8 +84,8 @@ def extras_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[s
             out.append(f"{what} ({option}): the store has them ({weights} sha256 {str(have.get('sha256'))[:12]}…), "
                        f"this run has none; pass {option} with the same weights")
         else:
-            out += [f"{weights} {field}: store has {have.get(field)!r}, this run {want.get(field)!r}"
-                    for field in sorted(set(have) | set(want)) if field != "source" and have.get(field) != want.get(field)]
+            fields = sorted(f for f in set(have) | set(want) if f != "source" and have.get(f) != want.get(f))
+            out += [f"{weights} {f}: store has {have.get(f)!r}, this run {want.get(f)!r}" for f in fields]
     return out
 
 
@@ -390,7 +390,7 @@ class LatentStore:
                  if g[key].shape[0] < n]
         if small:
             raise StoreError(f"{self.location.url}: arrays {small} of bucket {name} hold fewer than the {n} rows the "
-                             "plan needs; the store was changed by something else than this tool. Encode into a new "
+                             "plan needs; the store was changed by something other than this tool. Encode into a new "
                              "output path.")
         self._complete_buckets.add(name)
         return g
@@ -524,8 +524,8 @@ def store_info(url: str | os.PathLike, storage_options: dict[str, Any] | None = 
         lines.append(f"  source root: {a['source_root']}  (relative sources are relative to it)")
     if "clip" in extras:
         c = extras["clip"]
-        lines.append(f"  clip_pooled 1×{c['pooled_dim']}, clip_seq {c['tokens']}×{c['hidden_dim']}: CLIP text embeddings "
-                     f"({c['dtype']}), text encoder {c.get('source')} sha256 {c['sha256'][:16]}…")
+        lines.append(f"  clip_pooled 1×{c['pooled_dim']}, clip_seq {c['tokens']}×{c['hidden_dim']}: CLIP text "
+                     f"embeddings ({c['dtype']}), text encoder {c.get('source')} sha256 {c['sha256'][:16]}…")
     if "stage_a" in extras:
         sa = extras["stage_a"]
         lines.append(f"  stage_a {sa['channels']}×H/4×W/4: Stage A latents ({sa['dtype']}), {sa['file']} sha256 "

@@ -140,3 +140,38 @@ def test_stage_a_from_the_diffusers_layout(corpus, tmp_path, tiny_weights):
     assert b.extras["stage_a"]["file"].startswith("vqgan/")
     assert b.extras["stage_a"]["scale_factor"] == a.extras["stage_a"]["scale_factor"] == 0.43
     assert np.array_equal(a.group["b64x64"]["stage_a"][:2], b.group["b64x64"]["stage_a"][:2])
+
+
+def test_unstorable_extras_skip_the_sample_not_the_job(corpus, tmp_path, tiny_weights, tiny_text_encoder,
+                                                       monkeypatch):
+    """NaN from the text encoder, or Stage A values beyond float16, skip that sample (recorded), never a row half."""
+    from codec.stage_a import StageA
+
+    encode_text, encode_a = TextEncoder.encode, StageA.encode
+
+    def nan_for_caption_3(self, captions, warn=True):
+        emb = encode_text(self, captions, warn)
+        for i, c in enumerate(captions):
+            if c == "caption 3":
+                emb.hidden[i, 5, 0] = float("nan")
+        return emb
+
+    def huge_first_of_batch(self, x):
+        z = encode_a(self, x)
+        z[0] *= 1e6
+        return z
+
+    monkeypatch.setattr(TextEncoder, "encode", nan_for_caption_3)
+    monkeypatch.setattr(StageA, "encode", huge_first_of_batch)
+    s = run(corpus, tmp_path / "out.zarr", tiny_weights, text_encoder=tiny_text_encoder, stage_a=True)
+    # batches of 2 per unit of 2 (center policy, one bucket): img_000, img_002, img_004 lead their batch
+    assert s.encoded == 1 and s.skipped == 4
+    assert s.reasons == {"Stage A encoder output beyond the float16 range (use --dtype float32)": 3,
+                         "text encoder produced NaN/inf": 1}
+    store = LatentStore.open(tmp_path / "out.zarr")
+    assert {i for i, _, _ in store.table("errors")} == {"img_000", "img_002", "img_003", "img_004"}
+    ds = LatentDataset(tmp_path / "out.zarr", fields=ALL)
+    assert ds.ids == ["img_001"] and all(torch.isfinite(ds[0][f]).all() for f in ALL)
+    wide = run(corpus, tmp_path / "f32.zarr", tiny_weights, text_encoder=tiny_text_encoder, stage_a=True,
+               dtype="float32")
+    assert wide.encoded == 4 and wide.reasons == {"text encoder produced NaN/inf": 1}
