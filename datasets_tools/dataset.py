@@ -13,16 +13,26 @@ from .fastread import ShardedReader
 from .store import EXTRAS, LatentStore, parse_bucket
 
 # Item key → (array name in a bucket group, extra of the store that holds it or None for the latents).
-FIELDS = {"latent": ("latents", None), "clip_pooled": ("clip_pooled", "clip"), "clip_seq": ("clip_seq", "clip"),
+FIELDS = {"latent": ("latents", None), "clip_text_pooled": ("clip_text_pooled", "clip"), "clip_text": ("clip_text", "clip"),
           "stage_a": ("stage_a", "stage_a")}
+
+
+def fields_of(extras: dict[str, Any]) -> tuple[str, ...]:
+    """The item fields a store with these ``extras`` can give: ``latent`` plus the extras' fields."""
+    return tuple(f for f, (_, extra) in FIELDS.items() if extra is None or extra in extras)
+
+
+def store_fields(store: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The item fields the store at ``store`` can give (for ``LatentDataset(store, fields=…)``)."""
+    return fields_of(LatentStore.open(store, storage_options).extras)
 
 
 class LatentDataset(torch.utils.data.Dataset):
     """Map-style dataset over the committed samples of a latent store.
 
     Item ``i`` is a dict: one float32 tensor per name in ``fields`` — ``latent``
-    ``(16,h,w)`` (the default), and when the store holds them ``clip_pooled`` ``(1,C)``,
-    ``clip_seq`` ``(77,C)`` (CLIP text embeddings of the caption; batches give Stage C's
+    ``(16,h,w)`` (the default), and when the store holds them ``clip_text_pooled`` ``(1,C)``,
+    ``clip_text`` ``(77,C)`` (CLIP text embeddings of the caption; batches give Stage C's
     ``(B,1,C)`` and ``(B,77,C)``) and ``stage_a`` ``(4,H/4,W/4)`` (Stage A latent) — plus
     ``id``, ``caption`` (when ``with_captions``), ``bucket`` ((H, W) pixels),
     ``orig_size`` ((h, w)), ``crop_box`` ((left, top, right, bottom)). Samples are ordered bucket by bucket
@@ -31,6 +41,11 @@ class LatentDataset(torch.utils.data.Dataset):
     process, so the dataset is safe with ``DataLoader(num_workers>0)``. Local stores are
     read with :class:`~datasets_tools.fastread.ShardedReader` (one ``pread`` per sample),
     others through zarr. Open the dataset after encoding has finished.
+
+    For trainers: ``has_text_embeddings`` (items carry ``clip_text_pooled``) and
+    ``empty_text_embedding`` (``(clip_text (77,C), clip_text_pooled (1,C))`` of the empty
+    caption, stored once per store, for caption dropout; ``None`` when not asked for).
+    :func:`store_fields` lists the fields a store can give.
     """
 
     def __init__(self, store: str | os.PathLike, buckets: list[str] | None = None, with_captions: bool = True,
@@ -41,12 +56,16 @@ class LatentDataset(torch.utils.data.Dataset):
         if unknown or not self.fields:
             raise ValueError(f"fields must be a non-empty subset of {', '.join(FIELDS)}; got {list(self.fields)}")
         st = LatentStore.open(self.url, storage_options)
+        # For trainers (codec.generation.finetune): whether items carry text embeddings, and those of "".
+        self.has_text_embeddings = "clip_text_pooled" in self.fields
+        empty = st.empty_text() if {"clip_text", "clip_text_pooled"} & set(self.fields) else None
+        self.empty_text_embedding = None if empty is None else tuple(torch.from_numpy(e).float() for e in empty)
         absent = sorted({FIELDS[f][1] for f in self.fields} - {None} - set(st.extras))
         if absent:
             what = " and ".join(f"{EXTRAS[e][0]} ({EXTRAS[e][1]})" for e in absent)
             raise ValueError(f"{self.url} has no {what}: it was encoded without them. Its fields are "
-                             f"{', '.join(f for f, (_, e) in FIELDS.items() if e is None or e in st.extras)}; "
-                             "re-encode into a new store with those options to get them.")
+                             f"{', '.join(fields_of(st.extras))}; re-encode into a new store with those options to "
+                             "get them.")
         rows = st.visible_rows()
         if buckets is not None:
             unknown = sorted(set(buckets) - set(rows))

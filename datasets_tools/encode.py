@@ -320,20 +320,21 @@ def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, 
     mine = [k for k in range(n_units) if k % world == rank and k not in committed]
     summary.units_pending = len(mine)
     items = [(k, s) for k in mine for s in plan[k]]
-    if items:
-        models = _Models(load_encoder(weights, device))
-        if text_encoder is not None:
-            from codec.generation.text import TextEncoder
+    text = None
+    if text_encoder is not None and (items or rank == 0 and store.empty_text() is None):
+        from codec.generation.text import TextEncoder
 
-            models.text = TextEncoder.from_pretrained(text_encoder, device=device)
-        if stage_a:
-            models.stage_a = load_stage_a(weights, device)
+        text = TextEncoder.from_pretrained(text_encoder, device=device)
+    if items:
+        models = _Models(load_encoder(weights, device), text, load_stage_a(weights, device) if stage_a else None)
         _process(store, models, items, plan, n_units, policy, size, batch_size, workers, progress, device, summary)
     _barrier(world)
 
     # ---- finalise (rank 0); a finished store with nothing new is left untouched
     if rank == 0:
         if len(committed) < n_units or not store.attrs.get("complete"):
+            if text is not None and store.empty_text() is None:
+                _store_empty_text(store, text)
             summary.store = store.finalise(n_units)
         else:
             summary.store = store.attrs
@@ -343,7 +344,7 @@ def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, 
 
 
 # What produced each stored array (for skip reasons).
-_PRODUCERS = {"latents": "encoder", "clip_pooled": "text encoder", "clip_seq": "text encoder",
+_PRODUCERS = {"latents": "encoder", "clip_text_pooled": "text encoder", "clip_text": "text encoder",
               "stage_a": "Stage A encoder"}
 FLOAT16_MAX = 65504.0
 
@@ -357,6 +358,16 @@ def _unstorable(key: str, t: torch.Tensor, dtype: str) -> str | None:
     return None
 
 
+def _store_empty_text(store: LatentStore, text: Any) -> None:
+    """Store the embeddings of ``""`` once (trainers need them for caption dropout); skipped when unstorable."""
+    emb = text.encode([""], warn=False)
+    hidden, pooled = emb.hidden[0].cpu(), emb.pooled[0].cpu()
+    if _unstorable("clip_text", hidden, store.attrs["dtype"]) or _unstorable("clip_text_pooled", pooled,
+                                                                             store.attrs["dtype"]):
+        return
+    store.write_empty_text(hidden.numpy(), pooled.numpy())
+
+
 @torch.no_grad()
 def _encode_arrays(models: _Models, pixels: torch.Tensor, captions: list[str], device: str) -> dict[str, torch.Tensor]:
     """Every stored float array of one batch, fp32 on the CPU: ``latents`` and the extras asked for."""
@@ -365,7 +376,7 @@ def _encode_arrays(models: _Models, pixels: torch.Tensor, captions: list[str], d
         out["stage_a"] = models.stage_a.encode(pixels.to(device, torch.float32)).float().cpu()
     if models.text is not None:
         emb = models.text.encode(captions, warn=False)  # long captions are recorded as warnings instead
-        out["clip_pooled"], out["clip_seq"] = emb.pooled.cpu(), emb.hidden.cpu()
+        out["clip_text_pooled"], out["clip_text"] = emb.pooled.cpu(), emb.hidden.cpu()
     return out
 
 

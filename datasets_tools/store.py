@@ -8,7 +8,7 @@ Layout (paths relative to the store root; documented for independent readers in
     commits/unit_{k:06d}.json commit record of unit k: counts per bucket, errors, warnings
     b{H}x{W}/                 one group per bucket (encoder input H×W pixels)
         latents   (N,16,H/32,W/32) float16|float32, shards (S,…), chunks (1,…)
-        optional, same dtype/sharding: clip_pooled (N,1,C), clip_seq (N,77,C) — CLIP text
+        optional, same dtype/sharding: clip_text_pooled (N,1,C), clip_text (N,77,C) — CLIP text
         embeddings of the captions; stage_a (N,4,H/4,W/4) — Stage A latents (attribute ``extras``)
         id, source, caption   (N,) str, shards = chunks = (S,)
         orig_size (N,2) int32 (h, w);  crop_box (N,4) int32 (left, top, right, bottom)
@@ -46,6 +46,7 @@ STRING_ARRAYS = ("id", "source", "caption")
 EXTRAS = {"clip": ("CLIP text embeddings", "--text-encoder", "text encoder"),
           "stage_a": ("Stage A latents", "--stage-a", "Stage A")}
 PAUSE_ENV = "CASCADE_TEST_PAUSE_AT"
+EMPTY_TEXT = "clip_empty"  # group holding the CLIP embeddings of the empty caption (stores with extra ``clip``)
 
 
 def pause_point(name: str) -> None:
@@ -61,8 +62,8 @@ def row_shapes(bucket: tuple[int, int], extras: dict[str, Any]) -> dict[str, tup
     shapes: dict[str, tuple[int, ...]] = {"latents": (LATENT_CHANNELS, h // 32, w // 32)}
     if "clip" in extras:
         clip = extras["clip"]
-        shapes["clip_pooled"] = (1, int(clip["pooled_dim"]))
-        shapes["clip_seq"] = (int(clip["tokens"]), int(clip["hidden_dim"]))
+        shapes["clip_text_pooled"] = (1, int(clip["pooled_dim"]))
+        shapes["clip_text"] = (int(clip["tokens"]), int(clip["hidden_dim"]))
     if "stage_a" in extras:
         shapes["stage_a"] = (int(extras["stage_a"]["channels"]), h // 4, w // 4)
     return shapes
@@ -433,6 +434,24 @@ class LatentStore:
             for key in STRING_ARRAYS:
                 g[key][sl] = np.array(list(data[key]) + [""] * (S - count), dtype=object)
 
+    def write_empty_text(self, hidden: np.ndarray, pooled: np.ndarray) -> None:
+        """Store the embeddings of the empty caption ``""`` (``(77,C)``, ``(1,C)``) in group ``clip_empty``;
+        its ``complete`` attribute is set last, so a half-written group reads as absent."""
+        g = self.group.require_group(EMPTY_TEXT)
+        g.attrs.update({"complete": False, "about": 'CLIP text embeddings of the empty caption ""'})
+        dtype = self.group.attrs["dtype"]
+        for key, value in (("clip_text", hidden), ("clip_text_pooled", pooled)):
+            a = g.create_array(key, shape=value.shape, chunks=value.shape, dtype=dtype, fill_value=0, overwrite=True)
+            a[...] = np.asarray(value, dtype=dtype)
+        g.attrs.update({"complete": True})
+
+    def empty_text(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(clip_text (77,C), clip_text_pooled (1,C))`` of the empty caption, or ``None`` when not stored."""
+        if EMPTY_TEXT not in self.group.group_keys() or not self.group[EMPTY_TEXT].attrs.get("complete"):
+            return None
+        g = self.group[EMPTY_TEXT]
+        return g["clip_text"][...], g["clip_text_pooled"][...]
+
     # ----------------------------------------------------------------- commits
     def commit(self, k: int, record: dict[str, Any]) -> None:
         """Make unit ``k`` visible: write its commit record atomically."""
@@ -524,7 +543,7 @@ def store_info(url: str | os.PathLike, storage_options: dict[str, Any] | None = 
         lines.append(f"  source root: {a['source_root']}  (relative sources are relative to it)")
     if "clip" in extras:
         c = extras["clip"]
-        lines.append(f"  clip_pooled 1×{c['pooled_dim']}, clip_seq {c['tokens']}×{c['hidden_dim']}: CLIP text "
+        lines.append(f"  clip_text_pooled 1×{c['pooled_dim']}, clip_text {c['tokens']}×{c['hidden_dim']}: CLIP text "
                      f"embeddings ({c['dtype']}), text encoder {c.get('source')} sha256 {c['sha256'][:16]}…")
     if "stage_a" in extras:
         sa = extras["stage_a"]

@@ -13,7 +13,7 @@ from datasets_tools.encode import file_sha256, text_encoder_sha256
 from datasets_tools.preprocess import preprocess
 from test_dataset_helpers import make_folder
 
-ALL = ("latent", "clip_pooled", "clip_seq", "stage_a")
+ALL = ("latent", "clip_text_pooled", "clip_text", "stage_a")
 
 
 def run(src, out, weights, **kw):
@@ -41,19 +41,25 @@ def test_extras_match_direct_computation(corpus, tmp_path, tiny_weights, tiny_te
     stage_a = load_stage_a(tiny_weights)
     for item in ds:
         h, w = item["bucket"]
-        assert item["clip_pooled"].shape == (1, 24) and item["clip_seq"].shape == (77, 24)
+        assert item["clip_text_pooled"].shape == (1, 24) and item["clip_text"].shape == (77, 24)
         assert item["stage_a"].shape == (4, h // 4, w // 4) and item["latent"].shape == (16, h // 32, w // 32)
         caption = (corpus / f"{item['id']}.txt").read_text().strip() if item["id"] != "img_001" else ""
         assert item["caption"] == caption
         ref = text.encode([caption], warn=False)
-        torch.testing.assert_close(item["clip_pooled"], ref.pooled[0], rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(item["clip_seq"], ref.hidden[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(item["clip_text_pooled"], ref.pooled[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(item["clip_text"], ref.hidden[0], rtol=1e-4, atol=1e-5)
         img = torch.from_numpy(np.array(Image.open(corpus / f"{item['id']}.png"))).permute(2, 0, 1) / 255
         pixels = preprocess(img, "keep-aspect", 64).pixels
         with torch.no_grad():
             torch.testing.assert_close(item["stage_a"], stage_a.encode(pixels[None])[0], rtol=1e-4, atol=1e-5)
-    empty = ds[ds.ids.index("img_001")]["clip_pooled"]
-    assert not torch.equal(empty, ds[ds.ids.index("img_000")]["clip_pooled"])
+    empty = ds[ds.ids.index("img_001")]["clip_text_pooled"]
+    assert not torch.equal(empty, ds[ds.ids.index("img_000")]["clip_text_pooled"])
+    # The embedding of "" is also stored once, for trainers' caption dropout.
+    ref = text.encode([""], warn=False)
+    assert ds.has_text_embeddings and ds.empty_text_embedding is not None
+    torch.testing.assert_close(ds.empty_text_embedding[0], ref.hidden[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ds.empty_text_embedding[1], ref.pooled[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ds.empty_text_embedding[1], empty, rtol=1e-4, atol=1e-5)
     store = LatentStore.open(out)
     extras = store.attrs["extras"]
     assert extras["clip"]["sha256"] == text_encoder_sha256(tiny_text_encoder)
@@ -61,14 +67,14 @@ def test_extras_match_direct_computation(corpus, tmp_path, tiny_weights, tiny_te
     assert extras["clip"]["dtype"] == extras["stage_a"]["dtype"] == "float32"
     assert [w[0] for w in store.table("warnings")] == ["img_002"] and "77 CLIP tokens" in store.table("warnings")[0][2]
     info = store_info(str(out))
-    assert "clip_pooled 1×24, clip_seq 77×24: CLIP text embeddings (float32)" in info
+    assert "clip_text_pooled 1×24, clip_text 77×24: CLIP text embeddings (float32)" in info
     assert "stage_a 4×16×24" in info and "Stage A latents (float32)" in info
-    only = LatentDataset(out, fields=("clip_seq",), with_captions=False)
-    assert set(only[0]) == {"clip_seq", "id", "bucket", "orig_size", "crop_box"}
+    only = LatentDataset(out, fields=("clip_text",), with_captions=False)
+    assert set(only[0]) == {"clip_text", "id", "bucket", "orig_size", "crop_box"}
     loader = torch.utils.data.DataLoader(LatentDataset(out, buckets=["b64x96"], fields=ALL), batch_size=2,
                                          num_workers=1)
     batch = next(iter(loader))
-    assert batch["clip_pooled"].shape == (2, 1, 24) and batch["stage_a"].shape == (2, 4, 16, 24)
+    assert batch["clip_text_pooled"].shape == (2, 1, 24) and batch["stage_a"].shape == (2, 4, 16, 24)
 
 
 def test_float16_extras_are_float32_rounded(corpus, tmp_path, tiny_weights, tiny_text_encoder):
@@ -77,7 +83,7 @@ def test_float16_extras_are_float32_rounded(corpus, tmp_path, tiny_weights, tiny
             stage_a=True, limit=3)
     g16 = LatentStore.open(tmp_path / "float16.zarr").group["b64x64"]
     g32 = LatentStore.open(tmp_path / "float32.zarr").group["b64x64"]
-    for key in ("latents", "clip_pooled", "clip_seq", "stage_a"):
+    for key in ("latents", "clip_text_pooled", "clip_text", "stage_a"):
         assert g16[key].dtype == np.float16 and g32[key].dtype == np.float32
         assert np.array_equal(g16[key][:4], g32[key][:4].astype(np.float16)), key
     assert LatentStore.open(tmp_path / "float16.zarr").attrs["extras"]["clip"]["dtype"] == "float16"
@@ -101,7 +107,7 @@ def test_mismatching_extras_are_refused(corpus, tmp_path, tiny_weights, tiny_tex
     with pytest.raises(StoreError, match="text encoder sha256: store has"):
         run(corpus, rich, tiny_weights, text_encoder=other, stage_a=True)
     with pytest.raises(ValueError, match=r"has no CLIP text embeddings \(--text-encoder\).*fields are latent"):
-        LatentDataset(plain, fields=("latent", "clip_seq"))
+        LatentDataset(plain, fields=("latent", "clip_text"))
     with pytest.raises(ValueError, match="subset of"):
         LatentDataset(plain, fields=("latents",))
     # Nothing was written by the refused runs.
@@ -175,3 +181,25 @@ def test_unstorable_extras_skip_the_sample_not_the_job(corpus, tmp_path, tiny_we
     wide = run(corpus, tmp_path / "f32.zarr", tiny_weights, text_encoder=tiny_text_encoder, stage_a=True,
                dtype="float32")
     assert wide.encoded == 4 and wide.reasons == {"text encoder produced NaN/inf": 1}
+
+
+def test_training_reads_the_extras_from_the_store(corpus, tmp_path, tiny_weights, tiny_text_encoder):
+    """cascade train takes stored text embeddings (and that of "" for caption dropout) and Stage A latents
+    from the store: no text encoder is configured (``weights`` unset)."""
+    from codec.generation.finetune import ConfigError, train
+    from codec.generation.finetune.logs import read_log
+
+    store, plain = tmp_path / "store.zarr", tmp_path / "plain.zarr"
+    run(corpus, store, tiny_weights, text_encoder=tiny_text_encoder, stage_a=True, shard_size=5)
+    run(corpus, plain, tiny_weights, shard_size=5)
+    for task in ("stage-c", "stage-b"):
+        cfg = {"output_dir": str(tmp_path / task), "data": {"store": str(store)}, "batch_size": 2, "max_steps": 2,
+               "model": {"preset": "tiny"}, "log": {"every": 1}, "preview": {"every": 0}}
+        if task == "stage-b":
+            cfg["stage_b"] = {"effnet_from": "stored"}
+        train(task, cfg, echo=None)
+        assert [r["step"] for r in read_log(tmp_path / task)] == [1, 2]
+    cfg = {"output_dir": str(tmp_path / "b2"), "data": {"store": str(plain)}, "batch_size": 2, "max_steps": 1,
+           "model": {"preset": "tiny"}, "stage_b": {"effnet_from": "stored"}, "preview": {"every": 0}}
+    with pytest.raises(ConfigError, match="has no stage_a; encode it with `cascade encode-dataset --stage-a`"):
+        train("stage-b", cfg, echo=None)

@@ -15,7 +15,7 @@ from datasets_tools import LatentDataset, LatentStore
 from datasets_tools.store import PAUSE_ENV
 from test_dataset_helpers import make_folder
 
-FIELDS = ("latent", "clip_pooled", "clip_seq", "stage_a")
+FIELDS = ("latent", "clip_text_pooled", "clip_text", "stage_a")
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 

@@ -66,11 +66,22 @@ class Task:
         """Write a sample collage (optional)."""
         return None
 
-    def dataset(self) -> Any:
-        """The training data: the Zarr latent store of ``data.store``."""
-        from datasets_tools.dataset import LatentDataset
+    # Dataset fields the task uses when the store has them, and those it cannot do without.
+    store_fields: tuple[str, ...] = ("latent", "clip_text", "clip_text_pooled")
+    required_fields: tuple[str, ...] = ("latent",)
 
-        return LatentDataset(self.cfg.data.store, buckets=self.cfg.data.buckets)
+    def dataset(self) -> Any:
+        """The training data: the Zarr latent store of ``data.store``, with the fields of :attr:`store_fields`
+        that it holds (stored text embeddings, Stage A latents)."""
+        from datasets_tools.dataset import LatentDataset, store_fields
+
+        held = store_fields(self.cfg.data.store)
+        missing = [f for f in self.required_fields if f not in held]
+        if missing:
+            raise ConfigError(f"{self.source}: data.store {self.cfg.data.store} has no {', '.join(missing)}; encode "
+                              "it with `cascade encode-dataset --stage-a` (Stage A latents) into a new store.")
+        return LatentDataset(self.cfg.data.store, buckets=self.cfg.data.buckets,
+                             fields=tuple(f for f in self.store_fields if f in held))
 
 
 def load_trainable_model(cls: type[nn.Module], presets: dict[str, Any], tiny: dict[str, Any], cfg: TrainConfig,
