@@ -321,7 +321,8 @@ def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, 
     summary.units_pending = len(mine)
     items = [(k, s) for k in mine for s in plan[k]]
     text = None
-    if text_encoder is not None and (items or rank == 0 and store.empty_text() is None):
+    finalising = rank == 0 and (len(committed) < n_units or not store.attrs.get("complete"))
+    if text_encoder is not None and (items or finalising and store.empty_text() is None):
         from codec.generation.text import TextEncoder
 
         text = TextEncoder.from_pretrained(text_encoder, device=device)
@@ -332,7 +333,7 @@ def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, 
 
     # ---- finalise (rank 0); a finished store with nothing new is left untouched
     if rank == 0:
-        if len(committed) < n_units or not store.attrs.get("complete"):
+        if finalising:
             if text is not None and store.empty_text() is None:
                 _store_empty_text(store, text)
             summary.store = store.finalise(n_units)
