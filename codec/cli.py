@@ -503,9 +503,16 @@ def is_latent_store(path: str) -> bool:
               help="List SOURCE and check OUT, print what would be encoded, write nothing.")
 @click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
               help="Samples per work unit and rows per Zarr shard; fixed when the store is created.")
+@click.option("--text-encoder", default=None, metavar="DIR|REPO",
+              help="Also store CLIP text embeddings of the captions (pooled 1×C and sequence 77×C, for Stage C "
+                   "training), computed with the CLIP-G text encoder in DIR/text_encoder and DIR/tokenizer (or a "
+                   "Hugging Face repo id). Samples without a caption get the embedding of the empty string.")
+@click.option("--stage-a", "stage_a", is_flag=True,
+              help="Also store Stage A latents (4×H/4×W/4, encoder output / 0.43) of the same preprocessed image, "
+                   "for Stage B fine-tuning; needs stage_a.safetensors in --weights.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary line is still printed).")
 def encode_dataset_command(source, out, weights, size, policy, batch_size, workers, dtype, limit, dry_run, shard_size,
-                           no_progress) -> None:
+                           text_encoder, stage_a, no_progress) -> None:
     """Encode every image of SOURCE into the Zarr latent store OUT (resumable, idempotent).
 
     SOURCE: a folder of images (recursive; captions from sidecar .txt/.json files), a
@@ -516,7 +523,8 @@ def encode_dataset_command(source, out, weights, size, policy, batch_size, worke
     Kill it at any moment and run the same command again: it continues. Run it again
     after SOURCE grew: only new samples are encoded. Under `torchrun --nproc_per_node N`
     the work is split across processes. Unreadable images are skipped and recorded in
-    the store's errors table.
+    the store's errors table. --text-encoder and --stage-a add optional arrays; a store
+    keeps the extras it was made with (resume it with the same options).
     """
     from datasets_tools.encode import encode_dataset
 
@@ -531,7 +539,7 @@ def encode_dataset_command(source, out, weights, size, policy, batch_size, worke
         summary = encode_dataset(source, out, weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS,
                                  policy=policy, size=size, batch_size=batch_size, workers=workers, dtype=dtype,
                                  limit=limit, dry_run=dry_run, shard_size=shard_size, progress=not no_progress,
-                                 log=click.echo)
+                                 log=click.echo, text_encoder=text_encoder, stage_a=stage_a)
     except _user_errors() as e:
         raise click.ClickException(str(e)) from None
     if int(os.environ.get("RANK", "0")) == 0 or dry_run:

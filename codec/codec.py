@@ -109,6 +109,20 @@ def load_previewer(src: W.WeightSource, device: str | torch.device = "cpu") -> t
     return _load_component(src, loc, Previewer, None, torch.float32, device)[0]
 
 
+def locate_stage_a(src: W.WeightSource) -> interop.Located:
+    """Where Stage A is in ``src`` (official file, else diffusers' ``vqgan/``), made sure to be there."""
+    loc = interop.resolve(src, "stage_a", torch.float32, W.STAGE_A_FILE)
+    interop.require(src, [loc])
+    return loc
+
+
+def load_stage_a(source: str | os.PathLike | W.WeightSource, device: str | torch.device = "cpu") -> StageA:
+    """Only Stage A (fp32, eval) from a weights folder or repo id, in either layout."""
+    src = source if isinstance(source, W.WeightSource) else W.WeightSource(source)
+    model, _ = _load_component(src, locate_stage_a(src), StageA, None, torch.float32, device)
+    return model
+
+
 @torch.no_grad()
 def encode_pixels(effnet: EfficientNetEncoder, pixels: torch.Tensor) -> torch.Tensor:
     """RGB ``(B,3,H,W)`` in [0,1], already at the encoder's input size → fp32 latents on the CPU (not checked)."""

@@ -10,26 +10,62 @@ import numpy as np
 import torch
 
 from .fastread import ShardedReader
-from .store import LatentStore, parse_bucket
+from .store import EXTRAS, LatentStore, parse_bucket
+
+# Item key → (array name in a bucket group, extra of the store that holds it or None for the latents).
+FIELDS = {"latent": ("latents", None), "clip_text_pooled": ("clip_text_pooled", "clip"), "clip_text": ("clip_text", "clip"),
+          "stage_a": ("stage_a", "stage_a")}
+
+
+def fields_of(extras: dict[str, Any]) -> tuple[str, ...]:
+    """The item fields a store with these ``extras`` can give: ``latent`` plus the extras' fields."""
+    return tuple(f for f, (_, extra) in FIELDS.items() if extra is None or extra in extras)
+
+
+def store_fields(store: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The item fields the store at ``store`` can give (for ``LatentDataset(store, fields=…)``)."""
+    return fields_of(LatentStore.open(store, storage_options).extras)
 
 
 class LatentDataset(torch.utils.data.Dataset):
     """Map-style dataset over the committed samples of a latent store.
 
-    Item ``i`` is a dict: ``latent`` (float32 ``(16,h,w)``), ``id``, ``caption`` (when
-    ``with_captions``), ``bucket`` ((H, W) pixels), ``orig_size`` ((h, w)),
-    ``crop_box`` ((left, top, right, bottom)). Samples are ordered bucket by bucket
+    Item ``i`` is a dict: one float32 tensor per name in ``fields`` — ``latent``
+    ``(16,h,w)`` (the default), and when the store holds them ``clip_text_pooled`` ``(1,C)``,
+    ``clip_text`` ``(77,C)`` (CLIP text embeddings of the caption; batches give Stage C's
+    ``(B,1,C)`` and ``(B,77,C)``) and ``stage_a`` ``(4,H/4,W/4)`` (Stage A latent) — plus
+    ``id``, ``caption`` (when ``with_captions``), ``bucket`` ((H, W) pixels),
+    ``orig_size`` ((h, w)), ``crop_box`` ((left, top, right, bottom)). Samples are ordered bucket by bucket
     (sorted names), each in plan order. Small per-sample metadata is loaded at
     construction; latents are read per item through handles opened lazily in each
     process, so the dataset is safe with ``DataLoader(num_workers>0)``. Local stores are
     read with :class:`~datasets_tools.fastread.ShardedReader` (one ``pread`` per sample),
     others through zarr. Open the dataset after encoding has finished.
+
+    For trainers: ``has_text_embeddings`` (items carry ``clip_text_pooled``) and
+    ``empty_text_embedding`` (``(clip_text (77,C), clip_text_pooled (1,C))`` of the empty
+    caption, stored once per store, for caption dropout; ``None`` when not asked for).
+    :func:`store_fields` lists the fields a store can give.
     """
 
     def __init__(self, store: str | os.PathLike, buckets: list[str] | None = None, with_captions: bool = True,
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, fields: tuple[str, ...] = ("latent",)):
         self.url, self.storage_options, self.with_captions = str(store), storage_options, with_captions
+        self.fields = tuple(fields)
+        unknown = [f for f in self.fields if f not in FIELDS]
+        if unknown or not self.fields:
+            raise ValueError(f"fields must be a non-empty subset of {', '.join(FIELDS)}; got {list(self.fields)}")
         st = LatentStore.open(self.url, storage_options)
+        # For trainers (codec.generation.finetune): whether items carry text embeddings, and those of "".
+        self.has_text_embeddings = "clip_text_pooled" in self.fields
+        empty = st.empty_text() if {"clip_text", "clip_text_pooled"} & set(self.fields) else None
+        self.empty_text_embedding = None if empty is None else tuple(torch.from_numpy(e).float() for e in empty)
+        absent = sorted({FIELDS[f][1] for f in self.fields} - {None} - set(st.extras))
+        if absent:
+            what = " and ".join(f"{EXTRAS[e][0]} ({EXTRAS[e][1]})" for e in absent)
+            raise ValueError(f"{self.url} has no {what}: it was encoded without them. Its fields are "
+                             f"{', '.join(fields_of(st.extras))}; re-encode into a new store with those options to "
+                             "get them.")
         rows = st.visible_rows()
         if buckets is not None:
             unknown = sorted(set(buckets) - set(rows))
@@ -54,7 +90,7 @@ class LatentDataset(torch.utils.data.Dataset):
             crop.append(g["crop_box"][:][r])
         self._orig = np.concatenate(orig) if orig else np.zeros((0, 2), np.int32)
         self._crop = np.concatenate(crop) if crop else np.zeros((0, 4), np.int32)
-        self._latents: dict[str, Any] | None = None
+        self._handles: dict[str, dict[str, Any]] = {}
         self._pid: int | None = None
 
     def __len__(self) -> int:
@@ -64,20 +100,24 @@ class LatentDataset(torch.utils.data.Dataset):
         """Dataset indices of each bucket (for batch samplers)."""
         return {b: np.nonzero(self._bucket_of == i)[0] for i, b in enumerate(self.bucket_names)}
 
-    def _arrays(self) -> dict[str, Any]:
+    def _arrays(self, field: str = "latent") -> dict[str, Any]:
+        """Per bucket, a function reading one row of ``field``'s array (opened once per process)."""
         # Open per process: zarr stores pickle, but a fresh handle per worker avoids sharing event loops/files.
-        if self._latents is None or self._pid != os.getpid():
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if field not in self._handles:
             st = LatentStore.open(self.url, self.storage_options)
-            self._latents = {}
+            array = FIELDS[field][0]
+            readers = {}
             for b in self.bucket_names:
-                fast = ShardedReader.try_open(st.location.path / b / "latents") if st.location.local else None
-                self._latents[b] = fast.read if fast is not None else st.group[b]["latents"].__getitem__
-            self._pid = os.getpid()
-        return self._latents
+                fast = ShardedReader.try_open(st.location.path / b / array) if st.location.local else None
+                readers[b] = fast.read if fast is not None else st.group[b][array].__getitem__
+            self._handles[field] = readers
+        return self._handles[field]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_latents"], state["_pid"] = None, None
+        state["_handles"], state["_pid"] = {}, None
         return state
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -85,9 +125,11 @@ class LatentDataset(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for {len(self)} samples")
         i = int(i) % len(self)
         name = self.bucket_names[self._bucket_of[i]]
-        latent = torch.from_numpy(np.asarray(self._arrays()[name](int(self._row[i])))).float()  # torch: fast f16→f32
-        item = {"latent": latent, "id": self.ids[i], "bucket": parse_bucket(name),
-                "orig_size": tuple(int(v) for v in self._orig[i]), "crop_box": tuple(int(v) for v in self._crop[i])}
+        row = int(self._row[i])
+        item: dict[str, Any] = {f: torch.from_numpy(np.asarray(self._arrays(f)[name](row))).float()  # fast f16→f32
+                                for f in self.fields}
+        item.update({"id": self.ids[i], "bucket": parse_bucket(name), "orig_size": tuple(int(v) for v in self._orig[i]),
+                     "crop_box": tuple(int(v) for v in self._crop[i])})
         if self.with_captions:
             item["caption"] = self.captions[i]
         return item

@@ -10,6 +10,11 @@ because encoding is deterministic (fixed batches per unit), give identical laten
 Decoding and resizing run in a torch ``DataLoader`` with ``workers`` processes so they
 overlap the encoder. Bad inputs never raise: each becomes an error record
 ``(id, source, "reason: detail")``.
+
+Optional extras, computed in the same batches as the latents (so resumed units are
+bitwise identical too): CLIP text embeddings of the captions (``text_encoder``; a
+sample without a caption gets the embedding of ``""``) and Stage A latents of the same
+preprocessed image (``stage_a``).
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ from typing import Any, Callable
 
 import torch
 
-from codec.codec import encode_pixels, load_encoder
+from codec.codec import encode_pixels, load_encoder, load_stage_a
 
 from .preprocess import POLICIES, RESIZE, known_buckets, preprocess
-from .sources import Sample, list_source
+from .sources import Sample, list_source, source_root
 from .store import FORMAT, FORMAT_VERSION, LATENT_CHANNELS, LatentStore, StoreError, bucket_name
 
 DTYPES = ("float16", "float32")
@@ -54,6 +59,55 @@ def encoder_file(weights: str | os.PathLike) -> Path:
     src = W.WeightSource(weights)
     interop.require_encoder(src)
     return src.path(W.EFFNET_FILE)
+
+
+TEXT_SUBFOLDERS = ("text_encoder", "tokenizer")
+
+
+def files_sha256(paths: dict[str, Path]) -> str:
+    """Digest of weights in ``{name: local path}``: the file's sha256 when there is one file, else the sha256 of
+    the lines ``"<name> <sha256 of file>\\n"`` sorted by name (names are POSIX paths in the weight source)."""
+    if len(paths) == 1:
+        return file_sha256(next(iter(paths.values())))
+    h = hashlib.sha256()
+    for name in sorted(paths):
+        h.update(f"{name} {file_sha256(paths[name])}\n".encode())
+    return h.hexdigest()
+
+
+def text_encoder_sha256(folder: Path) -> str:
+    """Digest (:func:`files_sha256`) of every file under ``folder``'s ``text_encoder/`` and ``tokenizer/``."""
+    return files_sha256({p.relative_to(folder).as_posix(): p for sub in TEXT_SUBFOLDERS
+                         for p in (folder / sub).rglob("*") if p.is_file()})
+
+
+def extras_identity(weights: str | os.PathLike, text_encoder: str | os.PathLike | None, stage_a: bool,
+                    dtype: str) -> dict[str, Any]:
+    """The ``extras`` attribute of a store for these options (``{}`` without extras); no model is built."""
+    extras: dict[str, Any] = {}
+    if text_encoder is not None:
+        from transformers import CLIPTextConfig
+
+        from codec.generation.text import MAX_TOKENS, hf_subfolders
+
+        folder = hf_subfolders(text_encoder, TEXT_SUBFOLDERS, "CLIP text embeddings (--text-encoder)")
+        cfg = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
+        extras["clip"] = {"source": str(text_encoder), "sha256": text_encoder_sha256(folder), "tokens": MAX_TOKENS,
+                          "pooled_dim": cfg.projection_dim, "hidden_dim": cfg.hidden_size, "dtype": dtype}
+    if stage_a:
+        from codec import interop
+        from codec import weights as W
+        from codec.codec import locate_stage_a
+
+        src = W.WeightSource(weights)
+        loc = locate_stage_a(src)
+        _, config = interop.open_component(src, loc)
+        config = {**interop.default_config("stage_a"), **(config or {})}  # as the loader builds it
+        extras["stage_a"] = {"file": loc.label, "source": str(weights),
+                             "sha256": files_sha256({f: src.path(f) for f in loc.files}),
+                             "channels": int(config["c_latent"]), "scale_factor": float(config["scale_factor"]),
+                             "dtype": dtype}
+    return extras
 
 
 def decode_image(data: bytes) -> torch.Tensor:
@@ -158,21 +212,36 @@ def _tool_version() -> str:
 
 
 def store_identity(encoder_path: Path, sha256: str, policy: str, size: int, dtype: str,
-                   shard_size: int) -> dict[str, Any]:
-    """The root attributes that must match for a run to resume or extend a store."""
+                   shard_size: int, extras: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The root attributes that must match for a run to resume or extend a store (``extras``: see
+    :func:`extras_identity`)."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
             "encoder": {"file": encoder_path.name, "sha256": sha256},
             "preprocess": {"policy": policy, "size": size, "resize": RESIZE, "factor": 32},
-            "dtype": dtype, "latent_channels": LATENT_CHANNELS, "shard_size": shard_size, "tool": _tool_version()}
+            "dtype": dtype, "latent_channels": LATENT_CHANNELS, "shard_size": shard_size, "extras": extras or {},
+            "tool": _tool_version()}
+
+
+@dataclass
+class _Models:
+    """What runs in the main process: the EfficientNet encoder and the optional extras' models."""
+
+    effnet: torch.nn.Module
+    text: Any = None          # codec.generation.text.TextEncoder
+    stage_a: torch.nn.Module | None = None
 
 
 def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: str | os.PathLike,
                    policy: str = "center", size: int = 768, batch_size: int = 8, workers: int = 2,
                    dtype: str = "float16", limit: int | None = None, dry_run: bool = False, shard_size: int = 256,
                    progress: bool = True, storage_options: dict[str, Any] | None = None, device: str = "cpu",
-                   log: Callable[[str], None] = print) -> Summary:
+                   log: Callable[[str], None] = print, text_encoder: str | os.PathLike | None = None,
+                   stage_a: bool = False) -> Summary:
     """Encode every readable image of ``source`` into the latent store ``out`` (resumable; see module doc).
 
+    ``text_encoder`` (a folder with ``text_encoder/`` and ``tokenizer/``, or a repo id) adds
+    CLIP text embeddings of the captions; ``stage_a`` adds Stage A latents (needs
+    ``stage_a.safetensors`` in ``weights``). A store keeps the extras it was made with.
     Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) units are split across ranks and
     synchronised with gloo barriers. Returns a :class:`Summary` (this rank's counts,
     plus the store's totals on rank 0).
@@ -192,27 +261,29 @@ def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: s
         torch.distributed.init_process_group("gloo", timeout=timedelta(days=7))
     try:
         return _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, dry_run, shard_size,
-                    progress, storage_options, device, log, rank, world, t0)
+                    progress, storage_options, device, log, rank, world, t0, text_encoder, stage_a)
     finally:
         if own_group:
             torch.distributed.destroy_process_group()
 
 
 def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, dry_run, shard_size, progress,
-         storage_options, device, log, rank, world, t0) -> Summary:
+         storage_options, device, log, rank, world, t0, text_encoder, stage_a) -> Summary:
     summary = Summary(dry_run=dry_run)
+    root = source_root(source)
 
     # ---- plan (rank 0); everybody learns of a refusal before any work
     error = None
     if rank == 0:
         try:
             path = encoder_file(weights)
-            identity = store_identity(path, file_sha256(path), policy, size, dtype, shard_size)
+            identity = store_identity(path, file_sha256(path), policy, size, dtype, shard_size,
+                                      extras_identity(weights, text_encoder, stage_a, dtype))
             samples = list_source(source, limit)
             if not samples:
                 raise StoreError(f"{source}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
             store = LatentStore.open_for_writing(out, identity, storage_options, create=not dry_run)
-            plan = store.read_plan() if store is not None else []
+            plan = store.read_plan(root) if store is not None else []
             planned = {s.id for unit in plan for s in unit}
             new = [s for s in samples if s.id not in planned]
             new_units = [new[i:i + shard_size] for i in range(0, len(new), shard_size)]
@@ -226,7 +297,9 @@ def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, 
                 log(f"would plan {len(new)} new sample(s) in {len(new_units)} new unit(s) of {shard_size}; "
                     f"would encode {summary.units_pending} unit(s) with policy={policy} size={size} dtype={dtype}")
             else:
-                store.append_units(new_units, len(plan))
+                if store.attrs.get("source_root") != root:  # informational: where relative sources were last found
+                    store.group.attrs.update({"source_root": root})
+                store.append_units(new_units, len(plan), root)
                 store.set_capacity(len(plan) + len(new_units), known_buckets(policy, size))
         except Exception as e:  # noqa: BLE001 - forwarded to the other ranks, then re-raised
             error = e
@@ -241,20 +314,28 @@ def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, 
 
     # ---- process this rank's uncommitted units
     store = LatentStore.open(out, storage_options, mode="r+")
-    plan = store.read_plan()
+    plan = store.read_plan(root)
     n_units = len(plan)
     committed = store.committed_units()
     mine = [k for k in range(n_units) if k % world == rank and k not in committed]
     summary.units_pending = len(mine)
     items = [(k, s) for k in mine for s in plan[k]]
+    text = None
+    finalising = rank == 0 and (len(committed) < n_units or not store.attrs.get("complete"))
+    if text_encoder is not None and (items or finalising and store.empty_text() is None):
+        from codec.generation.text import TextEncoder
+
+        text = TextEncoder.from_pretrained(text_encoder, device=device)
     if items:
-        model = load_encoder(weights, device)
-        _process(store, model, items, plan, n_units, policy, size, batch_size, workers, progress, device, summary)
+        models = _Models(load_encoder(weights, device), text, load_stage_a(weights, device) if stage_a else None)
+        _process(store, models, items, plan, n_units, policy, size, batch_size, workers, progress, device, summary)
     _barrier(world)
 
     # ---- finalise (rank 0); a finished store with nothing new is left untouched
     if rank == 0:
-        if len(committed) < n_units or not store.attrs.get("complete"):
+        if finalising:
+            if text is not None and store.empty_text() is None:
+                _store_empty_text(store, text)
             summary.store = store.finalise(n_units)
         else:
             summary.store = store.attrs
@@ -263,10 +344,49 @@ def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, 
     return summary
 
 
-def _process(store: LatentStore, model: torch.nn.Module, items: list[tuple[int, Sample]],
+# What produced each stored array (for skip reasons).
+_PRODUCERS = {"latents": "encoder", "clip_text_pooled": "text encoder", "clip_text": "text encoder",
+              "stage_a": "Stage A encoder"}
+FLOAT16_MAX = 65504.0
+
+
+def _unstorable(key: str, t: torch.Tensor, dtype: str) -> str | None:
+    """Why one sample's array cannot be stored (NaN/inf, or beyond float16's range), else ``None``."""
+    if not torch.isfinite(t).all():
+        return f"{_PRODUCERS[key]} produced NaN/inf"
+    if dtype == "float16" and t.abs().max().item() > FLOAT16_MAX:
+        return f"{_PRODUCERS[key]} output beyond the float16 range (use --dtype float32)"
+    return None
+
+
+def _store_empty_text(store: LatentStore, text: Any) -> None:
+    """Store the embeddings of ``""`` once (trainers need them for caption dropout); skipped when unstorable."""
+    emb = text.encode([""], warn=False)
+    hidden, pooled = emb.hidden[0].cpu(), emb.pooled[0].cpu()
+    if _unstorable("clip_text", hidden, store.attrs["dtype"]) or _unstorable("clip_text_pooled", pooled,
+                                                                             store.attrs["dtype"]):
+        return
+    store.write_empty_text(hidden.numpy(), pooled.numpy())
+
+
+@torch.no_grad()
+def _encode_arrays(models: _Models, pixels: torch.Tensor, captions: list[str], device: str) -> dict[str, torch.Tensor]:
+    """Every stored float array of one batch, fp32 on the CPU: ``latents`` and the extras asked for."""
+    out = {"latents": encode_pixels(models.effnet, pixels)}
+    if models.stage_a is not None:
+        out["stage_a"] = models.stage_a.encode(pixels.to(device, torch.float32)).float().cpu()
+    if models.text is not None:
+        emb = models.text.encode(captions, warn=False)  # long captions are recorded as warnings instead
+        out["clip_text_pooled"], out["clip_text"] = emb.pooled.cpu(), emb.hidden.cpu()
+    return out
+
+
+def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]],
              plan: list[list[Sample]], n_units: int, policy: str, size: int, batch_size: int, workers: int,
              progress: bool, device: str, summary: Summary) -> None:
     from tqdm.auto import tqdm
+
+    from codec.generation.text import MAX_TOKENS
 
     loader = torch.utils.data.DataLoader(
         _UnitItems(items, policy, size), batch_size=None, shuffle=False, num_workers=workers,
@@ -276,27 +396,39 @@ def _process(store: LatentStore, model: torch.nn.Module, items: list[tuple[int, 
                smoothing=0.05)
     remaining = {k: len(plan[k]) for k in {k for k, _ in items}}
     unit_state: dict[int, dict[str, Any]] = {}
+    dtype = store.attrs["dtype"]
+    storage = getattr(torch, dtype)
 
     def state(k: int) -> dict[str, Any]:
         return unit_state.setdefault(k, {"pending": {}, "rows": {}, "errors": [], "warnings": [],
                                          "t0": time.perf_counter()})
 
+    def skip(st: dict[str, Any], b: dict[str, Any], reason: str) -> None:
+        st["errors"].append([b["id"], b["source"], reason])
+        key = reason.split(":", 1)[0]
+        summary.reasons[key] = summary.reasons.get(key, 0) + 1
+        summary.skipped += 1
+
     def encode_batch(st: dict[str, Any], bucket: tuple[int, int]) -> None:
         batch = st["pending"].pop(bucket, [])
         if not batch:
             return
-        z = encode_pixels(model, torch.stack([b["pixels"] for b in batch]))
-        rows = st["rows"].setdefault(bucket, {"latents": [], "id": [], "source": [], "caption": [],
-                                              "orig_size": [], "crop_box": []})
-        for b, zi in zip(batch, z):
-            if not torch.isfinite(zi).all():
-                st["errors"].append([b["id"], b["source"], "encoder produced NaN/inf"])
-                summary.reasons["encoder produced NaN/inf"] = summary.reasons.get("encoder produced NaN/inf", 0) + 1
-                summary.skipped += 1
+        arrays = _encode_arrays(models, torch.stack([b["pixels"] for b in batch]), [b["caption"] for b in batch],
+                                device)
+        rows = st["rows"].setdefault(bucket, {key: [] for key in (*arrays, "id", "source", "caption", "orig_size",
+                                                                   "crop_box")})
+        for i, b in enumerate(batch):
+            reason = next((r for key, t in arrays.items() if (r := _unstorable(key, t[i], dtype))), None)
+            if reason is not None:
+                skip(st, b, reason)
                 continue
-            rows["latents"].append(zi.numpy())
+            for key, t in arrays.items():
+                rows[key].append(t[i].to(storage).numpy())  # storage dtype now: a unit's rows stay small
             for key in ("id", "source", "caption", "orig_size", "crop_box"):
                 rows[key].append(b[key])
+            if models.text is not None and (cut := models.text.truncated_part(b["caption"])) is not None:
+                st["warnings"].append([b["id"], b["source"], f"caption longer than {MAX_TOKENS} CLIP tokens; the "
+                                                             f"text embedding ignores: {cut[:200]}"])
 
     for item in loader:
         k = item["unit"]
@@ -304,10 +436,7 @@ def _process(store: LatentStore, model: torch.nn.Module, items: list[tuple[int, 
         if item["warning"]:
             st["warnings"].append([item["id"], item["source"], item["warning"]])
         if item["error"]:
-            st["errors"].append([item["id"], item["source"], item["error"]])
-            reason = item["error"].split(":", 1)[0]
-            summary.reasons[reason] = summary.reasons.get(reason, 0) + 1
-            summary.skipped += 1
+            skip(st, item, item["error"])
         else:
             pend = st["pending"].setdefault(item["bucket"], [])
             pend.append(item)

@@ -5,6 +5,12 @@ unique ids. A sample is plain data (it pickles and serialises to JSON), so a pla
 be written once and processed later by any process: :meth:`Sample.read_bytes` fetches
 the image bytes and :meth:`Sample.read_caption` the caption, wherever they live.
 
+Every source has a root (:func:`source_root`: the folder, the manifest's folder, or the
+folder of the tar shards). ``Sample.source`` names the input relative to that root, and
+plan files store locations relative to it (:meth:`Sample.to_json`), so a store and its
+plan survive moving the dataset: run the job on the new place and the plan resolves
+against it. Paths outside the root and URLs elsewhere stay absolute.
+
 Sources:
 
 - **folder** (recursive): extensions ``jpg jpeg png webp bmp tif tiff`` (any case),
@@ -24,6 +30,7 @@ import csv
 import io
 import json
 import os
+import posixpath
 import re
 import tarfile
 from dataclasses import asdict, dataclass
@@ -42,8 +49,9 @@ class SourceError(Exception):
 class Sample:
     """One input image.
 
-    ``source`` is where it lives (a path, a URL, or ``shard.tar::member``). The bytes are
-    at ``location`` (a path or URL), from ``offset`` for ``size`` bytes when it is a
+    ``source`` names it relative to the source root (a relative POSIX path, or
+    ``shard.tar::member``; absolute paths and URLs for inputs outside the root). The bytes
+    are at ``location`` (an absolute path or URL), from ``offset`` for ``size`` bytes when it is a
     tar member (``size=-1``: the whole file). The caption is ``caption`` when given
     inline, else read from ``caption_file`` (a sidecar) when there is one;
     ``caption_error`` records why an inline caption could not be read at listing time.
@@ -58,13 +66,23 @@ class Sample:
     caption_file: str | None = None
     caption_error: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain-dict form (for plan files)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+    def to_json(self, root: str | None = None) -> dict[str, Any]:
+        """Plain-dict form (for plan files); with ``root``, ``location``/``caption_file`` relative to it."""
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        if root is not None:
+            for key in _PATH_FIELDS:
+                if key in d:
+                    d[key] = relative_to_root(d[key], root)
+        return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Sample":
-        """Inverse of :meth:`to_json`."""
+    def from_json(cls, d: dict[str, Any], root: str | None = None) -> "Sample":
+        """Inverse of :meth:`to_json`: relative locations are resolved against ``root`` (absolute ones kept)."""
+        d = dict(d)
+        if root is not None:
+            for key in _PATH_FIELDS:
+                if key in d:
+                    d[key] = resolve_from_root(d[key], root)
         return cls(**d)
 
     def read_bytes(self) -> bytes:
@@ -83,6 +101,31 @@ class Sample:
             return parse_caption(_read_range(self.caption_file, 0, -1), self.caption_file), None
         except (OSError, ValueError) as e:
             return "", f"caption {self.caption_file} unreadable: {e}"
+
+
+_PATH_FIELDS = ("location", "caption_file")
+
+
+def relative_to_root(path: str, root: str) -> str:
+    """``path`` as a POSIX path relative to ``root`` when it lies inside it, else unchanged."""
+    if _is_url(root) or _is_url(path):
+        prefix = root.rstrip("/") + "/"
+        return path[len(prefix):] if path.startswith(prefix) else path
+    if not os.path.isabs(path):
+        return path
+    path, root = os.path.normpath(path), os.path.normpath(root)
+    if os.path.commonpath([path, root]) != root:
+        return path
+    return PurePosixPath(Path(os.path.relpath(path, root))).as_posix()
+
+
+def resolve_from_root(path: str, root: str) -> str:
+    """Inverse of :func:`relative_to_root`: absolute paths and URLs unchanged, relative ones joined to ``root``."""
+    if _is_url(path) or os.path.isabs(path) or path.startswith("file://"):
+        return path
+    if _is_url(root):
+        return f"{root.rstrip('/')}/{path}"
+    return os.path.join(root, *PurePosixPath(path).parts)
 
 
 def parse_caption(data: bytes, name: str) -> str:
@@ -174,7 +217,7 @@ def list_folder(root: str | os.PathLike) -> list[Sample]:
             if side.is_file():
                 caption_file = str(side)
                 break
-        samples.append(Sample(id=sid, source=str(path), location=str(path), caption_file=caption_file))
+        samples.append(Sample(id=sid, source=rel, location=str(path), caption_file=caption_file))
     return samples
 
 
@@ -235,7 +278,7 @@ def list_manifest(path: str | os.PathLike) -> list[Sample]:
             alt = f"{raw}#L{n}"
         ids.append(sid)
         alts.append(alt)
-        samples.append(Sample(id=sid, source=loc, location=loc, caption=caption))
+        samples.append(Sample(id=sid, source=relative_to_root(loc, str(base)), location=loc, caption=caption))
     final = _dedupe(ids, alts)
     if len(set(final)) != len(final):
         raise SourceError(f"{path}: derived sample ids collide with explicit ids; give every row an 'id'")
@@ -251,8 +294,13 @@ def _open_tar(url: str):
     return open(url, "rb")
 
 
-def list_tar(url: str) -> list[Sample]:
-    """Samples of one webdataset-style tar shard (members grouped by key = name up to the first dot)."""
+def list_tar(url: str, root: str | None = None) -> list[Sample]:
+    """Samples of one webdataset-style tar shard (members grouped by key = name up to the first dot).
+
+    ``source`` is ``<shard path relative to root>::<member>`` (the shard's folder by default).
+    """
+    root = root if root is not None else _parent(url)
+    rel = relative_to_root(url, root)
     name = PurePosixPath(url.split("://", 1)[-1]).name
     shard = name[:-4] if name.lower().endswith(".tar") else name
     groups: dict[str, dict[str, tarfile.TarInfo]] = {}
@@ -286,27 +334,62 @@ def list_tar(url: str) -> list[Sample]:
                     except ValueError as e:
                         error = f"caption {url}::{members[ext].name} unreadable: {e}"
                     break
-            sample = Sample(id=f"{shard}/{key}", source=f"{url}::{image.name}", location=url,
+            sample = Sample(id=f"{shard}/{key}", source=f"{rel}::{image.name}", location=url,
                             offset=image.offset_data, size=image.size, caption=caption, caption_error=error)
             samples.append(sample)
     return samples
 
 
 # --------------------------------------------------------------------------- dispatch
+def _is_tar_source(s: str) -> bool:
+    low = s.lower()
+    return low.endswith(".tar") or ("{" in s and ".tar" in low)
+
+
+def _tar_urls(s: str) -> list[str]:
+    return [u if _is_url(u) else str(Path(u).expanduser().absolute()) for u in expand_braces(s)]
+
+
+def _parent(path: str) -> str:
+    if _is_url(path):
+        return path.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(path)
+
+
+def source_root(source: str | os.PathLike) -> str:
+    """The folder (or URL prefix) that ``Sample.source`` and plan locations are relative to.
+
+    A folder: itself; a manifest: its folder; tar shards: the deepest folder holding all of
+    them. Absolute (``~`` expanded), computed from the argument alone (nothing is listed).
+    """
+    s = str(source)
+    if _is_tar_source(s):
+        parents = sorted({_parent(u) for u in _tar_urls(s)})
+        if len(parents) == 1 or not _is_url(parents[0]):
+            return os.path.commonpath(parents) if len(parents) > 1 else parents[0]
+        scheme = parents[0].split("://", 1)[0]
+        return f"{scheme}://" + posixpath.commonpath([p.split("://", 1)[1] for p in parents])
+    path = str(Path(s).expanduser().absolute()) if not _is_url(s) else s
+    if s.lower().endswith((".csv", ".jsonl")):
+        return _parent(path)
+    return path
+
+
 def list_source(source: str | os.PathLike, limit: int | None = None) -> list[Sample]:
     """List a folder, a manifest (``.csv``/``.jsonl``), or tar shards (``.tar``, brace patterns, URLs).
 
     Order is deterministic and ids are unique; ``limit`` keeps the first ``limit`` samples.
+    ``Sample.source`` is relative to :func:`source_root`.
     """
     s = str(source)
     low = s.lower()
-    if low.endswith(".tar") or ("{" in s and ".tar" in low):
-        urls = expand_braces(s)
-        urls = [u if _is_url(u) else str(Path(u).expanduser().absolute()) for u in urls]
+    if _is_tar_source(s):
+        urls = _tar_urls(s)
         for u in urls:
             if not _is_url(u) and not os.path.isfile(u):
                 raise SourceError(f"{u}: no such tar shard" + (f" (from the pattern {s})" if len(urls) > 1 else ""))
-        samples = [x for u in urls for x in list_tar(u)]
+        root = source_root(s)
+        samples = [x for u in urls for x in list_tar(u, root)]
     elif low.endswith((".csv", ".jsonl")):
         samples = list_manifest(s)
     elif _is_url(s):

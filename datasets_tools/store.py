@@ -8,6 +8,8 @@ Layout (paths relative to the store root; documented for independent readers in
     commits/unit_{k:06d}.json commit record of unit k: counts per bucket, errors, warnings
     b{H}x{W}/                 one group per bucket (encoder input H×W pixels)
         latents   (N,16,H/32,W/32) float16|float32, shards (S,…), chunks (1,…)
+        optional, same dtype/sharding: clip_text_pooled (N,1,C), clip_text (N,77,C) — CLIP text
+        embeddings of the captions; stage_a (N,4,H/4,W/4) — Stage A latents (attribute ``extras``)
         id, source, caption   (N,) str, shards = chunks = (S,)
         orig_size (N,2) int32 (h, w);  crop_box (N,4) int32 (left, top, right, bottom)
         index     (M,) int64  rows holding samples, in plan order (written by finalise)
@@ -24,7 +26,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -38,6 +42,52 @@ LATENT_CHANNELS = 16
 BUCKET_RE = re.compile(r"^b(\d+)x(\d+)$")
 IDENTITY_KEYS = ("format", "format_version", "encoder", "preprocess", "dtype", "latent_channels", "shard_size")
 STRING_ARRAYS = ("id", "source", "caption")
+# Optional extras: key in the ``extras`` attribute → (what they are, the option asking for them, their weights).
+EXTRAS = {"clip": ("CLIP text embeddings", "--text-encoder", "text encoder"),
+          "stage_a": ("Stage A latents", "--stage-a", "Stage A")}
+PAUSE_ENV = "CASCADE_TEST_PAUSE_AT"
+EMPTY_TEXT = "clip_empty"  # group holding the CLIP embeddings of the empty caption (stores with extra ``clip``)
+
+
+def pause_point(name: str) -> None:
+    """Test hook: when ``$CASCADE_TEST_PAUSE_AT`` is ``name``, say so on stderr and sleep (a test kills -9 here)."""
+    if os.environ.get(PAUSE_ENV) == name:
+        print(f"cascade: paused at {name}", file=sys.stderr, flush=True)
+        time.sleep(3600)
+
+
+def row_shapes(bucket: tuple[int, int], extras: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Per-sample shape of every float array of a bucket: ``latents`` plus the extras the store holds."""
+    h, w = bucket
+    shapes: dict[str, tuple[int, ...]] = {"latents": (LATENT_CHANNELS, h // 32, w // 32)}
+    if "clip" in extras:
+        clip = extras["clip"]
+        shapes["clip_text_pooled"] = (1, int(clip["pooled_dim"]))
+        shapes["clip_text"] = (int(clip["tokens"]), int(clip["hidden_dim"]))
+    if "stage_a" in extras:
+        shapes["stage_a"] = (int(extras["stage_a"]["channels"]), h // 4, w // 4)
+    return shapes
+
+
+def extras_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Lines naming how a run's extras (``clip``, ``stage_a``) differ from a store's (empty when they agree).
+
+    The weights' place (``source``) may change; their sha256, dtype and shapes may not.
+    """
+    out = []
+    for key, (what, option, weights) in EXTRAS.items():
+        have, want = stored.get(key), wanted.get(key)
+        if have is None and want is None:
+            continue
+        if have is None:
+            out.append(f"{what} ({option}): the store has none, this run would add them")
+        elif want is None:
+            out.append(f"{what} ({option}): the store has them ({weights} sha256 {str(have.get('sha256'))[:12]}…), "
+                       f"this run has none; pass {option} with the same weights")
+        else:
+            fields = sorted(f for f in set(have) | set(want) if f != "source" and have.get(f) != want.get(f))
+            out += [f"{weights} {f}: store has {have.get(f)!r}, this run {want.get(f)!r}" for f in fields]
+    return out
 
 
 class StoreError(Exception):
@@ -134,6 +184,29 @@ class Location:
         else:
             self.fs.pipe_file(self._full(rel), data)
 
+    def write_once(self, rel: str, data: bytes) -> None:
+        """Create ``rel`` with ``data`` unless it exists, atomically and without replacing a concurrent writer's file.
+
+        Local: a private temp file hard-linked into place (``link`` fails if the name exists,
+        so readers see the whole file or none). Object stores: one PUT when absent (a PUT is
+        atomic; callers write identical bytes, so a concurrent duplicate PUT is harmless).
+        """
+        if self.local:
+            target = self.path / rel
+            if target.exists():
+                return
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                tmp.write_bytes(data)
+                os.link(tmp, target)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        elif not self.fs.exists(self._full(rel)):
+            self.fs.pipe_file(self._full(rel), data)
+
     def list_names(self, rel: str) -> list[str]:
         """Sorted file names directly under ``rel`` (empty when absent)."""
         if self.local:
@@ -221,6 +294,11 @@ class LatentStore:
         """S: samples per unit and rows per shard."""
         return int(self.group.attrs["shard_size"])
 
+    @property
+    def extras(self) -> dict[str, Any]:
+        """The optional arrays this store holds (``{}`` for stores without any, including older ones)."""
+        return dict(self.group.attrs.get("extras") or {})
+
     def check_identity(self, identity: dict[str, Any]) -> None:
         """Raise :class:`StoreError` naming every setting that differs from the store's."""
         attrs = self.attrs
@@ -232,13 +310,14 @@ class LatentStore:
             if mine != theirs:
                 diffs.append(f"{'encoder sha256' if key == 'encoder' else key}: store has {mine!r}, this run "
                              f"{theirs!r}")
+        diffs += extras_differences(attrs.get("extras") or {}, identity.get("extras") or {})
         if diffs:
             raise StoreError(f"{self.location.url} was made with different settings:\n  " + "\n  ".join(diffs)
                              + "\nUse the same settings to resume or extend it, or write to a new output path.")
 
     # ----------------------------------------------------------------- plan
-    def read_plan(self) -> list[list[Sample]]:
-        """The planned units in order (unit k = element k)."""
+    def read_plan(self, root: str | None = None) -> list[list[Sample]]:
+        """The planned units in order (unit k = element k); relative locations are resolved against ``root``."""
         names = [n for n in self.location.list_names("plan") if _unit_of(n) is not None]
         units = sorted(_unit_of(n) for n in names)
         if units != list(range(len(units))):
@@ -248,72 +327,88 @@ class LatentStore:
         plan = []
         for k in units:
             obj = self.location.read_json(f"plan/{_unit_file(k)}")
-            plan.append([Sample.from_json(d) for d in obj["samples"]])
+            plan.append([Sample.from_json(d, root) for d in obj["samples"]])
         return plan
 
-    def append_units(self, units: list[list[Sample]], first: int) -> None:
-        """Persist new units ``first, first+1, …`` (each file written once, atomically)."""
+    def append_units(self, units: list[list[Sample]], first: int, root: str | None = None) -> None:
+        """Persist new units ``first, first+1, …`` (each file written once, atomically), locations relative to
+        ``root`` (the source root) when given."""
         for i, samples in enumerate(units):
             k = first + i
             self.location.write_json(f"plan/{_unit_file(k)}",
-                                     {"unit": k, "samples": [s.to_json() for s in samples]})
+                                     {"unit": k, "samples": [s.to_json(root) for s in samples]})
+            pause_point(f"plan unit {k}")
 
     # ----------------------------------------------------------------- arrays
     def bucket_names(self) -> list[str]:
         """Names of the bucket groups present."""
         return sorted(name for name in self.group.group_keys() if BUCKET_RE.match(name))
 
-    def ensure_bucket(self, bucket: tuple[int, int], n_units: int):
-        """The bucket's group with all its arrays, created with capacity ``n_units·S`` when absent.
+    def _bucket_documents(self, bucket: tuple[int, int], n_units: int) -> dict[str, bytes]:
+        """The ``zarr.json`` documents of a bucket group and its arrays (group first), built in memory.
 
-        Any writer may create a bucket (``keep-aspect`` buckets are not known in advance);
-        the metadata is fully determined by (bucket, n_units, S, dtype), so two writers
-        creating the same bucket at once write identical documents.
+        They depend only on (bucket, n_units, S, dtype, extras), which every writer of a run
+        shares, so any two writers build byte-identical documents.
         """
-        import zarr.errors
+        import zarr
+        import zarr.storage
 
+        name, S, n = bucket_name(bucket), self.shard_size, n_units * self.shard_size
+        dtype = self.group.attrs["dtype"]
+        docs: dict[str, Any] = {}
+        g = zarr.create_group(store=zarr.storage.MemoryStore(docs), path=name, attributes={"bucket": list(bucket)})
+        for key, shape in row_shapes(bucket, self.extras).items():
+            # Uncompressed: zstd saves ~8 % on real-scale latents but costs ~50 µs per read.
+            g.create_array(key, shape=(n, *shape), shards=(S, *shape), chunks=(1, *shape), dtype=dtype,
+                           fill_value=0, compressors=None)
+        for key, width in (("orig_size", 2), ("crop_box", 4)):
+            g.create_array(key, shape=(n, width), shards=(S, width), chunks=(S, width), dtype="int32", fill_value=0)
+        for key in STRING_ARRAYS:
+            g.create_array(key, shape=(n,), shards=(S,), chunks=(S,), dtype=str, fill_value="")
+        ours = sorted((k for k in docs if k.startswith(name + "/")), key=lambda k: (k.count("/"), k))
+        return {k: docs[k].to_bytes() for k in ours}
+
+    def _create_bucket(self, bucket: tuple[int, int], n_units: int) -> None:
+        """Create whatever of the bucket is missing (documents written once each, atomically; see FORMAT.md)."""
+        for rel, data in self._bucket_documents(bucket, n_units).items():
+            self.location.write_once(rel, data)
+
+    def ensure_bucket(self, bucket: tuple[int, int], n_units: int):
+        """The bucket's group with all its arrays (capacity ``n_units·S`` rows), created when absent.
+
+        Any writer may call this (``keep-aspect`` buckets are not known before images are
+        decoded): creation is a deterministic create-if-absent that concurrent writers can
+        race safely (identical documents, each published atomically, existing ones never
+        replaced). Only the planner (:meth:`set_capacity`) grows existing arrays.
+        """
         name = bucket_name(bucket)
         if name in self._complete_buckets:
             return self.group[name]
-        try:
-            g = self.group[name]
-        except KeyError:
-            try:
-                g = self.group.create_group(name, attributes={"bucket": list(bucket)})
-            except zarr.errors.ContainsGroupError:
-                g = self.group[name]
-        S, n = self.shard_size, n_units * self.shard_size
-        lh, lw = bucket[0] // 32, bucket[1] // 32
-        spec = {
-            "latents": dict(shape=(n, LATENT_CHANNELS, lh, lw), shards=(S, LATENT_CHANNELS, lh, lw),
-                            chunks=(1, LATENT_CHANNELS, lh, lw), dtype=self.group.attrs["dtype"], fill_value=0,
-                            compressors=None),  # zstd saves ~8 % on real-scale latents but costs ~50 µs per read
-            "orig_size": dict(shape=(n, 2), shards=(S, 2), chunks=(S, 2), dtype="int32", fill_value=0),
-            "crop_box": dict(shape=(n, 4), shards=(S, 4), chunks=(S, 4), dtype="int32", fill_value=0),
-        }
-        for key in STRING_ARRAYS:
-            spec[key] = dict(shape=(n,), shards=(S,), chunks=(S,), dtype=str, fill_value="")
-        existing = set(g.array_keys())
-        for key, kw in spec.items():
-            if key not in existing:
-                try:
-                    g.create_array(key, **kw)
-                except zarr.errors.ContainsArrayError:
-                    pass
+        self._create_bucket(bucket, n_units)
+        g = self.group[name]
+        n = n_units * self.shard_size
+        small = [key for key in (*row_shapes(bucket, self.extras), "orig_size", "crop_box", *STRING_ARRAYS)
+                 if g[key].shape[0] < n]
+        if small:
+            raise StoreError(f"{self.location.url}: arrays {small} of bucket {name} hold fewer than the {n} rows the "
+                             "plan needs; the store was changed by something other than this tool. Encode into a new "
+                             "output path.")
         self._complete_buckets.add(name)
         return g
 
     def set_capacity(self, n_units: int, buckets: Iterable[tuple[int, int]] = ()) -> None:
-        """Planner only: create ``buckets`` and grow every bucket array to ``n_units·S`` rows."""
-        for b in buckets:
-            self.ensure_bucket(b, n_units)
+        """Planner only (before any writer starts): create ``buckets``, complete buckets a killed writer left
+        half-created, and grow every bucket array to ``n_units·S`` rows."""
+        for b in {*buckets, *(parse_bucket(name) for name in self.bucket_names())}:
+            self._create_bucket(b, n_units)
         n = n_units * self.shard_size
         for name in self.bucket_names():
             g = self.group[name]
-            for key in ("latents", "orig_size", "crop_box", *STRING_ARRAYS):
+            for key in g.array_keys():
                 a = g[key]
-                if a.shape[0] < n:
+                if key != "index" and a.shape[0] < n:
                     a.resize((n, *a.shape[1:]))
+        pause_point("capacity")
         grew = n_units > int(self.group.attrs.get("n_units", 0))
         # New units are not finalised yet: readers fall back to the commit records until finalise() is done.
         if grew:
@@ -323,19 +418,39 @@ class LatentStore:
         """Write unit ``k``'s samples: for each bucket, whole shards of every array (padded with fill values)."""
         S = self.shard_size
         sl = slice(k * S, (k + 1) * S)
+        dtype = np.dtype(self.group.attrs["dtype"])
         for bucket, data in rows.items():
             g = self.ensure_bucket(bucket, n_units)
             count = len(data["id"])
-            lat = np.zeros(g["latents"].shape[1:], dtype=g["latents"].dtype)
-            latents = np.zeros((S, *lat.shape), dtype=lat.dtype)
-            latents[:count] = np.asarray(data["latents"], dtype=lat.dtype)
-            g["latents"][sl] = latents
+            for key, shape in row_shapes(bucket, self.extras).items():
+                block = np.zeros((S, *shape), dtype=dtype)
+                if count:
+                    block[:count] = np.asarray(data[key], dtype=dtype).reshape(count, *shape)
+                g[key][sl] = block
             for key, width in (("orig_size", 2), ("crop_box", 4)):
                 arr = np.zeros((S, width), dtype=np.int32)
                 arr[:count] = np.asarray(data[key], dtype=np.int32).reshape(count, width)
                 g[key][sl] = arr
             for key in STRING_ARRAYS:
                 g[key][sl] = np.array(list(data[key]) + [""] * (S - count), dtype=object)
+
+    def write_empty_text(self, hidden: np.ndarray, pooled: np.ndarray) -> None:
+        """Store the embeddings of the empty caption ``""`` (``(77,C)``, ``(1,C)``) in group ``clip_empty``;
+        its ``complete`` attribute is set last, so a half-written group reads as absent."""
+        g = self.group.require_group(EMPTY_TEXT)
+        g.attrs.update({"complete": False, "about": 'CLIP text embeddings of the empty caption ""'})
+        dtype = self.group.attrs["dtype"]
+        for key, value in (("clip_text", hidden), ("clip_text_pooled", pooled)):
+            a = g.create_array(key, shape=value.shape, chunks=value.shape, dtype=dtype, fill_value=0, overwrite=True)
+            a[...] = np.asarray(value, dtype=dtype)
+        g.attrs.update({"complete": True})
+
+    def empty_text(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(clip_text (77,C), clip_text_pooled (1,C))`` of the empty caption, or ``None`` when not stored."""
+        if EMPTY_TEXT not in self.group.group_keys() or not self.group[EMPTY_TEXT].attrs.get("complete"):
+            return None
+        g = self.group[EMPTY_TEXT]
+        return g["clip_text"][...], g["clip_text_pooled"][...]
 
     # ----------------------------------------------------------------- commits
     def commit(self, k: int, record: dict[str, Any]) -> None:
@@ -373,6 +488,7 @@ class LatentStore:
             if len(rows):
                 a[:] = rows
             counts[name] = int(len(rows))
+        pause_point("finalise index")
         for table, items in (("errors", errors), ("warnings", warnings)):
             g = self.group.require_group(table)
             for col, key in enumerate(("id", "source", "reason")):
@@ -380,6 +496,7 @@ class LatentStore:
                                    fill_value="", overwrite=True)
                 if items:
                     a[:] = np.array([it[col] for it in items], dtype=object)
+        pause_point("finalise tables")
         complete = set(records) >= set(range(n_units))
         summary = {"count": sum(counts.values()), "buckets": counts, "errors": len(errors),
                    "warnings": len(warnings), "complete": complete, "n_units": n_units}
@@ -416,16 +533,28 @@ def store_info(url: str | os.PathLike, storage_options: dict[str, Any] | None = 
     store = LatentStore.open(url, storage_options)
     a = store.attrs
     rows = store.visible_rows()
+    extras = store.extras
     lines = [f"latent store: {store.location.url}",
              f"  format: {a['format']} v{a['format_version']}  ({a.get('tool', '?')})",
              f"  encoder: {a['encoder'].get('file')} sha256 {a['encoder'].get('sha256', '')[:16]}…",
              f"  preprocess: {json.dumps(a['preprocess'], sort_keys=True)}",
-             f"  dtype: {a['dtype']}  shard size: {a['shard_size']}",
-             f"  samples: {sum(len(r) for r in rows.values())}"
-             + ("" if a.get("complete") else "  (INCOMPLETE: not finalised; run encode-dataset again to finish)")]
+             f"  dtype: {a['dtype']}  shard size: {a['shard_size']}"]
+    if a.get("source_root"):
+        lines.append(f"  source root: {a['source_root']}  (relative sources are relative to it)")
+    if "clip" in extras:
+        c = extras["clip"]
+        lines.append(f"  clip_text_pooled 1×{c['pooled_dim']}, clip_text {c['tokens']}×{c['hidden_dim']}: CLIP text "
+                     f"embeddings ({c['dtype']}), text encoder {c.get('source')} sha256 {c['sha256'][:16]}…")
+    if "stage_a" in extras:
+        sa = extras["stage_a"]
+        lines.append(f"  stage_a {sa['channels']}×H/4×W/4: Stage A latents ({sa['dtype']}), {sa['file']} sha256 "
+                     f"{sa['sha256'][:16]}…")
+    lines.append(f"  samples: {sum(len(r) for r in rows.values())}"
+                 + ("" if a.get("complete") else "  (INCOMPLETE: not finalised; run encode-dataset again to finish)"))
     for name, r in rows.items():
-        h, w = parse_bucket(name)
-        lines.append(f"    {name}: {len(r)} samples, latents 16×{h // 32}×{w // 32}")
+        bucket = parse_bucket(name)
+        shapes = "; ".join(f"{key} {'×'.join(map(str, shape))}" for key, shape in row_shapes(bucket, extras).items())
+        lines.append(f"    {name}: {len(r)} samples, {shapes}")
     errors = store.table("errors")
     lines.append(f"  errors (skipped): {len(errors)}")
     reasons: dict[str, int] = {}

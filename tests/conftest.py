@@ -20,3 +20,12 @@ def tiny_codec(tiny_weights):
     from codec import Codec
 
     return Codec.from_pretrained(tiny_weights, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder(tmp_path_factory):
+    """A folder with a tiny *random* CLIP text encoder and tokenizer (``text_encoder/``, ``tokenizer/``)."""
+    pytest.importorskip("transformers")
+    from codec.tiny import write_tiny_text_encoder
+
+    return write_tiny_text_encoder(tmp_path_factory.mktemp("tiny_text"))

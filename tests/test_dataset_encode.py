@@ -2,6 +2,7 @@
 
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -198,3 +199,53 @@ def test_float16_store_is_float32_rounded(tmp_path, tiny_weights):
     a16, a32 = g16[:3], g32[:3]
     assert np.array_equal(a16, a32.astype(np.float16))
     assert np.abs(a16.astype(np.float32) - a32).max() <= np.abs(a32).max() * 2.0 ** -11 + 2.0 ** -24
+
+
+def _by_id(out):
+    ds = LatentDataset(out)
+    return {ds.ids[i]: (ds[i]["latent"].numpy().tobytes(), ds[i]["caption"]) for i in range(len(ds))}
+
+
+def test_plan_is_relative_and_survives_moving_the_source(tmp_path, tiny_weights):
+    src, out = tmp_path / "a" / "photos", tmp_path / "out.zarr"
+    make_folder(src, 6)
+    (src / "sub").mkdir()
+    noise_image(64, 64, 9).save(src / "sub" / "x.png")
+    run(src, out, tiny_weights, limit=4)
+    plan = json.loads((out / "plan" / "unit_000001.json").read_text())["samples"]
+    assert [(p["id"], p["source"], p["location"], p["caption_file"]) for p in plan] == \
+        [(f"img_00{i}", f"img_00{i}.png", f"img_00{i}.png", f"img_00{i}.txt") for i in (2, 3)]
+    store = LatentStore.open(out)
+    assert store.group["b64x64"]["source"][:2].tolist() == ["img_000.png", "img_001.png"]
+    assert store.attrs["source_root"] == str(src)
+    (out / "commits" / "unit_000001.json").unlink()  # as if killed before unit 1 committed
+    moved = tmp_path / "b" / "renamed"
+    shutil.move(str(src), str(moved))
+    s = run(moved, out, tiny_weights)
+    assert s.new_samples == 3 and s.encoded == 5 and s.skipped == 0  # unit 1 redone from the moved files
+    clean = tmp_path / "clean.zarr"
+    run(moved, clean, tiny_weights)
+    assert _by_id(out) == _by_id(clean) and sorted(_by_id(out)) == [f"img_00{i}" for i in range(6)] + ["sub/x"]
+    assert LatentStore.open(out).attrs["source_root"] == str(moved)
+    rows = LatentStore.open(out).visible_rows()["b64x64"]
+    assert sorted(LatentStore.open(out).group["b64x64"]["source"][:][rows].tolist()) == \
+        [f"img_00{i}.png" for i in range(6)] + ["sub/x.png"]
+
+
+def test_plans_with_absolute_paths_still_work(tmp_path, tiny_weights):
+    """Stores written before plans were relative hold absolute locations; resuming them reads those paths."""
+    src, out = tmp_path / "src", tmp_path / "out.zarr"
+    make_folder(src, 4)
+    run(src, out, tiny_weights)
+    unit = out / "plan" / "unit_000001.json"
+    record = json.loads(unit.read_text())
+    for p in record["samples"]:
+        p.update(source=str(src / p["source"]), location=str(src / p["location"]),
+                 caption_file=str(src / p["caption_file"]))
+    unit.write_text(json.dumps(record))
+    (out / "commits" / "unit_000001.json").unlink()
+    s = run(src, out, tiny_weights)
+    assert s.encoded == 2 and s.skipped == 0
+    clean = tmp_path / "clean.zarr"
+    run(src, clean, tiny_weights)
+    assert _by_id(out) == _by_id(clean)

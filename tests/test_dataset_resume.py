@@ -1,4 +1,5 @@
-"""Resume after kill -9, and a 2-process torchrun write, compared bitwise with clean single runs."""
+"""Resume after kill -9 (at a random moment and at named phases of planning and finalising), and 2-process
+torchrun writes, compared bitwise with clean single runs."""
 
 import os
 import shutil
@@ -11,48 +12,81 @@ from pathlib import Path
 import pytest
 
 from datasets_tools import LatentDataset, LatentStore
+from datasets_tools.store import PAUSE_ENV
 from test_dataset_helpers import make_folder
 
+FIELDS = ("latent", "clip_text_pooled", "clip_text", "stage_a")
+TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+def _env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "PYTHONPATH": str(Path(__file__).parents[1]), **extra}
 
 
-def _args(src, out, weights):
+def _args(src, out, weights, extras=()):
     return [str(src), str(out), "-w", str(weights), "--size", "64", "--batch-size", "2", "--workers", "1",
-            "--shard-size", "3", "--no-progress"]
+            "--shard-size", "3", "--no-progress", *map(str, extras)]
 
 
-def _contents(out):
-    ds = LatentDataset(out)
-    return {ds.ids[i]: (ds[i]["latent"].numpy(), ds[i]["caption"], ds[i]["crop_box"]) for i in range(len(ds))}
+def _command(*args):
+    return [sys.executable, "-m", "codec.cli", "encode-dataset", *_args(*args)]
+
+
+def _contents(out, fields=("latent",)):
+    ds = LatentDataset(out, fields=fields)
+    return {ds.ids[i]: ([ds[i][f].numpy() for f in fields], ds[i]["caption"], ds[i]["crop_box"])
+            for i in range(len(ds))}
 
 
 def _assert_same(a, b):
     assert sorted(a) == sorted(b)
     for k in a:
-        assert a[k][0].tobytes() == b[k][0].tobytes(), k  # bitwise
+        assert [x.tobytes() for x in a[k][0]] == [x.tobytes() for x in b[k][0]], k  # bitwise, every field
         assert a[k][1:] == b[k][1:]
 
 
+def _assert_store_equals_clean(out, clean, fields=("latent",)):
+    _assert_same(_contents(out, fields), _contents(clean, fields))
+    done, ref = LatentStore.open(out), LatentStore.open(clean)
+    assert done.table("errors") == ref.table("errors") and done.table("warnings") == ref.table("warnings")
+    assert done.attrs["complete"] and done.attrs["count"] == ref.attrs["count"]
+
+
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory, tiny_weights):
+def corpus(tmp_path_factory, tiny_weights, tiny_text_encoder):
+    """The source folder and a function giving the store of a clean, uninterrupted run (made once per option set)."""
     root = tmp_path_factory.mktemp("resume")
     make_folder(root / "src", 30)
     (root / "src" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    clean = root / "clean.zarr"
-    subprocess.run([sys.executable, "-m", "codec.cli", "encode-dataset", *_args(root / "src", clean, tiny_weights)],
-                   env=_env(), check=True, capture_output=True)
-    return root, clean
+    (root / "src" / "img_004.txt").unlink()  # no caption: the empty-caption embedding
+    cleans = {}
+
+    def clean(extras=()):
+        if extras not in cleans:
+            out = root / f"clean{len(cleans)}.zarr"
+            subprocess.run(_command(root / "src", out, tiny_weights, extras), env=_env(), check=True,
+                           capture_output=True)
+            cleans[extras] = out
+        return cleans[extras]
+
+    return root / "src", clean
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.7])
-def test_kill9_then_resume_equals_clean_run(corpus, tiny_weights, tmp_path, delay):
-    root, clean = corpus
+def _extras(name, tiny_text_encoder):
+    return ("--text-encoder", tiny_text_encoder, "--stage-a") if name == "extras" else ()
+
+
+# Each case runs 2–3 encoding subprocesses; the new cases are marked slow (CI runs them, see pyproject.toml).
+@pytest.mark.parametrize("delay,extras", [(0.0, "none"), (0.7, "none"),
+                                          pytest.param(0.3, "extras", marks=pytest.mark.slow)])
+def test_kill9_then_resume_equals_clean_run(corpus, tiny_weights, tiny_text_encoder, tmp_path, delay, extras):
+    src, clean = corpus
+    flags = _extras(extras, tiny_text_encoder)
+    fields = FIELDS if flags else ("latent",)
     out = tmp_path / "out.zarr"
-    proc = subprocess.Popen([sys.executable, "-m", "codec.cli", "encode-dataset", *_args(root / "src", out, tiny_weights)],
-                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_command(src, out, tiny_weights, flags), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     first = out / "commits" / "unit_000000.json"
     deadline = time.time() + 120
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -66,28 +100,72 @@ def test_kill9_then_resume_equals_clean_run(corpus, tiny_weights, tmp_path, dela
     assert 1 <= len(done) < n_units, "the job finished before it was killed; the test proved nothing"
     assert not store.attrs["complete"]
     # Readers see only committed units, never half-written rows.
-    partial = _contents(out)
+    partial = _contents(out, fields)
     assert len(partial) == sum(r["counts"].get("b64x64", 0) for r in store.commit_records().values())
-    r = subprocess.run([sys.executable, "-m", "codec.cli", "encode-dataset", *_args(root / "src", out, tiny_weights)], env=_env(),
-                       capture_output=True, text=True)
+    r = subprocess.run(_command(src, out, tiny_weights, flags), env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    _assert_same(_contents(out), _contents(clean))
-    assert LatentStore.open(out).table("errors") == LatentStore.open(clean).table("errors")
-    r = subprocess.run([sys.executable, "-m", "codec.cli", "encode-dataset", *_args(root / "src", out, tiny_weights)], env=_env(),
-                       capture_output=True, text=True)
+    _assert_store_equals_clean(out, clean(flags), fields)
+    r = subprocess.run(_command(src, out, tiny_weights, flags), env=_env(), capture_output=True, text=True)
     assert "encoded 0, skipped 0" in r.stdout
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
-def test_torchrun_two_processes_equal_one(corpus, tiny_weights, tmp_path):
-    root, clean = corpus
+def _kill_at(phase, command, timeout=300):
+    """Run ``command`` until it pauses at ``phase`` (the store's test hook), then kill -9 it."""
+    proc = subprocess.Popen(command, env=_env(**{PAUSE_ENV: phase}), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + timeout
+        lines = []
+        while time.time() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break  # exited without reaching the phase
+            lines.append(line)
+            if f"paused at {phase}" in line:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return
+        pytest.fail(f"the job never reached the phase {phase!r}: {''.join(lines)[-2000:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["plan unit 4", "capacity", "finalise index", "finalise tables"])
+def test_kill9_while_planning_or_finalising(corpus, tiny_weights, tmp_path, phase):
+    src, clean = corpus
+    out = tmp_path / "out.zarr"
+    _kill_at(phase, _command(src, out, tiny_weights))
+    store = LatentStore.open(out)
+    assert not store.attrs["complete"]
+    if phase.startswith("plan"):
+        assert len(store.read_plan()) == 5 and store.attrs["n_units"] == 0 and not store.bucket_names()
+    elif phase == "capacity":
+        assert len(store.read_plan()) == 11 and store.attrs["n_units"] == 0  # arrays sized, attributes not yet
+        assert store.group["b64x64"]["latents"].shape[0] == 33 and not store.committed_units()
+    else:
+        assert store.committed_units() == set(range(11))
+        _assert_same(_contents(out), _contents(clean()))  # before finalising, readers use the commit records
+    r = subprocess.run(_command(src, out, tiny_weights), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert ("encoded 0," in r.stdout) == phase.startswith("finalise")
+    _assert_store_equals_clean(out, clean())
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(TORCHRUN.parent)) is None, reason="no torchrun")
+@pytest.mark.parametrize("policy", [(), pytest.param(("--keep-aspect",), marks=pytest.mark.slow)])
+def test_torchrun_two_processes_equal_one(corpus, tiny_weights, tmp_path, policy):
+    src, clean = corpus
     out = tmp_path / "dist.zarr"
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "codec.cli", "encode-dataset",
-                        *_args(root / "src", out, tiny_weights)], env=_env(), capture_output=True, text=True,
+    r = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "codec.cli", "encode-dataset",
+                        *_args(src, out, tiny_weights, policy)], env=_env(), capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = {rec["rank"] for rec in LatentStore.open(out).commit_records().values()}
     assert ranks == {0, 1}
-    _assert_same(_contents(out), _contents(clean))
-    assert LatentStore.open(out).attrs["complete"]
+    if policy:  # keep-aspect: buckets are created by the ranks themselves, both meeting every size first thing
+        assert sorted(LatentStore.open(out).bucket_names()) == ["b64x64", "b64x96", "b96x64"]
+    _assert_store_equals_clean(out, clean(policy))

@@ -127,17 +127,23 @@ class TextEncoder:
             tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
         return cls(tokenizer, model, device)
 
+    def truncated_part(self, caption: str) -> str | None:
+        """The text of ``caption`` beyond CLIP's 77 tokens (which the embedding ignores), or ``None`` if it fits."""
+        ids = self.tokenizer(caption, truncation=False)["input_ids"]
+        return self.tokenizer.decode(ids[MAX_TOKENS - 1:-1]) if len(ids) > MAX_TOKENS else None
+
     def _check_length(self, captions: Sequence[str]) -> None:
         for caption in captions:
-            ids = self.tokenizer(caption, truncation=False)["input_ids"]
-            if len(ids) > MAX_TOKENS:
-                cut = self.tokenizer.decode(ids[MAX_TOKENS - 1:-1])
-                warnings.warn(f"caption is {len(ids)} tokens long; CLIP reads only {MAX_TOKENS}, so this part is "
-                              f"ignored: {cut!r}", stacklevel=3)
+            cut = self.truncated_part(caption)
+            if cut is not None:
+                warnings.warn(f"caption is longer than {MAX_TOKENS} tokens; CLIP reads only {MAX_TOKENS}, so this "
+                              f"part is ignored: {cut!r}", stacklevel=3)
 
-    def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Captions → ``input_ids`` and ``attention_mask`` ``(B,77)`` on the encoder's device (official padding)."""
-        self._check_length(captions)
+    def tokenize(self, captions: Sequence[str], warn: bool = True) -> dict[str, torch.Tensor]:
+        """Captions → ``input_ids`` and ``attention_mask`` ``(B,77)`` on the encoder's device (official padding);
+        ``warn`` about captions longer than 77 tokens (see :meth:`truncated_part`)."""
+        if warn:
+            self._check_length(captions)
         tokens = self.tokenizer(list(captions), truncation=True, padding="max_length", max_length=MAX_TOKENS,
                                 return_tensors="pt")
         return {"input_ids": tokens["input_ids"].to(self.device), "attention_mask": tokens["attention_mask"].to(self.device)}
@@ -164,8 +170,11 @@ class TextEncoder:
         return TextEmbedding(hidden=out.hidden_states[-1].float(), pooled=pooled.float().unsqueeze(1))
 
     @torch.no_grad()
-    def encode(self, captions: str | Sequence[str]) -> TextEmbedding:
-        """Captions → ``hidden`` ``(B,77,C)`` (before the final layer norm) and ``pooled`` ``(B,1,C)``."""
+    def encode(self, captions: str | Sequence[str], warn: bool = True) -> TextEmbedding:
+        """Captions → ``hidden`` ``(B,77,C)`` (before the final layer norm) and ``pooled`` ``(B,1,C)``.
+
+        ``warn``: warn about captions longer than 77 tokens (see :meth:`truncated_part`).
+        """
         if isinstance(captions, str):
             captions = [captions]
-        return self.embed_tokens(**self.tokenize(captions))
+        return self.embed_tokens(**self.tokenize(captions, warn))

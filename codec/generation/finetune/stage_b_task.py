@@ -49,6 +49,8 @@ class StageBTask(Task):
     name = "stage-b"
     section = "stage_b"
     section_model = StageBSection
+    store_fields = ("latent", "stage_a", "clip_text_pooled")
+    required_fields = ("latent", "stage_a")
 
     def build(self, dataset: Any) -> nn.Module:
         from ... import codec as C

@@ -66,14 +66,25 @@ class Task:
         """Write a sample collage (optional)."""
         return None
 
+    # Dataset fields the task uses when the store has them, and those it cannot do without.
+    store_fields: tuple[str, ...] = ("latent", "clip_text", "clip_text_pooled")
+    required_fields: tuple[str, ...] = ("latent",)
+
     def dataset(self) -> Any:
-        """The training data: the Zarr latent store of ``data.store``."""
-        from datasets_tools.dataset import LatentDataset
+        """The training data: the Zarr latent store of ``data.store``, with the fields of :attr:`store_fields`
+        that it holds (stored text embeddings, Stage A latents)."""
+        from datasets_tools.dataset import LatentDataset, store_fields
 
         if self.cfg.data.store is None:
             raise ConfigError(f"{self.source}: task {self.name} trains from latents; set data.store to a Zarr latent "
                               "store (`cascade encode-dataset IMAGES STORE`).")
-        return LatentDataset(self.cfg.data.store, buckets=self.cfg.data.buckets)
+        held = store_fields(self.cfg.data.store)
+        missing = [f for f in self.required_fields if f not in held]
+        if missing:
+            raise ConfigError(f"{self.source}: data.store {self.cfg.data.store} has no {', '.join(missing)}; encode "
+                              "it with `cascade encode-dataset --stage-a` (Stage A latents) into a new store.")
+        return LatentDataset(self.cfg.data.store, buckets=self.cfg.data.buckets,
+                             fields=tuple(f for f in self.store_fields if f in held))
 
 
 def load_trainable_model(cls: type[nn.Module], presets: dict[str, Any], tiny: dict[str, Any], cfg: TrainConfig,
