@@ -578,10 +578,12 @@ CODEC_HELP = ("Codec to run, FAMILY[:key=value,…]; repeat for several. A key w
 @click.option("--grid-images", type=click.IntRange(0), default=3, show_default=True,
               help="Images shown in grid.png (the first N), each beside every codec's reconstruction with a "
                    "zoomed centre crop; 0: no grid.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="CPU threads for torch (default: torch's choice); on a busy machine 1 is often faster.")
 @click.option("--overwrite", is_flag=True, help="Start afresh in a report folder that holds an earlier run.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def bench_recon(dataset, output, codecs, size, limit, seed, weights, device, dtype, lpips_net, lpips_weights,
-                fid_weights, no_lpips, no_fid, grid_images, overwrite, no_progress) -> None:
+                fid_weights, no_lpips, no_fid, grid_images, threads, overwrite, no_progress) -> None:
     """Reconstruction quality and speed of codecs on DATASET, with reports in OUTPUT.
 
     DATASET: a folder of images, a CSV/JSONL manifest, webdataset .tar shards, or a latent
@@ -597,7 +599,8 @@ def bench_recon(dataset, output, codecs, size, limit, seed, weights, device, dty
                           limit=limit, seed=seed, weights=weights, device=device, dtype=dtype, lpips_net=lpips_net,
                           lpips_weights=str(lpips_weights) if lpips_weights else None,
                           fid_weights=str(fid_weights) if fid_weights else None, lpips=not no_lpips,
-                          fid=not no_fid, grid_images=grid_images, overwrite=overwrite, progress=not no_progress)
+                          fid=not no_fid, grid_images=grid_images, threads=threads, overwrite=overwrite,
+                          progress=not no_progress)
         try:
             summary = run_recon(cfg, log=lambda m: click.secho(m, fg="yellow" if m.startswith("note") else None,
                                                                err=True))

@@ -24,6 +24,7 @@ and the run goes on with the others.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ class MetricStatus:
 def _float(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.uint8 or x.ndim != 3 or x.shape[0] != 3:
         raise ValueError(f"metrics take (3,H,W) uint8 images, got {x.dtype} {list(x.shape)}")
-    return x[None].float()
+    # Same values; channels-last makes the depthwise Gaussian convolutions of (MS-)SSIM ~3× faster on CPU.
+    return x[None].float().contiguous(memory_format=torch.channels_last)
 
 
 def psnr(recon: torch.Tensor, ref: torch.Tensor) -> float:
@@ -170,11 +172,19 @@ class LPIPSMetric:
         name, url = lpips_backbone_file(net)
         path = None if random_trunk else _find(weights, name, url, f"LPIPS-{net} trunk (ImageNet weights)",
                                                "--lpips-weights")
-        self.model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False)
+        with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
+            warnings.simplefilter("ignore", UserWarning)
+            self.model = lpips.LPIPS(net=net, version="0.1", pretrained=True, pnet_rand=True, verbose=False)
         if path is not None:
-            trunk = {"alex": models.alexnet, "vgg": models.vgg16}[net](weights=None)
-            trunk.load_state_dict(load_state_dict(path))
-            features = trunk.features.state_dict()
+            # Only the convolutional `features` of torchvision's model are used (the classifier may be absent).
+            trunk = {"alex": models.alexnet, "vgg": models.vgg16}[net](weights=None).features
+            sd = {k[len("features."):]: v for k, v in load_state_dict(path).items() if k.startswith("features.")}
+            try:
+                trunk.load_state_dict(sd)
+            except RuntimeError as e:
+                raise ValueError(f"{path}: not torchvision's {net} ImageNet weights ({str(e).splitlines()[-1].strip()})"
+                                 ) from None
+            features = trunk.state_dict()
             # lpips slices torchvision's `features` into slice1…sliceK keeping the module indices.
             mapped = {k: features[k.split(".", 1)[1]] for k in self.model.net.state_dict()}
             self.model.net.load_state_dict(mapped)
@@ -253,7 +263,8 @@ class FIDAccumulator:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
         self.extractor = self.extractor.eval().to(self.device)
-        dim = self._features(torch.zeros(1, 3, 64, 64, dtype=torch.uint8)).shape[-1]
+        dim = getattr(self.extractor, "num_features", None) or \
+            self._features(torch.zeros(1, 3, 299, 299, dtype=torch.uint8)).shape[-1]
         for label in self.labels:
             fid = FrechetInceptionDistance(feature=_Precomputed(dim), reset_real_features=False)
             fid.persistent(True)

@@ -41,7 +41,7 @@ RUN_FILE, STATE_FILE, FID_STATE_FILE = "run.json", "state.json", "fid_state.pt"
 GRID_DIR, GRID_FILE, PLOT_FILE = "grid_images", "grid.png", "rate_quality.png"
 BIG_STATE = 64 * 2**20
 # Options that do not change any number (a run may be resumed with other values).
-NOT_IDENTITY = ("output", "limit", "overwrite", "progress", "checkpoint_seconds", "grid_images")
+NOT_IDENTITY = ("output", "limit", "overwrite", "progress", "checkpoint_seconds", "grid_images", "threads")
 
 
 @dataclass
@@ -63,6 +63,7 @@ class ReconConfig:
     lpips: bool = True
     fid: bool = True
     grid_images: int = 3
+    threads: int | None = None
     overwrite: bool = False
     progress: bool = True
     checkpoint_seconds: float = 60.0
@@ -186,6 +187,8 @@ def run_recon(cfg: ReconConfig, log: Callable[[str], None] = print, fid_extracto
     ``fid_extractor`` replaces the Inception file and ``lpips_random_trunk`` uses a random
     LPIPS trunk — both for tests of the metric code only (their numbers are meaningless).
     """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     ds = open_dataset(cfg.dataset, cfg.size, cfg.limit)
     configs = parse_specs(list(cfg.codecs))
     if not configs:
