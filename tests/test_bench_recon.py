@@ -207,7 +207,7 @@ def test_bicubic_keeps_the_latent_number_of_values():
 
 
 def test_diffusers_vae_codec_from_a_local_folder(tmp_path):
-    from diffusers import AutoencoderKL
+    AutoencoderKL = pytest.importorskip("diffusers").AutoencoderKL
 
     torch.manual_seed(0)
     AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,

@@ -169,9 +169,9 @@ class _Folder:
         return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {"images_done": 0, "skipped": []}
 
     def save_state(self, images_done: int, skipped: list[dict[str, str]], fid: M.FIDAccumulator | None) -> None:
-        if fid is not None:
+        if fid is not None:  # written first; it records the image count it belongs to
             tmp = self.path / (FID_STATE_FILE + ".partial")
-            torch.save(fid.state_dict(), tmp)
+            torch.save({"images_done": images_done, "fid": fid.state_dict()}, tmp)
             os.replace(tmp, self.path / FID_STATE_FILE)
         _write_json(self.path / STATE_FILE, {"images_done": images_done, "skipped": skipped, "saved": _now()})
 
@@ -216,10 +216,15 @@ def run_recon(cfg: ReconConfig, log: Callable[[str], None] = print, fid_extracto
 
     state = folder.load_state()
     done, skipped = int(state["images_done"]), list(state["skipped"])
+    if fid is not None and done:
+        saved = torch.load(folder.path / FID_STATE_FILE, map_location="cpu", weights_only=True)
+        if saved["images_done"] == done:
+            fid.load_state_dict(saved["fid"])
+        else:  # interrupted between the two files: the rFID statistics are of another point; start over
+            log(f"note: {folder.path / FID_STATE_FILE} does not match {STATE_FILE}; starting from the first image")
+            done, skipped = 0, []
     csv_path = folder.path / CSV_NAME
     truncate_rows(csv_path, done)
-    if fid is not None and done:
-        fid.load_state_dict(torch.load(folder.path / FID_STATE_FILE, map_location="cpu", weights_only=True))
     if done:
         log(f"resuming {folder.path}: {done} of {len(ds)} images done")
     big = fid is not None and sum(t.numel() * t.element_size() for s in fid.state_dict().values()
@@ -247,7 +252,7 @@ def run_recon(cfg: ReconConfig, log: Callable[[str], None] = print, fid_extracto
         bar.close()
         writer.close()
     folder.save_state(done, skipped, fid)
-    return _finish(cfg, ds, codecs, lp_status, fid_status, fid, skipped, folder.path)
+    return _finish(cfg, ds, codecs, lp_status, fid_status, fid, skipped, folder.path, device)
 
 
 def _measure_image(item, codecs, writer: CsvWriter, lp, fid, grid_dir: Path, grid_images: int, device: str,
@@ -282,7 +287,8 @@ def _measure_image(item, codecs, writer: CsvWriter, lp, fid, grid_dir: Path, gri
                                                                      f"{_slug(codec.label)}.png")
 
 
-def _finish(cfg: ReconConfig, ds, codecs, lp_status, fid_status, fid, skipped, out: Path) -> dict[str, Any]:
+def _finish(cfg: ReconConfig, ds, codecs, lp_status, fid_status, fid, skipped, out: Path,
+            device: str) -> dict[str, Any]:
     labels = [c.label for c in codecs]
     stats, images = aggregate(out / CSV_NAME, labels)
     ms_values = any(stats[c]["ms_ssim"] for c in labels)
@@ -317,7 +323,7 @@ def _finish(cfg: ReconConfig, ds, codecs, lp_status, fid_status, fid, skipped, o
         "dataset": {**ds.describe(), "n": images["n"], "n_resized": images["resized"],
                     "n_upscaled": images["upscaled"], "sizes": images["sizes"]},
         "protocol": PROTOCOL, "metrics": metrics, "codecs": results, "skipped": skipped,
-        "environment": environment(str(codecs[0].ctx.device or "auto")),
+        "environment": environment(device),
         "files": {"csv": CSV_NAME, "summary": SUMMARY_NAME, "table": TABLE_NAME, "grid": None, "plot": None},
     }
     if cfg.grid_images and images["n"]:
