@@ -386,3 +386,16 @@ def test_cli_recon_then_compare(photos, tmp_path):
     assert r.exit_code == 1 and "not a cascade bench recon summary" in r.output
     r = CliRunner().invoke(main, ["bench", "recon", str(photos), "-o", str(tmp_path / "c"), "--codec", "webp"])
     assert r.exit_code == 1 and "unknown codec 'webp'" in r.output
+
+
+def test_tar_shards_give_the_same_numbers_as_the_folder(photos, tmp_path):
+    import tarfile
+
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tf:
+        for p in sorted(photos.iterdir()):
+            tf.add(p, arcname=p.name)
+    kw = dict(codecs=["jpeg:quality=40"], grid_images=0, lpips=False, fid=False)
+    a = run_recon(run_cfg(photos, tmp_path / "a", **kw), log=lambda m: None)
+    b = run_recon(run_cfg(tmp_path / "shard-000.tar", tmp_path / "b", **kw), log=lambda m: None)
+    assert b["dataset"]["n"] == 4 and a["codecs"][0]["psnr"] == b["codecs"][0]["psnr"]
+    assert [r["image_id"] for r in read_rows(tmp_path / "b" / "per_image.csv")] == [f"shard-000/p{i}" for i in range(4)]
