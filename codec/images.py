@@ -142,9 +142,15 @@ def to_tensor_list(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tensor
     return out
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float pixels in [0,1] (any shape) → uint8, clamped and rounded to nearest: the one quantisation used for
+    saved images and for every reconstruction metric."""
+    return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """``(B,3,H,W)`` or ``(3,H,W)`` float in [0,1] → PIL images (rounded to uint8)."""
     if images.ndim == 3:
         images = images[None]
-    arr = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]

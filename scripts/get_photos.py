@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""Real photographs for the benchmarks, from Debian wallpaper packages, with their licences.
+
+    python scripts/get_photos.py                       # → data/photos/
+    python scripts/get_photos.py --debs /path/to/debs  # use .deb files already downloaded
+
+What it does, deterministically:
+
+1. ``apt-get download`` the packages (in a temporary folder; no root needed) — or take the
+   ``.deb`` files from ``--debs`` — and unpack them with ``dpkg-deb -x``.
+2. Copy the photographs listed in :data:`PHOTOS` to ``OUT/originals/<package>/``. The lists
+   were made by looking at every picture of these packages: the abstract, rendered and
+   gradient wallpapers are left out, only real photographs are kept (36 in the three default
+   packages, 1280–5312 px wide).
+3. Record each file's package, package version, copyright holder and licence (from the
+   package's ``usr/share/doc/PKG/copyright``, machine-readable DEP-5; plasma wallpapers also
+   state a licence in their ``metadata.json``, recorded too) in ``OUT/manifest.json`` and
+   ``OUT/LICENSES.md``.
+4. Cut ``--crop-size``² tiles (default 1024) from every original at 1:1 pixel scale — no
+   resampling: ``nx = W // S`` by ``ny = H // S`` non-overlapping tiles, the grid centred
+   (margins ``(W − nx·S)//2`` and ``(H − ny·S)//2``), row by row — saved as PNG (lossless) in
+   ``OUT/crops-<S>/<package>__<photo>__r<row>c<col>.png`` with the boxes in the manifest.
+   The default packages give 119 tiles of 1024².
+
+``cascade bench recon OUT/crops-1024 ...`` then benchmarks at 1024² with no resizing at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# package → photographs in it (paths inside the package), checked by eye on contact sheets.
+PHOTOS = {
+    "mate-backgrounds": [f"usr/share/backgrounds/mate/nature/{n}.jpg" for n in (
+        "Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
+        "TwoWings", "Wood", "YellowFlower")],
+    # Left out: analogpattern_by_Peter_Nerlich (a texture), umang_by_Abhishek_Mudgal (a gradient).
+    "lomiri-wallpapers-16.04": [f"usr/share/backgrounds/{n}.jpg" for n in (
+        "Bridge_by_Sander_Klootwijk", "Dragonfly_by_Bolly", "Picture_0B_by_freespace", "Picture_1A_by_freespace",
+        "Wine_by_Jakkub_Mede", "aitzgorri_by_Aitzol_Berasategi", "free_by_Peter_Nerlich",
+        "friends_by_Aitzol_Berasategi", "greentock_by_Peter_Nerlich", "life_by_Aitzol_Berasategi",
+        "picosdeeuropa_by_Aitzol_Berasategi", "seeding_by_Clements_Engelhardt", "sunset_by_Aitzol_Berasategi")],
+    # The other 19 plasma wallpapers are drawings or renders.
+    "plasma-workspace-wallpapers": [f"usr/share/wallpapers/{n}/contents/images/2560x1600.jpg" for n in (
+        "BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlow", "FallenLeaf", "Grey", "Kite",
+        "OneStandsOut", "Path", "summer_1am")],
+}
+
+
+def fail(msg: str) -> None:
+    print(f"get_photos: {msg}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def run(cmd: list[str], cwd: Path | None = None) -> str:
+    try:
+        return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        fail(f"{cmd[0]} is not installed (this script needs Debian's apt-get and dpkg-deb)")
+    except subprocess.CalledProcessError as e:
+        fail(f"`{' '.join(cmd)}` failed: {e.stderr.strip().splitlines()[-1] if e.stderr.strip() else e}. "
+             "Try `apt-get update` first, or pass --debs DIR with the .deb files.")
+    return ""
+
+
+def parse_copyright(text: str) -> list[dict[str, str]]:
+    """Stanzas of a DEP-5 copyright file: dicts with ``Files`` (space-separated patterns), ``Copyright``, ``License``
+    (first line only)."""
+    stanzas, current, key = [], {}, None
+    for line in text.splitlines() + [""]:
+        if not line.strip():
+            if current:
+                stanzas.append(current)
+            current, key = {}, None
+        elif line[0] in " \t" and key:
+            if key in ("Files", "Copyright"):
+                current[key] += " " + line.strip() if key == "Files" else "; " + line.strip()
+        elif ":" in line:
+            key, _, value = line.partition(":")
+            current[key] = value.strip()
+    return stanzas
+
+
+def licence_of(stanzas: list[dict[str, str]], path: str) -> dict[str, str]:
+    """Licence and copyright of an installed ``path`` (last matching ``Files`` stanza; a pattern matches the path's
+    tail, or its file name)."""
+    found: dict[str, str] = {}
+    name = path.rsplit("/", 1)[-1]
+    for st in stanzas:
+        patterns = st.get("Files", "").split()
+        if any(p.startswith("debian/") for p in patterns) or "License" not in st:
+            continue
+        if any(p == "*" or fnmatch.fnmatch(path, "*/" + p) or fnmatch.fnmatch(name, p.rsplit("/", 1)[-1])
+               for p in patterns):
+            found = {"licence": st["License"].split()[0] if st["License"] else "", "copyright": st.get("Copyright", "")}
+    return found
+
+
+def tiles(width: int, height: int, side: int) -> list[tuple[int, int, int, int, int, int]]:
+    """``(row, col, left, top, right, bottom)`` of the centred grid of non-overlapping ``side``² tiles."""
+    nx, ny = width // side, height // side
+    left0, top0 = (width - nx * side) // 2, (height - ny * side) // 2
+    return [(r, c, left0 + c * side, top0 + r * side, left0 + (c + 1) * side, top0 + (r + 1) * side)
+            for r in range(ny) for c in range(nx)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "data" / "photos",
+                    help="Output folder (default: data/photos in the repo, git-ignored).")
+    ap.add_argument("--packages", nargs="+", default=list(PHOTOS), choices=list(PHOTOS),
+                    help="Debian packages to take photos from (default: all known).")
+    ap.add_argument("--debs", type=Path, default=None,
+                    help="Folder with the packages' .deb files already downloaded (skips apt-get download).")
+    ap.add_argument("--crop-size", type=int, default=1024, help="Side of the square tiles cut (0: no tiles).")
+    args = ap.parse_args(argv)
+
+    from PIL import Image
+
+    from codec.images import load_image
+
+    out = args.out
+    originals = out / "originals"
+    with tempfile.TemporaryDirectory(prefix="cascade-photos-") as tmp:
+        tmp = Path(tmp)
+        if args.debs:
+            debs = {}
+            for pkg in args.packages:
+                found = sorted(args.debs.glob(f"{pkg}_*.deb"))
+                if not found:
+                    fail(f"no {pkg}_*.deb in {args.debs}")
+                debs[pkg] = found[-1]
+        else:
+            print(f"apt-get download {' '.join(args.packages)}", file=sys.stderr)
+            run(["apt-get", "download", *args.packages], cwd=tmp)
+            debs = {pkg: sorted(tmp.glob(f"{pkg}_*.deb"))[-1] for pkg in args.packages}
+        records = []
+        for pkg, deb in debs.items():
+            version = run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
+            root = tmp / f"root-{pkg}"
+            run(["dpkg-deb", "-x", str(deb), str(root)])
+            stanzas = parse_copyright((root / "usr/share/doc" / pkg / "copyright").read_text(encoding="utf-8"))
+            for rel in PHOTOS[pkg]:
+                src = root / rel
+                if not src.is_file():
+                    fail(f"{rel} is not in {deb.name}; the package changed — update PHOTOS in {__file__}")
+                lic = licence_of(stanzas, rel)
+                if not lic.get("licence"):
+                    fail(f"no licence for {rel} in {pkg}'s copyright file")
+                name = src.parent.parent.parent.name + ".jpg" if pkg == "plasma-workspace-wallpapers" else src.name
+                meta = src.parent.parent.parent / "metadata.json"
+                if meta.is_file():
+                    plugin = json.loads(meta.read_text(encoding="utf-8")).get("KPlugin", {})
+                    lic["metadata_licence"] = plugin.get("License", "")
+                    lic["author"] = ", ".join(a.get("Name", "") for a in plugin.get("Authors", []))
+                dst = originals / pkg / name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+                with Image.open(dst) as im:
+                    size = im.size
+                records.append({"file": str(dst.relative_to(out)), "package": pkg, "version": version,
+                                "path_in_package": rel, "width": size[0], "height": size[1],
+                                "sha256": hashlib.sha256(dst.read_bytes()).hexdigest(), **lic})
+    crops = []
+    if args.crop_size:
+        crop_dir = out / f"crops-{args.crop_size}"
+        if crop_dir.exists():
+            shutil.rmtree(crop_dir)
+        crop_dir.mkdir(parents=True)
+        for rec in records:
+            img = load_image(out / rec["file"])
+            stem = Path(rec["file"]).stem
+            for r, c, left, top, right, bottom in tiles(img.width, img.height, args.crop_size):
+                name = f"{rec['package']}__{stem}__r{r}c{c}.png"
+                img.crop((left, top, right, bottom)).save(crop_dir / name)
+                crops.append({"file": str((crop_dir / name).relative_to(out)), "original": rec["file"],
+                              "box": [left, top, right, bottom]})
+    manifest = {"about": "Photographs from Debian packages; licences from each package's DEP-5 copyright file. "
+                         f"Tiles: non-overlapping {args.crop_size}² crops at 1:1 scale, centred grid, row by row.",
+                "originals": records, "crops": crops}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    lines = ["# Photographs and their licences", "",
+             "From Debian packages (downloaded with `apt-get download`, unpacked with `dpkg-deb -x`) by "
+             "`scripts/get_photos.py`. Licence and copyright from each package's `usr/share/doc/PKG/copyright`. "
+             f"`crops-{args.crop_size}/` holds {len(crops)} tiles cut from these files at 1:1 scale "
+             "(same licences as their originals; `manifest.json` lists each tile's original and box).", "",
+             "| file | package (version) | licence | copyright / author |", "|---|---|---|---|"]
+    for r in records:
+        extra = f" (metadata.json: {r['metadata_licence']})" if r.get("metadata_licence") else ""
+        who = r.get("author") or r.get("copyright", "")
+        lines.append(f"| {r['file']} | {r['package']} ({r['version']}) | {r['licence']}{extra} | {who} |")
+    (out / "LICENSES.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"{len(records)} photographs in {originals}, {len(crops)} tiles of {args.crop_size}² in "
+          f"{out / f'crops-{args.crop_size}'}; licences in {out / 'LICENSES.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
