@@ -135,7 +135,8 @@ def open_dataset(path: str | os.PathLike, size: int | None, limit: int | None = 
         from datasets_tools.store import LatentStore
 
         store = LatentStore.open(path)
-        by_id = {s.id: s for unit in store.read_plan() for s in unit}
+        # Relative plan locations hang from the folder the source was last encoded from.
+        by_id = {s.id: s for unit in store.read_plan(store.attrs.get("source_root")) for s in unit}
         latents = LatentDataset(path, with_captions=False)
         n = len(latents) if limit is None else min(limit, len(latents))
         samples = [by_id[latents.ids[i]] for i in range(n)]

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import resource
 import threading
 
 import torch
+
+from benchmarks.rss import current_rss_bytes, peak_rss_bytes
 
 SAMPLE_SECONDS = 0.005
 
 
 def current_rss() -> int:
-    """Resident set size of this process in bytes (Linux ``/proc/self/statm``; else the peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Resident set size of this process in bytes (where ``/proc`` is unavailable: the peak so far)."""
+    rss = current_rss_bytes()
+    return rss if rss is not None else peak_rss_bytes()
 
 
 class PeakMemory:
