@@ -20,10 +20,13 @@ import click
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 DEFAULT_WEIGHTS = "stabilityai/stable-cascade"
+MINI_HELP = ("`mini`: the small codec shipped in the package (trained from scratch by this project on Debian's "
+             "freely licensed photos, 256² native; works offline; far below Stable Cascade's quality; a folder "
+             "named mini is ./mini).")
 WEIGHTS_HELP = ("Folder with the official Stable Cascade files (stage_a.safetensors, effnet_encoder.safetensors, "
-                "stage_b_lite[_bf16].safetensors, …; or the diffusers or ComfyUI layout), a Hugging Face repo id, or "
-                "a ComfyUI single-file checkpoint (stable_cascade_stage_b.safetensors). Default: $CASCADE_WEIGHTS, "
-                f"else {DEFAULT_WEIGHTS}.")
+                "stage_b_lite[_bf16].safetensors, …; or the diffusers or ComfyUI layout), a Hugging Face repo id, "
+                "a ComfyUI single-file checkpoint (stable_cascade_stage_b.safetensors), or " + MINI_HELP
+                + f" Default: $CASCADE_WEIGHTS, else {DEFAULT_WEIGHTS}.")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -53,10 +56,12 @@ def weights_option(f: Callable) -> Callable:
                           "fp16 is allowed for Stage B only; the encoder and Stage A always run in fp32.")(f)
     f = click.option("--device", default="auto", show_default=True,
                      help="Torch device: auto (CUDA if available), cpu, cuda, cuda:1, mps, …")(f)
-    f = click.option("--stage-b", type=click.Choice(["lite", "large"]), default=None,
-                     help="Stage B size: lite (700M parameters) or large (1.5B). Default: lite, or the size in the "
-                          "ComfyUI file given as --weights.")(f)
-    f = click.option("--weights", "-w", default=None, metavar="DIR|REPO|FILE", help=WEIGHTS_HELP)(f)
+    f = click.option("--stage-b", type=click.Choice(["lite", "large", "mini"]), default=None,
+                     help="Stage B size: lite (700M parameters) or large (1.5B); mini only in the built-in mini "
+                          "codec. Default: lite, or the size in the ComfyUI file given as --weights, or mini for "
+                          "--weights mini.")(f)
+    f = click.option("--weights", "--model", "-w", default=None, metavar="DIR|REPO|FILE|mini",
+                     help=WEIGHTS_HELP)(f)
     return f
 
 
@@ -317,7 +322,7 @@ def info(weights) -> None:
         from . import weights as W
 
         source = W.WeightSource(weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS)
-        click.echo(f"weights: {source.source}")
+        click.echo(f"weights: {source.source}" + (f" (built-in, {source.folder})" if source.builtin else ""))
         rows = interop.inventory(source)
         notes: dict[str, list[str]] = {}
         for row in rows:
@@ -478,12 +483,13 @@ def is_latent_store(path: str) -> bool:
 @main.command("encode-dataset")
 @click.argument("source", metavar="SOURCE")
 @click.argument("out", metavar="OUT")
-@click.option("--weights", "-w", default=None, metavar="DIR|REPO",
-              help="Folder with effnet_encoder.safetensors (official layout) or a Hugging Face repo id. Default: "
-                   f"$CASCADE_WEIGHTS, else {DEFAULT_WEIGHTS}.")
-@click.option("--size", type=click.IntRange(32), default=768, show_default=True,
+@click.option("--weights", "--model", "-w", default=None, metavar="DIR|REPO|mini",
+              help="Folder with effnet_encoder.safetensors (official layout), a Hugging Face repo id, or "
+                   + MINI_HELP + f" Default: $CASCADE_WEIGHTS, else {DEFAULT_WEIGHTS}.")
+@click.option("--size", type=click.IntRange(32), default=None,
               help="Encoder input size in pixels (multiple of 32): the square crop side, the bucket density "
-                   "(size²) with --buckets, or the short side with --keep-aspect. 768 → 24×24 latents.")
+                   "(size²) with --buckets, or the short side with --keep-aspect. Default: 768 (→ 24×24 latents, "
+                   "decoded at 1024²), or the built-in model's native size (mini: 192 → 6×6, decoded at 256²).")
 @click.option("--buckets", "policy", flag_value="buckets",
               help="Multi-aspect buckets (the official list at size² pixels, factor 32); each image goes to the "
                    "bucket with the nearest aspect ratio, resized to cover it and centre-cropped.")
@@ -532,6 +538,8 @@ def encode_dataset_command(source, out, weights, size, policy, batch_size, worke
 
     try:
         source_w = W.WeightSource(weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS)
+        if size is None:
+            size = W.BUILTIN_MODELS[source_w.builtin].encoder_size if source_w.builtin else 768
         if source_w.has(W.EFFNET_FILE):
             note = W.read_header(source_w.path(W.EFFNET_FILE)).metadata.get(W.META_NOTE)
             if note:

@@ -167,8 +167,12 @@ class Codec:
         Stage A runs with the scale factor its own config names (0.43 official, 0.3764 for
         diffusers' Würstchen v2 VQGAN); :meth:`info` says which.
 
+        ``source="mini"`` loads the small codec shipped in the package (no network; trained by
+        this project, 256² native, far below Stable Cascade's quality); a folder named mini is
+        ``"./mini"``.
+
         ``stage_b``: ``"lite"`` (700M) or ``"large"`` (1.5B); default lite, or the size of
-        the ComfyUI file given as ``source``. ``dtype`` is Stage B's
+        the ComfyUI file given as ``source``, or ``"mini"`` for the mini codec. ``dtype`` is Stage B's
         precision (default bf16 on CUDA, fp32 elsewhere; fp16 is allowed for Stage B
         only); the EfficientNet encoder and Stage A stay fp32 as in the official code.
         ``device`` defaults to CUDA when available. ``encoder=False`` skips the
@@ -386,5 +390,6 @@ class Codec:
 
     def info(self) -> dict[str, Any]:
         """Which files and precisions are in use."""
-        return {"device": str(self.device), "stage_b_dtype": str(self.dtype).replace("torch.", ""),
+        source = None if self.source is None else self.source.source + (" (built-in)" if self.source.builtin else "")
+        return {"source": source, "device": str(self.device), "stage_b_dtype": str(self.dtype).replace("torch.", ""),
                 "components": {k: vars(v) for k, v in self.components.items()}}

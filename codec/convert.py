@@ -135,6 +135,10 @@ def plan_conversion(src: W.WeightSource, dst: Path, to: str, dtype: torch.dtype 
         return _comfyui_jobs(src, dst, dtype, log)
     jobs = []
     for component in interop.COMPONENTS:
+        if to != "official" and component not in interop.DIFFUSERS_FOLDERS:
+            if interop.locate_all(src, component):
+                log(f"{component}: cascade-codec's own model, which {to} has no layout for; not converted")
+            continue
         pool = _from_one_layout(src, interop.locate_all(src, component), to, component, log)
         if dtype is not None and pool and interop.kind_of(component) != "stage_a":
             wanted = [loc for loc in pool if interop.VARIANT_DTYPES[loc.variant] == dtype]
@@ -163,6 +167,9 @@ def _comfyui_jobs(src: W.WeightSource, dst: Path, dtype: torch.dtype | None,
         kind = interop.kind_of(component)
         found = interop.locate_all(src, component)
         if kind == "stage_a" or not found:
+            continue
+        if component not in comfyui.FILES:
+            log(f"{component}: cascade-codec's own model, which ComfyUI has no layout for; not converted")
             continue
         if any(loc.layout == "comfyui" for loc in found):
             log(f"{component}: already in the ComfyUI layout ({found[-1].files[0]}); not converted")

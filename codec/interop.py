@@ -42,7 +42,7 @@ import torch
 
 from . import weights as W
 
-COMPONENTS = ("stage_a", "stage_b_lite", "stage_b_large", "stage_c_lite", "stage_c_large")
+COMPONENTS = ("stage_a", "stage_b_lite", "stage_b_large", "stage_b_mini", "stage_c_lite", "stage_c_large")
 # Components outside the diffusers model folders: root files of the official layout, or the Hugging Face
 # folders (text_encoder/, image_encoder/, read by transformers), or sections of a ComfyUI checkpoint.
 EXTRA_COMPONENTS = ("effnet", "previewer", "text_encoder", "image_encoder")
@@ -52,6 +52,7 @@ OFFICIAL_FILES: dict[str, dict[str, str]] = {
     "stage_a": {"fp32": W.STAGE_A_FILE},
     "stage_b_lite": W.STAGE_B_FILES["lite"],
     "stage_b_large": W.STAGE_B_FILES["large"],
+    "stage_b_mini": W.STAGE_B_FILES["mini"],
     "stage_c_lite": W.STAGE_C_FILES["lite"],
     "stage_c_large": W.STAGE_C_FILES["large"],
 }
@@ -373,13 +374,17 @@ def locate(src: W.WeightSource, component: str, dtype: torch.dtype) -> Located |
 
 
 def default_size(src: W.WeightSource, kind: str) -> str:
-    """``"lite"``, unless ``src`` is a single file holding a Stage B/C (``kind``) of the other size."""
+    """``"lite"``, unless ``src`` is a single file holding a Stage B/C (``kind``) of another size, or a source
+    whose only Stage B is the mini one (the built-in ``mini`` codec)."""
     if src.pinned:
         from .comfyui import model_component
 
         held = model_component(src.header(src.pinned))
         if held is not None and kind_of(held) == kind:
             return held.rsplit("_", 1)[1]
+    if kind == "stage_b" and src.folder is not None and locate(src, "stage_b_mini", torch.float32) is not None \
+            and not any(locate(src, f"stage_b_{size}", torch.float32) for size in ("lite", "large")):
+        return "mini"
     return "lite"
 
 

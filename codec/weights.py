@@ -39,12 +39,32 @@ PREVIEWER_FILE = "previewer.safetensors"
 STAGE_B_FILES = {
     "lite": {"fp32": "stage_b_lite.safetensors", "bf16": "stage_b_lite_bf16.safetensors"},
     "large": {"fp32": "stage_b.safetensors", "bf16": "stage_b_bf16.safetensors"},
+    "mini": {"fp32": "stage_b_mini.safetensors", "bf16": "stage_b_mini_bf16.safetensors"},
 }
 STAGE_C_FILES = {
     "lite": {"fp32": "stage_c_lite.safetensors", "bf16": "stage_c_lite_bf16.safetensors"},
     "large": {"fp32": "stage_c.safetensors", "bf16": "stage_c_bf16.safetensors"},
 }
 EMPTY_CAPTION_FILE = "clip_pooled_empty.safetensors"
+
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A codec shipped inside the package: its folder (official file layout) and the output side it was trained at
+    (the encoder sees 3/4 of it, as for the official models: 256 → 192 → 6×6 latents)."""
+
+    folder: Path
+    native_size: int
+
+    @property
+    def encoder_size(self) -> int:
+        """Encoder input side at the native size (a multiple of 32)."""
+        return self.native_size * 3 // 4
+
+
+# Models shipped inside the package, by the name that selects them wherever a weights source is asked for.
+BUILTIN_MODELS = {"mini": BuiltinModel(Path(__file__).resolve().parent / "mini", 256)}
 
 META_CONFIG = "cascade_codec.config"
 META_NOTE = "cascade_codec.note"
@@ -653,9 +673,15 @@ class WeightSource:
     def __init__(self, source: str | os.PathLike):
         self.source = str(source)
         self.pinned: str | None = None
+        self.builtin: str | None = None
         self._headers: dict[str, SafetensorsHeader] = {}
         path = Path(source).expanduser()
-        if path.is_dir():
+        if self.source in BUILTIN_MODELS:  # a bare name selects the shipped model; "./mini" is a folder
+            self.builtin, self.folder, self.repo_id = self.source, BUILTIN_MODELS[self.source].folder, None
+            if not (self.folder / STAGE_A_FILE).is_file():
+                raise WeightsError(f"the built-in {self.source!r} model is not in this installation ({self.folder} "
+                                   "has no weights); reinstall cascade-codec, or pass a folder of weights instead.")
+        elif path.is_dir():
             self.folder: Path | None = path
             self.repo_id: str | None = None
         elif path.is_file() and path.suffix == ".safetensors":
