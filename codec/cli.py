@@ -560,7 +560,7 @@ def bench() -> None:
 
 
 CODEC_HELP = ("Codec to run, FAMILY[:key=value,…]; repeat for several. A key with several values "
-              "(scale=0.5,0.75,1.0) is a sweep. Families: sc (Stable Cascade: stage_b=lite|large, steps=10, "
+              "(scale=0.5,0.75,1.0) is a sweep. Families: sc (Stable Cascade: stage_b=auto|lite|large|mini, steps=10, "
               "cfg=1.1|none, cfg_rho=0.7, sampler=ddpm|ddim, scale=0.75 encoder input fraction, "
               "resize=nearest|bilinear); jpeg (quality=10,25,50,75,90); jpeg-budget (largest JPEG quality within "
               "the float16 latent's bytes at scale=0.75, or bytes=N); bicubic (down/up to the latent's number of "
@@ -653,7 +653,7 @@ from .generation.commands import generate  # noqa: E402 - the command module imp
 main.add_command(generate)
 
 
-TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet")  # = codec.generation.finetune.run.TASKS
+TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "codec")  # = codec.generation.finetune.run.TASKS
 
 
 @main.command("train")
@@ -662,10 +662,12 @@ TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet")  # = codec.generation
 @click.option("--device", default="auto", show_default=True,
               help="Torch device: auto (this process's CUDA device under torchrun, else CUDA if available, else CPU).")
 def train_command(task, config, device) -> None:
-    """Fine-tune with the YAML CONFIG: TASK is stage-c (full Stage C), lora (LoRA + new tokens on Stage C),
-    stage-b (full Stage B) or controlnet (a ControlNet on a frozen Stage C).
+    """Train with the YAML CONFIG: TASK is stage-c (full Stage C), lora (LoRA + new tokens on Stage C),
+    stage-b (full Stage B), controlnet (a ControlNet on a frozen Stage C), stage-a (Stage A autoencoder from
+    scratch) or codec (encoder + Stage B jointly from scratch on a trained Stage A; how the mini codec was made).
 
-    Reads latents from the Zarr store of data.store (controlnet: images from data.images), writes OUTPUT_DIR/checkpoint/ (model.safetensors
+    Reads latents from the Zarr store of data.store (controlnet, stage-a, codec: images from data.images), writes
+    OUTPUT_DIR/checkpoint/ (model.safetensors
     in the release format, optimiser and RNG state), log.jsonl and previews/. Run the same command
     again after a stop: it resumes exactly where the last checkpoint left off. Several processes:
     `torchrun --nproc_per_node N -m codec.cli train TASK CONFIG` (DDP; distributed.strategy: fsdp to

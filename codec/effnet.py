@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import torch
 import torchvision
 from torch import nn
@@ -10,22 +13,68 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+EFFNET_PRESETS: dict[str, dict] = {
+    # The official encoder: torchvision's efficientnet_v2_s features (1280 channels out).
+    "efficientnet_v2_s": dict(width=1.0, depth=1.0, c_features=1280),
+    # The built-in mini codec's encoder: V2-S's layout with 1/4 the channels and 1/3 the blocks per stage.
+    "efficientnet_mini": dict(width=0.25, depth=0.34, c_features=256, stochastic_depth_prob=0.0),
+}
+
+
+def _scaled_v2_s(width: float, depth: float) -> list:
+    """EfficientNetV2-S's stage table (torchvision's) with channels × ``width`` (multiples of 8) and blocks ×
+    ``depth`` (rounded up): same strides, kernels, expansions and block types."""
+    from torchvision.models import efficientnet as E
+
+    setting, _ = E._efficientnet_conf("efficientnet_v2_s")
+    out = []
+    for c in setting:
+        ch = [E._MBConvConfig.adjust_channels(n, width) for n in (c.input_channels, c.out_channels)]
+        layers = int(math.ceil(c.num_layers * depth))
+        kind = E.FusedMBConvConfig if isinstance(c, E.FusedMBConvConfig) else E.MBConvConfig
+        out.append(kind(c.expand_ratio, c.kernel, c.stride, ch[0], ch[1], layers))
+    return out
+
+
 class EfficientNetEncoder(nn.Module):
     """torchvision ``efficientnet_v2_s`` features + 1×1 conv + non-affine BatchNorm (official keys).
 
     ``forward`` takes ImageNet-normalised input, as the official module does;
     :meth:`encode` takes RGB in [0,1] and normalises it. Output ``(B,16,ceil(H/32),ceil(W/32))``.
-    Always run in eval mode (BatchNorm uses the stored statistics).
+    Always run in eval mode (BatchNorm uses the stored statistics), except when trained.
+
+    ``width``/``depth`` scale V2-S's channels and blocks (1, 1: the official encoder, built by torchvision's
+    own ``efficientnet_v2_s``); ``c_features`` is the last feature width (1280 official). Presets:
+    :data:`EFFNET_PRESETS`.
     """
 
-    def __init__(self, c_latent: int = 16):
+    def __init__(self, c_latent: int = 16, width: float = 1.0, depth: float = 1.0, c_features: int = 1280,
+                 stochastic_depth_prob: float = 0.2):
         super().__init__()
-        self.backbone = torchvision.models.efficientnet_v2_s(weights=None).features
+        self.config = dict(c_latent=c_latent, width=width, depth=depth, c_features=c_features,
+                           stochastic_depth_prob=stochastic_depth_prob)
+        if (width, depth, c_features) == (1.0, 1.0, 1280):
+            self.backbone = torchvision.models.efficientnet_v2_s(
+                weights=None, stochastic_depth_prob=stochastic_depth_prob).features
+        else:
+            from torchvision.models.efficientnet import EfficientNet
+
+            self.backbone = EfficientNet(_scaled_v2_s(width, depth), dropout=0.0,
+                                         stochastic_depth_prob=stochastic_depth_prob,
+                                         norm_layer=partial(nn.BatchNorm2d, eps=1e-3),
+                                         last_channel=c_features).features
         self.mapper = nn.Sequential(
-            nn.Conv2d(1280, c_latent, kernel_size=1, bias=False),
+            nn.Conv2d(c_features, c_latent, kernel_size=1, bias=False),
             nn.BatchNorm2d(c_latent, affine=False),
         )
         self.eval()
+
+    @classmethod
+    def from_preset(cls, name: str) -> "EfficientNetEncoder":
+        """Build a named architecture of :data:`EFFNET_PRESETS` (random weights)."""
+        if name not in EFFNET_PRESETS:
+            raise ValueError(f"unknown encoder preset {name!r}; choose one of {sorted(EFFNET_PRESETS)}")
+        return cls(**EFFNET_PRESETS[name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalised images → latent."""

@@ -68,6 +68,14 @@ class QuantizedLatent(NamedTuple):
     loss: torch.Tensor
 
 
+STAGE_A_PRESETS: dict[str, dict] = {
+    "stage_a": dict(levels=2, bottleneck_blocks=12, c_hidden=384, c_latent=4, codebook_size=8192, scale_factor=0.43),
+    # The built-in mini codec's Stage A (~0.57M parameters); its scale factor is set after training.
+    "stage_a_mini": dict(levels=2, bottleneck_blocks=4, c_hidden=96, c_latent=4, codebook_size=1024,
+                         scale_factor=0.43),
+}
+
+
 class StageA(nn.Module):
     """Stage A autoencoder: RGB in [0,1] ``(B,3,H,W)`` ↔ latent ``(B,c_latent,H/4,W/4)``."""
 

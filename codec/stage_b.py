@@ -48,6 +48,16 @@ STAGE_B_PRESETS: dict[str, StageBConfig] = {
         blocks=[[2, 4, 14, 4], [4, 14, 4, 2]],
         block_repeat=[[1, 1, 1, 1], [2, 2, 2, 2]],
     ),
+    # The built-in mini codec's Stage B (~5M parameters, trained by this project; 256² images).
+    "stage_b_mini": StageBConfig(
+        c_cond=128,
+        c_hidden=[32, 64, 128, 256],
+        nhead=[-1, -1, 4, 8],
+        blocks=[[1, 1, 2, 2], [2, 2, 1, 1]],
+        block_repeat=[[1, 1, 1, 1], [1, 1, 1, 1]],
+        c_clip=64,
+        dropout=[0, 0, 0, 0],
+    ),
 }
 
 

@@ -115,6 +115,34 @@ def tiles(width: int, height: int, side: int) -> list[tuple[int, int, int, int, 
             for r in range(ny) for c in range(nx)]
 
 
+def _scaled_tiles(out: Path, records: list[dict], sides: list[int], scales: list[int]) -> list[dict]:
+    """Tiles of every side in ``sides`` from each photograph resized to each short side in ``scales`` (PIL's
+    antialiased bicubic), into ``out/<split>-<side>/``; returns their manifest entries."""
+    from PIL import Image
+
+    from codec.images import load_image
+
+    found = []
+    for side in sides:
+        for split in ("train", "heldout"):
+            folder = out / f"{split}-{side}"
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+        for rec in records:
+            img = load_image(out / rec["file"])
+            stem = Path(rec["file"]).stem
+            for short in scales:
+                k = short / min(img.size)
+                small = img.resize((round(img.width * k), round(img.height * k)), Image.BICUBIC, reducing_gap=3.0)
+                for r, c, left, top, right, bottom in tiles(small.width, small.height, side):
+                    path = out / f"{rec['split']}-{side}" / f"{rec['package']}__{stem}__s{short}__r{r}c{c}.png"
+                    small.crop((left, top, right, bottom)).save(path)
+                    found.append({"file": str(path.relative_to(out)), "original": rec["file"], "split": rec["split"],
+                                  "short_side": short, "box": [left, top, right, bottom]})
+    return found
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,6 +153,15 @@ def main(argv=None) -> int:
     ap.add_argument("--debs", type=Path, default=None,
                     help="Folder with the packages' .deb files already downloaded (skips apt-get download).")
     ap.add_argument("--crop-size", type=int, default=1024, help="Side of the square tiles cut (0: no tiles).")
+    ap.add_argument("--holdout", type=int, default=6,
+                    help="Every HOLDOUT-th photograph (in the listing order above) is held out: its split is "
+                         "'heldout' in the manifest and training never sees it (default: 6 → 6 of 36).")
+    ap.add_argument("--scaled-tiles", type=int, nargs="*", default=[], metavar="SIDE",
+                    help="Also cut SIDE² tiles from each photograph resized (antialiased) to every short side of "
+                         "--scales, into OUT/<split>-<SIDE>/ (train-320/, heldout-256/ …): the mini codec's "
+                         "training and held-out data. Default: none.")
+    ap.add_argument("--scales", type=lambda v: [int(x) for x in v.split(",")], default=[320, 480, 720, 1080],
+                    help="Short sides for --scaled-tiles, comma-separated (default: 320,480,720,1080).")
     args = ap.parse_args(argv)
 
     from PIL import Image
@@ -170,7 +207,8 @@ def main(argv=None) -> int:
                 shutil.copyfile(src, dst)
                 with Image.open(dst) as im:
                     size = im.size
-                records.append({"file": str(dst.relative_to(out)), "package": pkg, "version": version,
+                split = "heldout" if args.holdout and len(records) % args.holdout == args.holdout - 1 else "train"
+                records.append({"file": str(dst.relative_to(out)), "split": split, "package": pkg, "version": version,
                                 "path_in_package": rel, "width": size[0], "height": size[1],
                                 "sha256": hashlib.sha256(dst.read_bytes()).hexdigest(), **lic})
     crops = []
@@ -187,9 +225,10 @@ def main(argv=None) -> int:
                 img.crop((left, top, right, bottom)).save(crop_dir / name)
                 crops.append({"file": str((crop_dir / name).relative_to(out)), "original": rec["file"],
                               "box": [left, top, right, bottom]})
+    scaled = _scaled_tiles(out, records, args.scaled_tiles, args.scales)
     manifest = {"about": "Photographs from Debian packages; licences from each package's DEP-5 copyright file. "
                          f"Tiles: non-overlapping {args.crop_size}² crops at 1:1 scale, centred grid, row by row.",
-                "originals": records, "crops": crops}
+                "originals": records, "crops": crops, "scaled_tiles": scaled}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     lines = ["# Photographs and their licences", "",
              "From Debian packages (downloaded with `apt-get download`, unpacked with `dpkg-deb -x`) by "
@@ -202,8 +241,9 @@ def main(argv=None) -> int:
         who = r.get("author") or r.get("copyright", "")
         lines.append(f"| {r['file']} | {r['package']} ({r['version']}) | {r['licence']}{extra} | {who} |")
     (out / "LICENSES.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"{len(records)} photographs in {originals}, {len(crops)} tiles of {args.crop_size}² in "
-          f"{out / f'crops-{args.crop_size}'}; licences in {out / 'LICENSES.md'}")
+    held = sum(r["split"] == "heldout" for r in records)
+    print(f"{len(records)} photographs ({held} held out) in {originals}, {len(crops)} tiles of {args.crop_size}² in "
+          f"{out / f'crops-{args.crop_size}'}, {len(scaled)} scaled tiles; licences in {out / 'LICENSES.md'}")
     return 0
 
 

@@ -83,7 +83,7 @@ def _positive(v: str) -> int:
 
 # family → key → (default, parser). A list default is a sweep even when the key is not given.
 FAMILIES: dict[str, dict[str, tuple[Any, Callable[[str], Any]]]] = {
-    "sc": {"stage_b": ("lite", _choice("lite", "large")), "steps": (10, _positive), "cfg": (1.1, _cfg),
+    "sc": {"stage_b": ("auto", _choice("auto", "lite", "large", "mini")), "steps": (10, _positive), "cfg": (1.1, _cfg),
            "cfg_rho": (0.7, float), "sampler": ("ddpm", _choice("ddpm", "ddim")), "scale": (0.75, _scale),
            "resize": ("nearest", _choice("nearest", "bilinear"))},
     "jpeg": {"quality": ([10, 25, 50, 75, 90], _quality)},
@@ -253,7 +253,8 @@ class StableCascade(BenchCodec):
         if key not in ctx.cache:
             from codec.cli import _load_codec
 
-            ctx.cache[key] = _load_codec(ctx.weights, p["stage_b"], ctx.device or "auto", ctx.dtype or "auto")
+            size = None if p["stage_b"] == "auto" else p["stage_b"]  # auto: what the weights hold (lite first)
+            ctx.cache[key] = _load_codec(ctx.weights, size, ctx.device or "auto", ctx.dtype or "auto")
         self.codec = ctx.cache[key]
         notes = sorted({c.note for c in self.codec.components.values() if c.note})
         self.tiny = any("TINY RANDOM" in n for n in notes)

@@ -87,6 +87,9 @@ class Trainer:
         self.autocast = mp == "bf16" or (mp == "auto" and d.device.type == "cuda")
         if self.fsdp and cfg.ema is not None:
             raise ConfigError(f"{source}: ema is not supported with distributed.strategy fsdp; use ddp or drop ema.")
+        if self.fsdp and task.save_buffers:
+            raise ConfigError(f"{source}: task {task.name} trains BatchNorm statistics, which fsdp does not gather "
+                              "here; use distributed.strategy ddp.")
 
     # ------------------------------------------------------------------ state
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -97,7 +100,12 @@ class Trainer:
 
             full = get_model_state_dict(self.wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             return {k: v for k, v in full.items() if k in names}
-        return {k: v.detach().cpu().clone() for k, v in _trainable(self.module).items()}
+        state = {k: v.detach().cpu().clone() for k, v in _trainable(self.module).items()}
+        return state | {k: b.detach().cpu().clone() for k, b in self._buffers().items()}
+
+    def _buffers(self) -> dict[str, torch.Tensor]:
+        """Buffers saved with the trained tensors (BatchNorm statistics), for tasks with ``save_buffers``."""
+        return dict(self.module.named_buffers()) if self.task.save_buffers else {}
 
     def _load_trainable(self, state: dict[str, torch.Tensor]) -> None:
         missing = set(self.trainable_names) - set(state)
@@ -112,6 +120,9 @@ class Trainer:
             with torch.no_grad():
                 for k, p in _trainable(self.module).items():
                     p.copy_(state[k].to(p))
+                for k, b in self._buffers().items():
+                    if k in state:
+                        b.copy_(state[k].to(b))
 
     def _optim_state(self) -> dict[str, Any]:
         if self.fsdp:
@@ -199,6 +210,14 @@ class Trainer:
         cfg, d = self.cfg, self.d
         n_local = len(next(iter(v for v in batch.values())))
         rand = BatchRandom(cfg.seed, self.pos.micro, range(d.rank * n_local, (d.rank + 1) * n_local))
+        if not self.task.diffusion:  # e.g. an autoencoder: the task computes its own per-sample loss
+            no_sync = getattr(self.wrapped, "no_sync", None)
+            with no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext():
+                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    per_sample = self.task.loss(self.wrapped, batch, rand).float()
+                (per_sample.mean() / cfg.grad_accum_steps).backward()
+            all_loss = D.all_cat(per_sample.detach(), d)
+            return all_loss, all_loss
         t = rand.uniform().mul(-1).add(1).add(0.001).clamp(0.001, 1.0)  # official random t
         x0, inputs = self.task.inputs(batch, rand)
         noise = self.task.noise(x0, rand)

@@ -88,3 +88,10 @@ def pyramid_noise(noise: torch.Tensor, generator: torch.Generator | None = None,
 def loss_weight(kind: str) -> AdaptiveLossWeight | P2LossWeight:
     """``"p2"`` or ``"adaptive"``."""
     return AdaptiveLossWeight() if kind == "adaptive" else P2LossWeight()
+
+
+def pyramid_noise_per_sample(x0: torch.Tensor, rand) -> torch.Tensor:
+    """Pyramid noise like ``x0``, each sample drawn from its own generator of ``rand`` (a :class:`~.rng.BatchRandom`),
+    so that it does not depend on how the batch is split between processes."""
+    return torch.cat([pyramid_noise(torch.randn(1, *x0.shape[1:], generator=g), generator=g)
+                      for g in rand.samples]).to(x0.dtype)

@@ -18,6 +18,8 @@ TASKS: dict[str, str] = {
     "lora": "codec.generation.finetune.lora_task:LoraTask",
     "stage-b": "codec.generation.finetune.stage_b_task:StageBTask",
     "controlnet": "codec.generation.finetune.controlnet_task:ControlNetTrainingTask",
+    "stage-a": "codec.generation.finetune.codec_tasks:StageATask",
+    "codec": "codec.generation.finetune.codec_tasks:CodecTask",
 }
 
 

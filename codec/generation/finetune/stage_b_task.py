@@ -28,7 +28,7 @@ from ...stage_a import StageA
 from ...stage_b import STAGE_B_PRESETS, StageB
 from .conditions import TextSource
 from .config import ConfigError, Section
-from .objectives import pyramid_noise
+from .objectives import pyramid_noise_per_sample
 from .preview import save_collage
 from .rng import BatchRandom
 from .task import Task, load_trainable_model, model_config, read_state
@@ -110,8 +110,7 @@ class StageBTask(Task):
     def noise(self, x0: torch.Tensor, rand: BatchRandom) -> torch.Tensor:
         if not self.options.pyramid_noise:
             return super().noise(x0, rand)
-        return torch.cat([pyramid_noise(torch.randn(1, *x0.shape[1:], generator=g), generator=g)
-                          for g in rand.samples]).to(x0.dtype)
+        return pyramid_noise_per_sample(x0, rand)
 
     def export(self, state: dict[str, torch.Tensor], path: Path) -> None:
         W.save_state(state, path, config=self.model_config, note="Stage B fine-tuned with cascade-codec")

@@ -39,6 +39,11 @@ class Task:
     section: ClassVar[str | None] = None
     section_model: ClassVar[type[BaseModel] | None] = None
 
+    # False for tasks that are not epsilon-prediction (an autoencoder): the loop then calls :meth:`loss`.
+    diffusion: ClassVar[bool] = True
+    # True for models trained from scratch with BatchNorm: their buffers are checkpointed with the weights.
+    save_buffers: ClassVar[bool] = False
+
     def __init__(self, cfg: TrainConfig, section: BaseModel | None, d: Dist, source: str = "config"):
         self.cfg, self.options, self.d, self.source = cfg, section, d, source
 
@@ -48,6 +53,10 @@ class Task:
 
     def inputs(self, batch: dict[str, Any], rand: BatchRandom) -> tuple[torch.Tensor, dict[str, Any]]:
         """Clean latents and model inputs for a local batch."""
+        raise NotImplementedError
+
+    def loss(self, module: nn.Module, batch: dict[str, Any], rand: BatchRandom) -> torch.Tensor:
+        """Per-sample loss ``(B,)`` of a task with ``diffusion = False`` (autoencoders)."""
         raise NotImplementedError
 
     def noise(self, x0: torch.Tensor, rand: BatchRandom) -> torch.Tensor:
@@ -98,7 +107,7 @@ def load_trainable_model(cls: type[nn.Module], presets: dict[str, Any], tiny: di
     elif m.preset is not None:
         if m.preset not in presets:
             raise ConfigError(f"{source}: model.preset {m.preset!r} is not one of {sorted(presets) + ['tiny']}.")
-        preset = asdict(presets[m.preset])
+        preset = copy.deepcopy(presets[m.preset]) if isinstance(presets[m.preset], dict) else asdict(presets[m.preset])
     preset.update(m.config)
     if m.checkpoint:
         model, _ = W.load_configured(cls, m.checkpoint, preset or None, torch.float32, "cpu")
@@ -107,7 +116,8 @@ def load_trainable_model(cls: type[nn.Module], presets: dict[str, Any], tiny: di
             raise ConfigError(f"{source}: give model.checkpoint (weights to fine-tune) or model.preset to train "
                               "from scratch.")
         model = cls(**preset)
-        model.init_weights()
+        if hasattr(model, "init_weights"):
+            model.init_weights()
     if m.dropout is not None:
         for sub in model.modules():
             if isinstance(sub, nn.Dropout):
@@ -123,5 +133,5 @@ def read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:
-    """The constructor arguments recorded by our models (``model.config`` dataclass)."""
-    return asdict(model.config)
+    """The constructor arguments recorded by our models (``model.config``: a dataclass or a dict)."""
+    return dict(model.config) if isinstance(model.config, dict) else asdict(model.config)

@@ -1,0 +1,232 @@
+"""Training the codec itself from images, from scratch: Stage A (``stage-a``) and the encoder with Stage B
+(``codec``). The official release has no Stage A training and trains Stage B against a frozen, ImageNet-pretrained
+EfficientNetV2-S; with no such weights offline, ``codec`` trains the encoder jointly with Stage B instead.
+
+Data: ``data.images`` (a folder, manifest or tar shards), each image short side → ``data.image_size`` and centre
+crop; every step takes a random ``crop``² window of each image and flips it half of the time, drawn from the
+per-sample generators of :mod:`.rng` (so a resumed run sees the same crops).
+
+``stage-a`` (not epsilon-prediction; the loop calls :meth:`StageATask.loss`): per sample
+``l1·|x̂−x| + ssim·(1−SSIM(x̂,x))``, x̂ decoded from the continuous latent — the latent Stage B generates and the
+codec decodes (unquantised). ``quantize: true`` trains through the vector quantiser instead (straight-through, plus
+``vq·(codebook + 0.25·commitment)``), as a VQGAN is; on the mini codec's small data it collapsed to a few codes
+within 500 updates, so the mini Stage A is trained without it (its codebook stays as initialised). No perceptual
+(LPIPS) or adversarial term: LPIPS needs ImageNet VGG/AlexNet weights, which cannot be had offline here — the
+documented, simpler recipe.
+
+``codec``: x0 = the frozen Stage A's latent of the crop; the encoder sees the crop nearest-resized to
+``encoder_fraction`` of its side (as :meth:`codec.Codec.encode` does), its latent conditions Stage B, dropped
+(zeros) for ``1 − encoder_keep`` of the samples so that classifier-free guidance works; the text condition is the
+constant vector written as ``clip_pooled_empty.safetensors`` (zeros); pyramid noise as the official Stage B.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from ... import weights as W
+from ...effnet import EFFNET_PRESETS, EfficientNetEncoder
+from ...stage_a import STAGE_A_PRESETS, StageA
+from ...stage_b import STAGE_B_PRESETS, StageB
+from .config import ConfigError, Section
+from .objectives import pyramid_noise_per_sample
+from .preview import save_collage
+from .rng import BatchRandom
+from .task import Task, load_trainable_model, model_config, read_state
+
+
+def random_crops(images: torch.Tensor, side: int, rand: BatchRandom) -> torch.Tensor:
+    """A random ``side``² window of each image ``(B,3,H,W)``, flipped left-right with probability 1/2; positions
+    and flips from each sample's own generator."""
+    out = []
+    h, w = images.shape[-2:]
+    if side > min(h, w):
+        raise ConfigError(f"crop {side} is larger than the training images ({h}×{w}); raise data.image_size")
+    for x, g in zip(images, rand.samples):
+        top = int(torch.randint(0, h - side + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - side + 1, (1,), generator=g))
+        x = x[:, top:top + side, left:left + side]
+        out.append(x.flip(-1) if float(torch.rand(1, generator=g)) < 0.5 else x)
+    return torch.stack(out).float()
+
+
+class _ImageTask(Task):
+    """Shared by the codec tasks: images from ``data.images``, BatchNorm statistics saved with the weights."""
+
+    save_buffers = True
+    store_fields = ()
+    required_fields = ()
+
+    def dataset(self) -> Any:
+        """The images of ``data.images`` (short side → ``data.image_size``, centre crop)."""
+        from datasets_tools.image_dataset import ImageDataset
+
+        if self.cfg.data.images is None:
+            raise ConfigError(f"{self.source}: task {self.name} trains from images; set data.images to a folder, "
+                              "manifest or .tar shards of images.")
+        return ImageDataset(self.cfg.data.images, size=self.cfg.data.image_size)
+
+    def import_(self, path: Path) -> dict[str, torch.Tensor]:
+        return read_state(path)
+
+
+class StageASection(Section):
+    """``stage_a:`` section: crop side and loss weights."""
+
+    crop: int = Field(128, ge=16, multiple_of=8, description="training window side in pixels")
+    l1: float = Field(1.0, ge=0)
+    ssim: float = Field(0.2, ge=0, description="weight of 1 − SSIM (torchmetrics, Gaussian 11×11)")
+    quantize: bool = Field(False, description="train through the vector quantiser (VQGAN); off: a continuous "
+                                              "autoencoder, as Stage B's latents are decoded unquantised")
+    vq: float = Field(1.0, ge=0, description="weight of the codebook + 0.25·commitment loss (with quantize)")
+
+
+class StageATask(_ImageTask):
+    """Stage A (VQGAN-style autoencoder) from scratch on images."""
+
+    name = "stage-a"
+    section = "stage_a"
+    section_model = StageASection
+    diffusion = False
+
+    def build(self, dataset: Any) -> nn.Module:
+        from ...tiny import TINY_STAGE_A
+
+        self.dataset_ref = dataset
+        model = load_trainable_model(StageA, STAGE_A_PRESETS, TINY_STAGE_A, self.cfg, self.source)
+        self.model_config = model_config(model)
+        return model
+
+    def inputs(self, batch: dict[str, Any], rand: BatchRandom) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError("stage-a is trained through loss()")
+
+    def loss(self, module: nn.Module, batch: dict[str, Any], rand: BatchRandom) -> torch.Tensor:
+        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+        o = self.options
+        x = random_crops(batch["images"], o.crop, rand).to(self.d.device)
+        rec, vq = module(x, quantize=o.quantize)
+        rec = rec.float()
+        per_sample = o.l1 * (rec - x).abs().mean(dim=(1, 2, 3))
+        if o.quantize:
+            per_sample = per_sample + o.vq * vq.float()
+        if o.ssim:
+            per_sample = per_sample + o.ssim * (1 - ssim(rec, x, data_range=1.0, reduction="none"))
+        return per_sample
+
+    def export(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        W.save_state(state, path, config=self.model_config, note="Stage A trained from scratch with cascade-codec")
+
+    @torch.no_grad()
+    def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
+        from .data import collate
+
+        n = min(self.cfg.preview.n, len(self.dataset_ref))
+        x = collate([self.dataset_ref[i] for i in range(n)])["images"].float().to(self.d.device)
+        return save_collage([x, module(x, quantize=self.options.quantize)[0].clamp(0, 1)], path)
+
+
+class CodecSection(Section):
+    """``codec:`` section: the frozen Stage A, the encoder architecture and the Stage B recipe."""
+
+    stage_a: str = Field(description="trained Stage A file (safetensors with its config), kept frozen")
+    encoder_preset: str = Field("efficientnet_mini", description="encoder architecture (codec.effnet.EFFNET_PRESETS)")
+    crop: int = Field(256, ge=32, multiple_of=32, description="training window side in pixels (the native size)")
+    encoder_fraction: float = Field(0.75, gt=0, le=1, description="encoder input side / crop side (official 0.75)")
+    encoder_keep: float = Field(0.9, ge=0, le=1, description="share of samples whose encoder latent is kept")
+    pyramid_noise: bool = True
+
+
+class JointCodec(nn.Module):
+    """The encoder and Stage B as one trained module: ``forward(x_t, r, images, keep, clip)`` predicts epsilon
+    with Stage B conditioned on the encoder's latent of ``images`` (times ``keep``, 0 or 1 per sample)."""
+
+    def __init__(self, effnet: EfficientNetEncoder, stage_b: StageB):
+        super().__init__()
+        self.effnet, self.stage_b = effnet, stage_b
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, images: torch.Tensor, keep: torch.Tensor,
+                clip: torch.Tensor) -> torch.Tensor:
+        """Epsilon prediction (see the class docstring)."""
+        effnet = self.effnet.encode(images) * keep.view(-1, 1, 1, 1).to(images)
+        return self.stage_b(x, r, effnet, clip)
+
+
+class CodecTask(_ImageTask):
+    """The encoder and Stage B, jointly from scratch, on the latents of a frozen Stage A."""
+
+    name = "codec"
+    section = "codec"
+    section_model = CodecSection
+
+    def build(self, dataset: Any) -> nn.Module:
+        o = self.options
+        if o.encoder_preset not in EFFNET_PRESETS:
+            raise ConfigError(f"{self.source}: codec.encoder_preset {o.encoder_preset!r} is not one of "
+                              f"{sorted(EFFNET_PRESETS)}.")
+        if not Path(o.stage_a).is_file():
+            raise ConfigError(f"{self.source}: codec.stage_a {o.stage_a} does not exist; train Stage A first "
+                              "(`cascade train stage-a ...`) and export it.")
+        self.stage_a, _ = W.load_configured(StageA, o.stage_a, None, torch.float32, self.d.device)
+        self.stage_a.eval().requires_grad_(False)
+        torch.manual_seed(self.cfg.seed)
+        effnet = EfficientNetEncoder(**EFFNET_PRESETS[o.encoder_preset])
+        from ...tiny import TINY_STAGE_B
+
+        stage_b = load_trainable_model(StageB, STAGE_B_PRESETS, TINY_STAGE_B, self.cfg, self.source)
+        self.configs = {"effnet": dict(effnet.config), "stage_b": model_config(stage_b)}
+        self.dataset_ref = dataset
+        return JointCodec(effnet, stage_b).train().requires_grad_(True)
+
+    def _conditions(self, images: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        o = self.options
+        with torch.no_grad():
+            x0 = self.stage_a.encode(images)
+        side = max(32, int(images.shape[-1] * o.encoder_fraction) // 32 * 32)
+        small = F.interpolate(images, size=(side, side), mode="nearest")
+        clip = torch.zeros(images.shape[0], 1, self.configs["stage_b"]["c_clip"], device=images.device)
+        return x0, {"images": small, "keep": keep.float().to(images.device), "clip": clip}
+
+    def inputs(self, batch: dict[str, Any], rand: BatchRandom) -> tuple[torch.Tensor, dict[str, Any]]:
+        images = random_crops(batch["images"], self.options.crop, rand).to(self.d.device)
+        return self._conditions(images, rand.uniform() < self.options.encoder_keep)
+
+    def noise(self, x0: torch.Tensor, rand: BatchRandom) -> torch.Tensor:
+        return pyramid_noise_per_sample(x0, rand) if self.options.pyramid_noise else super().noise(x0, rand)
+
+    def export(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        W.save_state(state, path, config=self.configs,
+                     note="encoder + Stage B trained jointly from scratch with cascade-codec (effnet.*, stage_b.*)")
+
+    @torch.no_grad()
+    def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
+        from ...diffusion import sample
+        from .data import collate
+
+        n = min(self.cfg.preview.n, len(self.dataset_ref))
+        images = collate([self.dataset_ref[i] for i in range(n)])["images"].float().to(self.d.device)
+        images = images[..., :self.options.crop, :self.options.crop]
+        x0, cond = self._conditions(images, torch.ones(n, dtype=torch.bool))
+        eff = module.effnet.encode(cond["images"])
+        z = sample(module.stage_b, {"effnet": eff, "clip": cond["clip"]}, shape=tuple(x0.shape),
+                   uncond={"effnet": torch.zeros_like(eff), "clip": cond["clip"]}, steps=10, cfg=1.1,
+                   generator=torch.Generator().manual_seed(self.cfg.seed), device=self.d.device)
+        return save_collage([images, self.stage_a.decode(x0).clamp(0, 1), self.stage_a.decode(z).clamp(0, 1)], path)
+
+
+def split_codec_state(path: str | Path) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """A ``codec`` task's weights file → ``{"effnet": (state, config), "stage_b": (state, config)}`` under each
+    model's own (official) key names."""
+    import json
+
+    header = W.read_header(path)
+    configs = json.loads(header.metadata[W.META_CONFIG])
+    state = dict(W.iter_tensors(header, torch.float32))
+    return {part: ({k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}, configs[part])
+            for part in ("effnet", "stage_b")}

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""Turn the mini codec's training runs into the files the package ships (codec/mini/, the official file layout).
+
+    python scripts/export_mini.py stage-a out/mini/stage_a out/mini/stage_a.safetensors
+        Stage A from its run's checkpoint, with its scale factor calibrated: the std of its (unscaled) latents over
+        the training tiles, so that Stage B sees unit-variance latents as the official 0.43 gives the official one.
+    python scripts/export_mini.py codec out/mini/codec out/mini/stage_a.safetensors codec/mini
+        stage_a.safetensors, effnet_encoder.safetensors, stage_b_mini.safetensors and clip_pooled_empty.safetensors
+        (the constant text condition Stage B was trained with: zeros) into the folder.
+
+Both read ``OUTPUT_DIR/checkpoint/model.safetensors`` of a `cascade train` run (the latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MINI_NOTE = ("cascade-codec mini codec: trained from scratch by this project on Debian's freely licensed photos "
+             "(codec/mini/MODEL_CARD.md); 256² native; NOT Stable Cascade and far below its quality")
+
+
+def _checkpoint(run: Path) -> Path:
+    from codec.generation.finetune import checkpoint as ckpt
+
+    path = ckpt.checkpoint_dir(run) / ckpt.MODEL_FILE
+    if not path.is_file():
+        raise SystemExit(f"export_mini: {path} does not exist; train first (see configs/mini/*.yaml)")
+    return path
+
+
+def export_stage_a(run: Path, out: Path, images: Path, n: int = 64) -> float:
+    """Write Stage A of ``run`` to ``out`` with the scale factor calibrated on ``n`` images of ``images``;
+    returns the scale factor."""
+    from codec import weights as W
+    from codec.stage_a import StageA
+    from datasets_tools.image_dataset import ImageDataset
+
+    src = _checkpoint(run)
+    model, header = W.load_configured(StageA, src, None, torch.float32, "cpu")
+    data = ImageDataset(images, size=256)
+    step = max(1, len(data) // n)
+    x = torch.stack([data[i]["images"] for i in range(0, len(data), step)][:n])
+    with torch.no_grad():
+        z = torch.cat([model.encode(b) * model.scale_factor for b in x.split(8)])
+    scale = round(float(z.std()), 4)
+    config = {**header.config, "scale_factor": scale}
+    state = dict(W.iter_tensors(header, torch.float32))
+    W.save_state(state, out, config=config, note=MINI_NOTE)
+    print(f"{out}: Stage A, latent std over {len(x)} images {scale} → scale_factor {scale}")
+    return scale
+
+
+def export_codec(run: Path, stage_a: Path, folder: Path) -> None:
+    """Write the four files of the mini codec into ``folder``."""
+    from codec import weights as W
+    from codec.generation.finetune.codec_tasks import split_codec_state
+
+    parts = split_codec_state(_checkpoint(run))
+    folder.mkdir(parents=True, exist_ok=True)
+    header = W.read_header(stage_a)
+    W.save_state(dict(W.iter_tensors(header, torch.float32)), folder / W.STAGE_A_FILE,
+                 config=json.loads(header.metadata[W.META_CONFIG]), note=MINI_NOTE)
+    state, config = parts["effnet"]
+    W.save_state(state, folder / W.EFFNET_FILE, config=config, note=MINI_NOTE)
+    state, config = parts["stage_b"]
+    W.save_state(state, folder / W.STAGE_B_FILES["mini"]["fp32"], config=config, note=MINI_NOTE)
+    W.save_state({"pooled": torch.zeros(1, 1, config["c_clip"])}, folder / W.EMPTY_CAPTION_FILE,
+                 note="the mini codec's constant text condition (zeros; it has no text encoder)")
+    for f in sorted(folder.glob("*.safetensors")):
+        print(f"{f}: {f.stat().st_size:,} bytes")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="what", required=True)
+    a = sub.add_parser("stage-a", help="Stage A with a calibrated scale factor")
+    a.add_argument("run", type=Path, help="output_dir of `cascade train stage-a`")
+    a.add_argument("out", type=Path, help="the Stage A file to write")
+    a.add_argument("--images", type=Path, default=ROOT / "data" / "photos" / "train-256",
+                   help="training images to calibrate the scale factor on (default: data/photos/train-256)")
+    c = sub.add_parser("codec", help="the package's files")
+    c.add_argument("run", type=Path, help="output_dir of `cascade train codec`")
+    c.add_argument("stage_a", type=Path, help="the Stage A file written by `export_mini.py stage-a`")
+    c.add_argument("folder", type=Path, help="where to write (codec/mini to ship it)")
+    args = ap.parse_args(argv)
+    if args.what == "stage-a":
+        export_stage_a(args.run, args.out, args.images)
+    else:
+        export_codec(args.run, args.stage_a, args.folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

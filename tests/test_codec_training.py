@@ -1,0 +1,126 @@
+"""Training the codec from scratch (tiny configs): `stage-a` and `codec` tasks, resume with BatchNorm statistics,
+the scaled encoder presets, and the export into the shipped file layout."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from codec import weights as W
+from codec.effnet import EFFNET_PRESETS, EfficientNetEncoder
+from codec.generation.finetune import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Eight 64² crops of the sample photos (real images, small)."""
+    folder = tmp_path_factory.mktemp("images")
+    for i, path in enumerate(sorted((ROOT / "scripts" / "samples").glob("*.jpg"))):
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            for j, box in enumerate([(0, 0, 200, 200), (100, 100, 300, 300)]):
+                im.crop(box).resize((64, 64), Image.BICUBIC).save(folder / f"{i}_{j}.png")
+    return folder
+
+
+def stage_a_config(out, images, **over):
+    cfg = {"output_dir": str(out), "data": {"images": str(images), "image_size": 64}, "batch_size": 4,
+           "max_steps": 6, "model": {"preset": "tiny"}, "mixed_precision": "no", "log": {"every": 1},
+           "optim": {"lr": 3e-3, "warmup_updates": 0}, "checkpoint": {"save_every": 2},
+           "stage_a": {"crop": 32}}
+    cfg.update(over)
+    return cfg
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+class Kill(Exception):
+    pass
+
+
+def test_stage_a_learns_and_resumes_bit_identically_with_batchnorm_statistics(tmp_path, images):
+    train("stage-a", stage_a_config(tmp_path / "a", images, max_steps=12), echo=None)
+    losses = [r["loss"] for r in read_log(tmp_path / "a")]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+    def kill(step):
+        if step == 5:
+            raise Kill
+
+    with pytest.raises(Kill):
+        train("stage-a", stage_a_config(tmp_path / "b", images, max_steps=12), hook=kill, echo=None)
+    train("stage-a", stage_a_config(tmp_path / "b", images, max_steps=12), echo=None)
+    a = load_file(tmp_path / "a/checkpoint/model.safetensors")
+    b = load_file(tmp_path / "b/checkpoint/model.safetensors")
+    bn = [k for k in a if "running_mean" in k]
+    assert bn, "BatchNorm statistics must be saved with the weights"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the file is a Stage A weights file with its config: it loads as one
+    from codec.stage_a import StageA
+
+    model, header = W.load_configured(StageA, tmp_path / "a/checkpoint/model.safetensors", None, torch.float32, "cpu")
+    assert header.config["c_hidden"] == 32 and model.encode(torch.rand(1, 3, 32, 32)).shape == (1, 4, 8, 8)
+
+
+def test_stage_a_vq_option_trains_through_the_quantiser(tmp_path, images):
+    train("stage-a", stage_a_config(tmp_path, images, max_steps=2, stage_a={"crop": 32, "quantize": True}), echo=None)
+    assert all(r["loss"] > 0 for r in read_log(tmp_path))
+
+
+def test_scaled_encoder_preset_round_trips_and_default_is_torchvision_v2_s(tmp_path):
+    import torchvision
+
+    official = EfficientNetEncoder()
+    ref = torchvision.models.efficientnet_v2_s(weights=None).features
+    assert [k for k in official.backbone.state_dict()] == list(ref.state_dict())
+    mini = EfficientNetEncoder(**EFFNET_PRESETS["efficientnet_mini"])
+    assert mini(torch.rand(1, 3, 192, 192)).shape == (1, 16, 6, 6)
+    assert sum(p.numel() for p in mini.parameters()) < sum(p.numel() for p in official.parameters()) / 20
+    path = W.save_module(mini, tmp_path / "e.safetensors", config=mini.config)
+    back, _ = W.load_configured(EfficientNetEncoder, path, None, torch.float32, "cpu")
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(back(x), mini.eval()(x))
+
+
+def test_codec_task_trains_encoder_and_stage_b_and_exports_the_package_layout(tmp_path, images):
+    from codec import Codec
+    from codec.stage_a import StageA
+    from codec.tiny import TINY_STAGE_A
+
+    stage_a = W.save_module(StageA(**TINY_STAGE_A), tmp_path / "stage_a_run.safetensors", config=TINY_STAGE_A)
+    cfg = {"output_dir": str(tmp_path / "c"), "data": {"images": str(images), "image_size": 64}, "batch_size": 4,
+           "max_steps": 3, "model": {"preset": "tiny"}, "mixed_precision": "no", "log": {"every": 1},
+           "checkpoint": {"save_every": 3},
+           "codec": {"stage_a": str(stage_a), "crop": 64, "encoder_preset": "efficientnet_mini"}}
+    before = EfficientNetEncoder(**EFFNET_PRESETS["efficientnet_mini"])
+    train("codec", cfg, echo=None)
+    log = read_log(tmp_path / "c")
+    assert len(log) == 3 and all(r["loss"] > 0 for r in log)
+    state = load_file(tmp_path / "c/checkpoint/model.safetensors")
+    assert any(k.startswith("effnet.") for k in state) and any(k.startswith("stage_b.") for k in state)
+    # the encoder really trained (its weights moved from any fresh initialisation's scale)
+    w = state["effnet.backbone.0.0.weight"]
+    assert w.shape == before.backbone[0][0].weight.shape
+
+    out = tmp_path / "pkg"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts/export_mini.py"), "codec", str(tmp_path / "c"),
+                        str(stage_a), str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in out.glob("*.safetensors")} == {
+        W.STAGE_A_FILE, W.EFFNET_FILE, "stage_b_mini.safetensors", W.EMPTY_CAPTION_FILE}
+    codec = Codec.from_pretrained(out, device="cpu")  # the mini Stage B is found without naming its size
+    assert codec.stage_b.config.c_hidden == [8, 16, 32, 32]
+    z = codec.encode(torch.rand(1, 3, 64, 64))
+    assert z.shape == (1, 16, 1, 1)
+    assert torch.equal(codec.effnet.mapper[0].weight, state["effnet.mapper.0.weight"])
+    img = codec.decode(z, steps=2, output="tensor")
+    assert img.shape == (1, 3, 43, 43) and torch.isfinite(img).all()
