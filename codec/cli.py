@@ -600,7 +600,7 @@ CODEC_HELP = ("Codec to run, FAMILY[:key=value,…]; repeat for several. A key w
 @click.option("--no-lpips", is_flag=True, help="Do not compute LPIPS.")
 @click.option("--no-fid", is_flag=True, help="Do not compute rFID.")
 @click.option("--grid-images", type=click.IntRange(0), default=3, show_default=True,
-              help="Images shown in grid.png (the first N), each beside every codec's reconstruction with a "
+              help="Images shown in grid.png (N spread evenly over the set), each beside every codec's reconstruction with a "
                    "zoomed centre crop; 0: no grid.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads for torch (default: torch's choice); on a busy machine 1 is often faster.")

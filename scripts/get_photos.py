@@ -233,8 +233,13 @@ def main(argv=None) -> int:
     lines = ["# Photographs and their licences", "",
              "From Debian packages (downloaded with `apt-get download`, unpacked with `dpkg-deb -x`) by "
              "`scripts/get_photos.py`. Licence and copyright from each package's `usr/share/doc/PKG/copyright`. "
-             f"`crops-{args.crop_size}/` holds {len(crops)} tiles cut from these files at 1:1 scale "
-             "(same licences as their originals; `manifest.json` lists each tile's original and box).", "",
+             + (f"`crops-{args.crop_size}/` holds {len(crops)} tiles cut from these files at 1:1 scale. "
+                if args.crop_size else "")
+             + (f"{len(scaled)} tiles of resized copies are in " + ", ".join(
+                 f"`{split}-{side}/`" for side in args.scaled_tiles for split in ("train", "heldout")) + ". "
+                if scaled else "")
+             + "Tiles have the licences of their originals; `manifest.json` lists each tile's original, box and "
+               "split (every --holdout-th photograph is held out).", "",
              "| file | package (version) | licence | copyright / author |", "|---|---|---|---|"]
     for r in records:
         extra = f" (metadata.json: {r['metadata_licence']})" if r.get("metadata_licence") else ""

@@ -277,6 +277,15 @@ def test_report_schema_plot_and_grid(photos, tmp_path):
         validate_summary({"schema": "something else"})
 
 
+def test_grid_images_are_spread_over_the_set(photos, tmp_path):
+    from benchmarks.recon.run import grid_indices
+
+    assert grid_indices(100, 3) == {0, 33, 66} and grid_indices(2, 3) == {0, 1} and grid_indices(5, 0) == set()
+    run_recon(run_cfg(photos, tmp_path / "r", codecs=["bicubic"]), log=lambda m: None)
+    shown = sorted(p.name for p in (tmp_path / "r" / "grid_images").glob("*_original.png"))
+    assert shown == ["00000_original.png", "00002_original.png"]  # 2 of the 4 photos: the 1st and the 3rd
+
+
 def test_grid_size():
     rows = [GridRow("a", torch.zeros(3, 64, 64, dtype=torch.uint8), [(torch.zeros(3, 64, 64, dtype=torch.uint8),
                                                                       "c")] * 2),

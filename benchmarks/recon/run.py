@@ -240,8 +240,8 @@ def run_recon(cfg: ReconConfig, log: Callable[[str], None] = print, fid_extracto
             if item.error is not None:
                 skipped.append({"id": item.id, "source": item.source, "reason": item.error})
             else:
-                _measure_image(item, codecs, writer, lp, fid, folder.path / GRID_DIR, cfg.grid_images, device, bar,
-                               warmup)
+                _measure_image(item, codecs, writer, lp, fid, folder.path / GRID_DIR,
+                               grid_indices(len(ds), cfg.grid_images), device, bar, warmup)
                 warmup = False
             done = item.index + 1
             bar.update(1)
@@ -255,11 +255,18 @@ def run_recon(cfg: ReconConfig, log: Callable[[str], None] = print, fid_extracto
     return _finish(cfg, ds, codecs, lp_status, fid_status, fid, skipped, folder.path, device)
 
 
-def _measure_image(item, codecs, writer: CsvWriter, lp, fid, grid_dir: Path, grid_images: int, device: str,
+def grid_indices(total: int, n: int) -> set[int]:
+    """The images shown in the grid: ``n`` spread evenly over the ``total`` of the set (first, …, near the last),
+    so that a folder listed photo by photo shows several photos."""
+    n = min(n, total)
+    return {i * total // n for i in range(n)} if n else set()
+
+
+def _measure_image(item, codecs, writer: CsvWriter, lp, fid, grid_dir: Path, grid: set[int], device: str,
                    bar, warmup: bool) -> None:
     ref = item.image
     height, width = ref.shape[-2:]
-    keep = item.index < grid_images
+    keep = item.index in grid
     if keep:
         Image.fromarray(ref.permute(1, 2, 0).numpy()).save(grid_dir / f"{item.index:05d}_original.png")
     if fid is not None:
@@ -327,7 +334,7 @@ def _finish(cfg: ReconConfig, ds, codecs, lp_status, fid_status, fid, skipped, o
         "files": {"csv": CSV_NAME, "summary": SUMMARY_NAME, "table": TABLE_NAME, "grid": None, "plot": None},
     }
     if cfg.grid_images and images["n"]:
-        grid = _grid(out, codecs, summary)
+        grid = _grid(out, codecs, summary, grid_indices(len(ds), cfg.grid_images))
         if grid is not None:
             summary["files"]["grid"] = GRID_FILE
     if has_sweep(summary) and rate_quality_plot(summary, out / PLOT_FILE) is not None:
@@ -338,14 +345,13 @@ def _finish(cfg: ReconConfig, ds, codecs, lp_status, fid_status, fid, skipped, o
     return summary
 
 
-def _grid(out: Path, codecs, summary: dict[str, Any]) -> Path | None:
+def _grid(out: Path, codecs, summary: dict[str, Any], shown: set[int]) -> Path | None:
     grid_dir = out / GRID_DIR
     captions: dict[tuple[int, str], str] = {}
     ids: dict[int, str] = {}
-    n = summary["config"]["grid_images"]
     for row in read_rows(out / CSV_NAME):
-        if row["image_index"] >= n:
-            break
+        if row["image_index"] not in shown:
+            continue
         ids[row["image_index"]] = row["image_id"]
         captions[(row["image_index"], row["codec"])] = f"PSNR {row['psnr']:.2f} dB, {row['bpp']:.3f} bpp"
     rows = []
