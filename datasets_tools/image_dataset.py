@@ -5,6 +5,11 @@ CSV/JSONL manifest, tar shards), decodes each item with :mod:`codec.images` and 
 :mod:`~datasets_tools.preprocess` policy (default ``center``: short side → ``size``, centre
 crop). Item ``i``: ``images`` ``(3,size,size)`` float in [0,1], ``caption``, ``id``. With the
 ``center`` policy every item is one bucket, so the training loop's bucket sampler applies.
+
+An unreadable image (corrupt, truncated, empty, not an image, decompression bomb) never stops a
+training run: item ``i`` is then the next readable one (``i+1``, ``i+2`` …, the same every time,
+so resumed runs see the same data), and the skipped file is recorded once per process as a JSON
+line ``{"id", "source", "reason"}`` in ``errors_file`` (when given) and on standard error.
 """
 
 from __future__ import annotations
@@ -23,7 +28,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     has_text_embeddings = False
 
-    def __init__(self, source: str | os.PathLike, size: int = 768, policy: str = "center"):
+    def __init__(self, source: str | os.PathLike, size: int = 768, policy: str = "center",
+                 errors_file: str | os.PathLike | None = None):
+        self.errors_file = None if errors_file is None else str(errors_file)
+        self._reported: set[str] = set()
         if policy != "center":
             raise ValueError(f"ImageDataset supports the 'center' policy only (one bucket per run), got {policy!r}")
         self.source, self.size, self.policy = str(source), size, policy
@@ -37,12 +45,31 @@ class ImageDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict[str, object]:
-        from codec.images import load_image, pil_to_tensor
+        from codec.images import ImageReadError, load_image, pil_to_tensor
 
-        sample = self.samples[i]
-        caption, _ = sample.read_caption()
-        pixels = pil_to_tensor(load_image(sample.read_bytes(), name=sample.source))
-        return {"images": preprocess(pixels, self.policy, self.size).pixels, "caption": caption, "id": sample.id}
+        for k in range(len(self.samples)):
+            sample = self.samples[(i + k) % len(self.samples)]
+            try:
+                pixels = pil_to_tensor(load_image(sample.read_bytes(), name=sample.source))
+            except (ImageReadError, OSError) as e:
+                self._skip(sample, str(e))
+                continue
+            caption, _ = sample.read_caption()
+            return {"images": preprocess(pixels, self.policy, self.size).pixels, "caption": caption, "id": sample.id}
+        raise SourceError(f"{self.source}: none of its {len(self.samples)} images can be read")
+
+    def _skip(self, sample, reason: str) -> None:
+        """Record an unreadable sample once per process (JSON line in ``errors_file``, and standard error)."""
+        import json
+        import sys
+
+        if sample.id in self._reported:
+            return
+        self._reported.add(sample.id)
+        print(f"skipped unreadable image {reason}", file=sys.stderr)
+        if self.errors_file is not None:
+            with open(self.errors_file, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"id": sample.id, "source": sample.source, "reason": reason}) + "\n")
 
     def bucket_indices(self) -> dict[str, np.ndarray]:
         """All indices in the one bucket (``HxW`` in pixels)."""

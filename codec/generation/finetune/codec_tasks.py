@@ -70,7 +70,9 @@ class _ImageTask(Task):
         if self.cfg.data.images is None:
             raise ConfigError(f"{self.source}: task {self.name} trains from images; set data.images to a folder, "
                               "manifest or .tar shards of images.")
-        return ImageDataset(self.cfg.data.images, size=self.cfg.data.image_size)
+        Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        return ImageDataset(self.cfg.data.images, size=self.cfg.data.image_size,
+                            errors_file=Path(self.cfg.output_dir) / "skipped.jsonl")
 
     def import_(self, path: Path) -> dict[str, torch.Tensor]:
         return read_state(path)

@@ -73,7 +73,9 @@ class ControlNetTrainingTask(StageCTask):
         if self.cfg.data.images is None:
             raise ConfigError(f"{self.source}: ControlNet training computes its controls from pixels; set "
                               "data.images to an image folder, a .csv/.jsonl manifest or .tar shards.")
-        return ImageDataset(self.cfg.data.images, size=self.cfg.data.image_size)
+        Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        return ImageDataset(self.cfg.data.images, size=self.cfg.data.image_size,
+                            errors_file=Path(self.cfg.output_dir) / "skipped.jsonl")
 
     def build(self, dataset: Any) -> nn.Module:
         from ...codec import load_encoder
