@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -307,3 +309,40 @@ def test_exported_controlnet_drives_the_pipeline(tmp_path, cnet_run_files):
     steered = pipe.generate("shapes", controlnet="canny", control_image=images / "img0.png", **kw).images
     assert plain.shape == steered.shape and torch.isfinite(steered).all()
     assert not torch.equal(plain, steered)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["inpainting", "super_resolution"])
+def test_every_kind_trains_through_the_loop_past_unreadable_images(tmp_path, cnet_run_files, kind):
+    """Inpainting (mask filter, saliency route for half the samples) and super-resolution (low-resolution latent)
+    train a few updates with the release layout as output; a corrupt and an empty file in data.images are
+    skipped and recorded, not fatal."""
+    import shutil
+
+    from codec.generation.finetune import train
+    from codec.generation.finetune.logs import read_log
+    from codec.tiny import write_tiny_controlnet
+
+    from codec import weights as W
+    from codec.generation import control_filters as CF
+
+    base, _, images = cnet_run_files
+    weights = tmp_path / "weights"
+    shutil.copytree(base, weights)
+    if kind == "inpainting":  # the training filter's saliency route (random weights)
+        W.save_module(fill_(CF.SaliencyNet(), 0).eval(), weights / CF.SALIENCY_FILE)
+    folder = tmp_path / "images"
+    shutil.copytree(images, folder)
+    (folder / "img1b.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (folder / "img2b.jpg").write_bytes(b"")
+    start = write_tiny_controlnet(tmp_path / "start", kind)
+    cfg = cnet_config(tmp_path / "run", (weights, start, folder), max_steps=2,
+                      controlnet={"kind": kind, "checkpoint": str(start)})
+    train("controlnet", cfg, echo=None)
+    log = read_log(tmp_path / "run")
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+    skipped = (tmp_path / "run" / "skipped.jsonl").read_text()
+    assert "img1b.png" in skipped and "img2b.jpg" in skipped
+    before = ControlNet.from_pretrained(start, kind, device="cpu").state_dict()
+    after = ControlNet.from_pretrained(tmp_path / "run/checkpoint/model.safetensors", kind, device="cpu").state_dict()
+    assert list(after) == list(before) and any(not torch.equal(before[k], after[k]) for k in before)
