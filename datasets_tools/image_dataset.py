@@ -6,7 +6,8 @@ CSV/JSONL manifest, tar shards), decodes each item with :mod:`codec.images` and 
 crop). Item ``i``: ``images`` ``(3,size,size)`` float in [0,1], ``caption``, ``id``. With the
 ``center`` policy every item is one bucket, so the training loop's bucket sampler applies.
 
-An unreadable image (corrupt, truncated, empty, not an image, decompression bomb) never stops a
+An unreadable image (corrupt, truncated, empty, not an image, decompression bomb), or one with a
+side below ``min_size`` (the official ControlNet recipe keeps images of at least 768²), never stops a
 training run: item ``i`` is then the next readable one (``i+1``, ``i+2`` …, the same every time,
 so resumed runs see the same data), and the skipped file is recorded once per process as a JSON
 line ``{"id", "source", "reason"}`` in ``errors_file`` (when given) and on standard error.
@@ -29,8 +30,9 @@ class ImageDataset(torch.utils.data.Dataset):
     has_text_embeddings = False
 
     def __init__(self, source: str | os.PathLike, size: int = 768, policy: str = "center",
-                 errors_file: str | os.PathLike | None = None):
+                 errors_file: str | os.PathLike | None = None, min_size: int = 0):
         self.errors_file = None if errors_file is None else str(errors_file)
+        self.min_size = min_size
         self._reported: set[str] = set()
         if policy != "center":
             raise ValueError(f"ImageDataset supports the 'center' policy only (one bucket per run), got {policy!r}")
@@ -50,23 +52,28 @@ class ImageDataset(torch.utils.data.Dataset):
         for k in range(len(self.samples)):
             sample = self.samples[(i + k) % len(self.samples)]
             try:
-                pixels = pil_to_tensor(load_image(sample.read_bytes(), name=sample.source))
+                image = load_image(sample.read_bytes(), name=sample.source)
             except (ImageReadError, OSError) as e:
                 self._skip(sample, str(e))
                 continue
+            if min(image.size) < self.min_size:
+                self._skip(sample, f"{sample.source}: too small: {image.width}×{image.height}, a side is below "
+                                   f"data.min_size {self.min_size}")
+                continue
+            pixels = pil_to_tensor(image)
             caption, _ = sample.read_caption()
             return {"images": preprocess(pixels, self.policy, self.size).pixels, "caption": caption, "id": sample.id}
         raise SourceError(f"{self.source}: none of its {len(self.samples)} images can be read")
 
     def _skip(self, sample, reason: str) -> None:
-        """Record an unreadable sample once per process (JSON line in ``errors_file``, and standard error)."""
+        """Record a skipped sample once per process (JSON line in ``errors_file``, and standard error)."""
         import json
         import sys
 
         if sample.id in self._reported:
             return
         self._reported.add(sample.id)
-        print(f"skipped unreadable image {reason}", file=sys.stderr)
+        print(f"skipped image {reason}", file=sys.stderr)
         if self.errors_file is not None:
             with open(self.errors_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps({"id": sample.id, "source": sample.source, "reason": reason}) + "\n")

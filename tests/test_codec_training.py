@@ -137,13 +137,16 @@ def test_unreadable_images_are_skipped_and_recorded_not_fatal(tmp_path, images):
     (folder / "0_0c_empty.jpg").write_bytes(b"")
     good = (folder / "1_0.png").read_bytes()
     (folder / "1_0b_truncated.png").write_bytes(good[: len(good) // 3])
-    ds = ImageDataset(folder, size=64, errors_file=tmp_path / "e.jsonl")
+    Image.new("RGB", (40, 90)).save(folder / "2_0b_small.png")
+    ds = ImageDataset(folder, size=64, errors_file=tmp_path / "e.jsonl", min_size=48)
     ids = [ds[i]["id"] for i in range(len(ds))]
     assert all("_0b_" not in x and "_0c_" not in x for x in ids)  # each bad one replaced by the next readable
     assert ids == [ds[i]["id"] for i in range(len(ds))]  # deterministically
     reasons = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
-    assert sorted(r["source"] for r in reasons) == ["0_0b_text.png", "0_0c_empty.jpg", "1_0b_truncated.png"]
-    assert {r["reason"].split(": ")[1] for r in reasons} == {"not an image", "empty file", "unreadable image"}
+    assert sorted(r["source"] for r in reasons) == ["0_0b_text.png", "0_0c_empty.jpg", "1_0b_truncated.png",
+                                                    "2_0b_small.png"]
+    assert {r["reason"].split(": ")[1] for r in reasons} == {"not an image", "empty file", "unreadable image",
+                                                             "too small"}
     # a whole training run goes through them and lists them in its output folder
     train("stage-a", stage_a_config(tmp_path / "run", folder, max_steps=3, batch_size=len(ds) - 1), echo=None)
     assert (tmp_path / "run" / "skipped.jsonl").is_file() and len(read_log(tmp_path / "run")) == 3

@@ -72,7 +72,7 @@ class _ImageTask(Task):
                               "manifest or .tar shards of images.")
         Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
         return ImageDataset(self.cfg.data.images, size=self.cfg.data.image_size,
-                            errors_file=Path(self.cfg.output_dir) / "skipped.jsonl")
+                            errors_file=Path(self.cfg.output_dir) / "skipped.jsonl", min_size=self.cfg.data.min_size)
 
     def import_(self, path: Path) -> dict[str, torch.Tensor]:
         return read_state(path)

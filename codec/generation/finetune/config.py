@@ -45,6 +45,8 @@ class DataSection(Section):
                                                     "folder, a .csv/.jsonl manifest or .tar shards")
     image_size: int = Field(768, ge=32, multiple_of=32,
                             description="images: short side to this size, then a centre square crop")
+    min_size: int = Field(0, ge=0, description="images: skip (and list in OUTPUT_DIR/skipped.jsonl) those with a "
+                                               "side below this (official ControlNet recipe: 768)")
     buckets: Optional[list[str]] = None
     num_workers: int = Field(0, ge=0)
     text: Literal["auto", "stored", "encoder"] = Field(

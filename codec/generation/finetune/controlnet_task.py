@@ -75,7 +75,7 @@ class ControlNetTrainingTask(StageCTask):
                               "data.images to an image folder, a .csv/.jsonl manifest or .tar shards.")
         Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
         return ImageDataset(self.cfg.data.images, size=self.cfg.data.image_size,
-                            errors_file=Path(self.cfg.output_dir) / "skipped.jsonl")
+                            errors_file=Path(self.cfg.output_dir) / "skipped.jsonl", min_size=self.cfg.data.min_size)
 
     def build(self, dataset: Any) -> nn.Module:
         from ...codec import load_encoder
