@@ -10,6 +10,7 @@ made even-sized (Stage B patchifies by 2) and the image is cropped back.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -137,8 +138,9 @@ class Codec:
     def __init__(self, stage_a: StageA, effnet: EfficientNetEncoder | None, stage_b: StageB, *,
                  empty_clip: torch.Tensor | None = None, source: W.WeightSource | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 components: dict[str, ComponentInfo] | None = None):
+                 components: dict[str, ComponentInfo] | None = None, sampling: dict[str, Any] | None = None):
         self.stage_a = stage_a
+        self.sampling = dict(sampling or {})  # Stage B's own sampler defaults (W.META_SAMPLING), e.g. x0_clamp
         self.effnet = effnet
         self.stage_b = stage_b
         self.empty_clip = empty_clip
@@ -203,8 +205,11 @@ class Codec:
         empty = None
         if src.has(W.EMPTY_CAPTION_FILE):
             empty = next(W.iter_tensors(W.read_header(src.path(W.EMPTY_CAPTION_FILE)), torch.float32, device))[1]
+        sampling = {}
+        if b_loc.layout == "official":
+            sampling = json.loads(src.header(b_loc.files[0]).metadata.get(W.META_SAMPLING, "{}"))
         return cls(stage_a, effnet, model_b, empty_clip=empty, source=src, device=device, dtype=dtype,
-                   components=components)
+                   components=components, sampling=sampling)
 
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
@@ -318,7 +323,8 @@ class Codec:
                cfg: float | None = 1.1, seed: int | None = 0, caption: str | Sequence[str] | None = None,
                clip: torch.Tensor | None = None, sampler: str = "ddpm", cfg_rho: float = 0.7, shift: float = 1.0,
                batch_size: int = 4, output: str = "pil", progress: Callable[[int, int], None] | None = None,
-               generator: torch.Generator | None = None) -> list[Image.Image] | torch.Tensor:
+               generator: torch.Generator | None = None, x0_clamp: float | None = None
+               ) -> list[Image.Image] | torch.Tensor:
         """EfficientNet latents ``(B,16,h,w)`` → images of ``height``×``width`` (default: h·32/0.75).
 
         Stage B samples a Stage A latent conditioned on the latents and on the pooled
@@ -327,9 +333,12 @@ class Codec:
         then one draw per DDPM step, batch by batch); ``None`` uses torch's global RNG.
         ``output``: ``"pil"`` (list of images) or ``"tensor"`` (``(B,3,H,W)`` in [0,1]).
         ``generator`` (a CPU generator) replaces ``seed`` to continue an RNG stream, as the
-        official pipeline does from Stage C into Stage B.
+        official pipeline does from Stage C into Stage B. ``x0_clamp`` (see :func:`sample`):
+        default none for the official models, the value the Stage B file names for others
+        (the built-in ``mini`` codec's).
         """
         latents = self.check_latents(latents)
+        x0_clamp = self.sampling.get("x0_clamp") if x0_clamp is None else x0_clamp
         n = latents.shape[0]
         dh, dw = default_output_size(*latents.shape[-2:])
         height, width = height or dh, width or dw
@@ -356,7 +365,7 @@ class Codec:
             uncond = {"effnet": torch.zeros_like(eff), "clip": uncond_clip[sl]} if cfg is not None else None
             z = sample(self.stage_b, cond, shape=(eff.shape[0], self.stage_b.config.c_in, ha, wa), uncond=uncond,
                        steps=steps, cfg=cfg, cfg_rho=cfg_rho, shift=shift, sampler=sampler, generator=generator,
-                       device=self.device,
+                       device=self.device, x0_clamp=x0_clamp,
                        callback=(lambda i, *_: progress(i + 1, steps)) if progress is not None else None)
             _check_finite(z, "Stage B")
             img = self.stage_a.decode(z.float()).float()

@@ -130,7 +130,8 @@ def sample(model: Callable[..., torch.Tensor], cond: Mapping[str, Any], shape: S
            sampler: str = "ddpm", eta: float | None = None, x_init: torch.Tensor | None = None,
            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
            cfg_t_stop: float | None = None, cfg_t_start: float | None = None,
-           schedule: CosineSchedule | None = None, callback: StepCallback | None = None) -> torch.Tensor:
+           schedule: CosineSchedule | None = None, callback: StepCallback | None = None,
+           x0_clamp: float | None = None) -> torch.Tensor:
     """Run the official sampler and return the last step's x0 prediction (fp32).
 
     ``model(x, r, **inputs)`` predicts epsilon. ``cond``/``uncond`` are the model's
@@ -140,7 +141,10 @@ def sample(model: Callable[..., torch.Tensor], cond: Mapping[str, Any], shape: S
     ``eta`` overrides. ``x_init`` starts from a given noised latent (image-to-image with
     ``t_start`` < 1); otherwise ``shape`` gives the noise shape. ``generator`` is a CPU
     generator; ``None`` uses torch's global CPU generator exactly as the official code.
-    ``callback(step, x0, x)`` sees every step (e.g. for previews).
+    ``callback(step, x0, x)`` sees every step (e.g. for previews). ``x0_clamp`` (not official; off by
+    default) clips each step's x0 prediction to ±``x0_clamp`` and re-derives epsilon from it, as the
+    original DDPM sampler clips images to [-1, 1]: it keeps an under-trained model's first, high-noise
+    steps (x0 = (x − b·ε)/a with a ≈ 0.01) from blowing up (used by the small built-in ``mini`` codec).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
@@ -188,6 +192,9 @@ def sample(model: Callable[..., torch.Tensor], cond: Mapping[str, Any], shape: S
         a, b = vp_scalers(logsnrs[i])
         a, b = _bcast(a, x), _bcast(b, x)
         x0 = (x - pred * b) / a
+        if x0_clamp is not None:
+            x0 = x0.clamp(-x0_clamp, x0_clamp)
+            pred = (x - a * x0) / b
         a_prev, b_prev = vp_scalers(logsnrs[i + 1])
         a_prev, b_prev = _bcast(a_prev, x), _bcast(b_prev, x)
         if eta > 0:

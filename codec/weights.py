@@ -48,7 +48,6 @@ STAGE_C_FILES = {
 EMPTY_CAPTION_FILE = "clip_pooled_empty.safetensors"
 
 
-
 @dataclass(frozen=True)
 class BuiltinModel:
     """A codec shipped inside the package: its folder (official file layout) and the output side it was trained at
@@ -68,6 +67,7 @@ BUILTIN_MODELS = {"mini": BuiltinModel(Path(__file__).resolve().parent / "mini",
 
 META_CONFIG = "cascade_codec.config"
 META_NOTE = "cascade_codec.note"
+META_SAMPLING = "cascade_codec.sampling"  # a model's own sampler defaults (JSON), e.g. the mini Stage B's x0_clamp
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -549,7 +549,8 @@ def save_module(model: nn.Module, path: str | os.PathLike, config: Mapping[str, 
 
 
 def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike, config: Mapping[str, Any] | None = None,
-               note: str | None = None, dtype: torch.dtype | None = None) -> Path:
+               note: str | None = None, dtype: torch.dtype | None = None,
+               extra_metadata: Mapping[str, str] | None = None) -> Path:
     """Save a state dict as safetensors (atomically), with a model config and a note in the metadata."""
     from safetensors.torch import save_file
 
@@ -562,6 +563,7 @@ def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike, confi
         metadata[META_CONFIG] = json.dumps(config)
     if note:
         metadata[META_NOTE] = note
+    metadata.update(extra_metadata or {})
     tmp = path.with_name(path.name + ".partial")
     save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, path)

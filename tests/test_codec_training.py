@@ -119,6 +119,7 @@ def test_codec_task_trains_encoder_and_stage_b_and_exports_the_package_layout(tm
         W.STAGE_A_FILE, W.EFFNET_FILE, "stage_b_mini.safetensors", W.EMPTY_CAPTION_FILE}
     codec = Codec.from_pretrained(out, device="cpu")  # the mini Stage B is found without naming its size
     assert codec.stage_b.config.c_hidden == [8, 16, 32, 32]
+    assert codec.sampling == {"x0_clamp": 3.0}  # the exported Stage B names its own sampler default
     z = codec.encode(torch.rand(1, 3, 64, 64))
     assert z.shape == (1, 16, 1, 1)
     assert torch.equal(codec.effnet.mapper[0].weight, state["effnet.mapper.0.weight"])
@@ -150,3 +151,19 @@ def test_unreadable_images_are_skipped_and_recorded_not_fatal(tmp_path, images):
     # a whole training run goes through them and lists them in its output folder
     train("stage-a", stage_a_config(tmp_path / "run", folder, max_steps=3, batch_size=len(ds) - 1), echo=None)
     assert (tmp_path / "run" / "skipped.jsonl").is_file() and len(read_log(tmp_path / "run")) == 3
+
+
+def test_sampler_x0_clamp_is_off_by_default_and_bounds_x0_when_set():
+    from codec.diffusion import sample
+
+    def wild(x, r, **_):  # an epsilon far off: x0 = (x − b·ε)/a is huge at the first step (a ≈ 0.01)
+        return torch.full_like(x, 3.0)
+
+    seen = []
+    sample(wild, {}, shape=(1, 4, 8, 8), steps=3, generator=torch.Generator().manual_seed(0),
+           callback=lambda i, x0, x: seen.append(float(x0.abs().max())))
+    assert seen[0] > 100
+    seen.clear()
+    out = sample(wild, {}, shape=(1, 4, 8, 8), steps=3, generator=torch.Generator().manual_seed(0), x0_clamp=3.0,
+                 callback=lambda i, x0, x: seen.append(float(x0.abs().max())))
+    assert max(seen) <= 3.0 and float(out.abs().max()) <= 3.0

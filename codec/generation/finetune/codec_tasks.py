@@ -178,7 +178,7 @@ class CodecTask(_ImageTask):
         self.stage_a, _ = W.load_configured(StageA, o.stage_a, None, torch.float32, self.d.device)
         self.stage_a.eval().requires_grad_(False)
         torch.manual_seed(self.cfg.seed)
-        effnet = EfficientNetEncoder(**EFFNET_PRESETS[o.encoder_preset])
+        effnet = EfficientNetEncoder.from_preset(o.encoder_preset)
         from ...tiny import TINY_STAGE_B
 
         stage_b = load_trainable_model(StageB, STAGE_B_PRESETS, TINY_STAGE_B, self.cfg, self.source)
