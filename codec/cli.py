@@ -334,6 +334,9 @@ def info(weights) -> None:
         for note, files in notes.items():
             which = "all files above" if len(files) == len(rows) else ", ".join(files)
             click.secho(f"  note ({which}): {note}", fg="yellow")
+        for name in W.STAGE_B_FILES["mini"].values():
+            if source.folder is not None and source.has(name) and W.META_SAMPLING in source.header(name).metadata:
+                click.echo(f"  sampler defaults ({name}): {source.header(name).metadata[W.META_SAMPLING]}")
         if not rows:
             wanted = [W.STAGE_A_FILE, W.EFFNET_FILE, W.STAGE_B_FILES["lite"]["bf16"]]
             if source.folder is not None:
