@@ -585,7 +585,7 @@ CODEC_HELP = ("Codec to run, FAMILY[:key=value,…]; repeat for several. A key w
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of Stage B's sampling noise (per image: derived from the seed and the image id). Same "
                    "seed, same numbers.")
-@click.option("--weights", "-w", default=None, metavar="DIR|REPO", help=WEIGHTS_HELP)
+@click.option("--weights", "--model", "-w", default=None, metavar="DIR|REPO|mini", help=WEIGHTS_HELP)
 @click.option("--device", default="auto", show_default=True,
               help="Torch device for the models and metrics: auto (CUDA if available), cpu, cuda, cuda:1, …")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,

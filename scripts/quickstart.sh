@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
-# The main job, end to end: encode the sample photos into a Zarr latent store (16×24×24 per
-# image), show the store, decode two samples back to images.
+# The main job, end to end: encode the sample photos into a Zarr latent store, show the store,
+# decode two samples back to images.
 #
-# Weights: set CASCADE_WEIGHTS=DIR (a folder with the official stage_a.safetensors,
-# effnet_encoder.safetensors, stage_b_lite[_bf16].safetensors) to use the real codec.
-# Without it, TINY RANDOM (untrained) weights are written and used, so the pipeline runs
-# on any machine — the decoded images are then noise, by design.
+# Weights: by default the built-in `mini` codec that ships inside the package (trained from scratch
+# by this project on freely licensed photos, 256² native: 16×6×6 latents; works offline, far below
+# Stable Cascade's quality). Set CASCADE_WEIGHTS=DIR (a folder with the official stage_a.safetensors,
+# effnet_encoder.safetensors, stage_b_lite[_bf16].safetensors) to use Stable Cascade itself
+# (768² encoder input → 16×24×24 latents, decoded at 1024²).
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
 OUT="${1:-out/quickstart}"
 mkdir -p "$OUT"
-WEIGHTS="${CASCADE_WEIGHTS:-}"
-if [ -z "$WEIGHTS" ]; then
-    WEIGHTS="$OUT/demo-weights"
-    echo "[quickstart] CASCADE_WEIGHTS is not set: using TINY RANDOM weights (untrained; decoded images are noise)."
-    echo "             For real results: CASCADE_WEIGHTS=/path/to/stable-cascade bash scripts/quickstart.sh"
-    cascade demo-weights "$WEIGHTS"
+WEIGHTS="${CASCADE_WEIGHTS:-mini}"
+if [ "$WEIGHTS" = "mini" ]; then
+    echo "[quickstart] CASCADE_WEIGHTS is not set: using the built-in mini codec (not Stable Cascade)."
+    echo "             For Stable Cascade: CASCADE_WEIGHTS=/path/to/stable-cascade bash scripts/quickstart.sh"
 fi
 cascade info "$WEIGHTS"
 cascade encode-dataset scripts/samples "$OUT/samples.zarr" --weights "$WEIGHTS"
