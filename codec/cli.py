@@ -334,9 +334,10 @@ def info(weights) -> None:
         for note, files in notes.items():
             which = "all files above" if len(files) == len(rows) else ", ".join(files)
             click.secho(f"  note ({which}): {note}", fg="yellow")
-        for name in W.STAGE_B_FILES["mini"].values():
-            if source.folder is not None and source.has(name) and W.META_SAMPLING in source.header(name).metadata:
-                click.echo(f"  sampler defaults ({name}): {source.header(name).metadata[W.META_SAMPLING]}")
+        for name in (n for names in W.STAGE_B_FILES.values() for n in names.values()):
+            sampling = source.header(name).metadata.get(W.META_SAMPLING) if source.has(name) else None
+            if sampling:
+                click.echo(f"  sampler defaults ({name}): {sampling}")
         if not rows:
             wanted = [W.STAGE_A_FILE, W.EFFNET_FILE, W.STAGE_B_FILES["lite"]["bf16"]]
             if source.folder is not None:
@@ -542,7 +543,10 @@ def encode_dataset_command(source, out, weights, size, policy, batch_size, worke
     try:
         source_w = W.WeightSource(weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS)
         if size is None:
-            size = W.BUILTIN_MODELS[source_w.builtin].encoder_size if source_w.builtin else 768
+            from .codec import encoder_input_size
+
+            native = W.BUILTIN_MODELS[source_w.builtin].native_size if source_w.builtin else 1024
+            size = encoder_input_size(native, native)[0]
         if source_w.has(W.EFFNET_FILE):
             note = W.read_header(source_w.path(W.EFFNET_FILE)).metadata.get(W.META_NOTE)
             if note:
@@ -563,8 +567,8 @@ def bench() -> None:
 
 
 CODEC_HELP = ("Codec to run, FAMILY[:key=value,…]; repeat for several. A key with several values "
-              "(scale=0.5,0.75,1.0) is a sweep. Families: sc (Stable Cascade: stage_b=auto|lite|large|mini, steps=10, "
-              "cfg=1.1|none, cfg_rho=0.7, sampler=ddpm|ddim, scale=0.75 encoder input fraction, "
+              "(scale=0.5,0.75,1.0) is a sweep. Families: sc (Stable Cascade: stage_b=auto|lite|large|mini, "
+              "steps=10, cfg=1.1|none, cfg_rho=0.7, sampler=ddpm|ddim, scale=0.75 encoder input fraction, "
               "resize=nearest|bilinear); jpeg (quality=10,25,50,75,90); jpeg-budget (largest JPEG quality within "
               "the float16 latent's bytes at scale=0.75, or bytes=N); bicubic (down/up to the latent's number of "
               "values at scale=0.75, or values=N); vae (diffusers AutoencoderKL/AutoencoderDC: path=DIR, name=). "
@@ -603,8 +607,8 @@ CODEC_HELP = ("Codec to run, FAMILY[:key=value,…]; repeat for several. A key w
 @click.option("--no-lpips", is_flag=True, help="Do not compute LPIPS.")
 @click.option("--no-fid", is_flag=True, help="Do not compute rFID.")
 @click.option("--grid-images", type=click.IntRange(0), default=3, show_default=True,
-              help="Images shown in grid.png (N spread evenly over the set), each beside every codec's reconstruction with a "
-                   "zoomed centre crop; 0: no grid.")
+              help="Images shown in grid.png (N spread evenly over the set), each beside every codec's "
+                   "reconstruction with a zoomed centre crop; 0: no grid.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="CPU threads for torch (default: torch's choice); on a busy machine 1 is often faster.")
 @click.option("--overwrite", is_flag=True, help="Start afresh in a report folder that holds an earlier run.")

@@ -50,16 +50,12 @@ EMPTY_CAPTION_FILE = "clip_pooled_empty.safetensors"
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A codec shipped inside the package: its folder (official file layout) and the output side it was trained at
-    (the encoder sees 3/4 of it, as for the official models: 256 → 192 → 6×6 latents)."""
+    """A codec shipped inside the package: its folder (official file layout) and the output side it was trained
+    at (the encoder sees :func:`codec.codec.encoder_input_size` of it, as for the official models: 256 → 192 →
+    6×6 latents)."""
 
     folder: Path
     native_size: int
-
-    @property
-    def encoder_size(self) -> int:
-        """Encoder input side at the native size (a multiple of 32)."""
-        return self.native_size * 3 // 4
 
 
 # Models shipped inside the package, by the name that selects them wherever a weights source is asked for.

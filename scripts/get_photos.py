@@ -115,6 +115,14 @@ def tiles(width: int, height: int, side: int) -> list[tuple[int, int, int, int, 
             for r in range(ny) for c in range(nx)]
 
 
+def _fresh_dir(folder: Path) -> Path:
+    """``folder``, emptied (tiles of an earlier run with other settings must not linger)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
 def _scaled_tiles(out: Path, records: list[dict], sides: list[int], scales: list[int]) -> list[dict]:
     """Tiles of every side in ``sides`` from each photograph resized to each short side in ``scales`` (PIL's
     antialiased bicubic), into ``out/<split>-<side>/``; returns their manifest entries."""
@@ -125,10 +133,7 @@ def _scaled_tiles(out: Path, records: list[dict], sides: list[int], scales: list
     found = []
     for side in sides:
         for split in ("train", "heldout"):
-            folder = out / f"{split}-{side}"
-            if folder.exists():
-                shutil.rmtree(folder)
-            folder.mkdir(parents=True)
+            _fresh_dir(out / f"{split}-{side}")
         for rec in records:
             img = load_image(out / rec["file"])
             stem = Path(rec["file"]).stem
@@ -213,10 +218,7 @@ def main(argv=None) -> int:
                                 "sha256": hashlib.sha256(dst.read_bytes()).hexdigest(), **lic})
     crops = []
     if args.crop_size:
-        crop_dir = out / f"crops-{args.crop_size}"
-        if crop_dir.exists():
-            shutil.rmtree(crop_dir)
-        crop_dir.mkdir(parents=True)
+        crop_dir = _fresh_dir(out / f"crops-{args.crop_size}")
         for rec in records:
             img = load_image(out / rec["file"])
             stem = Path(rec["file"]).stem

@@ -7,8 +7,8 @@ crop; every step takes a random ``crop``² window of each image and flips it hal
 per-sample generators of :mod:`.rng` (so a resumed run sees the same crops).
 
 ``stage-a`` (not epsilon-prediction; the loop calls :meth:`StageATask.loss`): per sample
-``l1·|x̂−x| + ssim·(1−SSIM(x̂,x))``, x̂ decoded from the continuous latent — the latent Stage B generates and the
-codec decodes (unquantised). ``quantize: true`` trains through the vector quantiser instead (straight-through, plus
+``l1·|x̂−x| + ssim·(1−SSIM(x̂,x))``, x̂ decoded from the continuous latent — the latent Stage B generates
+and the codec decodes (unquantised). ``quantize: true`` trains through the vector quantiser instead (straight-through, plus
 ``vq·(codebook + 0.25·commitment)``), as a VQGAN is; on the mini codec's small data it collapsed to a few codes
 within 500 updates, so the mini Stage A is trained without it (its codebook stays as initialised). No perceptual
 (LPIPS) or adversarial term: LPIPS needs ImageNet VGG/AlexNet weights, which cannot be had offline here — the
@@ -38,7 +38,7 @@ from .config import ConfigError, Section
 from .objectives import pyramid_noise_per_sample
 from .preview import save_collage
 from .rng import BatchRandom
-from .task import Task, load_trainable_model, model_config, read_state
+from .task import Task, image_dataset, load_trainable_model, model_config, read_state
 
 
 def random_crops(images: torch.Tensor, side: int, rand: BatchRandom) -> torch.Tensor:
@@ -64,15 +64,8 @@ class _ImageTask(Task):
     required_fields = ()
 
     def dataset(self) -> Any:
-        """The images of ``data.images`` (short side → ``data.image_size``, centre crop)."""
-        from datasets_tools.image_dataset import ImageDataset
-
-        if self.cfg.data.images is None:
-            raise ConfigError(f"{self.source}: task {self.name} trains from images; set data.images to a folder, "
-                              "manifest or .tar shards of images.")
-        Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        return ImageDataset(self.cfg.data.images, size=self.cfg.data.image_size,
-                            errors_file=Path(self.cfg.output_dir) / "skipped.jsonl", min_size=self.cfg.data.min_size)
+        """The images of ``data.images`` (see :func:`.task.image_dataset`)."""
+        return image_dataset(self, f"task {self.name} trains from images")
 
     def import_(self, path: Path) -> dict[str, torch.Tensor]:
         return read_state(path)

@@ -36,7 +36,7 @@ from .distributed import Dist
 from .preview import load_previewer, save_collage
 from .rng import BatchRandom
 from .stage_c_task import StageCTask
-from .task import load_trainable_model, read_state
+from .task import image_dataset, load_trainable_model, read_state
 
 TRAINED_NOTE = "ControlNet trained with cascade-codec"
 PREFIX = "controlnet."
@@ -68,14 +68,7 @@ class ControlNetTrainingTask(StageCTask):
             cfg.offset_noise = OFFSET_NOISE[section.kind]
 
     def dataset(self) -> Any:
-        from datasets_tools.image_dataset import ImageDataset
-
-        if self.cfg.data.images is None:
-            raise ConfigError(f"{self.source}: ControlNet training computes its controls from pixels; set "
-                              "data.images to an image folder, a .csv/.jsonl manifest or .tar shards.")
-        Path(self.cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        return ImageDataset(self.cfg.data.images, size=self.cfg.data.image_size,
-                            errors_file=Path(self.cfg.output_dir) / "skipped.jsonl", min_size=self.cfg.data.min_size)
+        return image_dataset(self, "ControlNet training computes its controls from pixels")
 
     def build(self, dataset: Any) -> nn.Module:
         from ...codec import load_encoder

@@ -96,6 +96,21 @@ class Task:
                              fields=tuple(f for f in self.store_fields if f in held))
 
 
+def image_dataset(task: Task, why: str) -> Any:
+    """The images of ``data.images`` for a task that trains from pixels (short side → ``data.image_size``, centre
+    crop; smaller than ``data.min_size`` or unreadable ones skipped and listed in ``OUTPUT_DIR/skipped.jsonl``);
+    ``why`` completes the error when ``data.images`` is not set."""
+    from datasets_tools.image_dataset import ImageDataset
+
+    cfg = task.cfg
+    if cfg.data.images is None:
+        raise ConfigError(f"{task.source}: {why}; set data.images to an image folder, a .csv/.jsonl manifest or .tar "
+                          "shards.")
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    return ImageDataset(cfg.data.images, size=cfg.data.image_size, errors_file=Path(cfg.output_dir) / "skipped.jsonl",
+                        min_size=cfg.data.min_size)
+
+
 def load_trainable_model(cls: type[nn.Module], presets: dict[str, Any], tiny: dict[str, Any], cfg: TrainConfig,
                          source: str) -> nn.Module:
     """The model to fine-tune: from ``model.checkpoint`` (config from the file, else the preset), or built
