@@ -159,31 +159,6 @@ def test_saved_controlnet_loads_back(setup, tmp_path):
 # ------------------------------------------------------------------ `cascade train controlnet` (the generic loop)
 
 
-@pytest.fixture(scope="module")
-def cnet_run_files(tmp_path_factory, tiny_weights):
-    """Tiny weights with a tiny canny ControlNet to continue from, and a folder of captioned shape images."""
-    import shutil
-
-    from PIL import Image, ImageDraw
-
-    from codec.tiny import write_tiny_controlnet
-
-    root = tmp_path_factory.mktemp("cnet_train")
-    weights = root / "weights"
-    shutil.copytree(tiny_weights, weights)
-    start = write_tiny_controlnet(root / "start", "canny")
-    images = root / "images"
-    images.mkdir()
-    for i in range(4):
-        im = Image.new("RGB", (96, 64 + 8 * i), (30 * i, 60, 90))
-        draw = ImageDraw.Draw(im)
-        draw.rectangle([8 + 4 * i, 10, 50, 50], fill=(230, 200, 30))
-        draw.ellipse([40, 12 + 3 * i, 90, 60], fill=(200, 30, 60))
-        im.save(images / f"img{i}.png")
-        (images / f"img{i}.txt").write_text(f"shapes number {i}")
-    return weights, start, images
-
-
 def cnet_config(out, files, **over):
     from codec import weights as W
 
