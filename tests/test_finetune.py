@@ -171,6 +171,33 @@ def test_lora_with_a_new_token_trains_and_loads_back(tmp_path, text_weights):
     assert torch.equal(enc.encode(["a cat"]).hidden, plain.encode(["a cat"]).hidden)
 
 
+@pytest.mark.parametrize("policy, expected", [("official", [True, False, False]), ("on", [True] * 3),
+                                               ("off", [False] * 3)])
+def test_lora_stage_c_dropout_follows_the_official_script(policy, expected):
+    """Official LoRA training samples after micro-batch 1 and leaves Stage C in eval mode: dropout only once."""
+    from codec.generation.finetune.config import load_config
+    from codec.generation.finetune.data import collate
+    from codec.generation.finetune.distributed import setup
+    from codec.generation.finetune.lora_task import LoraTask
+    from codec.generation.finetune.rng import BatchRandom
+
+    ds = stored_dataset()
+    cfg, section = load_config(config("unused", lora={"stage_c_dropout": policy}), "lora", LoraTask.section_model,
+                               "test")
+    task = LoraTask(cfg, section, setup("cpu"))
+    model = task.build(ds).train()
+    with torch.no_grad():
+        model.stage_c.clf[1].weight.normal_()  # the official init zeroes the output layer
+    batch = collate([ds[i] for i in range(2)])
+    for micro, dropout in enumerate(expected):
+        x0, inputs = task.inputs(batch, BatchRandom(0, micro, range(2)))
+        assert model.stage_c.training is dropout and model.training
+        r = torch.full((2,), 0.5)
+        with torch.no_grad():
+            same = torch.equal(model(x0, r, **inputs), model(x0, r, **inputs))
+        assert same is not dropout  # dropout on: two forward passes differ
+
+
 @pytest.mark.parametrize("effnet_from", ["stored", "pixels"])
 def test_stage_b_recipe_runs(tmp_path, text_weights, effnet_from):
     g = torch.Generator().manual_seed(0)

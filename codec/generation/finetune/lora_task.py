@@ -25,6 +25,9 @@ class LoraSection(Section):
     alpha: float = Field(1.0, gt=0)
     module_filters: list[str] = Field(default_factory=lambda: list(DEFAULT_FILTERS))
     train_tokens: list[tuple[str, Optional[str]]] = Field(default_factory=list)
+    stage_c_dropout: Literal["official", "on", "off"] = Field(
+        "official", description="Stage C's dropout while the LoRA trains: 'official' = on for the first micro-batch "
+        "only (the official script samples after it and leaves Stage C in eval mode), 'on', or 'off'")
     pool_at: Literal["eos", "argmax"] = "eos"
     export_kohya: bool = Field(False, description="also write <name>.kohya.safetensors (ComfyUI naming)")
 
@@ -42,6 +45,13 @@ class LoraModel(nn.Module):
         self.stage_c = stage_c
         self.text = text_encoder.model if text_encoder is not None else None
         self._encoder = text_encoder
+        self.stage_c_dropout = True  # set per micro-batch by the task
+
+    def train(self, mode: bool = True) -> "LoraModel":
+        """Training mode for the LoRAs and token deltas; Stage C's dropout follows ``stage_c_dropout``."""
+        super().train(mode)
+        self.stage_c.train(mode and self.stage_c_dropout)
+        return self
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, clip_img: torch.Tensor, clip_text: torch.Tensor | None = None,
                 clip_text_pooled: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
@@ -79,7 +89,7 @@ class LoraTask(StageCTask):
                               "recipe does not shard either); set distributed.strategy: ddp.")
         if not self.cfg.model.checkpoint and self.cfg.model.preset != "tiny":
             raise ConfigError(f"{self.source}: a LoRA adapts trained weights; set model.checkpoint to a Stage C file.")
-        stage_c = super().build(dataset).requires_grad_(False)  # frozen, in train mode (dropout on, as official)
+        stage_c = super().build(dataset).requires_grad_(False)  # frozen; dropout per lora.stage_c_dropout
         self.network = LoraNetwork.create(stage_c, o.module_filters, rank=o.rank, alpha=o.alpha, seed=self.cfg.seed)
         self.network.attach(stage_c)
         self.network.requires_grad_(True)
@@ -95,9 +105,17 @@ class LoraTask(StageCTask):
             self.network.embeddings = self.token_delta
         elif self.text.encoder is not None:
             self.text.encoder.pool_at = o.pool_at
-        return LoraModel(stage_c, encoder)
+        self.model = LoraModel(stage_c, encoder)
+        return self.model
+
+    def _set_dropout(self, rand: BatchRandom) -> None:
+        """Stage C's dropout for this micro-batch (``lora.stage_c_dropout``)."""
+        policy = self.options.stage_c_dropout
+        self.model.stage_c_dropout = policy == "on" or (policy == "official" and rand.micro_step == 0)
+        self.model.train(self.model.training)
 
     def inputs(self, batch: dict[str, Any], rand: BatchRandom) -> tuple[torch.Tensor, dict[str, Any]]:
+        self._set_dropout(rand)
         if not self.options.train_tokens:
             return super().inputs(batch, rand)
         c = self.cfg.conditions

@@ -30,6 +30,7 @@ class BatchRandom:
     """Per-sample and batch-wide generators for one micro-step."""
 
     def __init__(self, seed: int, micro_step: int, positions: Sequence[int]):
+        self.micro_step = micro_step
         self.positions = list(positions)
         self.samples = [torch.Generator().manual_seed(_mix(seed, micro_step, p)) for p in self.positions]
         self.batch = torch.Generator().manual_seed(_mix(seed, micro_step, -1))
