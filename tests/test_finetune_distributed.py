@@ -72,24 +72,29 @@ def assert_same_run(one: tuple[list[dict], dict], two: tuple[list[dict], dict], 
     assert diff < 1e-5
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, tiny_weights, store, strategy):
-    one = stage_c_config(tmp_path / "one", tiny_weights, store, strategy)
-    two = stage_c_config(tmp_path / "two", tiny_weights, store, strategy)
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def two(request, tmp_path_factory, tiny_weights, store) -> tuple[str, dict]:
+    """An uninterrupted 2-process Stage C run (4 updates, checkpoints every 2) under each strategy."""
+    strategy = request.param
+    cfg = stage_c_config(tmp_path_factory.mktemp(f"two_{strategy}") / "run", tiny_weights, store, strategy,
+                         checkpoint={"save_every": 2})
+    launch("stage-c", cfg, 2)
+    return strategy, cfg
+
+
+def test_two_processes_match_one(tmp_path, tiny_weights, store, two):
+    strategy, two_cfg = two
+    one = stage_c_config(tmp_path / "one", tiny_weights, store, strategy, checkpoint={"save_every": 2})
     launch("stage-c", one, 1)
-    launch("stage-c", two, 2)
-    assert_same_run(result(one), result(two), strategy, 4)
+    assert_same_run(result(one), result(two_cfg), strategy, 4)
     assert (result(one)[1]["clf.1.weight"] != 0).any()  # it trained (the head starts at zero)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path, tiny_weights, store, strategy):
+def test_killed_two_process_run_resumes_to_the_same_weights(tmp_path, two):
     """Rank 0 is SIGKILLed right after update 3 (last checkpoint: update 2); ``torchrun`` stops rank 1; the
     same command started again continues from update 2 and ends where an uninterrupted run ends."""
-    over = {"max_steps": 4, "checkpoint": {"save_every": 2}}
-    whole = stage_c_config(tmp_path / "whole", tiny_weights, store, strategy, **over)
-    killed = stage_c_config(tmp_path / "killed", tiny_weights, store, strategy, **over)
-    launch("stage-c", whole, 2)
+    strategy, whole = two
+    killed = {**whole, "output_dir": str(tmp_path / "killed")}
     r = launch("stage-c", killed, 2, script=[str(TESTS / "train_killed_worker.py"), "3"], check=False)
     assert r.returncode != 0 and r.returncode != 3, r.stdout[-2000:] + r.stderr[-2000:]
     assert [x["step"] for x in read_log(Path(killed["output_dir"]))] == [1, 2, 3], r.stderr[-3000:]
