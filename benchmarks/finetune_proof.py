@@ -68,11 +68,11 @@ def crops(image: Image.Image, n: int, size: int, seed: int) -> list[Image.Image]
     return out
 
 
-@torch.no_grad()
 ALL_T = [round(0.05 + 0.1 * i, 2) for i in range(10)]
 HIGH_T = [t for t in ALL_T if t > 0.5]  # high noise: where the prompt, not the noisy latent, decides
 
 
+@torch.no_grad()
 def eval_loss(model, latents: torch.Tensor, hidden: torch.Tensor, pooled: torch.Tensor, seed: int = 0,
               ts: list[float] = ALL_T) -> float:
     """Mean epsilon MSE over all latents at each t of ``ts`` with fixed noise (model in eval mode)."""
