@@ -26,8 +26,9 @@ first, or ``--photos 'scripts/samples/*.jpg'``). What it does:
    colour/texture summary) compared with each photo's crops' mean — and the relative change of the
    samples. The samples are decoded by the mini codec into ``samples.png``.
 
-Everything is written to ``--out`` (stores, runs with logs and checkpoints, ``results.json``,
-``samples.png``).
+Everything is written to ``--out``: crops, stores, ``stage_c/`` and ``lora_r…_lr…_s…/`` runs (logs,
+checkpoints; the LoRA run also ``results.json`` and ``samples.png``). Run again with the same data and
+Stage C options, it reuses (or resumes) what is there — so LoRA settings can be compared cheaply.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from PIL import Image
 TOKEN_CAPTION = "a photo of [sks]"
 TOKEN_PROMPTS = [TOKEN_CAPTION, "[sks]"]
 TOKENS = [["[sks]", "^a</w>$"]]
+# the options that decide the data and the trained Stage C (a rerun with the same ones reuses them)
+STAGE_C_SETTINGS = ("photos", "concept_photo", "exclude", "crops", "concept", "size", "steps", "batch_size", "lr")
 
 
 def caption_of(path: Path) -> str:
@@ -162,18 +165,42 @@ def find_photos(pattern: str, concept: str) -> tuple[list[Path], Path]:
 
 def write_crops(photos: list[Path], folder: Path, n: int, size: int, caption: str | None = None,
                 seed: int = 0) -> None:
-    """``n`` crops of each photo as PNG + caption file in ``folder``."""
+    """``n`` crops of each photo as PNG + caption file in ``folder`` (kept when a previous call finished)."""
+    done = folder / ".complete"
+    if done.exists():
+        return
+    if folder.exists():
+        shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for k, photo in enumerate(photos):
         for i, im in enumerate(crops(Image.open(photo).convert("RGB"), n, size, seed=seed + k)):
             name = f"{k:02d}_{i:02d}"
             im.save(folder / f"{name}.png")
             (folder / f"{name}.txt").write_text(caption or caption_of(photo))
+    done.touch()
+
+
+def prepare_out(out: Path, settings: dict, fresh: bool) -> None:
+    """Start ``out`` afresh, or reuse it when it was made with the same data and Stage C ``settings``."""
+    path = out / "settings.json"
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved != settings:
+            changed = ", ".join(f"{k}: {saved.get(k)} → {v}" for k, v in settings.items() if saved.get(k) != v)
+            raise SystemExit(f"{out} was made with other data or Stage C settings ({changed}); pass --fresh to "
+                             f"start over, or another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("out/finetune_proof"), help="output folder (recreated)")
+    p.add_argument("--out", type=Path, default=Path("out/finetune_proof"),
+                   help="output folder; a second run reuses (or resumes) its data and Stage C and trains the LoRA "
+                        "into lora_r{rank}_lr{lr}_s{steps}")
+    p.add_argument("--fresh", action="store_true", help="delete --out first")
     p.add_argument("--photos", default="data/photos/originals/*/*.jpg",
                    help="glob of the real photos (default: those of scripts/get_photos.py)")
     p.add_argument("--concept-photo", default="LadyBird", help="file stem of the photo held out as the new concept")
@@ -212,10 +239,12 @@ def main() -> None:
     photos, concept_photo = find_photos(args.photos, args.concept_photo)
     photos = [ph for ph in photos if ph.stem not in args.exclude]
     out = args.out
-    if out.exists():
-        shutil.rmtree(out)
-    weights = write_tiny_weights(out / "weights")  # the tiny random CLIP text encoder and Stage C shapes
-    shutil.copy(BUILTIN_MODELS["mini"].folder / W.EFFNET_FILE, weights / W.EFFNET_FILE)  # the trained encoder
+    prepare_out(out, {k: str(v) for k, v in vars(args).items() if k in STAGE_C_SETTINGS}, args.fresh)
+    weights = out / "weights"
+    if not (weights / ".complete").exists():
+        write_tiny_weights(weights)  # the tiny random CLIP text encoder and Stage C shapes
+        shutil.copy(BUILTIN_MODELS["mini"].folder / W.EFFNET_FILE, weights / W.EFFNET_FILE)  # the trained encoder
+        (weights / ".complete").touch()
     t0 = time.time()
 
     # 1. data
@@ -256,7 +285,7 @@ def main() -> None:
     print(f"  evaluation loss (10 fixed t, fixed noise, all samples): {before:.4f} → {after:.4f}")
 
     # 3. LoRA + new token on the trained Stage C
-    run_l = out / "lora"
+    run_l = out / f"lora_r{args.rank}_lr{args.lora_lr:g}_s{args.lora_steps}"
     cfg_l = {"output_dir": str(run_l), "weights": str(weights), "seed": 0,
              "data": {"store": str(out / "concept.zarr")},
              "model": {"checkpoint": str(run_c / "checkpoint/model.safetensors")},
@@ -319,12 +348,12 @@ def main() -> None:
     rows = [concept[:k], drawn[TOKEN_CAPTION][0][:k], drawn[TOKEN_CAPTION][1][:k], drawn[controls[0]][0][:k],
             drawn[controls[0]][1][:k]]
     pictures = [mini.decode(r, steps=10, seed=0, output="tensor") for r in rows]
-    save_collage(pictures, out / "samples.png")
-    print(f"  {out / 'samples.png'}: rows = {k} concept crops (encoded, decoded by the mini codec); Stage C samples "
+    save_collage(pictures, run_l / "samples.png")
+    print(f"  {run_l / 'samples.png'}: rows = {k} concept crops (encoded, decoded by the mini codec); Stage C samples "
           f"of {TOKEN_CAPTION!r} base, with LoRA; of {controls[0]!r} base, with LoRA")
     res["seconds"] = time.time() - t0
-    (out / "results.json").write_text(json.dumps(res, indent=1))
-    print(f"results: {out / 'results.json'} ({res['seconds']:.0f} s)")
+    (run_l / "results.json").write_text(json.dumps(res, indent=1))
+    print(f"results: {run_l / 'results.json'} ({res['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":
