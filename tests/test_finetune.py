@@ -135,6 +135,13 @@ def test_stage_c_checkpoint_is_a_release_file(tmp_path):
     assert header.config["c_cond"] == 64 and sum(p.numel() for p in model.parameters()) > 0
 
 
+def lora_targets_weights(model):
+    """The weights a default LoRA adapts (``.attn`` filter): shape ``(out, in)`` → LoRA ``2·rank·…`` numbers."""
+    from codec.generation.lora import lora_targets
+
+    return [model.get_parameter(t) for t in lora_targets(model)]
+
+
 @pytest.fixture(scope="module")
 def text_weights(tiny_weights):
     return tiny_weights  # tiny weights include the CLIP text encoder (text_encoder/, tokenizer/)
@@ -151,12 +158,17 @@ def test_lora_with_a_new_token_trains_and_loads_back(tmp_path, text_weights):
     torch.manual_seed(0)
     base = StageC(**TINY_STAGE_C)
     base.init_weights()
+    with torch.no_grad():
+        base.clf[1].weight.normal_(0, 0.1)  # a trained Stage C's output layer is not zero: gradients reach the LoRA
     save_module(base, tmp_path / "stage_c.safetensors", TINY_STAGE_C)
     items = [{"latent": it["latent"], "caption": "a photo of [sks]"} for it in stage_c_items()]
     cfg = config(tmp_path / "run", max_steps=3, weights=str(text_weights), optim={"lr": 1e-2},
                  model={"checkpoint": str(tmp_path / "stage_c.safetensors")}, preview={"every": 3, "n": 2, "steps": 2},
                  lora={"rank": 2, "train_tokens": [["[sks]", "^a</w>$"]], "export_kohya": True})
-    train("lora", cfg, dataset=ListDataset(items), echo=None)
+    said = []
+    train("lora", cfg, dataset=ListDataset(items), echo=said.append)
+    lora_numel = sum(2 * (w.shape[0] + w.shape[1]) for w in lora_targets_weights(base)) + 24  # rank 2, 24-d token
+    assert f"task lora, {lora_numel:,} trained parameters" in said[0]  # not Stage C's
     path = tmp_path / "run/checkpoint/model.safetensors"
     assert (tmp_path / "run/checkpoint/model.kohya.safetensors").exists()
     assert (tmp_path / "run/previews/step_0000003.png").exists()

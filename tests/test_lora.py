@@ -66,6 +66,19 @@ def test_fresh_lora_is_identity_and_merge_equals_attached():
     assert torch.equal(model(*args), plain)
 
 
+def test_an_attached_network_holds_only_the_lora_tensors():
+    """Attaching must not make the model a submodule of the network: requires_grad_(True) on the network
+    (as training does) would then make the whole Stage C trainable."""
+    model = tiny_stage_c().requires_grad_(False)
+    net = LoraNetwork.create(model, rank=4, seed=0).attach(model)
+    net.requires_grad_(True)
+    lora_ids = {id(p) for lora in net.weights for p in lora.parameters()}
+    assert {id(p) for p in net.parameters()} == lora_ids
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".parametrizations." in n and n.endswith(("lora_down", "lora_up")) for n in trainable)
+    assert set(net.state_dict()) == {k for k in net.state_dict() if k.startswith("weights.")}
+
+
 def test_official_file_round_trip(tmp_path):
     model, args = tiny_stage_c(), inputs()
     net = trained_network(model).attach(model)

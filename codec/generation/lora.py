@@ -147,7 +147,9 @@ class LoraNetwork(nn.Module):
             self.embeddings = embeddings
         self.weights = nn.ModuleList(loras)
         self.targets = list(targets)
-        self._attached: nn.Module | None = None
+        # the model this network is attached to, in a tuple: a Module attribute would become a submodule, and
+        # then network.parameters() / requires_grad_() / to() would reach the whole model
+        self._attached: tuple[nn.Module, ...] = ()
 
     @classmethod
     def create(cls, model: nn.Module, filters: Sequence[str] = DEFAULT_FILTERS, rank: int = 4, alpha: float = 1.0,
@@ -190,25 +192,25 @@ class LoraNetwork(nn.Module):
 
     def attach(self, model: nn.Module) -> "LoraNetwork":
         """Register every LoRA as a parametrisation of its weight (the model then trains/runs with it)."""
-        if self._attached is not None:
+        if self._attached:
             raise RuntimeError("this LoRA network is already attached")
         for module, param, lora in self._modules_of(model):
             w = getattr(module, param)
             parametrize.register_parametrization(module, param, lora.to(w.device), unsafe=True)
-        self._attached = model
+        self._attached = (model,)
         return self
 
     def detach(self) -> None:
         """Remove the parametrisations, leaving the original weights unchanged."""
-        if self._attached is None:
+        if not self._attached:
             return
-        for module, param, _ in self._modules_of(self._attached):
+        for module, param, _ in self._modules_of(self._attached[0]):
             parametrize.remove_parametrizations(module, param, leave_parametrized=False)
-        self._attached = None
+        self._attached = ()
 
     @torch.no_grad()
     def _add(self, model: nn.Module, sign: float) -> None:
-        if self._attached is not None:
+        if self._attached:
             raise RuntimeError("detach the LoRA network before merging it")
         for module, param, lora in self._modules_of(model):
             w = getattr(module, param)
