@@ -72,6 +72,23 @@ def test_changed_config_is_refused_on_resume(tmp_path):
     assert read_log(tmp_path)[-1]["step"] == 4
 
 
+def test_task_section_is_recorded_and_checked_on_resume(tmp_path, text_weights):
+    """The task's own section (here lora.rank) is part of the recorded config: changing it is refused on resume,
+    and an optimiser state that does not fit (another version, another model) is a one-sentence error."""
+    items = [{"latent": it["latent"], "caption": "a photo"} for it in stage_c_items()]
+    cfg = config(tmp_path, max_steps=2, weights=str(text_weights), lora={"rank": 2})
+    train("lora", cfg, dataset=ListDataset(items), echo=None)
+    assert json.loads((tmp_path / "config.json").read_text())["lora"]["rank"] == 2
+    with pytest.raises(ConfigError, match=r"lora.rank: 2 → 3"):
+        train("lora", {**cfg, "max_steps": 3, "lora": {"rank": 3}}, dataset=ListDataset(items), echo=None)
+    trainer_file = tmp_path / "checkpoint/trainer.pt"
+    trainer = torch.load(trainer_file, weights_only=True)
+    trainer["optimizer"]["param_groups"][0]["params"].append(10_000)  # one parameter more than this run has
+    torch.save(trainer, trainer_file)
+    with pytest.raises(ConfigError, match=r"optimiser state .* does not fit the parameters this run trains"):
+        train("lora", {**cfg, "max_steps": 3}, dataset=ListDataset(items), echo=None)
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"optim": {"lrr": 1}}, "unknown key 'optim.lrr' (did you mean 'lr'?)"),
     ({"batch_size": "many"}, "batch_size: Input should be a valid integer"),

@@ -132,14 +132,26 @@ class Trainer:
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return self.optim.state_dict()
 
-    def _load_optim(self, state: dict[str, Any]) -> None:
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    def config_record(self) -> dict[str, Any]:
+        """The run's whole config as JSON data: the common keys and the task's own section."""
+        record = self.cfg.model_dump(mode="json")
+        if self.task.section and self.task.options is not None:
+            record[self.task.section] = self.task.options.model_dump(mode="json")
+        return record
 
-            set_optimizer_state_dict(self.wrapped, self.optim, optim_state_dict=state,
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            self.optim.load_state_dict(state)
+    def _load_optim(self, state: dict[str, Any]) -> None:
+        try:
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                set_optimizer_state_dict(self.wrapped, self.optim, optim_state_dict=state,
+                                         options=StateDictOptions(full_state_dict=True))
+            else:
+                self.optim.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ConfigError(f"{self.source}: the optimiser state in {ckpt.checkpoint_dir(self.out)} does not fit "
+                              f"the parameters this run trains ({e}); it was written by another version of "
+                              "cascade-codec or for another model. Choose a new output_dir to start over.") from None
 
     def save(self) -> None:
         """Write the resumable checkpoint (collective; rank 0 writes)."""
@@ -155,7 +167,7 @@ class Trainer:
             self.task.export(self.ema.shadow, tmp / ckpt.EMA_FILE)
         trainer = {"optimizer": optim, "scheduler": self.sched.state_dict(),
                    "loss_weight": self.loss_weight.state_dict(), "rng": rng, "world_size": self.d.world_size}
-        ckpt.commit(self.out, tmp, trainer, self.pos, self.cfg.model_dump(mode="json"))
+        ckpt.commit(self.out, tmp, trainer, self.pos, self.config_record())
         keep = self.cfg.checkpoint.keep_every
         if keep and self.pos.step % keep == 0:
             self.task.export(state, self.out / f"step_{self.pos.step:07d}.safetensors")
@@ -166,7 +178,10 @@ class Trainer:
         if not ckpt.exists(self.out):
             return False
         trainer, pos, saved_cfg = ckpt.load(self.out)
-        changes = ckpt.config_changes(saved_cfg, self.cfg.model_dump(mode="json"))
+        current = self.config_record()
+        if self.task.section not in saved_cfg:  # written before task sections were recorded
+            current.pop(self.task.section, None)
+        changes = ckpt.config_changes(saved_cfg, current)
         if changes:
             raise ConfigError(f"{self.source}: {ckpt.checkpoint_dir(self.out)} was made with a different config "
                               f"({'; '.join(changes[:5])}); restore those values, or choose a new output_dir to "
@@ -261,7 +276,7 @@ class Trainer:
         log = JsonlLog(self.out, self.pos.step if resumed else None, echo=None) if d.main else None
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=1))
+            (self.out / "config.json").write_text(json.dumps(self.config_record(), indent=1))
             self.echo(f"{'resuming at update ' + str(self.pos.step) if resumed else 'starting'}: task {self.task.name}, "
                       f"{sum(p.numel() for p in _trainable(self.module).values()):,} trained parameters, "
                       f"{d.world_size} process(es), global batch {cfg.batch_size}, output {self.out}")
