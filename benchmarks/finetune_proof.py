@@ -182,7 +182,9 @@ def write_crops(photos: list[Path], folder: Path, n: int, size: int, caption: st
 
 def finished(run: Path, steps: int) -> bool:
     """Whether the training run in ``run`` already reached ``steps`` updates (a rerun then reuses it)."""
-    state = run / "checkpoint" / "state.json"
+    from codec.generation.finetune import checkpoint as ckpt
+
+    state = ckpt.checkpoint_dir(run) / ckpt.STATE_FILE
     return state.exists() and json.loads(state.read_text())["step"] >= steps
 
 
@@ -260,9 +262,8 @@ def main() -> None:
     encode_dataset(out / "crops", out / "photos.zarr", weights, **quiet)
     encode_dataset(out / "concept", out / "concept.zarr", weights, **quiet)
     print(f"data: {len(photos)} photos (left out: {', '.join(args.exclude) or 'none'}) × {args.crops} crops for "
-          f"Stage C; {args.concept} crops of "
-          f"{concept_photo.name} for the LoRA; encoded at {args.size} px by the mini codec's EfficientNet "
-          f"({time.time() - t0:.0f} s)")
+          f"Stage C; {args.concept} crops of {concept_photo.name} for the LoRA; encoded at {args.size} px by the "
+          f"mini codec's EfficientNet ({time.time() - t0:.0f} s)")
 
     # 2. Stage C
     run_c = out / "stage_c"
@@ -336,7 +337,7 @@ def main() -> None:
         res["lora"][f"prediction change {group}"] = dict(zip(prompts, changes))
         print(f"  relative change of the prediction, prompts {group}: "
               + ", ".join(f"{q!r} {c:.4f}" for q, c in zip(prompts, changes)))
-    # (c) samples: nearest stored latent (concept crops + every training crop)
+    # (c) samples: which photo each is nearest to (the concept's and every training photo's crops)
     bank, labels = torch.cat([lat, concept]), caps + [TOKEN_CAPTION] * len(concept)
     shape = tuple(lat.shape[-2:])
     drawn = {}

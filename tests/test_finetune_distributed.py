@@ -41,7 +41,8 @@ def stage_c_config(out: Path, weights: Path, store: Path, strategy: str, **over)
 
 def launch(task: str, cfg: dict, nproc: int, script: list[str] | None = None, check: bool = True
            ) -> subprocess.CompletedProcess:
-    """Run ``cascade train TASK`` (or ``script[0] TASK CONFIG *script[1:]``) on ``cfg`` in ``nproc`` processes (torchrun when > 1)."""
+    """Run ``cascade train TASK`` (or ``script[0] TASK CONFIG *script[1:]``) on ``cfg`` in ``nproc`` processes
+    (``torchrun`` when more than one)."""
     path = Path(cfg["output_dir"] + ".yaml")
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.getcwd(), str(TESTS)])}
