@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import click
 
+from .errors import CascadeError, MissingInputError, UsageError
+
 # PyTorch reads THP_MEM_ALLOC_ENABLE at its first CPU allocation of >= 2 MB: tensors that large are then
 # 2 MB-aligned and madvise(MADV_HUGEPAGE)d, so the kernel backs them with huge pages when its
 # transparent_hugepage mode is "madvise" (the usual default). Measured on the 2-core benchmark VM with
@@ -29,22 +31,11 @@ WEIGHTS_HELP = ("Folder with the official Stable Cascade files (stage_a.safetens
                 + f" Default: $CASCADE_WEIGHTS, else {DEFAULT_WEIGHTS}.")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from datasets_tools.sources import SourceError
-    from datasets_tools.store import StoreError
-
-    from .codec import NonFiniteError
-    from .images import ImageReadError
-    from .weights import WeightsError
-
-    return (WeightsError, ImageReadError, NonFiniteError, SourceError, StoreError, ValueError, FileNotFoundError)
-
-
 def _run(fn: Callable[[], Any]) -> Any:
     """Turn user-facing errors into a one-paragraph message and exit code 1 (tracebacks are for bugs)."""
     try:
         return fn()
-    except _user_errors() as e:
+    except CascadeError as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -177,7 +168,7 @@ def encode(images, out, scale, resize, latent_dtype, weights, stage_b, device, d
         from .images import load_image, pil_to_tensor
 
         if out.suffix not in (".safetensors", ".npy"):
-            raise ValueError(f"{out}: the output must end in .safetensors or .npy")
+            raise UsageError(f"{out}: the output must end in .safetensors or .npy")
         codec = _load_codec(weights, stage_b, device, dtype)
         _warn_if_tiny(codec)
         latents, sizes = [], []
@@ -205,7 +196,7 @@ def _write_latents(out: Path, latents: list, sources: list[str], sizes: list[lis
     same = len({tuple(z.shape) for z in latents}) == 1
     if out.suffix == ".npy":
         if not same:
-            raise ValueError("images of different sizes give latents of different shapes, which a .npy file "
+            raise UsageError("images of different sizes give latents of different shapes, which a .npy file "
                              "cannot hold; write .safetensors instead")
         with open(tmp, "wb") as f:
             np.save(f, torch.cat(latents).numpy())
@@ -224,12 +215,12 @@ def _read_latents(path: Path):
     import torch
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingInputError(f"{path}: no such file")
     if path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
         except Exception as e:  # noqa: BLE001
-            raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+            raise UsageError(f"{path}: not a readable .npy array ({e})") from None
         return [torch.from_numpy(arr)], None
     from .weights import iter_tensors, read_header
 
@@ -238,7 +229,7 @@ def _read_latents(path: Path):
     keys = sorted(tensors, key=lambda k: (len(k), k))
     sizes = json.loads(header.metadata["sizes"]) if "sizes" in header.metadata else None
     if not keys:
-        raise ValueError(f"{path} holds no tensors")
+        raise UsageError(f"{path} holds no tensors")
     return [tensors[k] for k in keys], sizes
 
 
@@ -439,7 +430,7 @@ def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, steps, cfg, no
             index = {sid: i for i, sid in enumerate(ds.ids)}
             missing = [sid for sid in ids.split(",") if sid not in index]
             if missing:
-                raise ValueError(f"{store} has no sample(s) with id {', '.join(missing[:10])}")
+                raise UsageError(f"{store} has no sample(s) with id {', '.join(missing[:10])}")
             wanted = [index[sid] for sid in ids.split(",")]
         wanted = wanted[:limit] if limit else wanted
         codec = _load_codec(weights, stage_b, device, dtype)
@@ -555,7 +546,7 @@ def encode_dataset_command(source, out, weights, size, policy, batch_size, worke
                                  policy=policy, size=size, batch_size=batch_size, workers=workers, dtype=dtype,
                                  limit=limit, dry_run=dry_run, shard_size=shard_size, progress=not no_progress,
                                  log=click.echo, text_encoder=text_encoder, stage_a=stage_a)
-    except _user_errors() as e:
+    except CascadeError as e:
         raise click.ClickException(str(e)) from None
     if int(os.environ.get("RANK", "0")) == 0 or dry_run:
         click.echo(summary.line())

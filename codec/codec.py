@@ -24,24 +24,13 @@ from . import interop
 from . import weights as W
 from .diffusion import sample
 from .effnet import EfficientNetEncoder
+from .errors import UsageError, check_finite
 from .images import ImageLike, to_pil, to_tensor_list
 from .stage_a import StageA
 from .stage_b import STAGE_B_PRESETS, StageB
 
 ENCODER_FRACTION = 0.75  # the encoder sees 3/4 of the output size (1024 → 768 → 24×24)
 LATENT_STRIDE = 32
-
-
-class NonFiniteError(RuntimeError):
-    """A model produced NaN or inf; nothing is written."""
-
-
-def _check_finite(t: torch.Tensor, what: str) -> torch.Tensor:
-    if not torch.isfinite(t).all():
-        bad = (~torch.isfinite(t)).sum().item()
-        raise NonFiniteError(f"{what} produced {bad} NaN/inf values (of {t.numel()}); nothing was written. With "
-                             "fp16 weights this is an overflow — use bf16 or fp32.")
-    return t
 
 
 def encoder_input_size(height: int, width: int, scale: float = ENCODER_FRACTION) -> tuple[int, int]:
@@ -75,7 +64,7 @@ class ComponentInfo:
     detail: str | None = None
 
 
-def _load_component(src: W.WeightSource, where: str | interop.Located, cls: Callable[..., torch.nn.Module],
+def load_component(src: W.WeightSource, where: str | interop.Located, cls: Callable[..., torch.nn.Module],
                     preset: dict[str, Any] | None, dtype: torch.dtype,
                     device: torch.device | str) -> tuple[torch.nn.Module, ComponentInfo]:
     """Load one model from an official file name or a located variant in either layout (its stored config over
@@ -97,7 +86,7 @@ def load_encoder(source: str | os.PathLike | W.WeightSource,
     if loc is None:
         interop.require_encoder(src)  # explains what is missing
         loc = interop.Located.official_file(W.EFFNET_FILE, "effnet")
-    model, _ = _load_component(src, loc, EfficientNetEncoder, None, torch.float32, device)
+    model, _ = load_component(src, loc, EfficientNetEncoder, None, torch.float32, device)
     return model.to(memory_format=torch.channels_last)
 
 
@@ -107,7 +96,7 @@ def load_previewer(src: W.WeightSource, device: str | torch.device = "cpu") -> t
 
     loc = interop.resolve(src, "previewer", torch.float32, W.PREVIEWER_FILE)
     interop.require(src, [loc])
-    return _load_component(src, loc, Previewer, None, torch.float32, device)[0]
+    return load_component(src, loc, Previewer, None, torch.float32, device)[0]
 
 
 def locate_stage_a(src: W.WeightSource) -> interop.Located:
@@ -120,7 +109,7 @@ def locate_stage_a(src: W.WeightSource) -> interop.Located:
 def load_stage_a(source: str | os.PathLike | W.WeightSource, device: str | torch.device = "cpu") -> StageA:
     """Only Stage A (fp32, eval) from a weights folder or repo id, in either layout."""
     src = source if isinstance(source, W.WeightSource) else W.WeightSource(source)
-    model, _ = _load_component(src, locate_stage_a(src), StageA, None, torch.float32, device)
+    model, _ = load_component(src, locate_stage_a(src), StageA, None, torch.float32, device)
     return model
 
 
@@ -193,14 +182,14 @@ class Codec:
         load_effnet = encoder and (e_loc.layout != "official" or src.has(e_loc.files[0]) or not encoder_optional)
         interop.require(src, [a_loc, b_loc] + ([e_loc] if load_effnet else []))
         components: dict[str, ComponentInfo] = {}
-        stage_a, components["stage_a"] = _load_component(src, a_loc, StageA, None, torch.float32, device)
+        stage_a, components["stage_a"] = load_component(src, a_loc, StageA, None, torch.float32, device)
         components["stage_a"].detail = interop.describe_stage_a(stage_a.scale_factor)
         effnet = None
         if load_effnet:
-            effnet, components["effnet"] = _load_component(src, e_loc, EfficientNetEncoder, None, torch.float32,
+            effnet, components["effnet"] = load_component(src, e_loc, EfficientNetEncoder, None, torch.float32,
                                                             device)
             effnet = effnet.to(memory_format=torch.channels_last)
-        model_b, components["stage_b"] = _load_component(src, b_loc, StageB,
+        model_b, components["stage_b"] = load_component(src, b_loc, StageB,
                                                          asdict(STAGE_B_PRESETS[f"stage_b_{stage_b}"]), dtype, device)
         empty = None
         if src.has(W.EMPTY_CAPTION_FILE):
@@ -229,12 +218,12 @@ class Codec:
             raise W.WeightsError("this codec was loaded without its encoder (encoder=False); load it with "
                                  "Codec.from_pretrained(..., encoder=True) to encode images")
         if not 0 < scale <= 1.5:
-            raise ValueError(f"scale must be in (0, 1.5], got {scale}")
+            raise UsageError(f"scale must be in (0, 1.5], got {scale}")
         if resize not in ("nearest", "bilinear"):
-            raise ValueError(f"resize must be 'nearest' or 'bilinear', got {resize!r}")
+            raise UsageError(f"resize must be 'nearest' or 'bilinear', got {resize!r}")
         tensors = to_tensor_list(images)
         if not tensors:
-            raise ValueError("no images given")
+            raise UsageError("no images given")
         out: list[torch.Tensor] = []
         i = 0
         while i < len(tensors):
@@ -253,7 +242,7 @@ class Codec:
             x = F.interpolate(x, size=size, mode="nearest")
         else:
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-        return _check_finite(encode_pixels(self.effnet, x), "the EfficientNet encoder")
+        return check_finite(encode_pixels(self.effnet, x), "the EfficientNet encoder")
 
     # ------------------------------------------------------------------ text
     def pooled_text(self, caption: str | Sequence[str] | None, batch: int) -> torch.Tensor:
@@ -266,7 +255,7 @@ class Codec:
             return self._empty_pooled().expand(batch, -1, -1)
         captions = [caption] * batch if isinstance(caption, str) else list(caption)
         if len(captions) != batch:
-            raise ValueError(f"got {len(captions)} captions for {batch} latents")
+            raise UsageError(f"got {len(captions)} captions for {batch} latents")
         return self._text().encode(captions).pooled.to(self.device)
 
     def _text(self):
@@ -309,13 +298,13 @@ class Codec:
         if latents.ndim == 3:
             latents = latents[None]
         if latents.ndim != 4 or latents.shape[1] != c:
-            raise ValueError(f"expected EfficientNet latents of shape (B, {c}, h, w) or ({c}, h, w), got "
+            raise UsageError(f"expected EfficientNet latents of shape (B, {c}, h, w) or ({c}, h, w), got "
                              f"{list(latents.shape)}")
         if not latents.is_floating_point():
-            raise ValueError(f"latents must be floating point, got {latents.dtype}")
+            raise UsageError(f"latents must be floating point, got {latents.dtype}")
         latents = latents.float()
         if not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or inf")
+            raise UsageError("latents contain NaN or inf")
         return latents
 
     @torch.no_grad()
@@ -343,7 +332,7 @@ class Codec:
         dh, dw = default_output_size(*latents.shape[-2:])
         height, width = height or dh, width or dw
         if height < 8 or width < 8:
-            raise ValueError(f"output size {height}×{width} is too small (minimum 8×8)")
+            raise UsageError(f"output size {height}×{width} is too small (minimum 8×8)")
         if clip is None:
             clip = self.pooled_text(caption, n)
         clip = clip.float().to(self.device)
@@ -367,9 +356,9 @@ class Codec:
                        steps=steps, cfg=cfg, cfg_rho=cfg_rho, shift=shift, sampler=sampler, generator=generator,
                        device=self.device, x0_clamp=x0_clamp,
                        callback=(lambda i, *_: progress(i + 1, steps)) if progress is not None else None)
-            _check_finite(z, "Stage B")
+            check_finite(z, "Stage B")
             img = self.stage_a.decode(z.float()).float()
-            _check_finite(img, "Stage A")
+            check_finite(img, "Stage A")
             images.append(img[..., :height, :width].clamp(0, 1).cpu())
         result = torch.cat(images)
         return to_pil(result) if output == "pil" else result
@@ -395,7 +384,7 @@ class Codec:
                 raise W.WeightsError("no weight source to load previewer.safetensors from")
             self._previewer = load_previewer(self.source, self.device)
         out = self._previewer(self.check_latents(latents).to(self.device)).float()
-        return to_pil(_check_finite(out, "the Previewer").clamp(0, 1).cpu())
+        return to_pil(check_finite(out, "the Previewer").clamp(0, 1).cpu())
 
     def info(self) -> dict[str, Any]:
         """Which files and precisions are in use."""

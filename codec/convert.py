@@ -28,6 +28,7 @@ import torch
 
 from . import comfyui, interop
 from . import weights as W
+from .errors import UsageError
 
 LAYOUTS = ("official", "diffusers", "comfyui")
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -267,9 +268,9 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str, dtype: 
     from tqdm.auto import tqdm
 
     if to not in LAYOUTS:
-        raise ValueError(f"to must be one of {', '.join(LAYOUTS)}, got {to!r}")
+        raise UsageError(f"to must be one of {', '.join(LAYOUTS)}, got {to!r}")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     src, dst = W.WeightSource(source), Path(dest)
     jobs = plan_conversion(src, dst, to, DTYPES[dtype], log)
     if not jobs:

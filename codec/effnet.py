@@ -9,6 +9,8 @@ import torch
 import torchvision
 from torch import nn
 
+from .errors import UsageError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -73,7 +75,7 @@ class EfficientNetEncoder(nn.Module):
     def from_preset(cls, name: str) -> "EfficientNetEncoder":
         """Build a named architecture of :data:`EFFNET_PRESETS` (random weights)."""
         if name not in EFFNET_PRESETS:
-            raise ValueError(f"unknown encoder preset {name!r}; choose one of {sorted(EFFNET_PRESETS)}")
+            raise UsageError(f"unknown encoder preset {name!r}; choose one of {sorted(EFFNET_PRESETS)}")
         return cls(**EFFNET_PRESETS[name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,13 +21,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import CascadeError, UsageError
+
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 # Decompression-bomb guard: refuse absurd sizes instead of swapping the machine to death.
 Image.MAX_IMAGE_PIXELS = 16384 * 16384
 
 
-class ImageReadError(Exception):
+class ImageReadError(CascadeError):
     """An input cannot be read as an image. ``reason`` says why (``"what: details"``); the message
     also names the file."""
 
@@ -101,13 +103,13 @@ def _array_to_tensor(x: torch.Tensor) -> torch.Tensor:
     elif x.is_floating_point():
         x = x.float()
     else:
-        raise ValueError(f"image tensors must be uint8 or float, got {x.dtype}")
+        raise UsageError(f"image tensors must be uint8 or float, got {x.dtype}")
     if x.ndim == 2:
         x = x[None, None]
     elif x.ndim == 3:
         x = x[None]
     if x.ndim != 4:
-        raise ValueError(f"image tensors must have 2 to 4 dimensions, got shape {list(x.shape)}")
+        raise UsageError(f"image tensors must have 2 to 4 dimensions, got shape {list(x.shape)}")
     if x.shape[1] not in (1, 3, 4) and x.shape[-1] in (1, 3, 4):
         x = x.permute(0, 3, 1, 2)
     if x.shape[1] == 1:
@@ -115,9 +117,9 @@ def _array_to_tensor(x: torch.Tensor) -> torch.Tensor:
     elif x.shape[1] == 4:
         x = x[:, :3] * x[:, 3:] + (1 - x[:, 3:])
     elif x.shape[1] != 3:
-        raise ValueError(f"image tensors need 1, 3 or 4 channels, got shape {list(x.shape)}")
+        raise UsageError(f"image tensors need 1, 3 or 4 channels, got shape {list(x.shape)}")
     if not torch.isfinite(x).all():
-        raise ValueError("image tensor contains NaN or inf")
+        raise UsageError("image tensor contains NaN or inf")
     return x.clamp(0, 1)
 
 

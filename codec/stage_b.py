@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import CascadeUNet, LayerNorm2d, autocast_for, init_cascade_weights, make_block
+from .errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ class StageB(CascadeUNet):
     def from_preset(cls, name: str) -> "StageB":
         """Build a named preset: ``stage_b_lite`` (700M) or ``stage_b_large`` (1.5B "3B")."""
         if name not in STAGE_B_PRESETS:
-            raise ValueError(f"unknown Stage B preset {name!r}; choose one of {sorted(STAGE_B_PRESETS)}")
+            raise UsageError(f"unknown Stage B preset {name!r}; choose one of {sorted(STAGE_B_PRESETS)}")
         return cls(**copy.deepcopy(asdict(STAGE_B_PRESETS[name])))
 
     def init_weights(self) -> None:

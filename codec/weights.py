@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .errors import CascadeError, UsageError
+
 OFFICIAL_REPO = "stabilityai/stable-cascade"
 
 # Official file names, per component. Stage B files by preset and precision.
@@ -74,7 +76,7 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
 
 
-class WeightsError(Exception):
+class WeightsError(CascadeError):
     """A checkpoint cannot be found, read or matched to its model; the message says how to fix it."""
 
 
@@ -598,7 +600,7 @@ def parse_dtype(value: str | torch.dtype | None, device: torch.device | str) -> 
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
     if value not in names:
-        raise ValueError(f"unknown dtype {value!r}; use bf16, fp16 or fp32")
+        raise UsageError(f"unknown dtype {value!r}; use bf16, fp16 or fp32")
     return names[value]
 
 

@@ -9,6 +9,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from codec.errors import UsageError
+
 from .fastread import ShardedReader
 from .store import EXTRAS, LatentStore, parse_bucket
 
@@ -54,7 +56,7 @@ class LatentDataset(torch.utils.data.Dataset):
         self.fields = tuple(fields)
         unknown = [f for f in self.fields if f not in FIELDS]
         if unknown or not self.fields:
-            raise ValueError(f"fields must be a non-empty subset of {', '.join(FIELDS)}; got {list(self.fields)}")
+            raise UsageError(f"fields must be a non-empty subset of {', '.join(FIELDS)}; got {list(self.fields)}")
         st = LatentStore.open(self.url, storage_options)
         # For trainers (codec.generation.finetune): whether items carry text embeddings, and those of "".
         self.has_text_embeddings = "clip_text_pooled" in self.fields
@@ -63,7 +65,7 @@ class LatentDataset(torch.utils.data.Dataset):
         absent = sorted({FIELDS[f][1] for f in self.fields} - {None} - set(st.extras))
         if absent:
             what = " and ".join(f"{EXTRAS[e][0]} ({EXTRAS[e][1]})" for e in absent)
-            raise ValueError(f"{self.url} has no {what}: it was encoded without them. Its fields are "
+            raise UsageError(f"{self.url} has no {what}: it was encoded without them. Its fields are "
                              f"{', '.join(fields_of(st.extras))}; re-encode into a new store with those options to "
                              "get them.")
         rows = st.visible_rows()
@@ -145,7 +147,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __init__(self, dataset: LatentDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False):
         if batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+            raise UsageError(f"batch_size must be ≥ 1, got {batch_size}")
         self.groups = dataset.bucket_indices()
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.epoch = 0

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from codec.codec import encode_pixels, load_encoder, load_stage_a
+from codec.errors import CascadeError, UsageError
 
 from .preprocess import POLICIES, RESIZE, known_buckets, preprocess
 from .sources import Sample, list_source, source_root
@@ -38,7 +39,7 @@ from .store import FORMAT, FORMAT_VERSION, LATENT_CHANNELS, LatentStore, StoreEr
 DTYPES = ("float16", "float32")
 
 
-class SampleError(Exception):
+class SampleError(CascadeError):
     """One input cannot be used; ``str(e)`` is ``"reason: detail"``."""
 
 
@@ -247,13 +248,13 @@ def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: s
     plus the store's totals on rank 0).
     """
     if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        raise UsageError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+        raise UsageError(f"dtype must be float16 or float32, got {dtype!r}")
     if shard_size < 1 or batch_size < 1 or workers < 0:
-        raise ValueError("shard_size and batch_size must be ≥ 1 and workers ≥ 0")
+        raise UsageError("shard_size and batch_size must be ≥ 1 and workers ≥ 0")
     if size < 32 or size % 32:
-        raise ValueError(f"size must be a positive multiple of 32, got {size}")
+        raise UsageError(f"size must be a positive multiple of 32, got {size}")
     t0 = time.perf_counter()
     rank, world = _dist_info()
     own_group = world > 1 and not torch.distributed.is_initialized()

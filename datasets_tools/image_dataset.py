@@ -20,6 +20,8 @@ import os
 import numpy as np
 import torch
 
+from codec.errors import UsageError
+
 from .preprocess import known_buckets, preprocess
 from .sources import SourceError, list_source
 
@@ -35,7 +37,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.min_size = min_size
         self._reported: set[str] = set()
         if policy != "center":
-            raise ValueError(f"ImageDataset supports the 'center' policy only (one bucket per run), got {policy!r}")
+            raise UsageError(f"ImageDataset supports the 'center' policy only (one bucket per run), got {policy!r}")
         self.source, self.size, self.policy = str(source), size, policy
         self.samples = list_source(source)
         if not self.samples:

@@ -27,6 +27,8 @@ from fractions import Fraction
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from codec.errors import UsageError
+
 POLICIES = ("center", "buckets", "keep-aspect")
 FACTOR = 32
 RESIZE = "bilinear-antialias"
@@ -96,9 +98,9 @@ def _short_side(h: int, w: int, size: int) -> tuple[int, int]:
 def preprocess(x: torch.Tensor, policy: str = "center", size: int = 768) -> Preprocessed:
     """Apply ``policy`` to an RGB float image ``(3,h,w)`` in [0,1]."""
     if policy not in POLICIES:
-        raise ValueError(f"unknown preprocessing policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        raise UsageError(f"unknown preprocessing policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if size < FACTOR or size % FACTOR:
-        raise ValueError(f"size must be a positive multiple of {FACTOR}, got {size}")
+        raise UsageError(f"size must be a positive multiple of {FACTOR}, got {size}")
     h, w = x.shape[-2:]
     if policy == "center":
         return _resize_crop(x, _short_side(h, w, size), (size, size))

@@ -37,11 +37,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from codec.errors import CascadeError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 CAPTION_EXTENSIONS = (".txt", ".json")
 
 
-class SourceError(Exception):
+class SourceError(CascadeError):
     """A source cannot be listed (missing, empty, malformed); the message names it and the fix."""
 
 

@@ -34,6 +34,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from codec.errors import CascadeError
+
 from .sources import Sample
 
 FORMAT = "cascade-codec-latents"
@@ -90,7 +92,7 @@ def extras_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[s
     return out
 
 
-class StoreError(Exception):
+class StoreError(CascadeError):
     """The output is not a usable store (foreign, incompatible, damaged); the message says why and what to do."""
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from codec import Codec
-from codec.codec import NonFiniteError, default_output_size, encoder_input_size, stage_a_latent_size
+from codec.codec import default_output_size, encoder_input_size, stage_a_latent_size
+from codec.errors import NonFiniteError
 
 
 def test_size_rules():

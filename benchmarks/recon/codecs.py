@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 from codec.codec import LATENT_STRIDE, encoder_input_size
+from codec.errors import MissingInputError, UsageError
 from codec.images import to_uint8
 
 from . import jpeg
@@ -51,7 +52,7 @@ STORED_LATENT_BYTES = 2  # float16
 def _choice(*options: str) -> Callable[[str], str]:
     def parse(v: str) -> str:
         if v not in options:
-            raise ValueError(f"must be one of {', '.join(options)}")
+            raise UsageError(f"must be one of {', '.join(options)}")
         return v
     return parse
 
@@ -63,21 +64,21 @@ def _cfg(v: str) -> float | None:
 def _quality(v: str) -> int:
     q = int(v)
     if not 1 <= q <= 100:
-        raise ValueError("must be an integer in 1…100")
+        raise UsageError("must be an integer in 1…100")
     return q
 
 
 def _scale(v: str) -> float:
     s = float(v)
     if not 0 < s <= 1.5:
-        raise ValueError("must be in (0, 1.5]")
+        raise UsageError("must be in (0, 1.5]")
     return s
 
 
 def _positive(v: str) -> int:
     n = int(v)
     if n < 1:
-        raise ValueError("must be ≥ 1")
+        raise UsageError("must be ≥ 1")
     return n
 
 
@@ -120,7 +121,7 @@ def parse_spec(spec: str) -> list[CodecConfig]:
     """``FAMILY[:key=v1,v2,key2=v]`` → one :class:`CodecConfig` per combination of values."""
     family, _, rest = spec.strip().partition(":")
     if family not in FAMILIES:
-        raise ValueError(f"--codec {spec!r}: unknown codec {family!r}; choose one of {', '.join(FAMILIES)}")
+        raise UsageError(f"--codec {spec!r}: unknown codec {family!r}; choose one of {', '.join(FAMILIES)}")
     keys = FAMILIES[family]
     given: dict[str, list[str]] = {}
     current = None
@@ -129,24 +130,24 @@ def parse_spec(spec: str) -> list[CodecConfig]:
             current, _, value = part.partition("=")
             current = current.strip()
             if current not in keys:
-                raise ValueError(f"--codec {spec!r}: {family} has no key {current!r}; keys: {', '.join(keys)}")
+                raise UsageError(f"--codec {spec!r}: {family} has no key {current!r}; keys: {', '.join(keys)}")
             if current in given:
-                raise ValueError(f"--codec {spec!r}: key {current!r} given twice")
+                raise UsageError(f"--codec {spec!r}: key {current!r} given twice")
             given[current] = [value.strip()]
         elif current is None:
-            raise ValueError(f"--codec {spec!r}: expected key=value after {family}:")
+            raise UsageError(f"--codec {spec!r}: expected key=value after {family}:")
         else:
             given[current].append(part)
     for key in REQUIRED.get(family, ()):
         if key not in given:
-            raise ValueError(f"--codec {spec!r}: {family} needs {key}=… (e.g. {family}:{key}=/models/sdxl-vae)")
+            raise UsageError(f"--codec {spec!r}: {family} needs {key}=… (e.g. {family}:{key}=/models/sdxl-vae)")
     values: dict[str, list[Any]] = {}
     for key, (default, parse) in keys.items():
         if key in given:
             try:
                 values[key] = [parse(v) for v in given[key]]
             except ValueError as e:
-                raise ValueError(f"--codec {spec!r}: {key}={','.join(given[key])}: {e}") from None
+                raise UsageError(f"--codec {spec!r}: {key}={','.join(given[key])}: {e}") from None
         else:
             values[key] = list(default) if isinstance(default, list) else [default]
     shown = tuple(k for k in keys if k in given or isinstance(keys[k][0], list))
@@ -164,7 +165,7 @@ def parse_specs(specs: list[str]) -> list[CodecConfig]:
     seen: set[str] = set()
     for c in configs:
         if c.label in seen:
-            raise ValueError(f"codec {c.label} is given twice; drop one --codec")
+            raise UsageError(f"codec {c.label} is given twice; drop one --codec")
         seen.add(c.label)
     return configs
 
@@ -247,7 +248,7 @@ class StableCascade(BenchCodec):
         super().prepare(ctx)
         p = self.config.params
         if ctx.store and {"scale", "resize"} & set(self.config.shown):
-            raise ValueError(f"codec {self.label}: on a latent store the encoder scale and resize are fixed by the "
+            raise UsageError(f"codec {self.label}: on a latent store the encoder scale and resize are fixed by the "
                              "store (decode-only mode); drop scale=/resize=")
         key = ("sc", p["stage_b"])
         if key not in ctx.cache:
@@ -358,20 +359,20 @@ class DiffusersVAE(BenchCodec):
         folder = Path(self.config.params["path"]).expanduser()
         config_file = folder / "config.json"
         if not config_file.is_file():
-            raise FileNotFoundError(f"{folder}: no config.json; give vae:path= a local diffusers autoencoder folder "
+            raise MissingInputError(f"{folder}: no config.json; give vae:path= a local diffusers autoencoder folder "
                                     "(config.json + diffusion_pytorch_model.safetensors)")
         kind = json.loads(config_file.read_text()).get("_class_name")
         import diffusers
 
         if kind not in ("AutoencoderKL", "AutoencoderDC"):
-            raise ValueError(f"{config_file}: _class_name is {kind!r}; the vae codec takes AutoencoderKL or "
+            raise UsageError(f"{config_file}: _class_name is {kind!r}; the vae codec takes AutoencoderKL or "
                              "AutoencoderDC folders")
         self.device = torch.device(ctx.device if ctx.device not in (None, "auto") else
                                    ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             self.model = getattr(diffusers, kind).from_pretrained(str(folder), local_files_only=True)
         except (OSError, EnvironmentError) as e:
-            raise FileNotFoundError(f"{folder}: cannot load the {kind} ({e})") from None
+            raise MissingInputError(f"{folder}: cannot load the {kind} ({e})") from None
         self.model = self.model.to(self.device, torch.float32).eval()
         self.kind = kind
         cfg = self.model.config

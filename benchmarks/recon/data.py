@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from codec.codec import default_output_size
+from codec.errors import UsageError
 from codec.images import to_uint8
 from datasets_tools.encode import SampleError, decode_image
 from datasets_tools.preprocess import RESIZE, preprocess
@@ -129,7 +130,7 @@ def open_dataset(path: str | os.PathLike, size: int | None, limit: int | None = 
     path = str(path)
     if is_store(path):
         if size is not None:
-            raise ValueError(f"{path} is a latent store: each latent is decoded at the size it stands for "
+            raise UsageError(f"{path} is a latent store: each latent is decoded at the size it stands for "
                              "(encoder input / 0.75); leave out --size")
         from datasets_tools.dataset import LatentDataset
         from datasets_tools.store import LatentStore
@@ -143,5 +144,5 @@ def open_dataset(path: str | os.PathLike, size: int | None, limit: int | None = 
         return BenchDataset(path, "store", None, samples, store.attrs.get("dtype", "float16"), latents)
     size = 1024 if size is None else size
     if size < 32 or size % 32:
-        raise ValueError(f"--size must be a positive multiple of 32, got {size}")
+        raise UsageError(f"--size must be a positive multiple of 32, got {size}")
     return BenchDataset(path, "images", size, list_source(path, limit))

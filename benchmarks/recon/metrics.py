@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from codec.errors import CascadeError, MissingInputError, UsageError
+
 PSNR_CAP = 100.0
 SSIM_KW = dict(gaussian_kernel=True, sigma=1.5, kernel_size=11, data_range=255.0, k1=0.01, k2=0.03)
 MS_SSIM_MIN_SIDE = 161  # (11 - 1) · 2⁴ + 1: the window must fit at the coarsest of 5 scales
@@ -38,7 +40,7 @@ FID_FEATURES = 2048
 LPIPS_NETS = ("alex", "vgg")
 
 
-class MetricUnavailable(Exception):
+class MetricUnavailable(CascadeError):
     """A metric cannot be computed here; the message says why and what file to put where."""
 
 
@@ -58,7 +60,7 @@ class MetricStatus:
 
 def _float(x: torch.Tensor) -> torch.Tensor:
     if x.dtype != torch.uint8 or x.ndim != 3 or x.shape[0] != 3:
-        raise ValueError(f"metrics take (3,H,W) uint8 images, got {x.dtype} {list(x.shape)}")
+        raise UsageError(f"metrics take (3,H,W) uint8 images, got {x.dtype} {list(x.shape)}")
     # Same values in a fresh channels-last tensor: the depthwise Gaussian convolutions of (MS-)SSIM run ~3× faster
     # than NCHW on CPU, and views of HWC arrays (strides that only look channels-last) are slower still.
     out = torch.empty((1, *x.shape), dtype=torch.float32, memory_format=torch.channels_last)
@@ -125,7 +127,7 @@ def _find(given: str | os.PathLike | None, name: str, url: str, what: str, optio
     if given is not None:
         path = Path(given).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file (given with {option}); put the {what} file there "
+            raise MissingInputError(f"{path}: no such file (given with {option}); put the {what} file there "
                                     f"({name}, from {url}) or leave out {option}")
         return path
     cached = hub_checkpoints() / name
@@ -145,11 +147,11 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means the file is not a plain state dict
-        raise ValueError(f"{path}: not a plain PyTorch state dict ({type(e).__name__}: {e})") from None
+        raise UsageError(f"{path}: not a plain PyTorch state dict ({type(e).__name__}: {e})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, found {type(sd).__name__}")
+        raise UsageError(f"{path}: expected a state dict, found {type(sd).__name__}")
     return sd
 
 
@@ -169,7 +171,7 @@ class LPIPSMetric:
         from torchvision import models
 
         if net not in LPIPS_NETS:
-            raise ValueError(f"LPIPS net must be one of {', '.join(LPIPS_NETS)}, got {net!r}")
+            raise UsageError(f"LPIPS net must be one of {', '.join(LPIPS_NETS)}, got {net!r}")
         self.net, self.device = net, device
         name, url = lpips_backbone_file(net)
         path = None if random_trunk else _find(weights, name, url, f"LPIPS-{net} trunk (ImageNet weights)",
@@ -184,7 +186,7 @@ class LPIPSMetric:
             try:
                 trunk.load_state_dict(sd)
             except RuntimeError as e:
-                raise ValueError(f"{path}: not torchvision's {net} ImageNet weights ({str(e).splitlines()[-1].strip()})"
+                raise UsageError(f"{path}: not torchvision's {net} ImageNet weights ({str(e).splitlines()[-1].strip()})"
                                  ) from None
             features = trunk.state_dict()
             # lpips slices torchvision's `features` into slice1…sliceK keeping the module indices.

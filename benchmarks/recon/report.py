@@ -19,6 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
+from codec.errors import MissingInputError, UsageError
+
 SCHEMA = "cascade-codec/bench-recon"
 SCHEMA_VERSION = 1
 CSV_NAME, SUMMARY_NAME, TABLE_NAME = "per_image.csv", "summary.json", "table.md"
@@ -184,29 +186,29 @@ CODEC_KEYS = ("label", "title", "family", "params", "n", "bytes_mean", "bpp_mean
 def validate_summary(d: Any, name: str = "summary") -> dict[str, Any]:
     """Check a summary against the schema; returns it, or raises ``ValueError`` naming the first problem."""
     if not isinstance(d, dict) or d.get("schema") != SCHEMA:
-        raise ValueError(f"{name} is not a cascade bench recon summary (schema {SCHEMA!r} missing)")
+        raise UsageError(f"{name} is not a cascade bench recon summary (schema {SCHEMA!r} missing)")
     if not isinstance(d.get("schema_version"), int) or d["schema_version"] > SCHEMA_VERSION:
-        raise ValueError(f"{name} has schema version {d.get('schema_version')!r}; this tool reads up to "
+        raise UsageError(f"{name} has schema version {d.get('schema_version')!r}; this tool reads up to "
                          f"{SCHEMA_VERSION}. Upgrade cascade-codec.")
     for key, typ in TOP_KEYS.items():
         if not isinstance(d.get(key), typ):
-            raise ValueError(f"{name}: {key!r} missing or not a {typ.__name__}")
+            raise UsageError(f"{name}: {key!r} missing or not a {typ.__name__}")
     for key in DATASET_KEYS:
         if key not in d["dataset"]:
-            raise ValueError(f"{name}: dataset.{key} missing")
+            raise UsageError(f"{name}: dataset.{key} missing")
     for i, c in enumerate(d["codecs"]):
         for key in CODEC_KEYS:
             if not isinstance(c, dict) or key not in c:
-                raise ValueError(f"{name}: codecs[{i}].{key} missing")
+                raise UsageError(f"{name}: codecs[{i}].{key} missing")
         for key in QUALITY:
             v = c[key]
             if v is not None and not (isinstance(v, dict) and {"mean", "std", "n"} <= set(v)):
-                raise ValueError(f"{name}: codecs[{i}].{key} must be null or {{mean, std, n}}")
+                raise UsageError(f"{name}: codecs[{i}].{key} must be null or {{mean, std, n}}")
         if c["rfid"] is not None and not isinstance(c["rfid"], (int, float)):
-            raise ValueError(f"{name}: codecs[{i}].rfid must be null or a number")
+            raise UsageError(f"{name}: codecs[{i}].rfid must be null or a number")
     for key in ("psnr", "ssim", "ms_ssim", "lpips", "rfid"):
         if not isinstance(d["metrics"].get(key), dict) or "available" not in d["metrics"][key]:
-            raise ValueError(f"{name}: metrics.{key} missing")
+            raise UsageError(f"{name}: metrics.{key} missing")
     return d
 
 
@@ -216,12 +218,12 @@ def load_summary(path: str | os.PathLike) -> dict[str, Any]:
     if p.is_dir():
         p = p / SUMMARY_NAME
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file; give a report folder written by `cascade bench recon` or its "
+        raise MissingInputError(f"{p}: no such file; give a report folder written by `cascade bench recon` or its "
                                 f"{SUMMARY_NAME}")
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise UsageError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
     return validate_summary(d, str(p))
 
 

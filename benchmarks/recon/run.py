@@ -27,14 +27,28 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from codec.errors import UsageError
+
 from . import metrics as M
 from .codecs import Context, build, parse_specs
 from .data import open_dataset
 from .grid import GridRow, make_grid
 from .measure import PeakMemory
 from .plot import has_sweep, rate_quality_plot
-from .report import (CSV_NAME, SCHEMA, SCHEMA_VERSION, SUMMARY_NAME, TABLE_NAME, CsvWriter, aggregate,
-                     header_lines, markdown_table, read_rows, truncate_rows, validate_summary)
+from .report import (
+    CSV_NAME,
+    SCHEMA,
+    SCHEMA_VERSION,
+    SUMMARY_NAME,
+    TABLE_NAME,
+    CsvWriter,
+    aggregate,
+    header_lines,
+    markdown_table,
+    read_rows,
+    truncate_rows,
+    validate_summary,
+)
 
 DEFAULT_CODECS = ("sc", "jpeg-budget", "bicubic")
 RUN_FILE, STATE_FILE, FID_STATE_FILE = "run.json", "state.json", "fid_state.pt"
@@ -144,7 +158,7 @@ class _Folder:
         self.path = Path(cfg.output).expanduser()
         run = self.path / RUN_FILE
         if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"{self.path} is a file; -o needs a folder for the report")
+            raise UsageError(f"{self.path} is a file; -o needs a folder for the report")
         if cfg.overwrite and run.exists():
             for name in (RUN_FILE, STATE_FILE, FID_STATE_FILE, CSV_NAME, SUMMARY_NAME, TABLE_NAME, GRID_FILE,
                          PLOT_FILE):
@@ -155,10 +169,10 @@ class _Folder:
             diffs = [f"{k}: report has {old.get(k)!r}, this run {identity.get(k)!r}"
                      for k in sorted(set(old) | set(identity)) if old.get(k) != identity.get(k)]
             if diffs:
-                raise ValueError(f"{self.path} holds a run made with other settings ({'; '.join(diffs)}); use the "
+                raise UsageError(f"{self.path} holds a run made with other settings ({'; '.join(diffs)}); use the "
                                  "same settings to resume it, --overwrite to start it afresh, or another -o")
         elif self.path.is_dir() and any(self.path.iterdir()):
-            raise ValueError(f"{self.path} is not empty and holds no benchmark run; choose a new or empty -o folder")
+            raise UsageError(f"{self.path} is not empty and holds no benchmark run; choose a new or empty -o folder")
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / GRID_DIR).mkdir(exist_ok=True)
         if not run.exists():
@@ -192,9 +206,9 @@ def run_recon(cfg: ReconConfig, log: Callable[[str], None] = print, fid_extracto
     ds = open_dataset(cfg.dataset, cfg.size, cfg.limit)
     configs = parse_specs(list(cfg.codecs))
     if not configs:
-        raise ValueError("no codec given; use --codec (e.g. --codec sc --codec jpeg-budget)")
+        raise UsageError("no codec given; use --codec (e.g. --codec sc --codec jpeg-budget)")
     if cfg.grid_images < 0:
-        raise ValueError(f"--grid-images must be ≥ 0, got {cfg.grid_images}")
+        raise UsageError(f"--grid-images must be ≥ 0, got {cfg.grid_images}")
     identity = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY}
     identity["codecs"] = [c.label for c in configs]
     identity["dataset"] = str(Path(cfg.dataset).expanduser().absolute()) if "://" not in cfg.dataset else cfg.dataset

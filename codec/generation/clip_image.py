@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from ..weights import WeightSource
 from .text import hf_source, hf_subfolders, quiet_transformers
 
@@ -67,6 +68,6 @@ class ImageEncoder:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """RGB ``(B,3,H,W)`` in [0,1] → ``image_embeds`` ``(B,1,width)`` in fp32."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected RGB images (B,3,H,W), got {list(images.shape)}")
+            raise UsageError(f"expected RGB images (B,3,H,W), got {list(images.shape)}")
         x = clip_preprocess(images.to(self.device)).to(self.model.dtype)
         return self.model(pixel_values=x).image_embeds.float().unsqueeze(1)

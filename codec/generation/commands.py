@@ -13,6 +13,8 @@ from pathlib import Path
 
 import click
 
+from ..errors import MissingInputError, UsageError
+
 PROMPT_FILE_HELP = ("Text file with one prompt per line (blank lines and lines starting with # are skipped), or "
                     "a .jsonl file of {\"prompt\": ..., \"negative\": ..., \"seed\": ...} objects. Each prompt gets "
                     "its own seed (--seed + line index unless given) and its own output files.")
@@ -51,7 +53,7 @@ def _parse_lora(value: str) -> tuple[Path, float]:
 def read_prompt_file(path: Path) -> list[dict]:
     """Prompts from a text file (one per line) or JSONL (``prompt``, optional ``negative`` and ``seed``)."""
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
+        raise MissingInputError(f"prompt file {path} does not exist")
     items = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
@@ -61,15 +63,15 @@ def read_prompt_file(path: Path) -> list[dict]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be an object with a "
+                raise UsageError(f"{path}:{n} is not valid JSON ({e.msg}); each line must be an object with a "
                                  "\"prompt\" field") from None
             if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-                raise ValueError(f"{path}:{n} has no \"prompt\" string")
+                raise UsageError(f"{path}:{n} has no \"prompt\" string")
             items.append(item)
         else:
             items.append({"prompt": line})
     if not items:
-        raise ValueError(f"prompt file {path} holds no prompts")
+        raise UsageError(f"prompt file {path} holds no prompts")
     return items
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from .. import weights as W
 from ..codec import encoder_input_size
 from ..effnet import EfficientNetEncoder
+from ..errors import UsageError
 from ..images import ImageLike, to_tensor_list
 
 KINDS = ("canny", "inpainting", "super_resolution")
@@ -225,13 +226,13 @@ def control_input(kind: str, image: ImageLike | Sequence[ImageLike], *, size: tu
       Default ``size`` is twice the image's size.
     """
     if kind not in KINDS:
-        raise ValueError(f"unknown control kind {kind!r}; choose one of {', '.join(KINDS)}")
+        raise UsageError(f"unknown control kind {kind!r}; choose one of {', '.join(KINDS)}")
     tensors = to_tensor_list(image)
     if not tensors:
-        raise ValueError("no control image given")
+        raise UsageError("no control image given")
     if kind == "super_resolution":
         if effnet is None:
-            raise ValueError("the super_resolution control needs the EfficientNet encoder: pass "
+            raise UsageError("the super_resolution control needs the EfficientNet encoder: pass "
                              "effnet=codec.codec.load_encoder(weights).")
         h, w = size or (2 * tensors[0].shape[-2], 2 * tensors[0].shape[-1])
         latent, preview = sr_filter(effnet, _stack(tensors, encoder_input_size(h // 2, w // 2)), scale_factor=None)
@@ -245,7 +246,7 @@ def control_input(kind: str, image: ImageLike | Sequence[ImageLike], *, size: tu
     elif saliency is not None:
         fill = saliency_mask(saliency, images, threshold, outpaint)
     else:
-        raise ValueError("inpainting needs a mask image (white = region to fill) or the saliency model "
+        raise UsageError("inpainting needs a mask image (white = region to fill) or the saliency model "
                          f"({SALIENCY_FILE}) to make one")
     x = inpaint_filter(images, fill.expand(images.size(0), -1, -1, -1))
     return ControlInput(x, x[:, :3])
@@ -269,11 +270,11 @@ class TrainingControl:
                  threshold_range: tuple[float, float] = (0.04, 0.4), p_outpaint: float = 0.4,
                  scale_factor: float = 0.5):
         if kind not in KINDS:
-            raise ValueError(f"unknown control kind {kind!r}; choose one of {', '.join(KINDS)}")
+            raise UsageError(f"unknown control kind {kind!r}; choose one of {', '.join(KINDS)}")
         if kind == "inpainting" and saliency is None:
-            raise ValueError(f"training an inpainting ControlNet needs the saliency model ({SALIENCY_FILE})")
+            raise UsageError(f"training an inpainting ControlNet needs the saliency model ({SALIENCY_FILE})")
         if kind == "super_resolution" and effnet is None:
-            raise ValueError("training a super_resolution ControlNet needs the EfficientNet encoder")
+            raise UsageError("training a super_resolution ControlNet needs the EfficientNet encoder")
         self.kind, self.saliency, self.effnet = kind, saliency, effnet
         self.threshold_range, self.p_outpaint, self.scale_factor = threshold_range, p_outpaint, scale_factor
 

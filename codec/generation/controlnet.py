@@ -34,6 +34,7 @@ from torch import nn
 from .. import weights as W
 from ..blocks import LayerNorm2d
 from ..effnet import EfficientNetEncoder
+from ..errors import UsageError
 from ..images import ImageLike
 from . import control_filters as F
 
@@ -106,7 +107,7 @@ class ControlNet(nn.Module):
         bottleneck_mode = bottleneck_mode or "effnet"
         proj_blocks = list(CONTROLNET_BLOCKS if proj_blocks is None else proj_blocks)
         if not proj_blocks or min(proj_blocks) < 0:
-            raise ValueError(f"proj_blocks must be a non-empty list of ResBlock indices ≥ 0, got {proj_blocks}")
+            raise UsageError(f"proj_blocks must be a non-empty list of ResBlock indices ≥ 0, got {proj_blocks}")
         self.config = dict(c_in=c_in, c_proj=c_proj, proj_blocks=proj_blocks, bottleneck_mode=bottleneck_mode)
         self.proj_blocks = proj_blocks
         self.kind: str | None = None
@@ -130,7 +131,7 @@ class ControlNet(nn.Module):
                 nn.Conv2d(1024, embd_channels, kernel_size=1),
             )
         else:
-            raise ValueError(f"unknown bottleneck_mode {bottleneck_mode!r}; use 'effnet', 'simple' or 'large'")
+            raise UsageError(f"unknown bottleneck_mode {bottleneck_mode!r}; use 'effnet', 'simple' or 'large'")
         self.projections = nn.ModuleList()
         for _ in proj_blocks:
             projection = nn.Sequential(
@@ -147,7 +148,7 @@ class ControlNet(nn.Module):
     def from_preset(cls, kind: str) -> "ControlNet":
         """Build the official configuration of ``kind``: canny, inpainting, super_resolution or identity."""
         if kind not in CONTROLNET_PRESETS:
-            raise ValueError(f"unknown ControlNet kind {kind!r}; choose one of {sorted(CONTROLNET_PRESETS)}")
+            raise UsageError(f"unknown ControlNet kind {kind!r}; choose one of {sorted(CONTROLNET_PRESETS)}")
         model = cls(**copy.deepcopy(CONTROLNET_PRESETS[kind]))
         model.kind = kind
         return model
@@ -163,7 +164,7 @@ class ControlNet(nn.Module):
         official preset. ``dtype`` defaults to bf16 on CUDA and fp32 elsewhere. The model
         is returned in eval mode without gradients.
         """
-        from ..codec import _load_component
+        from ..codec import load_component
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = W.parse_dtype(dtype, device)
@@ -181,7 +182,7 @@ class ControlNet(nn.Module):
         if preset is None and W.read_header(src.path(filename)).config is None:
             raise W.WeightsError(f"{src.path(filename)} does not say which ControlNet it is; pass its kind "
                                  f"(one of {sorted(CONTROLNET_PRESETS)}).")
-        model, _ = _load_component(src, filename, cls, copy.deepcopy(preset), dtype, device)
+        model, _ = load_component(src, filename, cls, copy.deepcopy(preset), dtype, device)
         model.kind = kind if kind in CONTROLNET_PRESETS else None
         return model
 
@@ -201,7 +202,7 @@ class ControlNet(nn.Module):
         The stem is adapted to ``c_in`` as officially (zeros for extra channels).
         """
         if self.config["bottleneck_mode"] != "effnet":
-            raise ValueError("init_backbone applies to the 'effnet' bottleneck only")
+            raise UsageError("init_backbone applies to the 'effnet' bottleneck only")
         state = {k.removeprefix("backbone."): v for k, v in features_state.items()
                  if not k.startswith("mapper.")}
         stem_key = "0.0.weight"
@@ -243,7 +244,7 @@ def control_features(controlnet: ControlNet, image: ImageLike | Sequence[ImageLi
     """
     kind = kind or controlnet.kind
     if kind is None:
-        raise ValueError("the ControlNet's kind is unknown; pass kind='canny', 'inpainting' or 'super_resolution'")
+        raise UsageError("the ControlNet's kind is unknown; pass kind='canny', 'inpainting' or 'super_resolution'")
     control = F.control_input(kind, image, size=size, mask=mask, saliency=saliency, threshold=threshold,
                               outpaint=outpaint, effnet=effnet)
     x = control.input

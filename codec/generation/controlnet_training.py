@@ -33,6 +33,7 @@ from .. import weights as W
 from ..blocks import ResBlock
 from ..diffusion import CosineSchedule, diffuse, p2_loss_weight
 from ..effnet import EfficientNetEncoder
+from ..errors import UsageError
 from .control_filters import TrainingControl
 from .controlnet import CONTROLNET_PRESETS, ControlNet
 from .stage_c import StageC
@@ -59,7 +60,7 @@ def controlnet_for(stage_c: StageC, kind: str, proj_blocks: list[int] | None = N
     the official ones (for the 64-call 3.6B model), which must fit in the model's ResBlock calls;
     ``bottleneck_mode`` defaults to the kind's official one."""
     if kind not in CONTROLNET_PRESETS:
-        raise ValueError(f"unknown ControlNet kind {kind!r}; choose one of {sorted(CONTROLNET_PRESETS)}")
+        raise UsageError(f"unknown ControlNet kind {kind!r}; choose one of {sorted(CONTROLNET_PRESETS)}")
     config = dict(CONTROLNET_PRESETS[kind], c_proj=stage_c.config.c_hidden[0])
     if proj_blocks is not None:
         config["proj_blocks"] = list(proj_blocks)
@@ -67,7 +68,7 @@ def controlnet_for(stage_c: StageC, kind: str, proj_blocks: list[int] | None = N
         config["bottleneck_mode"] = bottleneck_mode
     calls = resblock_calls(stage_c)
     if max(config["proj_blocks"]) >= calls:
-        raise ValueError(f"proj_blocks {config['proj_blocks']} reach past this Stage C's {calls} ResBlock calls "
+        raise UsageError(f"proj_blocks {config['proj_blocks']} reach past this Stage C's {calls} ResBlock calls "
                          f"(0–{calls - 1}); give proj_blocks that fit.")
     model = ControlNet(**config)
     model.kind = kind
@@ -174,7 +175,7 @@ class ControlNetTask:
         if "latents" in batch:
             return batch["latents"]
         if self.effnet is None:
-            raise ValueError("the batch has no 'latents' and the task has no EfficientNet encoder to compute them")
+            raise UsageError("the batch has no 'latents' and the task has no EfficientNet encoder to compute them")
         return self.effnet.encode(batch["images"])
 
     @torch.no_grad()

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import PackedAttention
+from ..errors import NonFiniteError, UsageError
 
 FP16_MAX = 65504.0
 # Multiply inputs are scaled so the worst-case |sum| stays at half the fp16 range.
@@ -76,7 +77,7 @@ def _to_half(weight: torch.Tensor, name: str) -> torch.Tensor:
     if not weight.is_meta:
         peak = weight.abs().max().item() if weight.numel() else 0.0
         if not peak <= FP16_MAX:
-            raise ValueError(f"Stage C weight {name!r} holds |w| = {peak:.4g}, beyond the float16 range "
+            raise UsageError(f"Stage C weight {name!r} holds |w| = {peak:.4g}, beyond the float16 range "
                              f"(±{FP16_MAX:.0f}), so it cannot be stored in fp16; run Stage C in bf16 or fp32.")
     return weight.to(torch.float16)
 
@@ -200,9 +201,8 @@ def to_precision(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def check_plain_fp16_output(out: torch.Tensor) -> torch.Tensor:
-    """Raise :class:`~codec.codec.NonFiniteError` when a plain-fp16 Stage C output holds NaN/inf (it overflowed)."""
+    """Raise :class:`~codec.errors.NonFiniteError` when a plain-fp16 Stage C output holds NaN/inf (it overflowed)."""
     if not torch.isfinite(out).all():
-        from ..codec import NonFiniteError
 
         bad = (~torch.isfinite(out)).sum().item()
         raise NonFiniteError(

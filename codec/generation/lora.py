@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..errors import UsageError
 from ..weights import WeightsError, iter_tensors, read_header
 
 DEFAULT_FILTERS = (".attn",)
@@ -142,7 +143,7 @@ class LoraNetwork(nn.Module):
     def __init__(self, targets: Sequence[str], loras: Sequence[LoRA], embeddings: TokenDelta | None = None):
         super().__init__()
         if len(targets) != len(loras):
-            raise ValueError(f"{len(targets)} targets for {len(loras)} LoRAs")
+            raise UsageError(f"{len(targets)} targets for {len(loras)} LoRAs")
         if embeddings is not None:
             self.embeddings = embeddings
         self.weights = nn.ModuleList(loras)
@@ -157,7 +158,7 @@ class LoraNetwork(nn.Module):
         """New LoRAs (official init: down 0, up ~ N(0,1)) on every filtered weight of ``model``."""
         targets = lora_targets(model, filters)
         if not targets:
-            raise ValueError(f"no module name of the model contains any of the LoRA filters {list(filters)}")
+            raise UsageError(f"no module name of the model contains any of the LoRA filters {list(filters)}")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         loras = []
         for path in targets:

@@ -27,8 +27,9 @@ from PIL import Image
 
 from .. import interop
 from .. import weights as W
-from ..codec import Codec, _check_finite, _load_component, encode_pixels, load_encoder, load_previewer
+from ..codec import Codec, encode_pixels, load_component, load_encoder, load_previewer
 from ..diffusion import diffuse, sample
+from ..errors import MissingInputError, UsageError, check_finite
 from ..images import ImageLike, to_pil, to_tensor_list
 from .stage_c import STAGE_C_PRESETS, StageC, StageCConfig
 
@@ -47,7 +48,7 @@ def check_size(height: int, width: int) -> None:
     """Refuse output sizes outside 256–4096 px per side."""
     for side in (height, width):
         if not 256 <= side <= 4096:
-            raise ValueError(f"image size {width}×{height} (W×H) is outside 256–4096 px per side")
+            raise UsageError(f"image size {width}×{height} (W×H) is outside 256–4096 px per side")
 
 
 @dataclass
@@ -103,7 +104,7 @@ class TextToImage:
         self.loras = [(Path(p), float(m)) for p, m in loras]
         for path, _ in self.loras:
             if not path.is_file():
-                raise FileNotFoundError(f"LoRA file {path} does not exist")
+                raise MissingInputError(f"LoRA file {path} does not exist")
         self._cache: dict[str, Any] = {}
 
     @classmethod
@@ -191,7 +192,7 @@ class TextToImage:
             # Plain fp16 overflows: fp16 means the overflow-safe mode, converted from bf16 (exact for the
             # fp32 parts; fp16 holds every bf16 weight the safe mode accepts).
             dtype = torch.bfloat16 if self.dtype == torch.float16 else self.dtype
-            model, _ = _load_component(self.source, self._locations()[0], StageC,
+            model, _ = load_component(self.source, self._locations()[0], StageC,
                                        asdict(STAGE_C_PRESETS[f"stage_c_{self.stage_c_size}"]), dtype, self.device)
             from .lora import read_lora
 
@@ -227,7 +228,7 @@ class TextToImage:
             del encoder
             _release()
             if clip_img.shape[-1] != c_img:
-                raise ValueError(f"the image encoder gives {clip_img.shape[-1]}-d embeddings but Stage C expects "
+                raise UsageError(f"the image encoder gives {clip_img.shape[-1]}-d embeddings but Stage C expects "
                                  f"{c_img}-d: use the CLIP ViT-L/14 image_encoder/ of {W.OFFICIAL_REPO}-prior")
         cond = {"clip_text": cond_t.hidden.to(self.device), "clip_text_pooled": cond_t.pooled.to(self.device),
                 "clip_img": clip_img}
@@ -249,7 +250,7 @@ class TextToImage:
         lh, lw = stage_c_latent_size(height, width)
         x = F.interpolate(images.float(), size=(lh * 32, lw * 32), mode="bilinear", antialias=True,
                           align_corners=False).clamp(0, 1)
-        latents = _check_finite(encode_pixels(encoder, x), "the EfficientNet encoder")
+        latents = check_finite(encode_pixels(encoder, x), "the EfficientNet encoder")
         del encoder
         _release()
         return latents
@@ -304,22 +305,22 @@ class TextToImage:
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
-            raise ValueError("no prompt given")
+            raise UsageError("no prompt given")
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
-            raise ValueError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
+            raise UsageError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts")
         mode = mode or ("text" if image is None else "variation")
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise UsageError(f"mode must be one of {MODES}, got {mode!r}")
         if mode != "text" and image is None:
-            raise ValueError(f"mode {mode!r} needs an image")
+            raise UsageError(f"mode {mode!r} needs an image")
         if not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+            raise UsageError(f"strength must be in (0, 1], got {strength}")
         if num_images < 1:
-            raise ValueError(f"num_images must be at least 1, got {num_images}")
+            raise UsageError(f"num_images must be at least 1, got {num_images}")
 
         if (controlnet is None) != (control_image is None):
-            raise ValueError("controlnet and control_image go together: give both or neither")
+            raise UsageError("controlnet and control_image go together: give both or neither")
         picture = None
         if control_image is not None and image is None and height is None and width is None:
             ch, cw = to_tensor_list(control_image)[0].shape[-2:]
@@ -381,7 +382,7 @@ class TextToImage:
                        uncond=uncond_b if cfg_c is not None else None,
                        cfg=cfg_c, cfg_rho=cfg_rho, shift=shift_c, sampler=sampler, generator=generator,
                        device=self.device, callback=on_step, **kwargs)
-            latents.append(_check_finite(z, "Stage C").float().cpu())
+            latents.append(check_finite(z, "Stage C").float().cpu())
         stage_c = previewer = None
         _release()
         latents_c = torch.cat(latents)

@@ -21,7 +21,8 @@ from typing import Sequence
 
 import torch
 
-from ..weights import OFFICIAL_REPO, WeightSource, WeightsError, hub_offline, hub_reachable
+from ..errors import UsageError
+from ..weights import OFFICIAL_REPO, WeightsError, WeightSource, hub_offline, hub_reachable
 
 MAX_TOKENS = 77
 
@@ -164,7 +165,7 @@ class TextEncoder:
             elif self.pool_at == "argmax":
                 pos = input_ids.int().argmax(dim=-1)
             else:
-                raise ValueError(f"pool_at must be None, 'eos' or 'argmax', got {self.pool_at!r}")
+                raise UsageError(f"pool_at must be None, 'eos' or 'argmax', got {self.pool_at!r}")
             last = out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), pos]
             pooled = self.model.text_projection(last)
         return TextEmbedding(hidden=out.hidden_states[-1].float(), pooled=pooled.float().unsqueeze(1))

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 from torch.nn.utils import parametrize
 
+from ..errors import UsageError
 from .lora import TokenDelta
 from .text import TextEncoder
 
@@ -43,7 +44,7 @@ def add_train_tokens(encoder: TextEncoder, train_tokens: Sequence[Sequence[str |
     ids: list[int] = []
     for pair in train_tokens:
         if isinstance(pair, str) or len(pair) != 2:
-            raise ValueError(f"each train_tokens entry must be [token, init_regex], got {pair!r}")
+            raise UsageError(f"each train_tokens entry must be [token, init_regex], got {pair!r}")
         token, init = pair
         vocab = tokenizer.get_vocab()
         if NEW_TOKEN.match(token):
@@ -60,7 +61,7 @@ def add_train_tokens(encoder: TextEncoder, train_tokens: Sequence[Sequence[str |
                     warnings.warn(f"no vocabulary entry matches {init!r}: the new token {token} starts at zero",
                                   stacklevel=2)
             if tokenizer.add_tokens([token]) != 1:
-                raise ValueError(f"the tokenizer refused to add the token {token!r}")
+                raise UsageError(f"the tokenizer refused to add the token {token!r}")
             new_id = tokenizer.convert_tokens_to_ids(token)
             if new_id != rows:
                 raise RuntimeError(f"the new token {token} got id {new_id}, but the embedding matrix has {rows} rows")
@@ -71,7 +72,7 @@ def add_train_tokens(encoder: TextEncoder, train_tokens: Sequence[Sequence[str |
         else:
             found = [v for k, v in vocab.items() if re.search(token, k) is not None]
             if not found:
-                raise ValueError(f"train_tokens: {token!r} matches no vocabulary entry (write [name] to add a new "
+                raise UsageError(f"train_tokens: {token!r} matches no vocabulary entry (write [name] to add a new "
                                  "token)")
             ids += found
     return sorted(set(ids))
@@ -98,12 +99,12 @@ def load_token_state(encoder: TextEncoder, state: dict[str, torch.Tensor], train
     indices = state["embeddings.indices"].long().tolist()
     rows = _embedding(encoder).weight.shape[0]
     if any(i >= rows for i in indices) and not train_tokens:
-        raise ValueError(f"{source} trains new token id(s) {[i for i in indices if i >= rows]} but does not name "
+        raise UsageError(f"{source} trains new token id(s) {[i for i in indices if i >= rows]} but does not name "
                          "them; give the tokens it was trained with, e.g. tokens=[['[name]', '^dog</w>']] (the "
                          "train_tokens of its training config).")
     ids = add_train_tokens(encoder, train_tokens) if train_tokens else sorted(set(indices))
     if sorted(set(indices)) != ids:
-        raise ValueError(f"{source} holds deltas for token ids {indices}, but its tokens {list(train_tokens)} give "
+        raise UsageError(f"{source} holds deltas for token ids {indices}, but its tokens {list(train_tokens)} give "
                          f"ids {ids}; the tokenizer differs from the one it was trained with.")
     delta = attach_token_delta(encoder, indices)
     with torch.no_grad():

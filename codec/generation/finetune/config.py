@@ -15,8 +15,10 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ...errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError):
     """The training config is invalid; the message names the file, the key and the fix."""
 
 
@@ -137,7 +139,7 @@ class TrainConfig(Section):
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
         if self.batch_size % self.grad_accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} must be a multiple of grad_accum_steps "
+            raise UsageError(f"batch_size {self.batch_size} must be a multiple of grad_accum_steps "
                              f"{self.grad_accum_steps}")
         return self
 

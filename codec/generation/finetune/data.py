@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ...errors import UsageError
 from .distributed import Dist
 
 TENSOR_KEYS = ("latent", "clip_text", "clip_text_pooled", "clip_img", "stage_a", "images")
@@ -43,7 +44,7 @@ def epoch_batches(dataset: Any, global_batch: int, seed: int, epoch: int, shuffl
     batches = list(sampler)
     if not batches:
         sizes = {k: len(v) for k, v in dataset.bucket_indices().items()}
-        raise ValueError(f"no bucket of the dataset holds a full batch of {global_batch} samples (bucket sizes: "
+        raise UsageError(f"no bucket of the dataset holds a full batch of {global_batch} samples (bucket sizes: "
                          f"{sizes}); lower batch_size/grad_accum_steps or add data.")
     return batches
 
