@@ -237,9 +237,9 @@ def main() -> None:
     from codec.generation.finetune.logs import read_log
     from codec.generation.finetune.preview import save_collage
     from codec.generation.lora import read_lora
-    from codec.generation.stage_c import StageC
-    from codec.generation.text import TextEncoder
     from codec.generation.tokens import add_train_tokens, load_token_state
+    from codec.stage_c import StageC
+    from codec.text import TextEncoder
     from codec.tiny import TINY_STAGE_C, write_tiny_weights
     from codec.weights import BUILTIN_MODELS, load_configured
     from datasets_tools import encode_dataset

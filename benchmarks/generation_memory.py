@@ -40,10 +40,10 @@ def write_weights(folder: Path, stage_c: str, dtype: torch.dtype) -> None:
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     from codec import weights as W
-    from codec.generation.previewer import Previewer
-    from codec.generation.stage_c import StageC
+    from codec.previewer import Previewer
     from codec.stage_a import StageA
     from codec.stage_b import StageB
+    from codec.stage_c import StageC
     from codec.tiny import write_tiny_text_encoder
 
     folder.mkdir(parents=True, exist_ok=True)

@@ -229,8 +229,8 @@ def _denoiser_runner(spec: WorkerSpec, dtype: torch.dtype) -> Callable[[dict[str
     """One evaluation of the lite Stage B or Stage C denoiser: ours, or diffusers' ``StableCascadeUNet`` with the
     same weights under its key names (:mod:`codec.interop`)."""
     from codec import interop
-    from codec.generation.stage_c import StageC
     from codec.stage_b import StageB
+    from codec.stage_c import StageC
 
     kind = spec.task
     with torch.device("meta"):

@@ -60,7 +60,7 @@ from torch import nn
 from benchmarks.speed import random_state_dict, rel_errors
 from codec.blocks import ResBlock, TimestepBlock
 from codec.errors import NonFiniteError
-from codec.generation.stage_c import STAGE_C_PRESETS, StageC
+from codec.stage_c import STAGE_C_PRESETS, StageC
 
 GAIN = 4.0
 FP16_MAX = 65504.0

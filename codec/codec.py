@@ -92,7 +92,7 @@ def load_encoder(source: str | os.PathLike | W.WeightSource,
 
 def load_previewer(src: W.WeightSource, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The Previewer (fp32, eval) from ``previewer.safetensors`` or a ComfyUI Stage C checkpoint."""
-    from .generation.previewer import Previewer
+    from .previewer import Previewer
 
     loc = interop.resolve(src, "previewer", torch.float32, W.PREVIEWER_FILE)
     interop.require(src, [loc])
@@ -260,7 +260,7 @@ class Codec:
 
     def _text(self):
         if self._text_encoder is None:
-            from .generation.text import TextEncoder
+            from .text import TextEncoder
 
             if self.source is None:
                 raise W.WeightsError("this codec was not loaded from a weight source; pass clip= instead of a caption")

@@ -285,7 +285,7 @@ def load_clip(src: W.WeightSource, loc: Located, model_cls: type, config_cls: ty
               device: torch.device | str) -> torch.nn.Module:
     """A transformers CLIP model (``CLIPTextModelWithProjection`` / ``CLIPVisionModelWithProjection``) from a
     ComfyUI checkpoint: keys checked first, then tensors streamed in ``dtype``."""
-    from .generation.text import quiet_transformers
+    from .text import quiet_transformers
 
     ckpt, config = open_section(src, loc)
     hf_config = config_cls(**config)

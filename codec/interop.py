@@ -277,7 +277,7 @@ def default_config(component: str) -> dict[str, Any]:
         from .stage_b import STAGE_B_PRESETS
 
         return asdict(STAGE_B_PRESETS[component])
-    from .generation.stage_c import STAGE_C_PRESETS  # lazy: codec does not import generation at module level
+    from .stage_c import STAGE_C_PRESETS  # lazy: codec does not import generation at module level
 
     return asdict(STAGE_C_PRESETS[component])
 

@@ -14,10 +14,10 @@ import torch
 
 from . import weights as W
 from .effnet import EfficientNetEncoder
-from .generation.previewer import Previewer
-from .generation.stage_c import StageC
+from .previewer import Previewer
 from .stage_a import StageA
 from .stage_b import StageB
+from .stage_c import StageC
 
 TINY_NOTE = "TINY RANDOM WEIGHTS for tests/demos - not a trained model; decoded images are noise"
 
@@ -66,7 +66,7 @@ def write_tiny_weights(folder: str | os.PathLike, seed: int = 0, stage_b: str = 
     W.save_module(_fill_random(StageC(**TINY_STAGE_C), g), folder / W.STAGE_C_FILES["lite"]["fp32"], TINY_STAGE_C,
                   TINY_NOTE)
     if clip:
-        from .generation.text import TextEncoder
+        from .text import TextEncoder
 
         write_tiny_text_encoder(folder, seed=seed)
         write_tiny_image_encoder(folder, seed=seed)
@@ -133,7 +133,7 @@ TINY_CONTROLNETS = {
 def write_tiny_controlnet(folder: str | os.PathLike, kind: str = "canny", seed: int = 0) -> Path:
     """Write a tiny random ``controlnet/<kind>.safetensors`` (non-zero projections, so it changes Stage C's
     output) into ``folder``; it loads with ``ControlNet.from_pretrained(folder, kind)``."""
-    from .generation.controlnet import CONTROLNET_FILES, ControlNet
+    from .controlnet import CONTROLNET_FILES, ControlNet
 
     config = TINY_CONTROLNETS[kind]
     model = _fill_random(ControlNet(**config), torch.Generator().manual_seed(seed))

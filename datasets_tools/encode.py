@@ -89,7 +89,7 @@ def extras_identity(weights: str | os.PathLike, text_encoder: str | os.PathLike 
     if text_encoder is not None:
         from transformers import CLIPTextConfig
 
-        from codec.generation.text import MAX_TOKENS, hf_subfolders
+        from codec.text import MAX_TOKENS, hf_subfolders
 
         folder = hf_subfolders(text_encoder, TEXT_SUBFOLDERS, "CLIP text embeddings (--text-encoder)")
         cfg = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"), local_files_only=True)
@@ -228,7 +228,7 @@ class _Models:
     """What runs in the main process: the EfficientNet encoder and the optional extras' models."""
 
     effnet: torch.nn.Module
-    text: Any = None          # codec.generation.text.TextEncoder
+    text: Any = None          # codec.text.TextEncoder
     stage_a: torch.nn.Module | None = None
 
 
@@ -324,7 +324,7 @@ def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, 
     text = None
     finalising = rank == 0 and (len(committed) < n_units or not store.attrs.get("complete"))
     if text_encoder is not None and (items or finalising and store.empty_text() is None):
-        from codec.generation.text import TextEncoder
+        from codec.text import TextEncoder
 
         text = TextEncoder.from_pretrained(text_encoder, device=device)
     if items:
@@ -387,7 +387,7 @@ def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]
              progress: bool, device: str, summary: Summary) -> None:
     from tqdm.auto import tqdm
 
-    from codec.generation.text import MAX_TOKENS
+    from codec.text import MAX_TOKENS
 
     loader = torch.utils.data.DataLoader(
         _UnitItems(items, policy, size), batch_size=None, shuffle=False, num_workers=workers,

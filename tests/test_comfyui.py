@@ -20,7 +20,7 @@ from codec import Codec, comfyui, interop
 from codec import weights as W
 from codec.cli import main
 from codec.convert import convert
-from codec.generation.stage_c import StageC
+from codec.stage_c import StageC
 from codec.stage_b import StageB
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
@@ -214,7 +214,7 @@ def _as_comfyui_saves_it(path, out):
 
 
 def test_files_saved_by_comfyui_itself_read_the_same(comfy_folder, tmp_path):
-    from codec.generation.text import TextEncoder
+    from codec.text import TextEncoder
 
     shutil.copytree(comfy_folder / "tokenizer", tmp_path / "tokenizer")
     _as_comfyui_saves_it(comfy_folder / C_FILE, tmp_path / C_FILE)
@@ -250,7 +250,7 @@ def test_a_non_released_size_without_our_metadata_is_refused(comfy_folder, tmp_p
 
 
 def test_missing_tokenizer_is_explained(comfy_folder, tmp_path):
-    from codec.generation.text import TextEncoder
+    from codec.text import TextEncoder
 
     shutil.copyfile(comfy_folder / C_FILE, tmp_path / C_FILE)
     with pytest.raises(W.WeightsError, match=r"no tokenizer/ folder.*holds the text encoder's weights, not its "

@@ -10,7 +10,8 @@ from codec import weights as W
 from codec.effnet import EfficientNetEncoder
 from codec.images import to_tensor_list
 from codec.generation import control_filters as CF
-from codec.generation.controlnet import CONTROLNET_FILES, ControlNet, control_features
+from codec.controlnet import CONTROLNET_FILES, ControlNet
+from codec.generation.control import control_features
 from codec.tiny import TINY_CONTROLNETS, write_tiny_controlnet
 
 from helpers import fill_
@@ -206,7 +207,7 @@ def test_training_control_draws_are_official_and_reproducible():
 def test_cnet_goes_through_the_sampler_with_cfg(canny):
     """The documented wiring: the same ``cnet`` list in the conditional and unconditional inputs."""
     from codec.diffusion import sample
-    from codec.generation.stage_c import StageC
+    from codec.stage_c import StageC
     from codec.tiny import TINY_STAGE_C
 
     stage_c = fill_(StageC(**TINY_STAGE_C), 0).eval()

@@ -11,8 +11,9 @@ import torch
 
 from codec.effnet import EfficientNetEncoder
 from codec.generation import control_filters as CF
-from codec.generation.controlnet import CONTROLNET_PRESETS, ControlNet, scale_features
-from codec.generation.stage_c import StageC
+from codec.controlnet import CONTROLNET_PRESETS, ControlNet
+from codec.generation.control import scale_features
+from codec.stage_c import StageC
 
 from helpers import DATA_DIR, TINY_STAGE_C_CONFIG, assert_close_scaled, bn1_, fill_, load_golden, sub_dict
 

@@ -9,9 +9,9 @@ import torch
 
 from codec.effnet import EfficientNetEncoder
 from codec.generation.control_filters import TrainingControl, canny_filter
-from codec.generation.controlnet import ControlNet
+from codec.controlnet import ControlNet
 from codec.generation.controlnet_training import ControlNetTask, controlnet_for, resblock_calls
-from codec.generation.stage_c import StageC
+from codec.stage_c import StageC
 from codec.tiny import TINY_STAGE_C
 
 from helpers import fill_

@@ -7,7 +7,7 @@ from PIL import Image
 
 from codec.cli import store_info
 from codec.codec import load_stage_a
-from codec.generation.text import TextEncoder
+from codec.text import TextEncoder
 from datasets_tools import LatentDataset, LatentStore, StoreError, encode_dataset
 from datasets_tools.encode import file_sha256, text_encoder_sha256
 from datasets_tools.preprocess import preprocess

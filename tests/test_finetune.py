@@ -144,7 +144,7 @@ def test_adaptive_weight_follows_bucket_losses():
 
 
 def test_stage_c_checkpoint_is_a_release_file(tmp_path):
-    from codec.generation.stage_c import StageC
+    from codec.stage_c import StageC
     from codec.weights import load_configured
 
     train("stage-c", config(tmp_path, max_steps=2), dataset=stored_dataset(), echo=None)
@@ -166,8 +166,8 @@ def text_weights(tiny_weights):
 
 def test_lora_with_a_new_token_trains_and_loads_back(tmp_path, text_weights):
     from codec.generation.lora import read_lora
-    from codec.generation.stage_c import StageC
-    from codec.generation.text import TextEncoder
+    from codec.stage_c import StageC
+    from codec.text import TextEncoder
     from codec.generation.tokens import add_train_tokens, load_token_state
     from codec.tiny import TINY_STAGE_C
     from codec.weights import save_module

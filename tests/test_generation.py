@@ -12,7 +12,7 @@ from PIL import Image
 from codec.cli import main
 from codec.generation.clip_image import ImageEncoder, clip_preprocess
 from codec.generation.pipeline import TextToImage, stage_c_latent_size
-from codec.generation.text import TextEncoder
+from codec.text import TextEncoder
 from codec.tiny import TINY_STAGE_C
 
 

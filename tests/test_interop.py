@@ -21,7 +21,7 @@ from codec import weights as W
 from codec.cli import main
 from codec.stage_a import StageA
 from codec.stage_b import StageB
-from codec.generation.stage_c import StageC
+from codec.stage_c import StageC
 from codec.tiny import TINY_STAGE_A, TINY_STAGE_B, TINY_STAGE_C, write_tiny_text_encoder
 
 from helpers import assert_close_scaled, fill_

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from codec.effnet import EfficientNetEncoder
-from codec.generation.previewer import Previewer
-from codec.generation.stage_c import StageC
+from codec.previewer import Previewer
+from codec.stage_c import StageC
 from codec.stage_a import StageA
 from codec.stage_b import StageB
 

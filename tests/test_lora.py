@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from codec.generation.lora import LoraNetwork, lora_targets, read_lora, save_lora, to_kohya
-from codec.generation.stage_c import StageC
+from codec.stage_c import StageC
 from codec.tiny import TINY_STAGE_C
 from codec.weights import WeightsError, read_header
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from codec.blocks import PackedAttention, r_embedding
 from codec.effnet import EfficientNetEncoder
-from codec.generation.previewer import Previewer
-from codec.generation.stage_c import StageC
+from codec.previewer import Previewer
+from codec.stage_c import StageC
 from codec.stage_a import StageA
 from codec.stage_b import StageB
 

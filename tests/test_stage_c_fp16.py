@@ -14,9 +14,9 @@ from torch import nn
 from benchmarks.stage_c_fp16 import error_rows, grown_stage_c, stage_c_inputs
 from benchmarks.speed import random_state_dict
 from codec.blocks import PackedAttention
-from codec.generation.fp16 import HalfLinear, HalfPackedAttention, half_linear, make_half_safe, row_l1_bound, \
+from codec.fp16 import HalfLinear, HalfPackedAttention, half_linear, make_half_safe, row_l1_bound, \
     to_precision
-from codec.generation.stage_c import StageC
+from codec.stage_c import StageC
 from codec.tiny import TINY_STAGE_C
 
 FP16_MAX = torch.finfo(torch.float16).max

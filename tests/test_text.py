@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from codec import Codec
-from codec.generation.text import TextEncoder
+from codec.text import TextEncoder
 from codec.weights import EMPTY_CAPTION_FILE, WeightsError
 
 transformers = pytest.importorskip("transformers")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from codec.generation.text import TextEncoder
+from codec.text import TextEncoder
 from codec.generation.tokens import add_train_tokens, attach_token_delta, detach_token_delta, load_token_state
 
 

@@ -31,12 +31,12 @@ from torch import nn
 
 from .. import weights as W
 from ..blocks import ResBlock
+from ..controlnet import CONTROLNET_PRESETS, ControlNet
 from ..diffusion import CosineSchedule, diffuse, p2_loss_weight
 from ..effnet import EfficientNetEncoder
 from ..errors import UsageError
+from ..stage_c import StageC
 from .control_filters import TrainingControl
-from .controlnet import CONTROLNET_PRESETS, ControlNet
-from .stage_c import StageC
 
 ControlFn = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
 

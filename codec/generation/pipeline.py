@@ -31,7 +31,7 @@ from ..codec import Codec, encode_pixels, load_component, load_encoder, load_pre
 from ..diffusion import diffuse, sample
 from ..errors import MissingInputError, UsageError, check_finite
 from ..images import ImageLike, to_pil, to_tensor_list
-from .stage_c import STAGE_C_PRESETS, StageC, StageCConfig
+from ..stage_c import STAGE_C_PRESETS, StageC, StageCConfig
 
 COMPRESSION_C = 42.67  # output pixels per Stage C latent pixel (official calculate_latent_sizes)
 MODES = ("text", "variation", "img2img")
@@ -165,7 +165,7 @@ class TextToImage:
         return model
 
     def _text_encoder(self):
-        from .text import TextEncoder
+        from ..text import TextEncoder
 
         def load():
             from .lora import read_lora_tokens
@@ -258,8 +258,9 @@ class TextToImage:
     def _control_features(self, kind: str, image: ImageLike, strength: float, size: tuple[int, int],
                           mask: ImageLike | None, threshold: float, outpaint: bool) -> list[torch.Tensor | None]:
         """The ControlNet features for one control image (loaded, run and released here)."""
+        from ..controlnet import ControlNet
         from . import control_filters as CF
-        from .controlnet import ControlNet, control_features
+        from .control import control_features
 
         dtype = torch.bfloat16 if self.dtype == torch.float16 else self.dtype
         net = self._get(f"controlnet_{kind}",

@@ -25,8 +25,8 @@ import torch
 from torch.nn.utils import parametrize
 
 from ..errors import UsageError
+from ..text import TextEncoder
 from .lora import TokenDelta
-from .text import TextEncoder
 
 NEW_TOKEN = re.compile(r"^(\[[^\]]+\]|<[^>]+>)$")
 

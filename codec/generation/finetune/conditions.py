@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..text import TextEmbedding, TextEncoder
+from ...text import TextEmbedding, TextEncoder
 from .config import ConfigError, TrainConfig
 
 

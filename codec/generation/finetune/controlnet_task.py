@@ -26,10 +26,10 @@ from pydantic import Field
 from torch import nn
 
 from ... import weights as W
+from ...controlnet import ControlNet
+from ...stage_c import STAGE_C_PRESETS, StageC
 from ..control_filters import TrainingControl, load_saliency
-from ..controlnet import ControlNet
 from ..controlnet_training import OFFSET_NOISE, ControlledStageC, controlnet_for, resblock_calls
-from ..stage_c import STAGE_C_PRESETS, StageC
 from .conditions import TextSource
 from .config import ConfigError, Section, TrainConfig
 from .distributed import Dist

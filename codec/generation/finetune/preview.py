@@ -25,7 +25,7 @@ def load_previewer(weights: str | None, device: torch.device) -> torch.nn.Module
     if weights is None:
         return None
     from ... import weights as W
-    from ..previewer import Previewer
+    from ...previewer import Previewer
 
     src = W.WeightSource(weights)
     if not src.has(W.PREVIEWER_FILE):

@@ -10,8 +10,8 @@ from torch import nn
 
 from ... import weights as W
 from ...diffusion import sample
-from ..stage_c import STAGE_C_PRESETS, StageC
-from ..text import TextEmbedding
+from ...stage_c import STAGE_C_PRESETS, StageC
+from ...text import TextEmbedding
 from .conditions import TextSource, image_embedding
 from .preview import load_previewer, save_collage
 from .rng import BatchRandom

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from ..errors import UsageError
-from ..weights import OFFICIAL_REPO, WeightsError, WeightSource, hub_offline, hub_reachable
+from .errors import UsageError
+from .weights import OFFICIAL_REPO, WeightsError, WeightSource, hub_offline, hub_reachable
 
 MAX_TOKENS = 77
 
@@ -109,7 +109,7 @@ class TextEncoder:
         checkpoint (the file, or a folder with one and no ``text_encoder/``) and the ``tokenizer/`` beside it."""
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-        from .. import comfyui
+        from . import comfyui
 
         found = comfyui.bundled(source, "text_encoder")
         if found is None:

@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..blocks import CascadeUNet, LayerNorm2d, autocast_for, init_cascade_weights, make_block
+from .blocks import CascadeUNet, LayerNorm2d, autocast_for, init_cascade_weights, make_block
 from .fp16 import check_plain_fp16_output, make_half_safe
 
 
@@ -194,6 +194,6 @@ class StageC(CascadeUNet):
     def half_safe(self) -> "StageC":
         """Switch to overflow-safe fp16 inference in place: fp16 weights and multiplies, fp32 activations.
 
-        Plain fp16 overflows with the released weights; see :mod:`codec.generation.fp16`.
+        Plain fp16 overflows with the released weights; see :mod:`codec.fp16`.
         """
         return make_half_safe(self)

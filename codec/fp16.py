@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..blocks import PackedAttention
-from ..errors import NonFiniteError, UsageError
+from .blocks import PackedAttention
+from .errors import NonFiniteError, UsageError
 
 FP16_MAX = 65504.0
 # Multiply inputs are scaled so the worst-case |sum| stays at half the fp16 range.
