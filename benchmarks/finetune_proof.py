@@ -10,7 +10,7 @@ first, or ``--photos 'scripts/samples/*.jpg'``). What it does:
    LadyBird) is held out of Stage C's data: it is the LoRA's new concept. ``--exclude`` leaves out photos
    whose latents are outliers (see its help). Text: the tiny *random* CLIP text
    encoder of ``codec.tiny`` (character-level tokenizer; no CLIP weights exist offline).
-2. **Stage C.** A tiny Stage C (``TINY_STAGE_C``, official training init) is trained with
+2. **Stage C.** A tiny Stage C (``get_preset("stage_c_tiny").kwargs()``, official training init) is trained with
    ``cascade train stage-c`` semantics for ``--steps`` updates. Reported: the training loss (epsilon MSE,
    first vs last ``--window`` updates) and an *evaluation* loss on every sample at 10 fixed t
    (0.05…0.95) with fixed noise and no dropout, before and after training.
@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from codec.presets import create_model
 
 TOKEN_CAPTION = "a photo of [sks]"
 TOKEN_PROMPTS = [TOKEN_CAPTION, "[sks]"]
@@ -240,7 +242,7 @@ def main() -> None:
     from codec.generation.tokens import add_train_tokens, load_token_state
     from codec.stage_c import StageC
     from codec.text import TextEncoder
-    from codec.tiny import TINY_STAGE_C, write_tiny_weights
+    from codec.tiny import write_tiny_weights
     from codec.weights import BUILTIN_MODELS, load_configured
     from datasets_tools import encode_dataset
 
@@ -274,7 +276,7 @@ def main() -> None:
     enc = TextEncoder.from_pretrained(weights)
     lat, hid, pool, caps = store_conditions(out / "photos.zarr", enc)
     torch.manual_seed(0)
-    init = StageC(**TINY_STAGE_C)
+    init = create_model("stage_c_tiny")
     init.init_weights()
     before = eval_loss(init, lat, hid, pool)
     reused_c = finished(run_c, args.steps)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from codec.presets import create_model
+
 from .rss import peak_rss_bytes
 
 DEFAULT_WORK = Path(__file__).resolve().parent / "results" / "generation_memory_weights"
@@ -42,14 +44,12 @@ def write_weights(folder: Path, stage_c: str, dtype: torch.dtype) -> None:
     from codec import weights as W
     from codec.previewer import Previewer
     from codec.stage_a import StageA
-    from codec.stage_b import StageB
-    from codec.stage_c import StageC
     from codec.tiny import write_tiny_text_encoder
 
     folder.mkdir(parents=True, exist_ok=True)
     suffix = "bf16" if dtype == torch.bfloat16 else "fp32"
-    jobs = [(W.STAGE_C_FILES[stage_c][suffix], lambda: StageC.from_preset(f"stage_c_{stage_c}"), dtype),
-            (W.STAGE_B_FILES["lite"][suffix], lambda: StageB.from_preset("stage_b_lite"), dtype),
+    jobs = [(W.STAGE_C_FILES[stage_c][suffix], lambda: create_model(f"stage_c_{stage_c}"), dtype),
+            (W.STAGE_B_FILES["lite"][suffix], lambda: create_model("stage_b_lite"), dtype),
             (W.STAGE_A_FILE, StageA, torch.float32), (W.PREVIEWER_FILE, Previewer, torch.float32)]
     for i, (name, build, dt) in enumerate(jobs):
         if (folder / name).is_file():

@@ -11,13 +11,13 @@ Run ``python -m benchmarks.speed --help`` for the options. What is timed:
   weights under diffusers' key names, called as its pipeline does:
   ``decode(latents * scale_factor, force_not_quantize=True)``.
 * ``stage_b`` — one Stage B lite denoiser evaluation at 1024² output (latent 4×256×256,
-  effnet 16×24×24, pooled CLIP 1×1×1280, batch 1). *ours* = ``StageB.from_preset('stage_b_lite')``;
+  effnet 16×24×24, pooled CLIP 1×1×1280, batch 1). *ours* = ``create_model('stage_b_lite')``;
   *diffusers* = ``StableCascadeUNet`` with the decoder-lite config (the one diffusers'
   ``scripts/convert_stable_cascade_lite.py`` writes) and our weights under diffusers' key
   names, both from :mod:`codec.interop` (whose mapping the tests check against diffusers).
 * ``stage_c`` — one Stage C lite denoiser evaluation at 1024² output (latent 16×24×24, CLIP
   text 77×1280, pooled 1×1280, CLIP image 1×768, batch 1). *ours* =
-  ``StageC.from_preset('stage_c_lite')``; *diffusers* = ``StableCascadeUNet`` with the
+  ``create_model('stage_c_lite')``; *diffusers* = ``StableCascadeUNet`` with the
   prior-lite config and our weights under diffusers' key names, as for Stage B.
 
 Each (case, implementation) runs in its own spawned process, so its peak RSS
@@ -58,6 +58,7 @@ from typing import Any, Callable
 import torch
 
 from codec.interop import OFFICIAL_STAGE_A_SCALE
+from codec.presets import create_model
 
 from .rss import current_rss_bytes, peak_rss_bytes
 
@@ -229,12 +230,10 @@ def _denoiser_runner(spec: WorkerSpec, dtype: torch.dtype) -> Callable[[dict[str
     """One evaluation of the lite Stage B or Stage C denoiser: ours, or diffusers' ``StableCascadeUNet`` with the
     same weights under its key names (:mod:`codec.interop`)."""
     from codec import interop
-    from codec.stage_b import StageB
-    from codec.stage_c import StageC
 
     kind = spec.task
     with torch.device("meta"):
-        meta = (StageB if kind == "stage_b" else StageC).from_preset(f"{kind}_lite")
+        meta = create_model(f"{kind}_lite")
     sd = random_state_dict(meta, spec.seed, dtype)
     if spec.impl == "ours":
         model = meta

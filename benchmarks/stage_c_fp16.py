@@ -51,7 +51,6 @@ import copy
 import json
 import math
 import sys
-from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -60,7 +59,8 @@ from torch import nn
 from benchmarks.speed import random_state_dict, rel_errors
 from codec.blocks import ResBlock, TimestepBlock
 from codec.errors import NonFiniteError
-from codec.stage_c import STAGE_C_PRESETS, StageC
+from codec.presets import get_preset
+from codec.stage_c import StageC
 
 GAIN = 4.0
 FP16_MAX = 65504.0
@@ -76,7 +76,7 @@ def grown_stage_c(layout: str = "stage_c_large", gain: float = GAIN, width: int 
 
     fp32, eval mode. See the module docstring for why this reproduces the real model's activation growth.
     """
-    config = dict(asdict(STAGE_C_PRESETS[layout]), c_hidden=[width, width], nhead=[2, 2], c_cond=width,
+    config = dict(get_preset(layout).kwargs(), c_hidden=[width, width], nhead=[2, 2], c_cond=width,
                   c_clip_text=CLIP_TEXT, c_clip_text_pooled=CLIP_TEXT, c_clip_img=CLIP_IMG)
     with torch.device("meta"):
         meta = StageC(**config)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -22,12 +23,14 @@ from PIL import Image
 
 from . import interop
 from . import weights as W
+from .controlnet import CONTROLNET_FILES, ControlNet
 from .diffusion import sample
 from .effnet import EfficientNetEncoder
 from .errors import UsageError, check_finite
 from .images import ImageLike, to_pil, to_tensor_list
+from .presets import CONTROLNET_KINDS, get_preset
 from .stage_a import StageA
-from .stage_b import STAGE_B_PRESETS, StageB
+from .stage_b import StageB
 
 ENCODER_FRACTION = 0.75  # the encoder sees 3/4 of the output size (1024 → 768 → 24×24)
 LATENT_STRIDE = 32
@@ -97,6 +100,36 @@ def load_previewer(src: W.WeightSource, device: str | torch.device = "cpu") -> t
     loc = interop.resolve(src, "previewer", torch.float32, W.PREVIEWER_FILE)
     interop.require(src, [loc])
     return load_component(src, loc, Previewer, None, torch.float32, device)[0]
+
+
+def load_controlnet(source: str | os.PathLike, kind: str | None = None, dtype: str | torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> ControlNet:
+    """A ControlNet from a weights folder or repo id (``controlnet/<kind>.safetensors``) or a file.
+
+    ``kind`` is canny, inpainting or super_resolution; for a file path it defaults to the file's stem. A
+    configuration stored in the file (our own files) overrides the official preset. ``dtype`` defaults to bf16
+    on CUDA and fp32 elsewhere. The model is returned in eval mode without gradients, its ``kind`` set.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = W.parse_dtype(dtype, device)
+    path = Path(source).expanduser()
+    if path.is_file():
+        kind = kind or path.stem
+        src, filename = W.WeightSource(path.parent), path.name
+    else:
+        if kind not in CONTROLNET_FILES:
+            raise W.WeightsError(f"ControlNet kind {kind!r} has no released file; choose one of "
+                                 f"{sorted(CONTROLNET_FILES)} or give the path of a .safetensors file.")
+        src, filename = W.WeightSource(source), CONTROLNET_FILES[kind]
+        src.require([filename])
+    known = kind in CONTROLNET_KINDS
+    if not known and W.read_header(src.path(filename)).config is None:
+        raise W.WeightsError(f"{src.path(filename)} does not say which ControlNet it is; pass its kind "
+                             f"(one of {', '.join(CONTROLNET_KINDS)}).")
+    preset = get_preset(f"controlnet_{kind}").kwargs() if known else None
+    model, _ = load_component(src, filename, ControlNet, preset, dtype, device)
+    model.kind = kind if known else None
+    return model
 
 
 def locate_stage_a(src: W.WeightSource) -> interop.Located:
@@ -190,7 +223,7 @@ class Codec:
                                                             device)
             effnet = effnet.to(memory_format=torch.channels_last)
         model_b, components["stage_b"] = load_component(src, b_loc, StageB,
-                                                         asdict(STAGE_B_PRESETS[f"stage_b_{stage_b}"]), dtype, device)
+                                                         get_preset(f"stage_b_{stage_b}").kwargs(), dtype, device)
         empty = None
         if src.has(W.EMPTY_CAPTION_FILE):
             empty = next(W.iter_tensors(W.read_header(src.path(W.EMPTY_CAPTION_FILE)), torch.float32, device))[1]

@@ -15,37 +15,37 @@ is replaced by one **without padding** (the original pads by 1).
 
 Typical use (what ``cascade generate --controlnet canny`` does)::
 
-    controlnet = ControlNet.from_pretrained(weights_dir, "canny")
+    controlnet = codec.codec.load_controlnet(weights_dir, "canny")
     cnet = control_features(controlnet, "edges.jpg", "canny", strength=1.0, size=(1024, 1024))
     # the same list goes to the conditional and the unconditional Stage C pass
 """
 
 from __future__ import annotations
 
-import copy
-import os
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 import torch
 import torchvision
 from torch import nn
 
-from . import weights as W
 from .blocks import LayerNorm2d
 from .errors import UsageError
 
 # Stage C ResBlock calls (of 64 in the 3.6B model) that the released ControlNets feed.
 CONTROLNET_BLOCKS = [0, 4, 8, 12, 51, 55, 59, 63]
 
-# Official configurations (configs/inference/controlnet_c_3b_*.yaml), by control kind.
-CONTROLNET_PRESETS: dict[str, dict[str, Any]] = {
-    "canny": dict(c_in=1, c_proj=2048, proj_blocks=CONTROLNET_BLOCKS, bottleneck_mode="effnet"),
-    "inpainting": dict(c_in=4, c_proj=2048, proj_blocks=CONTROLNET_BLOCKS, bottleneck_mode="effnet"),
-    "super_resolution": dict(c_in=16, c_proj=2048, proj_blocks=CONTROLNET_BLOCKS, bottleneck_mode="large"),
-    # Configured officially but never released (its face-ID filter needs insightface models).
-    "identity": dict(c_in=512, c_proj=2048, proj_blocks=list(range(64)), bottleneck_mode="simple"),
-}
+@dataclass(frozen=True)
+class ControlNetConfig:
+    """Hyper-parameters of :class:`ControlNet` (official names). The official configurations per control
+    kind (``configs/inference/controlnet_c_3b_*.yaml``) are the ``controlnet_<kind>`` presets of
+    :mod:`codec.presets`."""
+
+    c_in: int = 3
+    c_proj: int = 2048
+    proj_blocks: list = field(default_factory=lambda: list(CONTROLNET_BLOCKS))
+    bottleneck_mode: str = "effnet"
+
 
 # Released files, relative to the weights folder (as on the Hugging Face repo).
 CONTROLNET_FILES = {kind: f"controlnet/{kind}.safetensors" for kind in ("canny", "inpainting", "super_resolution")}
@@ -140,48 +140,6 @@ class ControlNet(nn.Module):
             nn.init.zeros_(projection[-1].weight)
             self.projections.append(projection)
         self.train(self.training)
-
-    @classmethod
-    def from_preset(cls, kind: str) -> "ControlNet":
-        """Build the official configuration of ``kind``: canny, inpainting, super_resolution or identity."""
-        if kind not in CONTROLNET_PRESETS:
-            raise UsageError(f"unknown ControlNet kind {kind!r}; choose one of {sorted(CONTROLNET_PRESETS)}")
-        model = cls(**copy.deepcopy(CONTROLNET_PRESETS[kind]))
-        model.kind = kind
-        return model
-
-    @classmethod
-    def from_pretrained(cls, source: str | os.PathLike, kind: str | None = None,
-                        dtype: str | torch.dtype | None = None,
-                        device: str | torch.device | None = None) -> "ControlNet":
-        """Load a ControlNet from a weights folder or repo id (``controlnet/<kind>.safetensors``) or a file.
-
-        ``kind`` is canny, inpainting or super_resolution; for a file path it defaults to
-        the file's stem. A configuration stored in the file (our own files) overrides the
-        official preset. ``dtype`` defaults to bf16 on CUDA and fp32 elsewhere. The model
-        is returned in eval mode without gradients.
-        """
-        from .codec import load_component
-
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = W.parse_dtype(dtype, device)
-        path = Path(source).expanduser()
-        if path.is_file():
-            kind = kind or path.stem
-            src, filename = W.WeightSource(path.parent), path.name
-        else:
-            if kind not in CONTROLNET_FILES:
-                raise W.WeightsError(f"ControlNet kind {kind!r} has no released file; choose one of "
-                                     f"{sorted(CONTROLNET_FILES)} or give the path of a .safetensors file.")
-            src, filename = W.WeightSource(source), CONTROLNET_FILES[kind]
-            src.require([filename])
-        preset = CONTROLNET_PRESETS.get(kind) if kind else None
-        if preset is None and W.read_header(src.path(filename)).config is None:
-            raise W.WeightsError(f"{src.path(filename)} does not say which ControlNet it is; pass its kind "
-                                 f"(one of {sorted(CONTROLNET_PRESETS)}).")
-        model, _ = load_component(src, filename, cls, copy.deepcopy(preset), dtype, device)
-        model.kind = kind if kind in CONTROLNET_PRESETS else None
-        return model
 
     def train(self, mode: bool = True) -> "ControlNet":
         """Set training mode; an EfficientNet backbone stays in eval mode (frozen BatchNorm statistics)."""

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torchvision
 from torch import nn
 
-from .errors import UsageError
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-EFFNET_PRESETS: dict[str, dict] = {
-    # The official encoder: torchvision's efficientnet_v2_s features (1280 channels out).
-    "efficientnet_v2_s": dict(width=1.0, depth=1.0, c_features=1280),
-    # The built-in mini codec's encoder: V2-S's layout with 1/4 the channels and 1/3 the blocks per stage.
-    "efficientnet_mini": dict(width=0.25, depth=0.34, c_features=256, stochastic_depth_prob=0.0),
-}
+@dataclass(frozen=True)
+class EfficientNetConfig:
+    """Hyper-parameters of :class:`EfficientNetEncoder`; defaults = the official encoder (torchvision's
+    ``efficientnet_v2_s`` features, 1280 channels out)."""
+
+    c_latent: int = 16
+    width: float = 1.0
+    depth: float = 1.0
+    c_features: int = 1280
+    stochastic_depth_prob: float = 0.2
 
 
 def _scaled_v2_s(width: float, depth: float) -> list:
@@ -47,7 +50,7 @@ class EfficientNetEncoder(nn.Module):
 
     ``width``/``depth`` scale V2-S's channels and blocks (1, 1: the official encoder, built by torchvision's
     own ``efficientnet_v2_s``); ``c_features`` is the last feature width (1280 official). Presets:
-    :data:`EFFNET_PRESETS`.
+    :mod:`codec.presets`.
     """
 
     def __init__(self, c_latent: int = 16, width: float = 1.0, depth: float = 1.0, c_features: int = 1280,
@@ -70,13 +73,6 @@ class EfficientNetEncoder(nn.Module):
             nn.BatchNorm2d(c_latent, affine=False),
         )
         self.eval()
-
-    @classmethod
-    def from_preset(cls, name: str) -> "EfficientNetEncoder":
-        """Build a named architecture of :data:`EFFNET_PRESETS` (random weights)."""
-        if name not in EFFNET_PRESETS:
-            raise UsageError(f"unknown encoder preset {name!r}; choose one of {sorted(EFFNET_PRESETS)}")
-        return cls(**EFFNET_PRESETS[name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalised images → latent."""

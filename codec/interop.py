@@ -32,7 +32,6 @@ its own config names.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import weights as W
+from .presets import get_preset
 
 COMPONENTS = ("stage_a", "stage_b_lite", "stage_b_large", "stage_b_mini", "stage_c_lite", "stage_c_large")
 # Components outside the diffusers model folders: root files of the official layout, or the Hugging Face
@@ -267,19 +267,7 @@ def diffusers_model(kind: str, config: Mapping[str, Any]) -> torch.nn.Module:
 
 def default_config(component: str) -> dict[str, Any]:
     """The official constructor arguments of a component (the preset its official file name stands for)."""
-    from dataclasses import asdict
-
-    if component == "stage_a":
-        from .stage_a import StageA
-
-        return {k: p.default for k, p in inspect.signature(StageA).parameters.items()}
-    if kind_of(component) == "stage_b":
-        from .stage_b import STAGE_B_PRESETS
-
-        return asdict(STAGE_B_PRESETS[component])
-    from .stage_c import STAGE_C_PRESETS  # lazy: codec does not import generation at module level
-
-    return asdict(STAGE_C_PRESETS[component])
+    return get_preset(component).kwargs()
 
 
 def describe_stage_a(scale: float) -> str:

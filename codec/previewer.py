@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class PreviewerConfig:
+    """Hyper-parameters of :class:`Previewer` (official names; defaults = the released model)."""
+
+    c_in: int = 16
+    c_hidden: int = 512
+    c_out: int = 3
 
 
 class Previewer(nn.Module):

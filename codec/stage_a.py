@@ -7,6 +7,7 @@ for training and for users who want discrete tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -68,12 +69,16 @@ class QuantizedLatent(NamedTuple):
     loss: torch.Tensor
 
 
-STAGE_A_PRESETS: dict[str, dict] = {
-    "stage_a": dict(levels=2, bottleneck_blocks=12, c_hidden=384, c_latent=4, codebook_size=8192, scale_factor=0.43),
-    # The built-in mini codec's Stage A (~0.57M parameters); its scale factor is set after training.
-    "stage_a_mini": dict(levels=2, bottleneck_blocks=4, c_hidden=96, c_latent=4, codebook_size=1024,
-                         scale_factor=0.43),
-}
+@dataclass(frozen=True)
+class StageAConfig:
+    """Hyper-parameters of :class:`StageA` (official names; defaults = the released model)."""
+
+    levels: int = 2
+    bottleneck_blocks: int = 12
+    c_hidden: int = 384
+    c_latent: int = 4
+    codebook_size: int = 8192
+    scale_factor: float = 0.43
 
 
 class StageA(nn.Module):

@@ -6,15 +6,13 @@ released ``stage_b*.safetensors`` files load with ``strict=True``.
 
 from __future__ import annotations
 
-import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .blocks import CascadeUNet, LayerNorm2d, autocast_for, init_cascade_weights, make_block
-from .errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -39,27 +37,6 @@ class StageBConfig:
     dropout: list = field(default_factory=lambda: [0, 0, 0.1, 0.1])
     self_attn: bool = True
     t_conds: list = field(default_factory=lambda: ["sca"])
-
-
-STAGE_B_PRESETS: dict[str, StageBConfig] = {
-    "stage_b_large": StageBConfig(),
-    "stage_b_lite": StageBConfig(
-        c_hidden=[320, 576, 1152, 1152],
-        nhead=[-1, 9, 18, 18],
-        blocks=[[2, 4, 14, 4], [4, 14, 4, 2]],
-        block_repeat=[[1, 1, 1, 1], [2, 2, 2, 2]],
-    ),
-    # The built-in mini codec's Stage B (~5M parameters, trained by this project; 256² images).
-    "stage_b_mini": StageBConfig(
-        c_cond=128,
-        c_hidden=[32, 64, 128, 256],
-        nhead=[-1, -1, 4, 8],
-        blocks=[[1, 1, 2, 2], [2, 2, 1, 1]],
-        block_repeat=[[1, 1, 1, 1], [1, 1, 1, 1]],
-        c_clip=64,
-        dropout=[0, 0, 0, 0],
-    ),
-}
 
 
 def _mapper(c_in: int, c: int) -> nn.Sequential:
@@ -142,13 +119,6 @@ class StageB(CascadeUNet):
             nn.Conv2d(c_hidden[0], c_out * patch_size**2, kernel_size=1),
             nn.PixelShuffle(patch_size),
         )
-
-    @classmethod
-    def from_preset(cls, name: str) -> "StageB":
-        """Build a named preset: ``stage_b_lite`` (700M) or ``stage_b_large`` (1.5B "3B")."""
-        if name not in STAGE_B_PRESETS:
-            raise UsageError(f"unknown Stage B preset {name!r}; choose one of {sorted(STAGE_B_PRESETS)}")
-        return cls(**copy.deepcopy(asdict(STAGE_B_PRESETS[name])))
 
     def init_weights(self) -> None:
         """The official training initialisation (only needed when training from scratch)."""

@@ -8,9 +8,8 @@ released ``stage_c*.safetensors`` files load with ``strict=True``. With the rele
 
 from __future__ import annotations
 
-import copy
 import itertools
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -43,12 +42,6 @@ class StageCConfig:
     self_attn: bool = True
     t_conds: list = field(default_factory=lambda: ["sca", "crp"])
     switch_level: list = field(default_factory=lambda: [False])
-
-
-STAGE_C_PRESETS: dict[str, StageCConfig] = {
-    "stage_c_large": StageCConfig(),
-    "stage_c_lite": StageCConfig(c_cond=1536, c_hidden=[1536, 1536], nhead=[24, 24], blocks=[[4, 12], [12, 4]]),
-}
 
 
 class LevelScaler(nn.Module):
@@ -147,13 +140,6 @@ class StageC(CascadeUNet):
             nn.Conv2d(c_hidden[0], c_out * patch_size**2, kernel_size=1),
             nn.PixelShuffle(patch_size),
         )
-
-    @classmethod
-    def from_preset(cls, name: str) -> "StageC":
-        """Build a named preset: ``stage_c_lite`` (1.0B) or ``stage_c_large`` (3.6B)."""
-        if name not in STAGE_C_PRESETS:
-            raise ValueError(f"unknown Stage C preset {name!r}; choose one of {sorted(STAGE_C_PRESETS)}")
-        return cls(**copy.deepcopy(asdict(STAGE_C_PRESETS[name])))
 
     def init_weights(self) -> None:
         """The official training initialisation (only needed when training from scratch)."""

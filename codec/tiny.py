@@ -13,27 +13,9 @@ from pathlib import Path
 import torch
 
 from . import weights as W
-from .effnet import EfficientNetEncoder
-from .previewer import Previewer
-from .stage_a import StageA
-from .stage_b import StageB
-from .stage_c import StageC
+from .presets import create_model, get_preset
 
 TINY_NOTE = "TINY RANDOM WEIGHTS for tests/demos - not a trained model; decoded images are noise"
-
-TINY_STAGE_A = dict(levels=2, bottleneck_blocks=2, c_hidden=32, c_latent=4, codebook_size=64, scale_factor=0.43)
-TINY_STAGE_B = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=32, c_hidden=[8, 16, 32, 32],
-                    nhead=[-1, -1, 2, 2], blocks=[[1, 1, 2, 1], [1, 2, 1, 1]],
-                    block_repeat=[[1, 1, 1, 1], [2, 2, 1, 2]], level_config=["CT", "CT", "CTA", "CTA"],
-                    c_clip=24, c_clip_seq=4, c_effnet=16, c_pixels=3, kernel_size=3, dropout=[0, 0, 0.1, 0.1],
-                    self_attn=True, t_conds=["sca"])
-TINY_PREVIEWER = dict(c_in=16, c_hidden=32, c_out=3)
-# The text width matches TINY_STAGE_B's c_clip so one tiny text encoder conditions both stages.
-TINY_STAGE_C = dict(c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=64, c_hidden=[64, 64], nhead=[2, 2],
-                    blocks=[[2, 3], [3, 2]], block_repeat=[[1, 1], [1, 1]], level_config=["CTA", "CTA"],
-                    c_clip_text=24, c_clip_text_pooled=24, c_clip_img=16, c_clip_seq=4, kernel_size=3,
-                    dropout=[0.1, 0.1], self_attn=True, t_conds=["sca", "crp"], switch_level=[False])
-
 
 def _fill_random(model: torch.nn.Module, g: torch.Generator) -> torch.nn.Module:
     """Non-zero weights everywhere (``randn / sqrt(fan_in)``), so every branch of the network matters in tests."""
@@ -58,13 +40,15 @@ def write_tiny_weights(folder: str | os.PathLike, seed: int = 0, stage_b: str = 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    stage_b_model = _fill_random(StageB(**TINY_STAGE_B), g)
-    W.save_module(StageA(**TINY_STAGE_A), folder / W.STAGE_A_FILE, TINY_STAGE_A, TINY_NOTE)
-    W.save_module(EfficientNetEncoder(), folder / W.EFFNET_FILE, None, TINY_NOTE)
-    W.save_module(stage_b_model, folder / W.STAGE_B_FILES[stage_b]["fp32"], TINY_STAGE_B, TINY_NOTE)
-    W.save_module(Previewer(**TINY_PREVIEWER), folder / W.PREVIEWER_FILE, TINY_PREVIEWER, TINY_NOTE)
-    W.save_module(_fill_random(StageC(**TINY_STAGE_C), g), folder / W.STAGE_C_FILES["lite"]["fp32"], TINY_STAGE_C,
+    stage_b_model = _fill_random(create_model("stage_b_tiny"), g)
+    W.save_module(create_model("stage_a_tiny"), folder / W.STAGE_A_FILE, get_preset("stage_a_tiny").kwargs(), TINY_NOTE)
+    W.save_module(create_model("efficientnet_v2_s"), folder / W.EFFNET_FILE, None, TINY_NOTE)
+    W.save_module(stage_b_model, folder / W.STAGE_B_FILES[stage_b]["fp32"], get_preset("stage_b_tiny").kwargs(),
                   TINY_NOTE)
+    W.save_module(create_model("previewer_tiny"), folder / W.PREVIEWER_FILE, get_preset("previewer_tiny").kwargs(),
+                  TINY_NOTE)
+    W.save_module(_fill_random(create_model("stage_c_tiny"), g), folder / W.STAGE_C_FILES["lite"]["fp32"],
+                  get_preset("stage_c_tiny").kwargs(), TINY_NOTE)
     if clip:
         from .text import TextEncoder
 
@@ -72,12 +56,12 @@ def write_tiny_weights(folder: str | os.PathLike, seed: int = 0, stage_b: str = 
         write_tiny_image_encoder(folder, seed=seed)
         pooled = TextEncoder.from_pretrained(folder).encode([""]).pooled
     else:
-        pooled = torch.randn(1, 1, TINY_STAGE_B["c_clip"], generator=g)
+        pooled = torch.randn(1, 1, get_preset("stage_b_tiny").config.c_clip, generator=g)
     save_file({"pooled": pooled.contiguous()}, str(folder / W.EMPTY_CAPTION_FILE), metadata={W.META_NOTE: TINY_NOTE})
     return folder
 
 
-def write_tiny_image_encoder(folder: str | os.PathLike, width: int = TINY_STAGE_C["c_clip_img"],
+def write_tiny_image_encoder(folder: str | os.PathLike, width: int = get_preset("stage_c_tiny").config.c_clip_img,
                              seed: int = 0) -> Path:
     """Write a tiny random ``CLIPVisionModelWithProjection`` (224² input, ``width``-d image embeds) into
     ``folder/image_encoder`` (the Hugging Face layout)."""
@@ -90,7 +74,7 @@ def write_tiny_image_encoder(folder: str | os.PathLike, width: int = TINY_STAGE_
     return Path(folder)
 
 
-def write_tiny_text_encoder(folder: str | os.PathLike, width: int = TINY_STAGE_B["c_clip"], seed: int = 0) -> Path:
+def write_tiny_text_encoder(folder: str | os.PathLike, width: int = get_preset("stage_b_tiny").config.c_clip, seed: int = 0) -> Path:
     """Write a tiny random CLIP text encoder and a byte-level CLIP tokenizer (no merges) into
     ``folder/text_encoder`` and ``folder/tokenizer`` (the Hugging Face repo layout)."""
     import json
@@ -121,24 +105,15 @@ def write_tiny_text_encoder(folder: str | os.PathLike, width: int = TINY_STAGE_B
     return folder
 
 
-# ControlNets sized for TINY_STAGE_C (width 64, 10 ResBlock calls). The official 'large' bottleneck has
-# fixed widths (203M parameters), so the tiny super-resolution one uses 'simple' (same input and output).
-TINY_CONTROLNETS = {
-    "canny": dict(c_in=1, c_proj=64, proj_blocks=[0, 3, 9], bottleneck_mode="effnet"),
-    "inpainting": dict(c_in=4, c_proj=64, proj_blocks=[0, 3, 9], bottleneck_mode="effnet"),
-    "super_resolution": dict(c_in=16, c_proj=64, proj_blocks=[0, 3, 9], bottleneck_mode="simple"),
-}
-
-
 def write_tiny_controlnet(folder: str | os.PathLike, kind: str = "canny", seed: int = 0) -> Path:
     """Write a tiny random ``controlnet/<kind>.safetensors`` (non-zero projections, so it changes Stage C's
-    output) into ``folder``; it loads with ``ControlNet.from_pretrained(folder, kind)``."""
-    from .controlnet import CONTROLNET_FILES, ControlNet
+    output) into ``folder``; it loads with ``codec.codec.load_controlnet(folder, kind)``."""
+    from .controlnet import CONTROLNET_FILES
 
-    config = TINY_CONTROLNETS[kind]
-    model = _fill_random(ControlNet(**config), torch.Generator().manual_seed(seed))
+    preset = get_preset(f"controlnet_{kind}_tiny")
+    model = _fill_random(create_model(preset.name), torch.Generator().manual_seed(seed))
     with torch.no_grad():
         for m in model.modules():  # BatchNorm gains near 1, so the deep EfficientNet keeps the input's signal
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.weight += 1.0
-    return W.save_module(model, Path(folder) / CONTROLNET_FILES[kind], config, TINY_NOTE)
+    return W.save_module(model, Path(folder) / CONTROLNET_FILES[kind], preset.kwargs(), TINY_NOTE)

@@ -12,8 +12,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from codec import weights as W
-from codec.effnet import EFFNET_PRESETS, EfficientNetEncoder
+from codec.effnet import EfficientNetEncoder
 from codec.generation.finetune import train
+from codec.presets import create_model, get_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,7 +83,7 @@ def test_scaled_encoder_preset_round_trips_and_default_is_torchvision_v2_s(tmp_p
     official = EfficientNetEncoder()
     ref = torchvision.models.efficientnet_v2_s(weights=None).features
     assert [k for k in official.backbone.state_dict()] == list(ref.state_dict())
-    mini = EfficientNetEncoder(**EFFNET_PRESETS["efficientnet_mini"])
+    mini = create_model("efficientnet_mini")
     assert mini(torch.rand(1, 3, 192, 192)).shape == (1, 16, 6, 6)
     assert sum(p.numel() for p in mini.parameters()) < sum(p.numel() for p in official.parameters()) / 20
     path = W.save_module(mini, tmp_path / "e.safetensors", config=mini.config)
@@ -93,15 +94,13 @@ def test_scaled_encoder_preset_round_trips_and_default_is_torchvision_v2_s(tmp_p
 
 def test_codec_task_trains_encoder_and_stage_b_and_exports_the_package_layout(tmp_path, images):
     from codec import Codec
-    from codec.stage_a import StageA
-    from codec.tiny import TINY_STAGE_A
 
-    stage_a = W.save_module(StageA(**TINY_STAGE_A), tmp_path / "stage_a_run.safetensors", config=TINY_STAGE_A)
+    stage_a = W.save_module(create_model("stage_a_tiny"), tmp_path / "stage_a_run.safetensors", config=get_preset("stage_a_tiny").kwargs())
     cfg = {"output_dir": str(tmp_path / "c"), "data": {"images": str(images), "image_size": 64}, "batch_size": 4,
            "max_steps": 3, "model": {"preset": "tiny"}, "mixed_precision": "no", "log": {"every": 1},
            "checkpoint": {"save_every": 3},
            "codec": {"stage_a": str(stage_a), "crop": 64, "encoder_preset": "efficientnet_mini"}}
-    before = EfficientNetEncoder(**EFFNET_PRESETS["efficientnet_mini"])
+    before = create_model("efficientnet_mini")
     train("codec", cfg, echo=None)
     log = read_log(tmp_path / "c")
     assert len(log) == 3 and all(r["loss"] > 0 for r in log)

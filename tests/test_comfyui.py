@@ -20,8 +20,7 @@ from codec import Codec, comfyui, interop
 from codec import weights as W
 from codec.cli import main
 from codec.convert import convert
-from codec.stage_c import StageC
-from codec.stage_b import StageB
+from codec.presets import create_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -91,7 +90,7 @@ def test_full_size_models_have_the_shapes_comfyui_sizes_them_by(component):
     """ComfyUI builds the model from one shape (2048/1536 rows of clip_txt_mapper, 640/576 wide channelwise); the
     full-size presets written in this layout show those, and are read back as the same preset."""
     with torch.device("meta"):
-        model = (StageC if component.startswith("stage_c") else StageB).from_preset(component)
+        model = create_model(component)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     plan = comfyui.plan_to_comfyui(shapes, component)
     mapped = {k: shape for k, (shape, _) in plan.items()}

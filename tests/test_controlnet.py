@@ -12,9 +12,11 @@ from codec.images import to_tensor_list
 from codec.generation import control_filters as CF
 from codec.controlnet import CONTROLNET_FILES, ControlNet
 from codec.generation.control import control_features
-from codec.tiny import TINY_CONTROLNETS, write_tiny_controlnet
+from codec.tiny import write_tiny_controlnet
 
 from helpers import fill_
+from codec.codec import load_controlnet
+from codec.presets import create_model, get_preset
 
 
 def shapes_image(height: int = 120, width: int = 160) -> Image.Image:
@@ -28,14 +30,14 @@ def shapes_image(height: int = 120, width: int = 160) -> Image.Image:
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cnet_weights")
-    for kind in TINY_CONTROLNETS:
+    for kind in ("canny", "inpainting", "super_resolution"):
         write_tiny_controlnet(folder, kind)
     return folder
 
 
 @pytest.fixture(scope="module")
 def canny(weights_dir) -> ControlNet:
-    return ControlNet.from_pretrained(weights_dir, "canny", device="cpu")
+    return load_controlnet(weights_dir, "canny", device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -47,40 +49,40 @@ def effnet() -> EfficientNetEncoder:
 
 
 def test_from_pretrained_folder_and_file(weights_dir, canny):
-    assert canny.kind == "canny" and canny.config == TINY_CONTROLNETS["canny"]
+    assert canny.kind == "canny" and canny.config == get_preset("controlnet_canny_tiny").kwargs()
     assert not canny.training and not any(p.requires_grad for p in canny.parameters())
-    by_file = ControlNet.from_pretrained(weights_dir / CONTROLNET_FILES["canny"], device="cpu", dtype="fp32")
+    by_file = load_controlnet(weights_dir / CONTROLNET_FILES["canny"], device="cpu", dtype="fp32")
     assert by_file.kind == "canny"
     for (k, a), b in zip(canny.state_dict().items(), by_file.state_dict().values()):
         assert torch.equal(a, b), k
-    bf16 = ControlNet.from_pretrained(weights_dir, "canny", device="cpu", dtype="bf16")
+    bf16 = load_controlnet(weights_dir, "canny", device="cpu", dtype="bf16")
     assert next(bf16.parameters()).dtype == torch.bfloat16
 
 
 def test_official_layout_file_uses_the_official_preset(tmp_path):
     """A file without our config metadata (like the released ones) is read as the official preset."""
-    model = ControlNet(**TINY_CONTROLNETS["canny"])
+    model = create_model("controlnet_canny_tiny")
     W.save_module(model, tmp_path / CONTROLNET_FILES["canny"])  # no config in the metadata
     with pytest.raises(W.WeightsError, match=r"wrong shape[\s\S]*projections\.0\.2\.weight: file \[64, 1280, 1, 1\], "
                                              r"model \[2048, 1280, 1, 1\]"):
-        ControlNet.from_pretrained(tmp_path, "canny", device="cpu")
+        load_controlnet(tmp_path, "canny", device="cpu")
     W.save_module(model, tmp_path / "mine.safetensors")
     with pytest.raises(W.WeightsError, match="does not say which ControlNet"):
-        ControlNet.from_pretrained(tmp_path / "mine.safetensors", device="cpu")
+        load_controlnet(tmp_path / "mine.safetensors", device="cpu")
 
 
 def test_missing_or_unreleased_files_are_explained(tmp_path):
     with pytest.raises(W.WeightsError, match=r"missing controlnet/canny\.safetensors"):
-        ControlNet.from_pretrained(tmp_path, "canny", device="cpu")
+        load_controlnet(tmp_path, "canny", device="cpu")
     with pytest.raises(W.WeightsError, match="no released file"):
-        ControlNet.from_pretrained(tmp_path, "identity", device="cpu")
+        load_controlnet(tmp_path, "identity", device="cpu")
 
 
 def test_backbone_stays_in_eval_mode_when_training():
-    model = ControlNet(**TINY_CONTROLNETS["canny"]).train()
+    model = create_model("controlnet_canny_tiny").train()
     assert model.training and model.projections.training
     assert not any(m.training for m in model.backbone.modules())
-    simple = ControlNet(**TINY_CONTROLNETS["super_resolution"]).train()
+    simple = create_model("controlnet_super_resolution_tiny").train()
     assert simple.backbone.training
 
 
@@ -158,7 +160,7 @@ def test_missing_saliency_and_mask_are_explained(tmp_path):
 
 
 def test_super_resolution_features(weights_dir, effnet):
-    sr = ControlNet.from_pretrained(weights_dir, "super_resolution", device="cpu")
+    sr = load_controlnet(weights_dir, "super_resolution", device="cpu")
     image = torch.rand(1, 3, 256, 192)
     cnet = control_features(sr, image, effnet=effnet)
     # default output 512×384: the encoder sees the image at 192×128 → 6×4 latent → 12×8 after 2× upsampling
@@ -207,10 +209,8 @@ def test_training_control_draws_are_official_and_reproducible():
 def test_cnet_goes_through_the_sampler_with_cfg(canny):
     """The documented wiring: the same ``cnet`` list in the conditional and unconditional inputs."""
     from codec.diffusion import sample
-    from codec.stage_c import StageC
-    from codec.tiny import TINY_STAGE_C
 
-    stage_c = fill_(StageC(**TINY_STAGE_C), 0).eval()
+    stage_c = fill_(create_model("stage_c_tiny"), 0).eval()
     g = torch.Generator().manual_seed(0)
     cond = {"clip_text": torch.randn(2, 77, 24, generator=g), "clip_text_pooled": torch.randn(2, 1, 24, generator=g),
             "clip_img": torch.zeros(2, 1, 16)}

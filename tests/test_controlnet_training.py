@@ -11,10 +11,10 @@ from codec.effnet import EfficientNetEncoder
 from codec.generation.control_filters import TrainingControl, canny_filter
 from codec.controlnet import ControlNet
 from codec.generation.controlnet_training import ControlNetTask, controlnet_for, resblock_calls
-from codec.stage_c import StageC
-from codec.tiny import TINY_STAGE_C
 
 from helpers import fill_
+from codec.codec import load_controlnet
+from codec.presets import create_model, get_preset
 
 
 def blocky_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -30,12 +30,12 @@ def effnet() -> EfficientNetEncoder:
 @pytest.fixture()
 def stage_c_and_batch():
     torch.manual_seed(0)
-    stage_c = fill_(StageC(**TINY_STAGE_C), 0)
+    stage_c = fill_(create_model("stage_c_tiny"), 0)
     g = torch.Generator().manual_seed(1)
     batch = {"images": blocky_images(2),
              "latents": torch.randn(2, 16, 4, 4, generator=g),
-             "clip_text": torch.randn(2, 77, TINY_STAGE_C["c_clip_text"], generator=g),
-             "clip_text_pooled": torch.randn(2, 1, TINY_STAGE_C["c_clip_text_pooled"], generator=g)}
+             "clip_text": torch.randn(2, 77, get_preset("stage_c_tiny").config.c_clip_text, generator=g),
+             "clip_text_pooled": torch.randn(2, 1, get_preset("stage_c_tiny").config.c_clip_text_pooled, generator=g)}
     return stage_c, batch
 
 
@@ -49,10 +49,10 @@ def setup(stage_c_and_batch, effnet):
 
 def test_controlnet_for_sizes_to_stage_c():
     with torch.device("meta"):
-        large = StageC.from_preset("stage_c_large")
-        lite = StageC.from_preset("stage_c_lite")
+        large = create_model("stage_c_large")
+        lite = create_model("stage_c_lite")
     assert resblock_calls(large) == 64 and resblock_calls(lite) == 32
-    assert resblock_calls(StageC(**TINY_STAGE_C)) == 10
+    assert resblock_calls(create_model("stage_c_tiny")) == 10
     with torch.device("meta"):
         net = controlnet_for(large, "canny")
         assert net.config["c_proj"] == 2048 and net.proj_blocks == [0, 4, 8, 12, 51, 55, 59, 63]
@@ -99,7 +99,7 @@ def test_loss_is_the_official_recipe(setup):
         a, b = (s.view(-1, 1, 1, 1) for s in vp_scalers(logsnr))
         x0 = batch["latents"]
         pred = stage_c(a * x0 + b * eps, noise_condition(logsnr), batch["clip_text"], batch["clip_text_pooled"],
-                       torch.zeros(2, 1, TINY_STAGE_C["c_clip_img"]), cnet=controlnet(canny_filter(batch["images"])))
+                       torch.zeros(2, 1, get_preset("stage_c_tiny").config.c_clip_img), cnet=controlnet(canny_filter(batch["images"])))
         per_sample = ((pred - eps) ** 2).mean(dim=[1, 2, 3])
     torch.testing.assert_close(got.per_sample, per_sample)
     torch.testing.assert_close(got.loss, (per_sample * p2_loss_weight(logsnr)).mean())
@@ -108,7 +108,7 @@ def test_loss_is_the_official_recipe(setup):
 def test_a_few_steps_lower_the_loss(stage_c_and_batch):
     """A small 'simple' ControlNet reading the image at latent resolution (cheap on a CPU) learns to help."""
     stage_c, batch = stage_c_and_batch
-    controlnet = ControlNet(c_in=3, c_proj=TINY_STAGE_C["c_hidden"][0], proj_blocks=[0, 3, 9],
+    controlnet = ControlNet(c_in=3, c_proj=get_preset("stage_c_tiny").config.c_hidden[0], proj_blocks=[0, 3, 9],
                             bottleneck_mode="simple")
     task = ControlNetTask(stage_c, controlnet, lambda x, g: torch.nn.functional.adaptive_avg_pool2d(x, (4, 4)))
     optimizer = torch.optim.AdamW(task.parameters(), lr=1e-2)
@@ -150,7 +150,7 @@ def test_saved_controlnet_loads_back(setup, tmp_path):
     task = ControlNetTask.for_kind("canny", stage_c, controlnet, effnet=effnet)
     assert set(task.models_to_save()) == {"controlnet"}
     path = task.save(tmp_path / "controlnet.safetensors")
-    loaded = ControlNet.from_pretrained(path, "canny", device="cpu")
+    loaded = load_controlnet(path, "canny", device="cpu")
     assert loaded.config == controlnet.config
     for (k, a), b in zip(controlnet.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
@@ -191,8 +191,8 @@ def test_cli_trains_only_the_controlnet_and_exports_the_release_file(tmp_path, c
     log = read_log(tmp_path / "out")
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["grad_norm"] > 0 for r in log)
-    before = ControlNet.from_pretrained(start, "canny", device="cpu").state_dict()
-    trained = ControlNet.from_pretrained(tmp_path / "out/checkpoint/model.safetensors", "canny", device="cpu")
+    before = load_controlnet(start, "canny", device="cpu").state_dict()
+    trained = load_controlnet(tmp_path / "out/checkpoint/model.safetensors", "canny", device="cpu")
     after = trained.state_dict()
     assert list(after) == list(before)  # the released key order, BatchNorm buffers included
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -318,6 +318,6 @@ def test_every_kind_trains_through_the_loop_past_unreadable_images(tmp_path, cne
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
     skipped = (tmp_path / "run" / "skipped.jsonl").read_text()
     assert "img1b.png" in skipped and "img2b.jpg" in skipped
-    before = ControlNet.from_pretrained(start, kind, device="cpu").state_dict()
-    after = ControlNet.from_pretrained(tmp_path / "run/checkpoint/model.safetensors", kind, device="cpu").state_dict()
+    before = load_controlnet(start, kind, device="cpu").state_dict()
+    after = load_controlnet(tmp_path / "run/checkpoint/model.safetensors", kind, device="cpu").state_dict()
     assert list(after) == list(before) and any(not torch.equal(before[k], after[k]) for k in before)

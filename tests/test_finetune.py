@@ -11,6 +11,7 @@ from codec.generation.finetune import ConfigError, TASKS, train
 from codec.generation.finetune.data import ListDataset
 from codec.generation.finetune.logs import read_log
 from codec.generation.finetune.objectives import AdaptiveLossWeight, pyramid_noise
+from codec.presets import create_model, get_preset
 
 
 def stage_c_items(n=8, side=4, seed=0):
@@ -166,18 +167,16 @@ def text_weights(tiny_weights):
 
 def test_lora_with_a_new_token_trains_and_loads_back(tmp_path, text_weights):
     from codec.generation.lora import read_lora
-    from codec.stage_c import StageC
     from codec.text import TextEncoder
     from codec.generation.tokens import add_train_tokens, load_token_state
-    from codec.tiny import TINY_STAGE_C
     from codec.weights import save_module
 
     torch.manual_seed(0)
-    base = StageC(**TINY_STAGE_C)
+    base = create_model("stage_c_tiny")
     base.init_weights()
     with torch.no_grad():
         base.clf[1].weight.normal_(0, 0.1)  # a trained Stage C's output layer is not zero: gradients reach the LoRA
-    save_module(base, tmp_path / "stage_c.safetensors", TINY_STAGE_C)
+    save_module(base, tmp_path / "stage_c.safetensors", get_preset("stage_c_tiny").kwargs())
     items = [{"latent": it["latent"], "caption": "a photo of [sks]"} for it in stage_c_items()]
     cfg = config(tmp_path / "run", max_steps=3, weights=str(text_weights), optim={"lr": 1e-2},
                  model={"checkpoint": str(tmp_path / "stage_c.safetensors")}, preview={"every": 3, "n": 2, "steps": 2},

@@ -13,7 +13,7 @@ from codec.cli import main
 from codec.generation.clip_image import ImageEncoder, clip_preprocess
 from codec.generation.pipeline import TextToImage, stage_c_latent_size
 from codec.text import TextEncoder
-from codec.tiny import TINY_STAGE_C
+from codec.presets import get_preset
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,9 @@ def test_stage_c_latent_size_matches_official_rounding():
 
 def test_conditions_use_the_empty_string_as_unconditional(pipe, tiny_weights):
     cond, uncond = pipe._conditions(["a red fox", "a blue car"], ["", ""], None, "text")
-    assert cond["clip_text"].shape == (2, 77, TINY_STAGE_C["c_clip_text"])
-    assert cond["clip_text_pooled"].shape == (2, 1, TINY_STAGE_C["c_clip_text_pooled"])
-    assert cond["clip_img"].shape == (2, 1, TINY_STAGE_C["c_clip_img"])
+    assert cond["clip_text"].shape == (2, 77, get_preset("stage_c_tiny").config.c_clip_text)
+    assert cond["clip_text_pooled"].shape == (2, 1, get_preset("stage_c_tiny").config.c_clip_text_pooled)
+    assert cond["clip_img"].shape == (2, 1, get_preset("stage_c_tiny").config.c_clip_img)
     assert not cond["clip_img"].any() and not uncond["clip_img"].any()
     empty = TextEncoder.from_pretrained(tiny_weights).encode([""])
     torch.testing.assert_close(uncond["clip_text"], empty.hidden.expand(2, -1, -1))
@@ -54,7 +54,7 @@ def test_clip_preprocess_is_the_official_transform():
 
 def test_image_encoder_shape(tiny_weights):
     emb = ImageEncoder.from_pretrained(tiny_weights).encode(torch.rand(3, 3, 64, 80))
-    assert emb.shape == (3, 1, TINY_STAGE_C["c_clip_img"])
+    assert emb.shape == (3, 1, get_preset("stage_c_tiny").config.c_clip_img)
 
 
 def test_same_seed_same_images_other_seed_differs(pipe):

@@ -20,16 +20,15 @@ from codec import Codec, interop
 from codec import weights as W
 from codec.cli import main
 from codec.stage_a import StageA
-from codec.stage_b import StageB
-from codec.stage_c import StageC
-from codec.tiny import TINY_STAGE_A, TINY_STAGE_B, TINY_STAGE_C, write_tiny_text_encoder
+from codec.tiny import write_tiny_text_encoder
 
 from helpers import assert_close_scaled, fill_
+from codec.presets import create_model, get_preset
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
 
 RES, TIME, ATTN = "SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock"
-# TINY_STAGE_B written by hand in diffusers' names (the same model), to check the config translation.
+# get_preset("stage_b_tiny").kwargs() written by hand in diffusers' names (the same model), to check the config translation.
 TINY_DECODER = dict(
     in_channels=4, out_channels=4, timestep_ratio_embedding_dim=64, patch_size=2, conditioning_dim=32,
     block_out_channels=[8, 16, 32, 32], num_attention_heads=[0, 0, 2, 2], down_num_layers_per_block=[1, 1, 2, 1],
@@ -39,7 +38,7 @@ TINY_DECODER = dict(
     clip_text_pooled_in_channels=24, clip_seq=4, effnet_in_channels=16, pixel_mapper_in_channels=3, kernel_size=3,
     dropout=[0, 0, 0.1, 0.1], self_attn=True, timestep_conditioning_type=["sca"],
 )
-# TINY_STAGE_C in diffusers' names.
+# get_preset("stage_c_tiny").kwargs() in diffusers' names.
 TINY_PRIOR = dict(
     in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1, conditioning_dim=64,
     block_out_channels=[64, 64], num_attention_heads=[2, 2], down_num_layers_per_block=[2, 3],
@@ -68,33 +67,33 @@ def _shapes(sd):
 
 
 def test_configs_translate_both_ways():
-    assert interop.config_from_diffusers("stage_b", TINY_DECODER, "x") == TINY_STAGE_B
-    assert TINY_DECODER.items() <= interop.config_to_diffusers("stage_b", TINY_STAGE_B).items()
-    ours_a = dict(TINY_STAGE_A, scale_factor=0.3764)
+    assert interop.config_from_diffusers("stage_b", TINY_DECODER, "x") == get_preset("stage_b_tiny").kwargs()
+    assert TINY_DECODER.items() <= interop.config_to_diffusers("stage_b", get_preset("stage_b_tiny").kwargs()).items()
+    ours_a = dict(get_preset("stage_a_tiny").kwargs(), scale_factor=0.3764)
     assert interop.config_from_diffusers("stage_a", dict(TINY_VQGAN, in_channels=3, out_channels=3,
                                                          up_down_scale_factor=2), "x") == ours_a
-    assert interop.config_from_diffusers("stage_c", TINY_PRIOR, "x") == TINY_STAGE_C
-    assert TINY_PRIOR.items() <= interop.config_to_diffusers("stage_c", TINY_STAGE_C).items()
+    assert interop.config_from_diffusers("stage_c", TINY_PRIOR, "x") == get_preset("stage_c_tiny").kwargs()
+    assert TINY_PRIOR.items() <= interop.config_to_diffusers("stage_c", get_preset("stage_c_tiny").kwargs()).items()
     with pytest.raises(W.WeightsError, match="not a Stage B"):
         interop.config_from_diffusers("stage_b", dict(TINY_DECODER, effnet_in_channels=None), "cfg.json")
 
 
 def test_stage_b_keys_match_diffusers_module_in_both_directions():
-    ours, theirs = StageB(**TINY_STAGE_B).state_dict(), _unet(**TINY_DECODER).state_dict()
+    ours, theirs = create_model("stage_b_tiny").state_dict(), _unet(**TINY_DECODER).state_dict()
     assert _shapes(interop.state_dict_to_diffusers(ours, "stage_b")) == _shapes(theirs)
     assert _shapes(interop.state_dict_to_official(theirs, "stage_b")) == _shapes(ours)
     assert "clip_mapper.weight" in ours and "down_blocks.2.2.attention.attn.in_proj_weight" in ours
 
 
 def test_stage_c_keys_match_diffusers_module_in_both_directions():
-    ours, theirs = StageC(**TINY_STAGE_C).state_dict(), _unet(**TINY_PRIOR).state_dict()
+    ours, theirs = create_model("stage_c_tiny").state_dict(), _unet(**TINY_PRIOR).state_dict()
     assert _shapes(interop.state_dict_to_diffusers(ours, "stage_c")) == _shapes(theirs)
     assert _shapes(interop.state_dict_to_official(theirs, "stage_c")) == _shapes(ours)
     assert "clip_txt_pooled_mapper.weight" in ours  # Stage C has diffusers' name already
 
 
 def test_stage_a_keys_match_paella_module_in_both_directions():
-    ours, theirs = StageA(**TINY_STAGE_A).state_dict(), _paella(**TINY_VQGAN).state_dict()
+    ours, theirs = create_model("stage_a_tiny").state_dict(), _paella(**TINY_VQGAN).state_dict()
     assert _shapes(interop.state_dict_to_diffusers(ours, "stage_a")) == _shapes(theirs)
     assert _shapes(interop.state_dict_to_official(theirs, "stage_a")) == _shapes(ours)
 
@@ -124,13 +123,13 @@ def test_full_size_presets_map_onto_diffusers_configs(component):
     config = interop.default_config(component)
     assert PRESET_TABLE[component].items() <= interop.config_to_diffusers(kind, config).items()
     with torch.device("meta"):
-        ours = (StageB if kind == "stage_b" else StageC).from_preset(component)
+        ours = create_model(component)
         theirs = interop.diffusers_model(kind, asdict(ours.config))
     assert _shapes(interop.state_dict_to_diffusers(ours.state_dict(), kind)) == _shapes(theirs.state_dict())
 
 
 def test_qkv_split_and_pack_are_exact_inverses():
-    sd = fill_(StageB(**TINY_STAGE_B)).state_dict()
+    sd = fill_(create_model("stage_b_tiny")).state_dict()
     mapped = interop.state_dict_to_diffusers(sd, "stage_b")
     packed = sd["down_blocks.2.2.attention.attn.in_proj_weight"]
     c = packed.shape[1]
@@ -178,7 +177,7 @@ def _diffusers_b(model, case):
 
 @pytest.mark.parametrize("filled", ["ours", "diffusers"])
 def test_stage_b_matches_diffusers_unet(filled):
-    ours, theirs = _share_weights(StageB(**TINY_STAGE_B), _unet(**TINY_DECODER), "stage_b", filled)
+    ours, theirs = _share_weights(create_model("stage_b_tiny"), _unet(**TINY_DECODER), "stage_b", filled)
     with torch.no_grad():
         for i, case in enumerate(_stage_b_cases()):
             assert_close_scaled(ours(**case), _diffusers_b(theirs, case), 1e-4, name=f"stage_b case {i}")
@@ -199,7 +198,7 @@ def _stage_c_cases():
 
 @pytest.mark.parametrize("filled", ["ours", "diffusers"])
 def test_stage_c_matches_diffusers_unet(filled):
-    ours, theirs = _share_weights(StageC(**TINY_STAGE_C), _unet(**TINY_PRIOR), "stage_c", filled)
+    ours, theirs = _share_weights(create_model("stage_c_tiny"), _unet(**TINY_PRIOR), "stage_c", filled)
     with torch.no_grad():
         for i, case in enumerate(_stage_c_cases()):
             ref = theirs(sample=case["x"], timestep_ratio=case["r"], clip_text_pooled=case["clip_text_pooled"],
@@ -209,7 +208,7 @@ def test_stage_c_matches_diffusers_unet(filled):
 
 @pytest.mark.parametrize("scale", [0.43, 0.3764])
 def test_stage_a_matches_paella(scale):
-    ours, theirs = _share_weights(StageA(**dict(TINY_STAGE_A, scale_factor=scale)),
+    ours, theirs = _share_weights(StageA(**dict(get_preset("stage_a_tiny").kwargs(), scale_factor=scale)),
                                   _paella(**dict(TINY_VQGAN, scale_factor=scale)), "stage_a")
     g = torch.Generator().manual_seed(2)
     x, z = torch.rand(2, 3, 24, 40, generator=g), torch.randn(2, 4, 6, 10, generator=g)
@@ -295,9 +294,9 @@ def test_generation_reads_the_diffusers_layout(tiny_weights, tmp_path):
     shutil.rmtree(tmp_path / "d" / "prior_lite")
     prior.save_pretrained(tmp_path / "d" / "prior_lite")
     shutil.copytree(tiny_weights, tmp_path / "o")
-    model = StageC(**TINY_STAGE_C)
+    model = create_model("stage_c_tiny")
     model.load_state_dict(official)
-    W.save_module(model, tmp_path / "o" / W.STAGE_C_FILES["lite"]["fp32"], TINY_STAGE_C)
+    W.save_module(model, tmp_path / "o" / W.STAGE_C_FILES["lite"]["fp32"], get_preset("stage_c_tiny").kwargs())
     images = []
     for folder in ("d", "o"):
         pipe = TextToImage.from_pretrained(tmp_path / folder, device="cpu")

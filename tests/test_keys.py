@@ -14,11 +14,10 @@ import torch
 
 from codec.effnet import EfficientNetEncoder
 from codec.previewer import Previewer
-from codec.stage_c import StageC
 from codec.stage_a import StageA
-from codec.stage_b import StageB
 
 from helpers import DATA_DIR
+from codec.presets import create_model
 
 OFFICIAL = json.loads(gzip.decompress((DATA_DIR / "official_keys.json.gz").read_bytes()))
 
@@ -26,10 +25,10 @@ BUILDERS = {
     "stage_a": StageA,
     "effnet": EfficientNetEncoder,
     "previewer": Previewer,
-    "stage_b_lite": lambda: StageB.from_preset("stage_b_lite"),
-    "stage_b_large": lambda: StageB.from_preset("stage_b_large"),
-    "stage_c_lite": lambda: StageC.from_preset("stage_c_lite"),
-    "stage_c_large": lambda: StageC.from_preset("stage_c_large"),
+    "stage_b_lite": lambda: create_model("stage_b_lite"),
+    "stage_b_large": lambda: create_model("stage_b_large"),
+    "stage_c_lite": lambda: create_model("stage_c_lite"),
+    "stage_c_large": lambda: create_model("stage_c_large"),
 }
 
 N_PARAMS = {

@@ -6,13 +6,13 @@ from safetensors.torch import save_file
 
 from codec.generation.lora import LoraNetwork, lora_targets, read_lora, save_lora, to_kohya
 from codec.stage_c import StageC
-from codec.tiny import TINY_STAGE_C
 from codec.weights import WeightsError, read_header
+from codec.presets import create_model, get_preset
 
 
 def tiny_stage_c(seed=0):
     torch.manual_seed(seed)
-    return StageC(**TINY_STAGE_C).eval()
+    return create_model("stage_c_tiny").eval()
 
 
 def inputs(seed=1):
@@ -32,7 +32,7 @@ def trained_network(model, seed=0):
 
 def test_targets_and_order_match_the_official_file():
     with torch.device("meta"):
-        large = StageC.from_preset("stage_c_large")
+        large = create_model("stage_c_large")
     targets = lora_targets(large)
     # 64 AttnBlocks × (out_proj, in_proj), out_proj first; blocks: down L0, down L1, up L1, up L0
     assert len(targets) == 128
@@ -149,6 +149,6 @@ def test_unreadable_files_say_why(tmp_path):
         read_lora(tmp_path / "bad.safetensors", model)
     net = trained_network(model)
     path = save_lora(net, tmp_path / "l.safetensors")
-    other = StageC(**{**TINY_STAGE_C, "blocks": [[1, 3], [3, 2]]})
+    other = StageC(**{**get_preset("stage_c_tiny").kwargs(), "blocks": [[1, 3], [3, 2]]})
     with pytest.raises(WeightsError, match="LoRA weights"):
         read_lora(path, other)

@@ -16,8 +16,7 @@ from benchmarks.speed import random_state_dict
 from codec.blocks import PackedAttention
 from codec.fp16 import HalfLinear, HalfPackedAttention, half_linear, make_half_safe, row_l1_bound, \
     to_precision
-from codec.stage_c import StageC
-from codec.tiny import TINY_STAGE_C
+from codec.presets import create_model
 
 FP16_MAX = torch.finfo(torch.float16).max
 
@@ -34,8 +33,8 @@ def rows():
 
 def _tiny(seed=0):
     with torch.device("meta"):
-        meta = StageC(**TINY_STAGE_C)
-    model = StageC(**TINY_STAGE_C).eval()
+        meta = create_model("stage_c_tiny")
+    model = create_model("stage_c_tiny").eval()
     model.load_state_dict(random_state_dict(meta, seed, torch.float32))
     return model
 

@@ -9,25 +9,25 @@ from safetensors.torch import save_file
 
 from codec import weights as W
 from codec.stage_a import StageA
-from codec.tiny import TINY_STAGE_A
+from codec.presets import create_model, get_preset
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def _tiny_a():
-    return StageA(**TINY_STAGE_A)
+    return create_model("stage_a_tiny")
 
 
 @pytest.fixture
 def stage_a_file(tmp_path):
     model = _tiny_a()
-    return W.save_module(model, tmp_path / "stage_a.safetensors", TINY_STAGE_A), model
+    return W.save_module(model, tmp_path / "stage_a.safetensors", get_preset("stage_a_tiny").kwargs()), model
 
 
 def test_roundtrip_is_exact_and_uses_stored_config(stage_a_file):
     path, model = stage_a_file
     header = W.read_header(path)
-    assert header.config == TINY_STAGE_A
+    assert header.config == get_preset("stage_a_tiny").kwargs()
     loaded = W.load_module(lambda: StageA(**header.config), path, torch.float32, "cpu", "Stage A")
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k

@@ -31,10 +31,11 @@ from torch import nn
 
 from .. import weights as W
 from ..blocks import ResBlock
-from ..controlnet import CONTROLNET_PRESETS, ControlNet
+from ..controlnet import ControlNet
 from ..diffusion import CosineSchedule, diffuse, p2_loss_weight
 from ..effnet import EfficientNetEncoder
 from ..errors import UsageError
+from ..presets import CONTROLNET_KINDS, get_preset
 from ..stage_c import StageC
 from .control_filters import TrainingControl
 
@@ -59,9 +60,9 @@ def controlnet_for(stage_c: StageC, kind: str, proj_blocks: list[int] | None = N
     """A new ControlNet of ``kind`` sized for ``stage_c``: ``c_proj`` = its width; ``proj_blocks`` default to
     the official ones (for the 64-call 3.6B model), which must fit in the model's ResBlock calls;
     ``bottleneck_mode`` defaults to the kind's official one."""
-    if kind not in CONTROLNET_PRESETS:
-        raise UsageError(f"unknown ControlNet kind {kind!r}; choose one of {sorted(CONTROLNET_PRESETS)}")
-    config = dict(CONTROLNET_PRESETS[kind], c_proj=stage_c.config.c_hidden[0])
+    if kind not in CONTROLNET_KINDS:
+        raise UsageError(f"unknown ControlNet kind {kind!r}; choose one of {', '.join(CONTROLNET_KINDS)}")
+    config = dict(get_preset(f"controlnet_{kind}").kwargs(), c_proj=stage_c.config.c_hidden[0])
     if proj_blocks is not None:
         config["proj_blocks"] = list(proj_blocks)
     if bottleneck_mode is not None:
@@ -166,7 +167,7 @@ class ControlNetTask:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Save the whole ControlNet (BatchNorm statistics included, as the released files) with its config;
-        it loads with ``ControlNet.from_pretrained(path)``."""
+        it loads with ``codec.codec.load_controlnet(path)``."""
         return W.save_module(self.controlnet, path, self.controlnet.config)
 
     @torch.no_grad()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,11 +27,12 @@ from PIL import Image
 
 from .. import interop
 from .. import weights as W
-from ..codec import Codec, encode_pixels, load_component, load_encoder, load_previewer
+from ..codec import Codec, encode_pixels, load_component, load_controlnet, load_encoder, load_previewer
 from ..diffusion import diffuse, sample
 from ..errors import MissingInputError, UsageError, check_finite
 from ..images import ImageLike, to_pil, to_tensor_list
-from ..stage_c import STAGE_C_PRESETS, StageC, StageCConfig
+from ..presets import get_preset
+from ..stage_c import StageC, StageCConfig
 
 COMPRESSION_C = 42.67  # output pixels per Stage C latent pixel (official calculate_latent_sizes)
 MODES = ("text", "variation", "img2img")
@@ -193,7 +194,7 @@ class TextToImage:
             # fp32 parts; fp16 holds every bf16 weight the safe mode accepts).
             dtype = torch.bfloat16 if self.dtype == torch.float16 else self.dtype
             model, _ = load_component(self.source, self._locations()[0], StageC,
-                                       asdict(STAGE_C_PRESETS[f"stage_c_{self.stage_c_size}"]), dtype, self.device)
+                                       get_preset(f"stage_c_{self.stage_c_size}").kwargs(), dtype, self.device)
             from .lora import read_lora
 
             for path, strength in self.loras:
@@ -241,7 +242,7 @@ class TextToImage:
         if "stage_c" in self._cache:
             return self._cache["stage_c"].config
         _, config = interop.open_component(self.source, self._locations()[0])
-        preset = asdict(STAGE_C_PRESETS[f"stage_c_{self.stage_c_size}"])
+        preset = get_preset(f"stage_c_{self.stage_c_size}").kwargs()
         preset.update(config or {})
         return StageCConfig(**preset)
 
@@ -258,13 +259,13 @@ class TextToImage:
     def _control_features(self, kind: str, image: ImageLike, strength: float, size: tuple[int, int],
                           mask: ImageLike | None, threshold: float, outpaint: bool) -> list[torch.Tensor | None]:
         """The ControlNet features for one control image (loaded, run and released here)."""
-        from ..controlnet import ControlNet
+
         from . import control_filters as CF
         from .control import control_features
 
         dtype = torch.bfloat16 if self.dtype == torch.float16 else self.dtype
         net = self._get(f"controlnet_{kind}",
-                        lambda: ControlNet.from_pretrained(self.source.source, kind, dtype=dtype, device=self.device))
+                        lambda: load_controlnet(self.source.source, kind, dtype=dtype, device=self.device))
         saliency = CF.load_saliency(self.source) if kind == "inpainting" and mask is None else None
         effnet = load_encoder(self.source, self.device) if kind == "super_resolution" else None
         features = control_features(net, image, kind, strength, size=size, mask=mask, saliency=saliency,

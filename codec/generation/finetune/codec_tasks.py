@@ -31,9 +31,10 @@ from pydantic import Field
 from torch import nn
 
 from ... import weights as W
-from ...effnet import EFFNET_PRESETS, EfficientNetEncoder
-from ...stage_a import STAGE_A_PRESETS, StageA
-from ...stage_b import STAGE_B_PRESETS, StageB
+from ...effnet import EfficientNetEncoder
+from ...presets import create_model, list_presets
+from ...stage_a import StageA
+from ...stage_b import StageB
 from .config import ConfigError, Section
 from .objectives import pyramid_noise_per_sample
 from .preview import save_collage
@@ -91,10 +92,9 @@ class StageATask(_ImageTask):
     diffusion = False
 
     def build(self, dataset: Any) -> nn.Module:
-        from ...tiny import TINY_STAGE_A
 
         self.dataset_ref = dataset
-        model = load_trainable_model(StageA, STAGE_A_PRESETS, TINY_STAGE_A, self.cfg, self.source)
+        model = load_trainable_model("stage_a", self.cfg, self.source)
         self.model_config = model_config(model)
         return model
 
@@ -131,7 +131,7 @@ class CodecSection(Section):
     """``codec:`` section: the frozen Stage A, the encoder architecture and the Stage B recipe."""
 
     stage_a: str = Field(description="trained Stage A file (safetensors with its config), kept frozen")
-    encoder_preset: str = Field("efficientnet_mini", description="encoder architecture (codec.effnet.EFFNET_PRESETS)")
+    encoder_preset: str = Field("efficientnet_mini", description="encoder architecture (a codec.presets name of family effnet)")
     crop: int = Field(256, ge=32, multiple_of=32, description="training window side in pixels (the native size)")
     encoder_fraction: float = Field(0.75, gt=0, le=1, description="encoder input side / crop side (official 0.75)")
     encoder_keep: float = Field(0.9, ge=0, le=1, description="share of samples whose encoder latent is kept")
@@ -162,19 +162,18 @@ class CodecTask(_ImageTask):
 
     def build(self, dataset: Any) -> nn.Module:
         o = self.options
-        if o.encoder_preset not in EFFNET_PRESETS:
+        if o.encoder_preset not in list_presets("effnet"):
             raise ConfigError(f"{self.source}: codec.encoder_preset {o.encoder_preset!r} is not one of "
-                              f"{sorted(EFFNET_PRESETS)}.")
+                              f"{list_presets('effnet')}.")
         if not Path(o.stage_a).is_file():
             raise ConfigError(f"{self.source}: codec.stage_a {o.stage_a} does not exist; train Stage A first "
                               "(`cascade train stage-a ...`) and export it.")
         self.stage_a, _ = W.load_configured(StageA, o.stage_a, None, torch.float32, self.d.device)
         self.stage_a.eval().requires_grad_(False)
         torch.manual_seed(self.cfg.seed)
-        effnet = EfficientNetEncoder.from_preset(o.encoder_preset)
-        from ...tiny import TINY_STAGE_B
+        effnet = create_model(o.encoder_preset)
 
-        stage_b = load_trainable_model(StageB, STAGE_B_PRESETS, TINY_STAGE_B, self.cfg, self.source)
+        stage_b = load_trainable_model("stage_b", self.cfg, self.source)
         self.configs = {"effnet": dict(effnet.config), "stage_b": model_config(stage_b)}
         self.dataset_ref = dataset
         return JointCodec(effnet, stage_b).train().requires_grad_(True)

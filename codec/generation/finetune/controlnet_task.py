@@ -12,7 +12,7 @@ train mode so its dropout is active as officially; the ControlNet's EfficientNet
 BatchNorm statistics frozen). ``offset_noise`` defaults to the kind's official value (0.1
 for inpainting and super_resolution). Checkpoints and the exported file hold the whole
 ControlNet (BatchNorm buffers included) in the released layout with its config: it loads
-with ``ControlNet.from_pretrained(path)``.
+with ``codec.codec.load_controlnet(path)``.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from pydantic import Field
 from torch import nn
 
 from ... import weights as W
+from ...codec import load_controlnet
 from ...controlnet import ControlNet
-from ...stage_c import STAGE_C_PRESETS, StageC
+from ...stage_c import StageC
 from ..control_filters import TrainingControl, load_saliency
 from ..controlnet_training import OFFSET_NOISE, ControlledStageC, controlnet_for, resblock_calls
 from .conditions import TextSource
@@ -72,7 +73,6 @@ class ControlNetTrainingTask(StageCTask):
 
     def build(self, dataset: Any) -> nn.Module:
         from ...codec import load_encoder
-        from ...tiny import TINY_STAGE_C
 
         cfg, o, dev = self.cfg, self.options, self.d.device
         if cfg.weights is None:
@@ -85,7 +85,7 @@ class ControlNetTrainingTask(StageCTask):
         self.dataset_ref = dataset
         self.effnet = load_encoder(src, dev)
         self.text = TextSource.for_run(cfg, dataset, dev, self.source)
-        stage_c = load_trainable_model(StageC, STAGE_C_PRESETS, TINY_STAGE_C, cfg, self.source)
+        stage_c = load_trainable_model("stage_c", cfg, self.source)
         self.c_clip_img = stage_c.config.c_clip_img
         self.image_encoder = None
         if cfg.conditions.image_embed_p > 0:
@@ -102,7 +102,7 @@ class ControlNetTrainingTask(StageCTask):
         o = self.options
         try:
             if o.checkpoint:
-                net = ControlNet.from_pretrained(o.checkpoint, o.kind, dtype=torch.float32, device="cpu")
+                net = load_controlnet(o.checkpoint, o.kind, dtype=torch.float32, device="cpu")
                 calls = resblock_calls(stage_c)
                 if max(net.proj_blocks) >= calls or net.config["c_proj"] != stage_c.config.c_hidden[0]:
                     raise ConfigError(f"{self.source}: {o.checkpoint} (proj_blocks {net.proj_blocks}, c_proj "

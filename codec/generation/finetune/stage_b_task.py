@@ -25,7 +25,6 @@ from torch import nn
 from ... import weights as W
 from ...diffusion import sample
 from ...stage_a import StageA
-from ...stage_b import STAGE_B_PRESETS, StageB
 from .conditions import TextSource
 from .config import ConfigError, Section
 from .objectives import pyramid_noise_per_sample
@@ -54,11 +53,10 @@ class StageBTask(Task):
 
     def build(self, dataset: Any) -> nn.Module:
         from ... import codec as C
-        from ...tiny import TINY_STAGE_B
 
         self.dataset_ref = dataset
         self.text = TextSource.for_run(self.cfg, dataset, self.d.device, self.source)
-        model = load_trainable_model(StageB, STAGE_B_PRESETS, TINY_STAGE_B, self.cfg, self.source)
+        model = load_trainable_model("stage_b", self.cfg, self.source)
         self.model_config = model_config(model)
         self.effnet = self.stage_a = None
         needs_pixels = self.options.effnet_from == "pixels" or self.cfg.preview.every

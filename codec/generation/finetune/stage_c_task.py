@@ -10,7 +10,6 @@ from torch import nn
 
 from ... import weights as W
 from ...diffusion import sample
-from ...stage_c import STAGE_C_PRESETS, StageC
 from ...text import TextEmbedding
 from .conditions import TextSource, image_embedding
 from .preview import load_previewer, save_collage
@@ -26,11 +25,10 @@ class StageCTask(Task):
     name = "stage-c"
 
     def build(self, dataset: Any) -> nn.Module:
-        from ...tiny import TINY_STAGE_C
 
         self.dataset_ref = dataset
         self.text = self.text_source(dataset)
-        model = load_trainable_model(StageC, STAGE_C_PRESETS, TINY_STAGE_C, self.cfg, self.source)
+        model = load_trainable_model("stage_c", self.cfg, self.source)
         self.model_config = model_config(model)
         self.c_clip_img = model.config.c_clip_img
         self.previewer = load_previewer(self.cfg.weights, self.d.device) if self.cfg.preview.every else None

@@ -17,7 +17,6 @@ A task (Stage C, LoRA, Stage B, ControlNet …) says:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +26,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from ... import weights as W
+from ...presets import FAMILIES, get_preset, list_presets
 from .config import ConfigError, TrainConfig
 from .distributed import Dist
 from .rng import BatchRandom
@@ -111,26 +111,27 @@ def image_dataset(task: Task, why: str) -> Any:
                         min_size=cfg.data.min_size)
 
 
-def load_trainable_model(cls: type[nn.Module], presets: dict[str, Any], tiny: dict[str, Any], cfg: TrainConfig,
-                         source: str) -> nn.Module:
+def load_trainable_model(family: str, cfg: TrainConfig, source: str) -> nn.Module:
     """The model to fine-tune: from ``model.checkpoint`` (config from the file, else the preset), or built
-    from ``model.preset``/``model.config`` with the official training initialisation; fp32, train mode."""
+    from ``model.preset``/``model.config`` with the official training initialisation; fp32, train mode.
+    ``family`` is the model family of :mod:`codec.presets` (``stage_b`` …); ``model.preset: tiny`` means the
+    family's tiny preset."""
     m = cfg.model
     preset: dict[str, Any] = {}
-    if m.preset == "tiny":
-        preset = copy.deepcopy(tiny)
-    elif m.preset is not None:
-        if m.preset not in presets:
-            raise ConfigError(f"{source}: model.preset {m.preset!r} is not one of {sorted(presets) + ['tiny']}.")
-        preset = copy.deepcopy(presets[m.preset]) if isinstance(presets[m.preset], dict) else asdict(presets[m.preset])
+    if m.preset is not None:
+        name = f"{family}_tiny" if m.preset == "tiny" else m.preset
+        if name not in list_presets(family):
+            raise ConfigError(f"{source}: model.preset {m.preset!r} is not one of "
+                              f"{list_presets(family) + ['tiny']}.")
+        preset = get_preset(name).kwargs()
     preset.update(m.config)
     if m.checkpoint:
-        model, _ = W.load_configured(cls, m.checkpoint, preset or None, torch.float32, "cpu")
+        model, _ = W.load_configured(FAMILIES[family], m.checkpoint, preset or None, torch.float32, "cpu")
     else:
         if not preset:
             raise ConfigError(f"{source}: give model.checkpoint (weights to fine-tune) or model.preset to train "
                               "from scratch.")
-        model = cls(**preset)
+        model = FAMILIES[family](**preset)
         if hasattr(model, "init_weights"):
             model.init_weights()
     if m.dropout is not None:
