@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -211,10 +211,56 @@ class CascadeUNet(nn.Module):
     """The U-Net body shared by Stage B and Stage C.
 
     Subclasses build ``down_blocks``, ``down_downscalers``, ``down_repeat_mappers``,
-    ``up_blocks``, ``up_upscalers`` and ``up_repeat_mappers`` (names as official) and
-    call :meth:`run_unet`. ``control`` is an optional iterator of per-ResBlock-call
+    ``up_blocks``, ``up_upscalers`` and ``up_repeat_mappers`` (names as official) with
+    :meth:`build_levels` and call :meth:`run_unet`. ``control`` is an optional iterator of per-ResBlock-call
     additive features (ControlNet); it is advanced once before every ResBlock call.
     """
+
+    def build_levels(self, c_hidden: Sequence[int], c_cond: int, nhead: Sequence[int], c_r: int,
+                     blocks: Sequence[Sequence[int]], block_repeat: Sequence[Sequence[int]],
+                     level_config: Sequence[str], kernel_size: int, dropout: Sequence[float],
+                     self_attn: Sequence[bool], scaler: Callable[[int, int, str, int], nn.Module]) -> None:
+        """Create the levels as the official code does (same module names, order and skip widths).
+
+        Level ``i`` holds ``blocks[0][i]`` (down) / ``blocks[1][-1-i]`` (up) repetitions of
+        ``level_config[i]`` (C = ResBlock, T = TimestepBlock, A = AttnBlock), re-run
+        ``block_repeat`` times with 1×1 mappers in between. ``scaler(c_in, c_out, mode, i)``
+        makes the module between level ``i-1`` and ``i`` (``mode`` ``"down"`` or ``"up"``);
+        it is preceded by a LayerNorm. Needs ``self.t_conds``.
+        """
+        n = len(c_hidden)
+
+        def block(kind: str, i: int, c_skip: int = 0) -> nn.Module:
+            return make_block(kind, c_hidden[i], c_cond, nhead[i], c_r, self.t_conds, c_skip=c_skip,
+                              kernel_size=kernel_size, dropout=dropout[i], self_attn=self_attn[i])
+
+        def norm(c: int) -> nn.Module:
+            return LayerNorm2d(c, elementwise_affine=False, eps=1e-6)
+
+        self.down_blocks = nn.ModuleList()
+        self.down_downscalers = nn.ModuleList()
+        self.down_repeat_mappers = nn.ModuleList()
+        for i in range(n):
+            self.down_downscalers.append(
+                nn.Sequential(norm(c_hidden[i - 1]), scaler(c_hidden[i - 1], c_hidden[i], "down", i))
+                if i > 0 else nn.Identity())
+            self.down_blocks.append(nn.ModuleList(
+                block(kind, i) for _ in range(blocks[0][i]) for kind in level_config[i]))
+            self.down_repeat_mappers.append(nn.ModuleList(
+                nn.Conv2d(c_hidden[i], c_hidden[i], kernel_size=1) for _ in range(block_repeat[0][i] - 1)))
+
+        self.up_blocks = nn.ModuleList()
+        self.up_upscalers = nn.ModuleList()
+        self.up_repeat_mappers = nn.ModuleList()
+        for i in reversed(range(n)):
+            self.up_upscalers.append(
+                nn.Sequential(norm(c_hidden[i]), scaler(c_hidden[i], c_hidden[i - 1], "up", i))
+                if i > 0 else nn.Identity())
+            self.up_blocks.append(nn.ModuleList(
+                block(kind, i, c_skip=c_hidden[i] if (i < n - 1 and j == k == 0) else 0)
+                for j in range(blocks[1][::-1][i]) for k, kind in enumerate(level_config[i])))
+            self.up_repeat_mappers.append(nn.ModuleList(
+                nn.Conv2d(c_hidden[i], c_hidden[i], kernel_size=1) for _ in range(block_repeat[1][::-1][i] - 1)))
 
     def _run_block(self, block: nn.Module, x: torch.Tensor, r_embed: torch.Tensor, clip: torch.Tensor,
                    skip: torch.Tensor | None, control: Iterator[torch.Tensor | None] | None) -> torch.Tensor:
@@ -264,6 +310,24 @@ class CascadeUNet(nn.Module):
             value = extra.get(name)
             parts.append(r_embedding(torch.zeros_like(r) if value is None else value, self.c_r))
         return torch.cat(parts, dim=1)
+
+
+def patch_embedding(c_in: int, c_hidden: int, patch_size: int) -> nn.Sequential:
+    """The U-Nets' input: pixel-unshuffle by ``patch_size``, 1×1 conv, LayerNorm (official ``embedding``)."""
+    return nn.Sequential(
+        nn.PixelUnshuffle(patch_size),
+        nn.Conv2d(c_in * patch_size**2, c_hidden, kernel_size=1),
+        LayerNorm2d(c_hidden, elementwise_affine=False, eps=1e-6),
+    )
+
+
+def patch_head(c_hidden: int, c_out: int, patch_size: int) -> nn.Sequential:
+    """The U-Nets' output: LayerNorm, 1×1 conv, pixel-shuffle by ``patch_size`` (official ``clf``)."""
+    return nn.Sequential(
+        LayerNorm2d(c_hidden, elementwise_affine=False, eps=1e-6),
+        nn.Conv2d(c_hidden, c_out * patch_size**2, kernel_size=1),
+        nn.PixelShuffle(patch_size),
+    )
 
 
 def autocast_for(module: nn.Module, device: torch.device) -> contextlib.AbstractContextManager:

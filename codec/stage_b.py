@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import CascadeUNet, LayerNorm2d, autocast_for, init_cascade_weights, make_block
+from .blocks import CascadeUNet, LayerNorm2d, autocast_for, init_cascade_weights, patch_embedding, patch_head
 
 
 @dataclass(frozen=True)
@@ -77,48 +77,12 @@ class StageB(CascadeUNet):
         self.pixels_mapper = _mapper(c_pixels, c_hidden[0])
         self.clip_mapper = nn.Linear(c_clip, c_cond * c_clip_seq)
         self.clip_norm = nn.LayerNorm(c_cond, elementwise_affine=False, eps=1e-6)
-        self.embedding = nn.Sequential(
-            nn.PixelUnshuffle(patch_size),
-            nn.Conv2d(c_in * patch_size**2, c_hidden[0], kernel_size=1),
-            LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
-        )
-
-        def block(kind: str, i: int, c_skip: int = 0) -> nn.Module:
-            return make_block(kind, c_hidden[i], c_cond, nhead[i], c_r, self.t_conds, c_skip=c_skip,
-                              kernel_size=kernel_size, dropout=dropout[i], self_attn=self_attn[i])
-
-        self.down_blocks = nn.ModuleList()
-        self.down_downscalers = nn.ModuleList()
-        self.down_repeat_mappers = nn.ModuleList()
-        for i in range(n):
-            self.down_downscalers.append(
-                nn.Sequential(LayerNorm2d(c_hidden[i - 1], elementwise_affine=False, eps=1e-6),
-                              nn.Conv2d(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2))
-                if i > 0 else nn.Identity())
-            self.down_blocks.append(nn.ModuleList(
-                block(kind, i) for _ in range(blocks[0][i]) for kind in level_config[i]))
-            self.down_repeat_mappers.append(nn.ModuleList(
-                nn.Conv2d(c_hidden[i], c_hidden[i], kernel_size=1) for _ in range(block_repeat[0][i] - 1)))
-
-        self.up_blocks = nn.ModuleList()
-        self.up_upscalers = nn.ModuleList()
-        self.up_repeat_mappers = nn.ModuleList()
-        for i in reversed(range(n)):
-            self.up_upscalers.append(
-                nn.Sequential(LayerNorm2d(c_hidden[i], elementwise_affine=False, eps=1e-6),
-                              nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2))
-                if i > 0 else nn.Identity())
-            self.up_blocks.append(nn.ModuleList(
-                block(kind, i, c_skip=c_hidden[i] if (i < n - 1 and j == k == 0) else 0)
-                for j in range(blocks[1][::-1][i]) for k, kind in enumerate(level_config[i])))
-            self.up_repeat_mappers.append(nn.ModuleList(
-                nn.Conv2d(c_hidden[i], c_hidden[i], kernel_size=1) for _ in range(block_repeat[1][::-1][i] - 1)))
-
-        self.clf = nn.Sequential(
-            LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
-            nn.Conv2d(c_hidden[0], c_out * patch_size**2, kernel_size=1),
-            nn.PixelShuffle(patch_size),
-        )
+        self.embedding = patch_embedding(c_in, c_hidden[0], patch_size)
+        self.build_levels(c_hidden, c_cond, nhead, c_r, blocks, block_repeat, level_config, kernel_size, dropout,
+                          self_attn, lambda c_in, c_out, mode, i: (
+                              nn.Conv2d(c_in, c_out, kernel_size=2, stride=2) if mode == "down"
+                              else nn.ConvTranspose2d(c_in, c_out, kernel_size=2, stride=2)))
+        self.clf = patch_head(c_hidden[0], c_out, patch_size)
 
     def init_weights(self) -> None:
         """The official training initialisation (only needed when training from scratch)."""
