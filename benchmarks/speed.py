@@ -14,7 +14,7 @@ Run ``python -m benchmarks.speed --help`` for the options. What is timed:
   effnet 16×24×24, pooled CLIP 1×1×1280, batch 1). *ours* = ``create_model('stage_b_lite')``;
   *diffusers* = ``StableCascadeUNet`` with the decoder-lite config (the one diffusers'
   ``scripts/convert_stable_cascade_lite.py`` writes) and our weights under diffusers' key
-  names, both from :mod:`codec.interop` (whose mapping the tests check against diffusers).
+  names, both from :mod:`codec.layouts` (whose mapping the tests check against diffusers).
 * ``stage_c`` — one Stage C lite denoiser evaluation at 1024² output (latent 16×24×24, CLIP
   text 77×1280, pooled 1×1280, CLIP image 1×768, batch 1). *ours* =
   ``create_model('stage_c_lite')``; *diffusers* = ``StableCascadeUNet`` with the
@@ -57,7 +57,7 @@ from typing import Any, Callable
 
 import torch
 
-from codec.interop import OFFICIAL_STAGE_A_SCALE
+from codec.layouts.official import OFFICIAL_STAGE_A_SCALE
 from codec.presets import create_model
 
 from .rss import current_rss_bytes, peak_rss_bytes
@@ -206,11 +206,11 @@ def build_runner(spec: WorkerSpec) -> Callable[[dict[str, torch.Tensor]], torch.
             def run(inp):
                 return model.decode(inp["latent"].to(dtype))
         elif spec.impl == "diffusers":
-            from codec import interop
+            from codec.layouts import diffusers as diffusers_layout
 
             with torch.device("meta"):
-                model = interop.diffusers_model("stage_a", meta.config)
-            model.load_state_dict(interop.state_dict_to_diffusers(sd, "stage_a"), strict=True, assign=True)
+                model = diffusers_layout.diffusers_model("stage_a", meta.config)
+            model.load_state_dict(diffusers_layout.state_dict_to_diffusers(sd, "stage_a"), strict=True, assign=True)
             model.eval()
             scale = model.config.scale_factor
 
@@ -228,8 +228,8 @@ def build_runner(spec: WorkerSpec) -> Callable[[dict[str, torch.Tensor]], torch.
 
 def _denoiser_runner(spec: WorkerSpec, dtype: torch.dtype) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
     """One evaluation of the lite Stage B or Stage C denoiser: ours, or diffusers' ``StableCascadeUNet`` with the
-    same weights under its key names (:mod:`codec.interop`)."""
-    from codec import interop
+    same weights under its key names (:mod:`codec.layouts`)."""
+    from codec.layouts import diffusers as diffusers_layout
 
     kind = spec.task
     with torch.device("meta"):
@@ -245,8 +245,8 @@ def _denoiser_runner(spec: WorkerSpec, dtype: torch.dtype) -> Callable[[dict[str
             return model(inp["x"], inp["r"], *(inp[c] for c in conds))
     elif spec.impl == "diffusers":
         with torch.device("meta"):
-            model = interop.diffusers_model(kind, asdict(meta.config))
-        model.load_state_dict(interop.state_dict_to_diffusers(sd, kind), strict=True, assign=True)
+            model = diffusers_layout.diffusers_model(kind, asdict(meta.config))
+        model.load_state_dict(diffusers_layout.state_dict_to_diffusers(sd, kind), strict=True, assign=True)
         model.eval()
         names = {"effnet": "effnet", "clip": "clip_text_pooled"} if kind == "stage_b" else \
             {"clip_text": "clip_text", "clip_text_pooled": "clip_text_pooled", "clip_img": "clip_img"}

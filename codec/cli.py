@@ -309,12 +309,13 @@ def info(weights) -> None:
     def go():
         import torch
 
-        from . import interop
         from . import weights as W
+        from .layouts import inventory, official
+        from .layouts import locate as layouts
 
         source = W.WeightSource(weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS)
         click.echo(f"weights: {source.source}" + (f" (built-in, {source.folder})" if source.builtin else ""))
-        rows = interop.inventory(source)
+        rows = inventory.inventory(source)
         notes: dict[str, list[str]] = {}
         for row in rows:
             detail = f"  ({row.detail})" if row.detail else ""
@@ -333,18 +334,18 @@ def info(weights) -> None:
             wanted = [W.STAGE_A_FILE, W.EFFNET_FILE, W.STAGE_B_FILES["lite"]["bf16"]]
             if source.folder is not None:
                 raise W.WeightsError(W.missing_files_message(source.source, wanted) + "\n"
-                                     + interop.other_layouts_hint(["stage_a", "stage_b_lite"]))
+                                     + layouts.other_layouts_hint(["stage_a", "stage_b_lite"]))
             raise W.WeightsError(f"none of the files of {source.repo_id} are in the local Hugging Face cache "
                                  f"(`cascade info` does not download). Get them with: hf download {source.repo_id} "
                                  f"{' '.join(wanted)} --local-dir DIR, then run `cascade info DIR`.")
         used = [f"Stage {component[6].upper()}{component[7:].replace('_', ' ')} ← {loc.label}"
-                for component in interop.COMPONENTS
-                if (loc := interop.locate(source, component, torch.float32)) is not None]
-        encoder = interop.locate(source, "effnet", torch.float32)
+                for component in official.COMPONENTS
+                if (loc := layouts.locate(source, component, torch.float32)) is not None]
+        encoder = layouts.locate(source, "effnet", torch.float32)
         if encoder is not None:
             used.append(f"encoder ← {encoder.label}")
         click.echo(f"  loaded for an fp32 run: {'; '.join(used)}")
-        missing = [name for name, there in ((W.STAGE_A_FILE, interop.locate(source, "stage_a", torch.float32)),
+        missing = [name for name, there in ((W.STAGE_A_FILE, layouts.locate(source, "stage_a", torch.float32)),
                                             (W.EFFNET_FILE, encoder)) if not there]
         if missing:
             click.echo(f"  missing for the codec: {', '.join(missing)}"
@@ -378,7 +379,7 @@ def convert_command(src, dst, layout, dtype, overwrite) -> None:
     into and taken out of ComfyUI's all-in-one files.
     """
     def go():
-        from .convert import convert
+        from .layouts.convert import convert
 
         summary = convert(src, dst, layout, dtype=dtype, overwrite=overwrite, log=click.echo)
         click.echo(summary.line())

@@ -21,13 +21,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from . import interop
 from . import weights as W
 from .controlnet import CONTROLNET_FILES, ControlNet
 from .diffusion import sample
 from .effnet import EfficientNetEncoder
 from .errors import UsageError, check_finite
 from .images import ImageLike, to_pil, to_tensor_list
+from .layouts import locate as layouts
+from .layouts import official
 from .presets import CONTROLNET_KINDS, get_preset
 from .stage_a import StageA
 from .stage_b import StageB
@@ -67,13 +68,13 @@ class ComponentInfo:
     detail: str | None = None
 
 
-def load_component(src: W.WeightSource, where: str | interop.Located, cls: Callable[..., torch.nn.Module],
+def load_component(src: W.WeightSource, where: str | official.Located, cls: Callable[..., torch.nn.Module],
                     preset: dict[str, Any] | None, dtype: torch.dtype,
                     device: torch.device | str) -> tuple[torch.nn.Module, ComponentInfo]:
     """Load one model from an official file name or a located variant in either layout (its stored config over
     ``preset``; diffusers keys mapped while streaming) and describe where it came from."""
-    loc = where if isinstance(where, interop.Located) else interop.Located.official_file(where)
-    ckpt, config = interop.open_component(src, loc)
+    loc = where if isinstance(where, official.Located) else official.Located.official_file(where)
+    ckpt, config = layouts.open_component(src, loc)
     model = W.load_module(W.configured_builder(cls, config, preset), ckpt, dtype, device, f"{loc.label} ({cls.__name__})")
     info = ComponentInfo(str(ckpt.path), sum(p.numel() for p in model.parameters()), str(dtype).replace("torch.", ""),
                          ckpt.metadata.get(W.META_NOTE), loc.layout)
@@ -85,10 +86,10 @@ def load_encoder(source: str | os.PathLike | W.WeightSource,
     """Only the EfficientNet encoder (fp32, eval, channels_last) from a weights folder, repo id or ComfyUI
     Stage C checkpoint."""
     src = source if isinstance(source, W.WeightSource) else W.WeightSource(source)
-    loc = interop.locate(src, "effnet", torch.float32)
+    loc = layouts.locate(src, "effnet", torch.float32)
     if loc is None:
-        interop.require_encoder(src)  # explains what is missing
-        loc = interop.Located.official_file(W.EFFNET_FILE, "effnet")
+        layouts.require_encoder(src)  # explains what is missing
+        loc = official.Located.official_file(W.EFFNET_FILE, "effnet")
     model, _ = load_component(src, loc, EfficientNetEncoder, None, torch.float32, device)
     return model.to(memory_format=torch.channels_last)
 
@@ -97,8 +98,8 @@ def load_previewer(src: W.WeightSource, device: str | torch.device = "cpu") -> t
     """The Previewer (fp32, eval) from ``previewer.safetensors`` or a ComfyUI Stage C checkpoint."""
     from .previewer import Previewer
 
-    loc = interop.resolve(src, "previewer", torch.float32, W.PREVIEWER_FILE)
-    interop.require(src, [loc])
+    loc = layouts.resolve(src, "previewer", torch.float32, W.PREVIEWER_FILE)
+    layouts.require(src, [loc])
     return load_component(src, loc, Previewer, None, torch.float32, device)[0]
 
 
@@ -132,10 +133,10 @@ def load_controlnet(source: str | os.PathLike, kind: str | None = None, dtype: s
     return model
 
 
-def locate_stage_a(src: W.WeightSource) -> interop.Located:
+def locate_stage_a(src: W.WeightSource) -> official.Located:
     """Where Stage A is in ``src`` (official file, else diffusers' ``vqgan/``), made sure to be there."""
-    loc = interop.resolve(src, "stage_a", torch.float32, W.STAGE_A_FILE)
-    interop.require(src, [loc])
+    loc = layouts.resolve(src, "stage_a", torch.float32, W.STAGE_A_FILE)
+    layouts.require(src, [loc])
     return loc
 
 
@@ -205,18 +206,18 @@ class Codec:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = W.parse_dtype(dtype, device)
         src = W.WeightSource(source)
-        stage_b = stage_b or interop.default_size(src, "stage_b")
+        stage_b = stage_b or layouts.default_size(src, "stage_b")
         b_file = src.stage_b_file(stage_b, dtype)
-        a_loc = interop.resolve(src, "stage_a", torch.float32, W.STAGE_A_FILE)
-        b_loc = interop.resolve(src, f"stage_b_{stage_b}", dtype, b_file)
-        e_loc = interop.resolve(src, "effnet", torch.float32, W.EFFNET_FILE)
+        a_loc = layouts.resolve(src, "stage_a", torch.float32, W.STAGE_A_FILE)
+        b_loc = layouts.resolve(src, f"stage_b_{stage_b}", dtype, b_file)
+        e_loc = layouts.resolve(src, "effnet", torch.float32, W.EFFNET_FILE)
         # Neither layout of the other two has an encoder of its own: without one, the codec only decodes.
         encoder_optional = a_loc.layout != "official" and b_loc.layout != "official"
         load_effnet = encoder and (e_loc.layout != "official" or src.has(e_loc.files[0]) or not encoder_optional)
-        interop.require(src, [a_loc, b_loc] + ([e_loc] if load_effnet else []))
+        layouts.require(src, [a_loc, b_loc] + ([e_loc] if load_effnet else []))
         components: dict[str, ComponentInfo] = {}
         stage_a, components["stage_a"] = load_component(src, a_loc, StageA, None, torch.float32, device)
-        components["stage_a"].detail = interop.describe_stage_a(stage_a.scale_factor)
+        components["stage_a"].detail = official.describe_stage_a(stage_a.scale_factor)
         effnet = None
         if load_effnet:
             effnet, components["effnet"] = load_component(src, e_loc, EfficientNetEncoder, None, torch.float32,
@@ -245,9 +246,9 @@ class Codec:
         size, else a list of ``(1,16,h,w)`` tensors in input order.
         """
         if self.effnet is None:
-            if self.source is not None and interop.locate(self.source, "effnet", torch.float32) is None and \
-                    interop.has_other_layout(self.source):
-                raise W.WeightsError(interop.no_effnet_message(self.source))
+            if self.source is not None and layouts.locate(self.source, "effnet", torch.float32) is None and \
+                    layouts.has_other_layout(self.source):
+                raise W.WeightsError(layouts.no_effnet_message(self.source))
             raise W.WeightsError("this codec was loaded without its encoder (encoder=False); load it with "
                                  "Codec.from_pretrained(..., encoder=True) to encode images")
         if not 0 < scale <= 1.5:

@@ -17,12 +17,15 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .errors import UsageError
 from .weights import OFFICIAL_REPO, WeightsError, WeightSource, hub_offline, hub_reachable
+
+if TYPE_CHECKING:
+    from .layouts.official import Located
 
 MAX_TOKENS = 77
 
@@ -109,9 +112,10 @@ class TextEncoder:
         checkpoint (the file, or a folder with one and no ``text_encoder/``) and the ``tokenizer/`` beside it."""
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
-        from . import comfyui
+        from .layouts import comfyui
+        from .layouts.locate import bundled
 
-        found = comfyui.bundled(source, "text_encoder")
+        found = bundled(source, "text_encoder")
         if found is None:
             root = hf_subfolders(hf_source(source), ["text_encoder", "tokenizer"],
                                  "text conditioning (the CLIP-G text encoder)")
@@ -120,7 +124,7 @@ class TextEncoder:
                                                                     local_files_only=True)
         else:
             src, loc = found
-            model = comfyui.load_clip(src, loc, CLIPTextModelWithProjection, CLIPTextConfig, dtype, device)
+            model = load_clip(src, loc, CLIPTextModelWithProjection, CLIPTextConfig, dtype, device)
             root = hf_subfolders(comfyui.hf_root(src), ["tokenizer"],
                                  f"the CLIP tokenizer ({loc.files[0]} holds the text encoder's weights, not its "
                                  "tokenizer)")
@@ -179,3 +183,21 @@ class TextEncoder:
         if isinstance(captions, str):
             captions = [captions]
         return self.embed_tokens(**self.tokenize(captions, warn))
+
+
+def load_clip(src: WeightSource, loc: Located, model_cls: type, config_cls: type, dtype: torch.dtype,
+              device: torch.device | str) -> torch.nn.Module:
+    """A transformers CLIP model (``CLIPTextModelWithProjection`` / ``CLIPVisionModelWithProjection``) from a
+    ComfyUI checkpoint: keys checked first, then tensors streamed in ``dtype``."""
+    from . import weights as W
+    from .layouts.comfyui import open_section
+
+    ckpt, config = open_section(src, loc)
+    hf_config = config_cls(**config)
+    with torch.device("meta"):
+        skeleton = model_cls(hf_config)
+    W.check_keys(skeleton, ckpt, f"{loc.label} ({model_cls.__name__})")
+    state = dict(W.iter_checkpoint(ckpt, dtype, device))
+    with quiet_transformers():  # transformers builds it with its non-persistent buffers (position ids)
+        model = model_cls.from_pretrained(None, config=hf_config, state_dict=state, dtype=dtype)
+    return model.to(device)

@@ -8,7 +8,7 @@
   a 16 MiB buffer — never a random-initialised copy, never the whole file twice.
 * A :class:`Checkpoint` is a view of one or more files (shards) whose tensors can be
   renamed, split, joined or transposed by a key plan without reading data; it is what
-  loads the diffusers and ComfyUI layouts (:mod:`codec.interop`) and what
+  loads the diffusers and ComfyUI layouts (:mod:`codec.layouts`) and what
   :func:`write_checkpoint` streams to a new file.
 * Keys and shapes are checked against the model *before* any tensor data is read; the
   error lists missing, unexpected and mis-shaped keys.
@@ -667,7 +667,7 @@ class WeightSource:
     """A local folder, a Hugging Face repo id, or one ``.safetensors`` file (a ComfyUI single-file checkpoint).
 
     A file stands for its folder with that file ``pinned``: the models it holds are taken
-    from it before any other file of the folder (:mod:`codec.interop` decides what it holds).
+    from it before any other file of the folder (:mod:`codec.layouts` decides what it holds).
     """
 
     def __init__(self, source: str | os.PathLike):

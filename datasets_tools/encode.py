@@ -54,11 +54,11 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 def encoder_file(weights: str | os.PathLike) -> Path:
     """Local path of ``effnet_encoder.safetensors`` in a weights folder or Hugging Face repo id."""
-    from codec import interop
     from codec import weights as W
+    from codec.layouts import locate as layouts
 
     src = W.WeightSource(weights)
-    interop.require_encoder(src)
+    layouts.require_encoder(src)
     return src.path(W.EFFNET_FILE)
 
 
@@ -96,14 +96,15 @@ def extras_identity(weights: str | os.PathLike, text_encoder: str | os.PathLike 
         extras["clip"] = {"source": str(text_encoder), "sha256": text_encoder_sha256(folder), "tokens": MAX_TOKENS,
                           "pooled_dim": cfg.projection_dim, "hidden_dim": cfg.hidden_size, "dtype": dtype}
     if stage_a:
-        from codec import interop
         from codec import weights as W
         from codec.codec import locate_stage_a
+        from codec.layouts import locate as layouts
+        from codec.layouts import official
 
         src = W.WeightSource(weights)
         loc = locate_stage_a(src)
-        _, config = interop.open_component(src, loc)
-        config = {**interop.default_config("stage_a"), **(config or {})}  # as the loader builds it
+        _, config = layouts.open_component(src, loc)
+        config = {**official.default_config("stage_a"), **(config or {})}  # as the loader builds it
         extras["stage_a"] = {"file": loc.label, "source": str(weights),
                              "sha256": files_sha256({f: src.path(f) for f in loc.files}),
                              "channels": int(config["c_latent"]), "scale_factor": float(config["scale_factor"]),

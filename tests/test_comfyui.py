@@ -2,7 +2,7 @@
 a folder) into the codec, the generation pipeline and the CLIP encoders, and `cascade convert --to comfyui` and back.
 
 The layout facts (prefixes, what ComfyUI keys its model and VAE detection on, the transposed text projection) are
-those written down in codec/comfyui.py, read off ComfyUI's source.
+those written down in codec/layouts/comfyui.py, read off ComfyUI's source.
 """
 
 from __future__ import annotations
@@ -16,10 +16,15 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from codec import Codec, comfyui, interop
+from codec import Codec
+from codec.layouts import comfyui
+
+from codec.layouts import diffusers as diffusers_layout
+
+from codec.layouts import locate as layouts
 from codec import weights as W
 from codec.cli import main
-from codec.convert import convert
+from codec.layouts.convert import convert
 from codec.presets import create_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning", "ignore::DeprecationWarning")
@@ -126,10 +131,10 @@ def test_plans_both_ways_are_exact_inverses_with_the_transpose():
     g = torch.Generator().manual_seed(0)
     state = {"text_projection.weight": torch.randn(3, 5, generator=g),
              "text_model.final_layer_norm.weight": torch.randn(5, generator=g)}
-    there = interop.apply_plan(state, comfyui.plan_to_comfyui({k: tuple(v.shape) for k, v in state.items()},
+    there = diffusers_layout.apply_plan(state, comfyui.plan_to_comfyui({k: tuple(v.shape) for k, v in state.items()},
                                                                "text_encoder"))
     assert there["text_encoder.clip_g.text_projection"].shape == (5, 3)
-    back = interop.apply_plan(there, comfyui.plan_from_comfyui({k: tuple(v.shape) for k, v in there.items()},
+    back = diffusers_layout.apply_plan(there, comfyui.plan_from_comfyui({k: tuple(v.shape) for k, v in there.items()},
                                                                 "text_encoder"))
     assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
 
@@ -219,8 +224,8 @@ def test_files_saved_by_comfyui_itself_read_the_same(comfy_folder, tmp_path):
     _as_comfyui_saves_it(comfy_folder / C_FILE, tmp_path / C_FILE)
     src_a, src_b = W.WeightSource(comfy_folder / C_FILE), W.WeightSource(tmp_path / C_FILE)
     for component in ("stage_c_lite", "text_encoder", "effnet", "previewer", "image_encoder"):
-        a = dict(W.iter_checkpoint(interop.open_component(src_a, interop.locate(src_a, component, torch.float32))[0]))
-        b = dict(W.iter_checkpoint(interop.open_component(src_b, interop.locate(src_b, component, torch.float32))[0]))
+        a = dict(W.iter_checkpoint(layouts.open_component(src_a, layouts.locate(src_a, component, torch.float32))[0]))
+        b = dict(W.iter_checkpoint(layouts.open_component(src_b, layouts.locate(src_b, component, torch.float32))[0]))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component
     caption = ["a cat"]
     ref = TextEncoder.from_pretrained(comfy_folder / C_FILE).encode(caption)

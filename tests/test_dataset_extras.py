@@ -134,7 +134,7 @@ def test_stage_a_from_the_diffusers_layout(corpus, tmp_path, tiny_weights):
     """``--stage-a`` also reads diffusers' ``vqgan/``; the same weights give the same Stage A latents."""
     import shutil
 
-    from codec.convert import convert
+    from codec.layouts.convert import convert
 
     folder = tmp_path / "diffusers"
     convert(tiny_weights, folder, "diffusers", progress=False, log=lambda s: None)

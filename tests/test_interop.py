@@ -16,7 +16,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from codec import Codec, interop
+from codec import Codec
+
+from codec.layouts import diffusers as diffusers_layout
+
+from codec.layouts import locate as layouts
+
+from codec.layouts import official
 from codec import weights as W
 from codec.cli import main
 from codec.stage_a import StageA
@@ -52,11 +58,11 @@ TINY_VQGAN = dict(levels=2, bottleneck_blocks=2, embed_dim=32, latent_channels=4
 
 
 def _unet(**config):
-    return interop.diffusers_class("stage_b")(**config).eval()
+    return diffusers_layout.diffusers_class("stage_b")(**config).eval()
 
 
 def _paella(**config):
-    return interop.diffusers_class("stage_a")(**config).eval()
+    return diffusers_layout.diffusers_class("stage_a")(**config).eval()
 
 
 def _shapes(sd):
@@ -67,35 +73,35 @@ def _shapes(sd):
 
 
 def test_configs_translate_both_ways():
-    assert interop.config_from_diffusers("stage_b", TINY_DECODER, "x") == get_preset("stage_b_tiny").kwargs()
-    assert TINY_DECODER.items() <= interop.config_to_diffusers("stage_b", get_preset("stage_b_tiny").kwargs()).items()
+    assert diffusers_layout.config_from_diffusers("stage_b", TINY_DECODER, "x") == get_preset("stage_b_tiny").kwargs()
+    assert TINY_DECODER.items() <= diffusers_layout.config_to_diffusers("stage_b", get_preset("stage_b_tiny").kwargs()).items()
     ours_a = dict(get_preset("stage_a_tiny").kwargs(), scale_factor=0.3764)
-    assert interop.config_from_diffusers("stage_a", dict(TINY_VQGAN, in_channels=3, out_channels=3,
+    assert diffusers_layout.config_from_diffusers("stage_a", dict(TINY_VQGAN, in_channels=3, out_channels=3,
                                                          up_down_scale_factor=2), "x") == ours_a
-    assert interop.config_from_diffusers("stage_c", TINY_PRIOR, "x") == get_preset("stage_c_tiny").kwargs()
-    assert TINY_PRIOR.items() <= interop.config_to_diffusers("stage_c", get_preset("stage_c_tiny").kwargs()).items()
+    assert diffusers_layout.config_from_diffusers("stage_c", TINY_PRIOR, "x") == get_preset("stage_c_tiny").kwargs()
+    assert TINY_PRIOR.items() <= diffusers_layout.config_to_diffusers("stage_c", get_preset("stage_c_tiny").kwargs()).items()
     with pytest.raises(W.WeightsError, match="not a Stage B"):
-        interop.config_from_diffusers("stage_b", dict(TINY_DECODER, effnet_in_channels=None), "cfg.json")
+        diffusers_layout.config_from_diffusers("stage_b", dict(TINY_DECODER, effnet_in_channels=None), "cfg.json")
 
 
 def test_stage_b_keys_match_diffusers_module_in_both_directions():
     ours, theirs = create_model("stage_b_tiny").state_dict(), _unet(**TINY_DECODER).state_dict()
-    assert _shapes(interop.state_dict_to_diffusers(ours, "stage_b")) == _shapes(theirs)
-    assert _shapes(interop.state_dict_to_official(theirs, "stage_b")) == _shapes(ours)
+    assert _shapes(diffusers_layout.state_dict_to_diffusers(ours, "stage_b")) == _shapes(theirs)
+    assert _shapes(diffusers_layout.state_dict_to_official(theirs, "stage_b")) == _shapes(ours)
     assert "clip_mapper.weight" in ours and "down_blocks.2.2.attention.attn.in_proj_weight" in ours
 
 
 def test_stage_c_keys_match_diffusers_module_in_both_directions():
     ours, theirs = create_model("stage_c_tiny").state_dict(), _unet(**TINY_PRIOR).state_dict()
-    assert _shapes(interop.state_dict_to_diffusers(ours, "stage_c")) == _shapes(theirs)
-    assert _shapes(interop.state_dict_to_official(theirs, "stage_c")) == _shapes(ours)
+    assert _shapes(diffusers_layout.state_dict_to_diffusers(ours, "stage_c")) == _shapes(theirs)
+    assert _shapes(diffusers_layout.state_dict_to_official(theirs, "stage_c")) == _shapes(ours)
     assert "clip_txt_pooled_mapper.weight" in ours  # Stage C has diffusers' name already
 
 
 def test_stage_a_keys_match_paella_module_in_both_directions():
     ours, theirs = create_model("stage_a_tiny").state_dict(), _paella(**TINY_VQGAN).state_dict()
-    assert _shapes(interop.state_dict_to_diffusers(ours, "stage_a")) == _shapes(theirs)
-    assert _shapes(interop.state_dict_to_official(theirs, "stage_a")) == _shapes(ours)
+    assert _shapes(diffusers_layout.state_dict_to_diffusers(ours, "stage_a")) == _shapes(theirs)
+    assert _shapes(diffusers_layout.state_dict_to_official(theirs, "stage_a")) == _shapes(ours)
 
 
 # From the configs diffusers' conversion scripts write (reference/diffusers.md §2.3).
@@ -119,23 +125,23 @@ def test_full_size_presets_map_onto_diffusers_configs(component):
     """Built on the meta device (no memory): every full-size preset has diffusers' config and key set."""
     from dataclasses import asdict
 
-    kind = interop.kind_of(component)
-    config = interop.default_config(component)
-    assert PRESET_TABLE[component].items() <= interop.config_to_diffusers(kind, config).items()
+    kind = official.kind_of(component)
+    config = official.default_config(component)
+    assert PRESET_TABLE[component].items() <= diffusers_layout.config_to_diffusers(kind, config).items()
     with torch.device("meta"):
         ours = create_model(component)
-        theirs = interop.diffusers_model(kind, asdict(ours.config))
-    assert _shapes(interop.state_dict_to_diffusers(ours.state_dict(), kind)) == _shapes(theirs.state_dict())
+        theirs = diffusers_layout.diffusers_model(kind, asdict(ours.config))
+    assert _shapes(diffusers_layout.state_dict_to_diffusers(ours.state_dict(), kind)) == _shapes(theirs.state_dict())
 
 
 def test_qkv_split_and_pack_are_exact_inverses():
     sd = fill_(create_model("stage_b_tiny")).state_dict()
-    mapped = interop.state_dict_to_diffusers(sd, "stage_b")
+    mapped = diffusers_layout.state_dict_to_diffusers(sd, "stage_b")
     packed = sd["down_blocks.2.2.attention.attn.in_proj_weight"]
     c = packed.shape[1]
     for i, name in enumerate(("to_q", "to_k", "to_v")):
         assert torch.equal(mapped[f"down_blocks.2.2.attention.{name}.weight"], packed[i * c:(i + 1) * c])
-    back = interop.state_dict_to_official(mapped, "stage_b")
+    back = diffusers_layout.state_dict_to_official(mapped, "stage_b")
     assert all(torch.equal(back[k], v) for k, v in sd.items())
 
 
@@ -143,7 +149,7 @@ def test_incomplete_attention_is_a_user_error():
     theirs = dict(_unet(**TINY_DECODER).state_dict())
     del theirs["down_blocks.2.2.attention.to_k.weight"]
     with pytest.raises(W.WeightsError, match="cannot be packed into in_proj"):
-        interop.state_dict_to_official(theirs, "stage_b")
+        diffusers_layout.state_dict_to_official(theirs, "stage_b")
 
 
 # --------------------------------------------------------------------------------------------- parity (fp32)
@@ -164,9 +170,9 @@ def _stage_b_cases():
 def _share_weights(ours, theirs, kind, filled="ours"):
     """Fill one model with random weights (``fill_``) and load them, key-mapped, into the other."""
     if filled == "ours":
-        theirs.load_state_dict(interop.state_dict_to_diffusers(fill_(ours).state_dict(), kind), strict=True)
+        theirs.load_state_dict(diffusers_layout.state_dict_to_diffusers(fill_(ours).state_dict(), kind), strict=True)
     else:
-        ours.load_state_dict(interop.state_dict_to_official(fill_(theirs).state_dict(), kind), strict=True)
+        ours.load_state_dict(diffusers_layout.state_dict_to_official(fill_(theirs).state_dict(), kind), strict=True)
     return ours.eval(), theirs.eval()
 
 
@@ -249,8 +255,8 @@ def _assert_same_tensors(model, state):
 def test_codec_loads_the_diffusers_layout(diffusers_folder, diffusers_models):
     unet, vqgan = diffusers_models
     codec = Codec.from_pretrained(diffusers_folder, device="cpu")
-    _assert_same_tensors(codec.stage_b, interop.state_dict_to_official(unet.state_dict(), "stage_b"))
-    _assert_same_tensors(codec.stage_a, interop.state_dict_to_official(vqgan.state_dict(), "stage_a"))
+    _assert_same_tensors(codec.stage_b, diffusers_layout.state_dict_to_official(unet.state_dict(), "stage_b"))
+    _assert_same_tensors(codec.stage_a, diffusers_layout.state_dict_to_official(vqgan.state_dict(), "stage_a"))
     assert codec.stage_a.scale_factor == pytest.approx(0.3764)
     info = codec.info()["components"]
     assert info["stage_b"]["layout"] == info["stage_a"]["layout"] == "diffusers"
@@ -265,7 +271,7 @@ def test_codec_loads_the_diffusers_layout(diffusers_folder, diffusers_models):
 def test_bf16_variant_is_picked_for_bf16(diffusers_folder, diffusers_models):
     codec = Codec.from_pretrained(diffusers_folder, device="cpu", dtype="bf16")
     assert codec.components["stage_b"].file.endswith("diffusion_pytorch_model.bf16.safetensors")
-    _assert_same_tensors(codec.stage_b, interop.state_dict_to_official(
+    _assert_same_tensors(codec.stage_b, diffusers_layout.state_dict_to_official(
         {k: v.bfloat16() for k, v in diffusers_models[0].state_dict().items()}, "stage_b"))
 
 
@@ -273,11 +279,11 @@ def test_sharded_diffusers_checkpoint_loads(tmp_path, diffusers_models):
     unet, vqgan = diffusers_models
     unet.save_pretrained(tmp_path / "decoder_lite", max_shard_size="200KB")
     vqgan.save_pretrained(tmp_path / "vqgan")
-    assert (tmp_path / "decoder_lite" / interop.DIFFUSERS_INDEX["fp32"]).is_file()
-    loc = interop.locate(W.WeightSource(tmp_path), "stage_b_lite", torch.float32)
+    assert (tmp_path / "decoder_lite" / diffusers_layout.DIFFUSERS_INDEX["fp32"]).is_file()
+    loc = layouts.locate(W.WeightSource(tmp_path), "stage_b_lite", torch.float32)
     assert len(loc.files) > 1
     codec = Codec.from_pretrained(tmp_path, device="cpu")
-    _assert_same_tensors(codec.stage_b, interop.state_dict_to_official(unet.state_dict(), "stage_b"))
+    _assert_same_tensors(codec.stage_b, diffusers_layout.state_dict_to_official(unet.state_dict(), "stage_b"))
 
 
 def test_generation_reads_the_diffusers_layout(tiny_weights, tmp_path):
@@ -285,11 +291,11 @@ def test_generation_reads_the_diffusers_layout(tiny_weights, tmp_path):
     in the official layout."""
     import shutil
 
-    from codec.convert import convert
+    from codec.layouts.convert import convert
     from codec.generation.pipeline import TextToImage
 
     prior = fill_(_unet(**TINY_PRIOR), 5)
-    official = interop.state_dict_to_official(prior.state_dict(), "stage_c")
+    official = diffusers_layout.state_dict_to_official(prior.state_dict(), "stage_c")
     convert(tiny_weights, tmp_path / "d", "diffusers", progress=False, log=lambda s: None)
     shutil.rmtree(tmp_path / "d" / "prior_lite")
     prior.save_pretrained(tmp_path / "d" / "prior_lite")
@@ -340,7 +346,7 @@ def _tensors(folder, pattern="**/*.safetensors"):
 
 
 def test_convert_round_trip_is_bit_identical(tiny_weights, tmp_path):
-    from codec.convert import convert
+    from codec.layouts.convert import convert
 
     convert(tiny_weights, tmp_path / "d", "diffusers", progress=False, log=lambda s: None)
     convert(tmp_path / "d", tmp_path / "o", "official", progress=False, log=lambda s: None)
@@ -354,20 +360,20 @@ def test_convert_round_trip_is_bit_identical(tiny_weights, tmp_path):
 
 
 def test_converted_folder_loads_in_diffusers(tiny_weights, tmp_path):
-    from codec.convert import convert
+    from codec.layouts.convert import convert
 
-    StableCascadeUNet, PaellaVQModel = interop.diffusers_class("stage_b"), interop.diffusers_class("stage_a")
+    StableCascadeUNet, PaellaVQModel = diffusers_layout.diffusers_class("stage_b"), diffusers_layout.diffusers_class("stage_a")
 
     convert(tiny_weights, tmp_path, "diffusers", progress=False, log=lambda s: None)
     unet = StableCascadeUNet.from_pretrained(tmp_path, subfolder="decoder_lite")
     vqgan = PaellaVQModel.from_pretrained(tmp_path, subfolder="vqgan")
     prior = StableCascadeUNet.from_pretrained(tmp_path / "prior_lite")
     assert vqgan.config.scale_factor == 0.43
-    _assert_same_tensors(prior, interop.state_dict_to_diffusers(
+    _assert_same_tensors(prior, diffusers_layout.state_dict_to_diffusers(
         load_file(str(tiny_weights / W.STAGE_C_FILES["lite"]["fp32"])), "stage_c"))
     ours_b = load_file(str(tiny_weights / "stage_b_lite.safetensors"))
-    _assert_same_tensors(unet, interop.state_dict_to_diffusers(ours_b, "stage_b"))
-    _assert_same_tensors(vqgan, interop.state_dict_to_diffusers(load_file(str(tiny_weights / "stage_a.safetensors")),
+    _assert_same_tensors(unet, diffusers_layout.state_dict_to_diffusers(ours_b, "stage_b"))
+    _assert_same_tensors(vqgan, diffusers_layout.state_dict_to_diffusers(load_file(str(tiny_weights / "stage_a.safetensors")),
                                                                 "stage_a"))
     codec = Codec.from_pretrained(tmp_path, device="cpu")  # effnet was copied along, so this one encodes
     assert codec.encode(torch.rand(1, 3, 64, 64)).shape == (1, 16, 1, 1)
@@ -391,7 +397,7 @@ def test_convert_dtype_names_and_resume(diffusers_folder, tmp_path):
 
 
 def test_convert_keep_writes_every_variant(diffusers_folder, tmp_path):
-    from codec.convert import convert
+    from codec.layouts.convert import convert
 
     summary = convert(diffusers_folder, tmp_path, "official", progress=False, log=lambda s: None)
     assert len(summary.written) == 3
@@ -401,12 +407,12 @@ def test_convert_keep_writes_every_variant(diffusers_folder, tmp_path):
 
 def test_convert_streams_in_small_chunks(tiny_weights, tmp_path, monkeypatch):
     """Chunk boundaries inside tensors (and inside q/k/v parts) change nothing."""
-    from codec.convert import convert
+    from codec.layouts.convert import convert
 
     monkeypatch.setattr(W, "_CHUNK_BYTES", 40)
     convert(tiny_weights, tmp_path / "d", "diffusers", progress=False, log=lambda s: None)
     monkeypatch.setattr(W, "_CHUNK_BYTES", 1 << 24)
-    ref = interop.state_dict_to_diffusers(load_file(str(tiny_weights / "stage_b_lite.safetensors")), "stage_b")
+    ref = diffusers_layout.state_dict_to_diffusers(load_file(str(tiny_weights / "stage_b_lite.safetensors")), "stage_b")
     got = load_file(str(tmp_path / "d" / "decoder_lite" / "diffusion_pytorch_model.safetensors"))
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
 
@@ -419,14 +425,16 @@ def test_nothing_to_convert_is_a_sentence(tmp_path):
 _RSS_SCRIPT = r"""
 import re, sys, torch
 from codec import weights as W
-from codec import interop
+from codec.layouts import diffusers as diffusers_layout
+from codec.layouts import locate as layouts
+from codec.layouts import official
 
 def status(field):
     return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
 
 torch.randn(1 << 20).to(torch.bfloat16)  # load the conversion kernels' code pages before measuring
 ckpt = W.Checkpoint.open(sys.argv[1])
-plan = interop.plan_to_diffusers(ckpt.shapes(), "stage_b")
+plan = diffusers_layout.plan_to_diffusers(ckpt.shapes(), "stage_b")
 with open("/proc/self/clear_refs", "w") as f:  # reset the peak-RSS mark (VmHWM) to the current RSS
     f.write("5")
 base = status("VmRSS")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..text import hf_source, hf_subfolders, quiet_transformers
+from ..text import hf_source, hf_subfolders, load_clip, quiet_transformers
 from ..weights import WeightSource
 
 PRIOR_REPO = "stabilityai/stable-cascade-prior"
@@ -51,11 +51,11 @@ class ImageEncoder:
         checkpoint (the file, or a folder with one and no ``image_encoder/``)."""
         from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-        from .. import comfyui
+        from ..layouts.locate import bundled
 
-        found = comfyui.bundled(source, "image_encoder")
+        found = bundled(source, "image_encoder")
         if found is not None:
-            return cls(comfyui.load_clip(*found, CLIPVisionModelWithProjection, CLIPVisionConfig, dtype, device),
+            return cls(load_clip(*found, CLIPVisionModelWithProjection, CLIPVisionConfig, dtype, device),
                        device)
         root = hf_subfolders(hf_source(source), ["image_encoder"],
                              "the CLIP image encoder (needed for image variation)")

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .. import interop
 from .. import weights as W
 from ..codec import Codec, encode_pixels, load_component, load_controlnet, load_encoder, load_previewer
 from ..diffusion import diffuse, sample
 from ..errors import MissingInputError, UsageError, check_finite
 from ..images import ImageLike, to_pil, to_tensor_list
+from ..layouts import locate as layouts
+from ..layouts import official
 from ..presets import get_preset
 from ..stage_c import StageC, StageCConfig
 
@@ -137,23 +138,23 @@ class TextToImage:
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = W.parse_dtype(dtype, device)
         src = W.WeightSource(source)
-        stage_c = stage_c or interop.default_size(src, "stage_c")
-        stage_b = stage_b or interop.default_size(src, "stage_b")
+        stage_c = stage_c or layouts.default_size(src, "stage_c")
+        stage_b = stage_b or layouts.default_size(src, "stage_b")
         pipeline = cls(src, stage_c, stage_b, device, dtype, clip_source, keep_loaded, loras)
-        interop.require(src, pipeline._locations())
+        layouts.require(src, pipeline._locations())
         return pipeline
 
-    def _locations(self) -> list[interop.Located]:
+    def _locations(self) -> list[official.Located]:
         """Where Stage C, Stage B and Stage A are, in either layout (official file names if absent)."""
-        return [interop.resolve(self.source, f"stage_c_{self.stage_c_size}", self.dtype,
+        return [layouts.resolve(self.source, f"stage_c_{self.stage_c_size}", self.dtype,
                                 self.source.stage_c_file(self.stage_c_size, self.dtype)),
-                interop.resolve(self.source, f"stage_b_{self.stage_b_size}", self.dtype,
+                layouts.resolve(self.source, f"stage_b_{self.stage_b_size}", self.dtype,
                                 self.source.stage_b_file(self.stage_b_size, self.dtype)),
-                interop.resolve(self.source, "stage_a", torch.float32, W.STAGE_A_FILE)]
+                layouts.resolve(self.source, "stage_a", torch.float32, W.STAGE_A_FILE)]
 
     def notes(self) -> list[str]:
         """Notes stored in the weight files that will be used (e.g. that they are tiny random weights)."""
-        notes = {interop.open_component(self.source, loc)[0].metadata.get(W.META_NOTE) for loc in self._locations()}
+        notes = {layouts.open_component(self.source, loc)[0].metadata.get(W.META_NOTE) for loc in self._locations()}
         return sorted(n for n in notes if n)
 
     # ------------------------------------------------------------------ model staging
@@ -241,7 +242,7 @@ class TextToImage:
         """Stage C's hyper-parameters, from the loaded model or the file header (without loading it)."""
         if "stage_c" in self._cache:
             return self._cache["stage_c"].config
-        _, config = interop.open_component(self.source, self._locations()[0])
+        _, config = layouts.open_component(self.source, self._locations()[0])
         preset = get_preset(f"stage_c_{self.stage_c_size}").kwargs()
         preset.update(config or {})
         return StageCConfig(**preset)

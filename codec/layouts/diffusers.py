@@ -1,4 +1,4 @@
-"""The checkpoint layouts of Stable Cascade and the mapping between them.
+"""The diffusers layout of Stable Cascade and the mapping between it and the official one.
 
 *Official* layout: flat files at the root (``stage_a.safetensors``,
 ``stage_b_lite_bf16.safetensors``, ``stage_c.safetensors``, …) with the official module
@@ -9,7 +9,7 @@ diffusers' ``StableCascadeUNet`` and ``PaellaVQModel``. The Hugging Face repo
 ``stabilityai/stable-cascade`` holds both; ``stable-cascade-prior`` only the second.
 *ComfyUI* layout: all-in-one single files (``stable_cascade_stage_c.safetensors``: Stage C,
 CLIP-G, the EfficientNet encoder, the Previewer, CLIP-L vision; ``stable_cascade_stage_b.safetensors``:
-Stage B, Stage A, CLIP-G), each model under its key prefix; see :mod:`codec.comfyui`.
+Stage B, Stage A, CLIP-G), each model under its key prefix; see :mod:`codec.layouts.comfyui`.
 
 The key mapping was read off diffusers' ``StableCascadeUNet`` / ``PaellaVQModel`` and
 its single-file converter, and is checked by the tests against the state dicts of the
@@ -34,28 +34,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 
-from . import weights as W
-from .presets import get_preset
+from .. import weights as W
+from .official import Located
 
-COMPONENTS = ("stage_a", "stage_b_lite", "stage_b_large", "stage_b_mini", "stage_c_lite", "stage_c_large")
-# Components outside the diffusers model folders: root files of the official layout, or the Hugging Face
-# folders (text_encoder/, image_encoder/, read by transformers), or sections of a ComfyUI checkpoint.
-EXTRA_COMPONENTS = ("effnet", "previewer", "text_encoder", "image_encoder")
-ROOT_FILES = {"effnet": W.EFFNET_FILE, "previewer": W.PREVIEWER_FILE}
-
-OFFICIAL_FILES: dict[str, dict[str, str]] = {
-    "stage_a": {"fp32": W.STAGE_A_FILE},
-    "stage_b_lite": W.STAGE_B_FILES["lite"],
-    "stage_b_large": W.STAGE_B_FILES["large"],
-    "stage_b_mini": W.STAGE_B_FILES["mini"],
-    "stage_c_lite": W.STAGE_C_FILES["lite"],
-    "stage_c_large": W.STAGE_C_FILES["large"],
-}
 DIFFUSERS_FOLDERS = {"stage_a": "vqgan", "stage_b_lite": "decoder_lite", "stage_b_large": "decoder",
                      "stage_c_lite": "prior_lite", "stage_c_large": "prior"}
 DIFFUSERS_CONFIG = "config.json"
@@ -66,20 +51,6 @@ DIFFUSERS_INDEX = {"fp32": "diffusion_pytorch_model.safetensors.index.json",
 HF_FOLDERS = {"text_encoder": "text_encoder", "image_encoder": "image_encoder"}
 HF_WEIGHTS = {"fp32": "model.safetensors"}
 HF_INDEX = {"fp32": "model.safetensors.index.json"}
-VARIANT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-OFFICIAL_STAGE_A_SCALE = 0.43
-WUERSTCHEN_V2_SCALE = 0.3764
-_STAGE_A_ORIGINS = {
-    OFFICIAL_STAGE_A_SCALE: "the official Stage A's scale (stage_a.safetensors, what Stage B was trained with)",
-    WUERSTCHEN_V2_SCALE: "the Würstchen v2 VQGAN's scale (what diffusers ships in vqgan/ on the hub, "
-                         "not the official stage_a.safetensors)",
-}
-
-
-def kind_of(component: str) -> str:
-    """``"stage_b"`` or ``"stage_c"`` for a component name like ``stage_b_lite``; other names as they are."""
-    return component.rsplit("_", 1)[0] if component.startswith(("stage_b_", "stage_c_")) else component
 
 
 # --------------------------------------------------------------------------------------------- key mapping
@@ -265,48 +236,12 @@ def diffusers_model(kind: str, config: Mapping[str, Any]) -> torch.nn.Module:
                                     if not k.startswith("_")})
 
 
-def default_config(component: str) -> dict[str, Any]:
-    """The official constructor arguments of a component (the preset its official file name stands for)."""
-    return get_preset(component).kwargs()
 
 
-def describe_stage_a(scale: float) -> str:
-    """What a Stage A scale factor says about where the weights come from."""
-    origin = _STAGE_A_ORIGINS.get(round(float(scale), 6), "not a released Stage A's scale")
-    return f"scale_factor {scale:g}: {origin}"
 
 
-# --------------------------------------------------------------------------------------------- locating files
-@dataclass(frozen=True)
-class Located:
-    """Where one variant of one component is in a weight source."""
-
-    component: str
-    layout: str  # "official" | "diffusers" | "comfyui"
-    variant: str  # "fp32" | "bf16", as the file is named (ComfyUI: as the model's tensors are stored)
-    files: tuple[str, ...]  # names relative to the source (several for shards)
-    config_file: str | None = None
-
-    @property
-    def label(self) -> str:
-        """Short human name: the official file, ``folder/`` with variant and shard count, or the ComfyUI file
-        and the part of it."""
-        if self.layout == "official":
-            return self.files[0]
-        if self.layout == "comfyui":
-            from .comfyui import title
-
-            return f"{self.files[0]}: {title(self.component)}"
-        shards = f", {len(self.files)} shards" if len(self.files) > 1 else ""
-        return f"{self.files[0].split('/')[0]}/ ({self.variant}{shards})"
-
-    @classmethod
-    def official_file(cls, name: str, component: str = "") -> "Located":
-        """A file of the official layout that has no diffusers counterpart (EfficientNet, Previewer)."""
-        return cls(component or name, "official", "fp32", (name,))
-
-
-def _diffusers_variant(src: W.WeightSource, component: str, variant: str) -> Located | None:
+def diffusers_variant(src: W.WeightSource, component: str, variant: str) -> Located | None:
+    """``component``'s ``variant`` in ``src``'s diffusers (or Hugging Face) folder: one file or shards."""
     hf = component in HF_FOLDERS
     folder = (HF_FOLDERS if hf else DIFFUSERS_FOLDERS)[component]
     config = f"{folder}/{DIFFUSERS_CONFIG}"
@@ -325,188 +260,6 @@ def _diffusers_variant(src: W.WeightSource, component: str, variant: str) -> Loc
     return Located(component, "diffusers", variant, shards, config)
 
 
-def _official_files(component: str) -> dict[str, str]:
-    if component in ROOT_FILES:
-        return {"fp32": ROOT_FILES[component]}
-    return OFFICIAL_FILES.get(component, {})
-
-
-def locate_all(src: W.WeightSource, component: str) -> list[Located]:
-    """Every variant of ``component`` present in ``src`` (a folder, or what a repo id has in the local cache):
-    official files first, fp32 before bf16, then diffusers folders, then ComfyUI checkpoints. The Hugging Face
-    folders of the CLIP encoders (``text_encoder/``, ``image_encoder/``) count as the diffusers layout."""
-    from . import comfyui
-
-    found = [Located(component, "official", v, (name,)) for v, name in _official_files(component).items()
-             if src.has(name)]
-    variants = DIFFUSERS_WEIGHTS if component in DIFFUSERS_FOLDERS else HF_WEIGHTS if component in HF_FOLDERS else {}
-    for variant in variants:
-        loc = _diffusers_variant(src, component, variant)
-        if loc is not None:
-            found.append(loc)
-    return found + comfyui.locate_all(src, component)
-
-
-LAYOUT_ORDER = {"official": 1, "diffusers": 2, "comfyui": 3}
-
-
-def locate(src: W.WeightSource, component: str, dtype: torch.dtype) -> Located | None:
-    """The variant of ``component`` to load into ``dtype``: a single file given as the source first, then the
-    official file, the diffusers folder and ComfyUI checkpoints in that order (when a source has several, as the
-    hub repo does); the bf16 variant for bf16/fp16 models, else fp32; ``None`` if absent."""
-    low = dtype in (torch.bfloat16, torch.float16)
-    found = locate_all(src, component)
-    found.sort(key=lambda loc: (0 if src.pinned and loc.files[0] == src.pinned else LAYOUT_ORDER[loc.layout],
-                                (loc.variant == "bf16") != low))
-    return found[0] if found else None
-
-
-def default_size(src: W.WeightSource, kind: str) -> str:
-    """``"lite"``, unless ``src`` is a single file holding a Stage B/C (``kind``) of another size, or a source
-    whose only Stage B is the mini one (the built-in ``mini`` codec)."""
-    if src.pinned:
-        from .comfyui import model_component
-
-        held = model_component(src.header(src.pinned))
-        if held is not None and kind_of(held) == kind:
-            return held.rsplit("_", 1)[1]
-    if kind == "stage_b" and src.folder is not None and locate(src, "stage_b_mini", torch.float32) is not None \
-            and not any(locate(src, f"stage_b_{size}", torch.float32) for size in ("lite", "large")):
-        return "mini"
-    return "lite"
-
-
-def resolve(src: W.WeightSource, component: str, dtype: torch.dtype, default: str) -> Located:
-    """:func:`locate`, or else the official file ``default`` (to download, or to name as missing)."""
-    return locate(src, component, dtype) or Located.official_file(default, component)
-
-
-def require(src: W.WeightSource, locs: Sequence[Located], extra: Sequence[str] = ()) -> None:
-    """Make sure the official files among ``locs`` and the files ``extra`` are there (downloading them for a repo
-    id); one error names every missing file and, for a folder, what would do instead in the other layouts."""
-    try:
-        src.require([loc.files[0] for loc in locs if loc.layout == "official"] + list(extra))
-    except W.WeightsError as e:
-        if src.folder is None:
-            raise
-        missing = [loc.component for loc in locs if loc.layout == "official" and not src.has(loc.files[0])]
-        raise W.WeightsError(f"{e}\n{other_layouts_hint(missing)}{_other_size_hint(src, missing)}" if missing
-                             else str(e)) from None
-
-
-def _other_size_hint(src: W.WeightSource, missing: Sequence[str]) -> str:
-    """Where a missing Stage B/C size is present in the other size: the argument that selects it."""
-    hints = []
-    for component in missing:
-        kind, _, size = component.rpartition("_")
-        other = f"{kind}_{'large' if size == 'lite' else 'lite'}" if kind in ("stage_b", "stage_c") else None
-        there = locate(src, other, torch.float32) if other else None
-        if there is not None:
-            wanted = other.rpartition("_")[2]
-            hints.append(f"\n({src.source} has {there.label}, the {wanted} {kind.replace('_', ' ').title()}: pass "
-                         f"{kind}={wanted!r} or --{kind.replace('_', '-')} {wanted}.)")
-    return "".join(hints)
-
-
-def open_component(src: W.WeightSource, loc: Located) -> tuple[W.Checkpoint, dict[str, Any] | None]:
-    """The checkpoint of ``loc`` under official keys (mapped while streaming) and its stored configuration in our
-    names (``None`` for an official file without one: the preset of its name applies)."""
-    if loc.layout == "comfyui":
-        from .comfyui import open_section
-
-        return open_section(src, loc)
-    paths = [src.path(f) for f in loc.files]
-    ckpt = W.Checkpoint.open(paths[0] if len(paths) == 1 else paths)
-    if loc.layout == "official":
-        return ckpt, ckpt.config
-    if not src.has(loc.config_file):
-        raise W.WeightsError(f"{src.source} has {loc.files[0]} but no {loc.config_file}; a model folder of the "
-                             "diffusers layout needs both (download config.json too).")
-    where = f"{src.source}/{loc.config_file}"
-    try:
-        config = json.loads(src.path(loc.config_file).read_text())
-    except ValueError as e:
-        raise W.WeightsError(f"{where} is not valid JSON ({e}); download it again.") from None
-    if loc.component in HF_FOLDERS:  # transformers' own keys and config
-        return ckpt, config
-    kind = kind_of(loc.component)
-    ours = config_from_diffusers(kind, config, where)
-    return ckpt.remap(plan_to_official(ckpt.shapes(), kind, str(ckpt.path))), ours
-
-
 def has_diffusers_layout(src: W.WeightSource) -> bool:
     """Whether ``src`` holds any model folder of the diffusers layout (``vqgan/``, ``decoder*/``, ``prior*/``)."""
     return any(src.has(f"{folder}/{DIFFUSERS_CONFIG}") for folder in DIFFUSERS_FOLDERS.values())
-
-
-def has_other_layout(src: W.WeightSource) -> bool:
-    """Whether ``src`` holds diffusers model folders or ComfyUI checkpoints."""
-    from .comfyui import candidate_files
-
-    return has_diffusers_layout(src) or bool(candidate_files(src))
-
-
-def other_layouts_hint(components: Sequence[str]) -> str:
-    """The diffusers folders and ComfyUI files that can stand in for the official files of ``components``."""
-    from .comfyui import file_holding
-
-    folders = " and ".join(f"{DIFFUSERS_FOLDERS[c]}/" for c in components if c in DIFFUSERS_FOLDERS)
-    files = ", ".join(dict.fromkeys(file_holding(c) for c in components))
-    if not folders:
-        return f"(A ComfyUI single-file checkpoint works too: {files}.)"
-    return (f"(The diffusers layout works too: {folders}, each with {DIFFUSERS_CONFIG} and "
-            f"{DIFFUSERS_WEIGHTS['fp32']} or its .bf16 variant; it has no EfficientNet encoder, so it cannot "
-            f"encode images. So do ComfyUI's single-file checkpoints: {files}.)")
-
-
-def require_encoder(src: W.WeightSource) -> None:
-    """Make sure ``effnet_encoder.safetensors`` itself is there; for a source in another layout say why not."""
-    if not src.has(W.EFFNET_FILE) and has_other_layout(src):
-        raise W.WeightsError(no_effnet_message(src))
-    src.require([W.EFFNET_FILE])
-
-
-def no_effnet_message(src: W.WeightSource) -> str:
-    """Why a source in the diffusers or ComfyUI layout has no (separate) encoder, and the file to get."""
-    where = src.folder if src.folder is not None else src.repo_id
-    inside = next((loc for loc in locate_all(src, "effnet") if loc.layout == "comfyui"), None)
-    if inside is not None:
-        return (f"{where} has no {W.EFFNET_FILE} of its own: the EfficientNet encoder is inside {inside.files[0]} "
-                f"(as its vae.encoder). `cascade convert {src.source} DIR --to official` writes it to "
-                f"DIR/{W.EFFNET_FILE}.")
-    return (f"{where} has no {W.EFFNET_FILE}: the EfficientNet encoder exists only in the official layout and in "
-            f"ComfyUI's stable_cascade_stage_c.safetensors (diffusers ships none, nor does ComfyUI's Stage B "
-            f"file), so this source can decode but not encode. Download {W.EFFNET_FILE} from "
-            f"https://huggingface.co/{W.OFFICIAL_REPO}/resolve/main/{W.EFFNET_FILE} into {where}"
-            f"{'/' if src.folder is not None else ' (or a folder you pass instead)'}.")
-
-
-# --------------------------------------------------------------------------------------------- inventory
-@dataclass(frozen=True)
-class InventoryRow:
-    """One model file (or diffusers folder variant) of a weight source, from its headers only."""
-
-    label: str
-    layout: str
-    tensors: int
-    params: int
-    dtypes: str
-    note: str | None
-    detail: str | None
-
-
-def inventory(src: W.WeightSource) -> list[InventoryRow]:
-    """Every Stable Cascade file of ``src`` in any layout (for a repo id: what the local cache holds)."""
-    locs = [loc for component in COMPONENTS + EXTRA_COMPONENTS for loc in locate_all(src, component)]
-    locs += [Located.official_file(W.EMPTY_CAPTION_FILE)] if src.has(W.EMPTY_CAPTION_FILE) else []
-    rows = []
-    for loc in locs:
-        ckpt, config = open_component(src, loc)
-        if loc.component == "stage_a":
-            detail = describe_stage_a((config or default_config("stage_a"))["scale_factor"])
-        else:
-            detail = "own config" if loc.layout == "official" and config else None
-        rows.append(InventoryRow(loc.label, loc.layout, len(ckpt.tensors), ckpt.n_params(),
-                                 ",".join(sorted(str(d).replace("torch.", "") for d in ckpt.dtypes())),
-                                 ckpt.metadata.get(W.META_NOTE), detail))
-    return rows

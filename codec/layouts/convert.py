@@ -1,6 +1,6 @@
 """``cascade convert``: rewrite Stable Cascade weights in the official, diffusers or ComfyUI layout.
 
-Every model found in the source (any layout, see :mod:`codec.interop`) is written tensor by
+Every model found in the source (any layout, see :mod:`codec.layouts`) is written tensor by
 tensor through :func:`codec.weights.write_checkpoint`: the keys are mapped without reading
 data, and the bytes are copied (or cast) 16 MiB at a time, so converting the 3.6B prior
 takes no more memory than that. Converting back gives bit-identical tensors (``--dtype
@@ -11,7 +11,7 @@ The EfficientNet encoder, the Previewer and the cached empty-caption embedding e
 official files (and inside ComfyUI's Stage C file); they are copied to the root in the
 official and diffusers layouts, as the hub repo does. The Hugging Face folders
 (``text_encoder/``, ``tokenizer/``, …) are copied as they are. ComfyUI's all-in-one files
-(:mod:`codec.comfyui`) are assembled from all of these, and taken apart again. ``--dtype``
+(:mod:`codec.layouts.comfyui`) are assembled from all of these, and taken apart again. ``--dtype``
 applies to Stage B and Stage C; everything else is written as stored.
 """
 
@@ -26,9 +26,11 @@ from typing import Any, Callable
 
 import torch
 
-from . import comfyui, interop
-from . import weights as W
-from .errors import UsageError
+from .. import weights as W
+from ..errors import UsageError
+from . import comfyui, official
+from . import diffusers as diffusers_layout
+from . import locate as layouts
 
 LAYOUTS = ("official", "diffusers", "comfyui")
 DTYPES = {"keep": None, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -66,7 +68,7 @@ class ConvertJob:
 
 def _variant(ckpt: W.Checkpoint, dtype: torch.dtype | None, label: str) -> str:
     floats = {dtype} if dtype is not None else {d for d in ckpt.dtypes() if d.is_floating_point}
-    for name, d in interop.VARIANT_DTYPES.items():
+    for name, d in official.VARIANT_DTYPES.items():
         if floats == {d}:
             return name
     raise W.WeightsError(f"{label} holds {', '.join(sorted(str(d).replace('torch.', '') for d in floats))} tensors, "
@@ -78,46 +80,46 @@ def _metadata(ckpt: W.Checkpoint, **extra: str) -> dict[str, str]:
     return {"format": "pt", **({W.META_NOTE: note} if note else {}), **extra}
 
 
-def _job(src: W.WeightSource, loc: interop.Located, dst: Path, to: str, dtype: torch.dtype | None) -> ConvertJob:
-    ckpt, stored = interop.open_component(src, loc)
-    kind = interop.kind_of(loc.component)
+def _job(src: W.WeightSource, loc: official.Located, dst: Path, to: str, dtype: torch.dtype | None) -> ConvertJob:
+    ckpt, stored = layouts.open_component(src, loc)
+    kind = official.kind_of(loc.component)
     if kind == "stage_a":
         dtype = None  # released in fp32 only; the official code runs it in fp32
-    config = {**interop.default_config(loc.component), **(stored or {})}
+    config = {**official.default_config(loc.component), **(stored or {})}
     variant = _variant(ckpt, dtype, loc.label)
     if to == "official":
-        names = interop.OFFICIAL_FILES[loc.component]
+        names = official.OFFICIAL_FILES[loc.component]
         target = dst / names.get(variant, names["fp32"])
         return ConvertJob(loc.label, target, ckpt, dtype, _metadata(ckpt, **{W.META_CONFIG: json.dumps(config)}),
                           config)
-    folder = dst / interop.DIFFUSERS_FOLDERS[loc.component]
-    return ConvertJob(loc.label, folder / interop.DIFFUSERS_WEIGHTS[variant],
-                      ckpt.remap(interop.plan_to_diffusers(ckpt.shapes(), kind)), dtype, _metadata(ckpt), config,
-                      {folder / interop.DIFFUSERS_CONFIG: json.dumps(interop.config_to_diffusers(kind, config),
+    folder = dst / diffusers_layout.DIFFUSERS_FOLDERS[loc.component]
+    return ConvertJob(loc.label, folder / diffusers_layout.DIFFUSERS_WEIGHTS[variant],
+                      ckpt.remap(diffusers_layout.plan_to_diffusers(ckpt.shapes(), kind)), dtype, _metadata(ckpt), config,
+                      {folder / diffusers_layout.DIFFUSERS_CONFIG: json.dumps(diffusers_layout.config_to_diffusers(kind, config),
                                                                      indent=2)})
 
 
-def _unbundle_job(src: W.WeightSource, loc: interop.Located, dst: Path) -> ConvertJob:
+def _unbundle_job(src: W.WeightSource, loc: official.Located, dst: Path) -> ConvertJob:
     """A part of a ComfyUI checkpoint that is not a diffusion model, written as the official file (encoder,
     Previewer) or the Hugging Face folder (CLIP encoders) it stands for."""
-    ckpt, config = interop.open_component(src, loc)
-    if loc.component in interop.ROOT_FILES:
+    ckpt, config = layouts.open_component(src, loc)
+    if loc.component in official.ROOT_FILES:
         extra = {W.META_CONFIG: json.dumps(config)} if config else {}
-        return ConvertJob(loc.label, dst / interop.ROOT_FILES[loc.component], ckpt, None, _metadata(ckpt, **extra))
-    folder = dst / interop.HF_FOLDERS[loc.component]
-    return ConvertJob(loc.label, folder / interop.HF_WEIGHTS["fp32"], ckpt, None, {"format": "pt"}, config,
-                      {folder / interop.DIFFUSERS_CONFIG: comfyui.hf_config_json(loc.component, config)})
+        return ConvertJob(loc.label, dst / official.ROOT_FILES[loc.component], ckpt, None, _metadata(ckpt, **extra))
+    folder = dst / diffusers_layout.HF_FOLDERS[loc.component]
+    return ConvertJob(loc.label, folder / diffusers_layout.HF_WEIGHTS["fp32"], ckpt, None, {"format": "pt"}, config,
+                      {folder / diffusers_layout.DIFFUSERS_CONFIG: comfyui.hf_config_json(loc.component, config)})
 
 
-def _from_one_layout(src: W.WeightSource, found: list[interop.Located], to: str, what: str,
-                     log: Callable[[str], None]) -> list[interop.Located]:
+def _from_one_layout(src: W.WeightSource, found: list[official.Located], to: str, what: str,
+                     log: Callable[[str], None]) -> list[official.Located]:
     """Of the variants ``found``, those in the target layout, else those of the first other layout; logs what is
     left out. A single file given as the source yields only what it holds."""
     if src.pinned:
         found = [loc for loc in found if loc.files[0] == src.pinned]
     same = [loc for loc in found if loc.layout == to]
-    first = min((interop.LAYOUT_ORDER[loc.layout] for loc in found), default=0)
-    pool = same or [loc for loc in found if interop.LAYOUT_ORDER[loc.layout] == first]
+    first = min((official.LAYOUT_ORDER[loc.layout] for loc in found), default=0)
+    pool = same or [loc for loc in found if official.LAYOUT_ORDER[loc.layout] == first]
     left = [loc for loc in found if loc not in pool]
     if left:
         log(f"{what}: {', '.join(loc.label for loc in pool)} is converted"
@@ -135,22 +137,22 @@ def plan_conversion(src: W.WeightSource, dst: Path, to: str, dtype: torch.dtype 
     if to == "comfyui":
         return _comfyui_jobs(src, dst, dtype, log)
     jobs = []
-    for component in interop.COMPONENTS:
-        if to != "official" and component not in interop.DIFFUSERS_FOLDERS:
-            if interop.locate_all(src, component):
+    for component in official.COMPONENTS:
+        if to != "official" and component not in diffusers_layout.DIFFUSERS_FOLDERS:
+            if layouts.locate_all(src, component):
                 log(f"{component}: cascade-codec's own model, which {to} has no layout for; not converted")
             continue
-        pool = _from_one_layout(src, interop.locate_all(src, component), to, component, log)
-        if dtype is not None and pool and interop.kind_of(component) != "stage_a":
-            wanted = [loc for loc in pool if interop.VARIANT_DTYPES[loc.variant] == dtype]
+        pool = _from_one_layout(src, layouts.locate_all(src, component), to, component, log)
+        if dtype is not None and pool and official.kind_of(component) != "stage_a":
+            wanted = [loc for loc in pool if official.VARIANT_DTYPES[loc.variant] == dtype]
             pool = wanted[:1] or pool[:1]
         for loc in pool:
             jobs.append(_job(src, loc, dst, to, dtype))
             if component == "stage_a":
-                log(f"{loc.label}: {interop.describe_stage_a(jobs[-1].config['scale_factor'])}; the converted "
+                log(f"{loc.label}: {official.describe_stage_a(jobs[-1].config['scale_factor'])}; the converted "
                     "Stage A keeps it")
-    for component in interop.EXTRA_COMPONENTS:  # an official file or Hugging Face folder is copied as it is
-        found = _from_one_layout(src, interop.locate_all(src, component), to, component, log)
+    for component in official.EXTRA_COMPONENTS:  # an official file or Hugging Face folder is copied as it is
+        found = _from_one_layout(src, layouts.locate_all(src, component), to, component, log)
         if found and found[0].layout == "comfyui":
             jobs.append(_unbundle_job(src, found[0], dst))
             copied = not src.pinned and src.folder is not None and (src.folder / "tokenizer").is_dir()
@@ -164,9 +166,9 @@ def _comfyui_jobs(src: W.WeightSource, dst: Path, dtype: torch.dtype | None,
                   log: Callable[[str], None]) -> list[ConvertJob]:
     """One all-in-one file per Stage B and Stage C model of ``src`` (fp32 variant preferred with ``dtype=None``)."""
     jobs = []
-    for component in interop.COMPONENTS:
-        kind = interop.kind_of(component)
-        found = interop.locate_all(src, component)
+    for component in official.COMPONENTS:
+        kind = official.kind_of(component)
+        found = layouts.locate_all(src, component)
         if kind == "stage_a" or not found:
             continue
         if component not in comfyui.FILES:
@@ -175,16 +177,16 @@ def _comfyui_jobs(src: W.WeightSource, dst: Path, dtype: torch.dtype | None,
         if any(loc.layout == "comfyui" for loc in found):
             log(f"{component}: already in the ComfyUI layout ({found[-1].files[0]}); not converted")
             continue
-        wanted = [loc for loc in found if interop.VARIANT_DTYPES[loc.variant] == (dtype or torch.float32)]
+        wanted = [loc for loc in found if official.VARIANT_DTYPES[loc.variant] == (dtype or torch.float32)]
         model = (wanted or found)[0]
         if len(found) > 1:
             others = ", ".join(other.label for other in found if other != model)
             log(f"{component}: {model.label} is converted; {others} is not (ComfyUI has one file per model)")
         parts = [(component, model)]
         for extra in comfyui.CONTENTS[kind]:
-            loc = interop.locate(src, extra, torch.float32)
+            loc = layouts.locate(src, extra, torch.float32)
             if loc is None:
-                log(f"{comfyui.FILES[component]}: {src.source} has no {comfyui.title(extra)}; the file goes "
+                log(f"{comfyui.FILES[component]}: {src.source} has no {official.title(extra)}; the file goes "
                     "without it")
             else:
                 parts.append((extra, loc))
@@ -192,17 +194,17 @@ def _comfyui_jobs(src: W.WeightSource, dst: Path, dtype: torch.dtype | None,
     return jobs
 
 
-def _bundle_job(src: W.WeightSource, parts: list[tuple[str, interop.Located]], target: Path,
+def _bundle_job(src: W.WeightSource, parts: list[tuple[str, official.Located]], target: Path,
                 dtype: torch.dtype | None, log: Callable[[str], None]) -> ConvertJob:
     """A ComfyUI checkpoint made of ``parts`` (component, where it is), with every part's configuration."""
     sections, metadata = [], {"format": "pt"}
     for component, loc in parts:
-        ckpt, config = interop.open_component(src, loc)
-        if component in interop.COMPONENTS:
-            config = {**interop.default_config(component), **(config or {})}
-        if component == "stage_a" and config["scale_factor"] != interop.OFFICIAL_STAGE_A_SCALE:
-            log(f"{target.name}: {loc.label} has {interop.describe_stage_a(config['scale_factor'])}; ComfyUI decodes "
-                f"with {interop.OFFICIAL_STAGE_A_SCALE} whatever the file says (cascade-codec reads the scale back)")
+        ckpt, config = layouts.open_component(src, loc)
+        if component in official.COMPONENTS:
+            config = {**official.default_config(component), **(config or {})}
+        if component == "stage_a" and config["scale_factor"] != official.OFFICIAL_STAGE_A_SCALE:
+            log(f"{target.name}: {loc.label} has {official.describe_stage_a(config['scale_factor'])}; ComfyUI decodes "
+                f"with {official.OFFICIAL_STAGE_A_SCALE} whatever the file says (cascade-codec reads the scale back)")
         if config:
             metadata[comfyui.META_CONFIG + component] = json.dumps(config)
         metadata.update(_metadata(ckpt))

@@ -44,13 +44,13 @@ import json
 import math
 import os
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
-from . import weights as W
-from .interop import Located, kind_of, locate, plan_to_official
+from .. import weights as W
+from .diffusers import plan_to_official
+from .official import TITLES, Located, kind_of
 
 UNET = "model.diffusion_model."
 TEXT = "text_encoder.clip_g.transformer."
@@ -68,8 +68,6 @@ HUB_FOLDER = "comfyui_checkpoints"  # where the hub repo keeps them
 # What each file holds besides its Stage B or C, in the order written.
 CONTENTS = {"stage_c": ("text_encoder", "effnet", "previewer", "image_encoder"),
             "stage_b": ("stage_a", "text_encoder")}
-TITLES = {"stage_a": "Stage A", "stage_b": "Stage B", "stage_c": "Stage C", "effnet": "EfficientNet encoder",
-          "previewer": "Previewer", "text_encoder": "CLIP-G text encoder", "image_encoder": "CLIP-L image encoder"}
 META_CONFIG = W.META_CONFIG + "."
 _SIZES = {"stage_c": ("clip_txt_mapper.weight", 0, {2048: "large", 1536: "lite"}),
           "stage_b": ("down_blocks.1.0.channelwise.0.weight", -1, {640: "large", 576: "lite"})}
@@ -88,10 +86,6 @@ def file_holding(component: str) -> str:
     return FILES["stage_b_large" if component == "stage_a" else "stage_c_large"]
 
 
-def title(component: str) -> str:
-    """Human name of a component (``Stage C lite``, ``CLIP-G text encoder``)."""
-    kind = kind_of(component)
-    return TITLES[kind] + (f" {component.rsplit('_', 1)[1]}" if kind != component else "")
 
 
 # --------------------------------------------------------------------------------------------- what a file holds
@@ -257,18 +251,6 @@ def open_section(src: W.WeightSource, loc: Located) -> tuple[W.Checkpoint, dict[
     return mapped, config
 
 
-def bundled(source: str | os.PathLike | W.WeightSource, component: str) -> tuple[W.WeightSource, Located] | None:
-    """The ComfyUI checkpoint to read ``component`` (a CLIP encoder) from, when a local ``source`` is such a file
-    or a folder whose Hugging Face folder of it (``text_encoder/``, ``image_encoder/``) is absent; else ``None``
-    (a repo id: its Hugging Face folders, not a 9 GB download)."""
-    if not isinstance(source, W.WeightSource):
-        if not Path(source).expanduser().exists():
-            return None
-        source = W.WeightSource(source)
-    if source.folder is None:
-        return None
-    loc = locate(source, component, torch.float32)
-    return (source, loc) if loc is not None and loc.layout == "comfyui" else None
 
 
 def hf_root(src: W.WeightSource) -> str | os.PathLike:
@@ -281,18 +263,3 @@ def hf_root(src: W.WeightSource) -> str | os.PathLike:
     return src.folder
 
 
-def load_clip(src: W.WeightSource, loc: Located, model_cls: type, config_cls: type, dtype: torch.dtype,
-              device: torch.device | str) -> torch.nn.Module:
-    """A transformers CLIP model (``CLIPTextModelWithProjection`` / ``CLIPVisionModelWithProjection``) from a
-    ComfyUI checkpoint: keys checked first, then tensors streamed in ``dtype``."""
-    from .text import quiet_transformers
-
-    ckpt, config = open_section(src, loc)
-    hf_config = config_cls(**config)
-    with torch.device("meta"):
-        skeleton = model_cls(hf_config)
-    W.check_keys(skeleton, ckpt, f"{loc.label} ({model_cls.__name__})")
-    state = dict(W.iter_checkpoint(ckpt, dtype, device))
-    with quiet_transformers():  # transformers builds it with its non-persistent buffers (position ids)
-        model = model_cls.from_pretrained(None, config=hf_config, state_dict=state, dtype=dtype)
-    return model.to(device)
