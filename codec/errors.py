@@ -27,6 +27,10 @@ class MissingInputError(CascadeError, FileNotFoundError):
     """A file or folder the user named does not exist (or is not what the command needs)."""
 
 
+class WeightsError(CascadeError):
+    """A checkpoint cannot be found, read or matched to its model; the message says how to fix it."""
+
+
 class NonFiniteError(CascadeError, RuntimeError):
     """A model produced NaN or inf; nothing is written."""
 

@@ -16,13 +16,12 @@ import contextlib
 import os
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from .errors import UsageError
-from .weights import OFFICIAL_REPO, WeightsError, WeightSource, hub_offline, hub_reachable
+from .weights import OFFICIAL_REPO, WeightsError, WeightSource, hf_subfolders
 
 if TYPE_CHECKING:
     from .layouts.official import Located
@@ -36,38 +35,6 @@ class TextEmbedding:
 
     hidden: torch.Tensor
     pooled: torch.Tensor
-
-
-def hf_subfolders(source: str | os.PathLike, subfolders: Sequence[str], what: str) -> Path:
-    """The root holding ``subfolders`` (Hugging Face repo layout): a local folder, or a repo id from the
-    local cache, or downloaded once. Raises :class:`WeightsError` naming what to download where."""
-    path = Path(source).expanduser()
-    hint = " ".join(f"'{d}/*'" for d in subfolders)
-    if path.is_dir():
-        missing = [d for d in subfolders if not (path / d).is_dir()]
-        if missing:
-            raise WeightsError(
-                f"{path} has no {' or '.join(d + '/' for d in missing)} folder, needed for {what}: download the "
-                f"{', '.join(d + '/' for d in missing)} folder(s) of the Hugging Face repo that holds them "
-                f"({OFFICIAL_REPO} or {OFFICIAL_REPO}-prior) into {path}/ (e.g. `hf download REPO --include "
-                f"{hint} --local-dir {path}`).")
-        return path
-    from huggingface_hub import snapshot_download
-
-    patterns = [f"{d}/*" for d in subfolders]
-    try:
-        return Path(snapshot_download(str(source), allow_patterns=patterns, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached: try the network once below
-        pass
-    reason = "HF_HUB_OFFLINE is set" if hub_offline() else hub_reachable()
-    if reason is None:
-        try:
-            return Path(snapshot_download(str(source), allow_patterns=patterns, etag_timeout=10))
-        except Exception as e:  # noqa: BLE001 - every hub failure ends the same way for the user
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    raise WeightsError(f"cannot get {what} from {source} ({reason}). Download the "
-                       f"{', '.join(d + '/' for d in subfolders)} folder(s) of https://huggingface.co/{source} into "
-                       f"a folder (e.g. `hf download {source} --include {hint} --local-dir DIR`) and pass that folder.")
 
 
 def hf_source(source: str | os.PathLike | WeightSource) -> str | os.PathLike:

@@ -89,7 +89,8 @@ def extras_identity(weights: str | os.PathLike, text_encoder: str | os.PathLike 
     if text_encoder is not None:
         from transformers import CLIPTextConfig
 
-        from codec.text import MAX_TOKENS, hf_subfolders
+        from codec.text import MAX_TOKENS
+        from codec.weights import hf_subfolders
 
         folder = hf_subfolders(text_encoder, TEXT_SUBFOLDERS, "CLIP text embeddings (--text-encoder)")
         cfg = CLIPTextConfig.from_pretrained(str(folder / "text_encoder"), local_files_only=True)

@@ -269,7 +269,7 @@ def _all_tensors(folder):
 
 
 def test_round_trip_through_comfyui_is_bit_identical(tiny_weights, comfy_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(W, "_CHUNK_BYTES", 1 << 12)  # chunk boundaries inside tensors change nothing
+    monkeypatch.setattr("codec.weights.checkpoint._CHUNK_BYTES", 1 << 12)  # chunk boundaries inside tensors change nothing
     lines = []
     summary = convert(comfy_folder, tmp_path, "official", progress=False, log=lines.append)
     before, after = _all_tensors(tiny_weights), _all_tensors(tmp_path)

@@ -409,9 +409,9 @@ def test_convert_streams_in_small_chunks(tiny_weights, tmp_path, monkeypatch):
     """Chunk boundaries inside tensors (and inside q/k/v parts) change nothing."""
     from codec.layouts.convert import convert
 
-    monkeypatch.setattr(W, "_CHUNK_BYTES", 40)
+    monkeypatch.setattr("codec.weights.checkpoint._CHUNK_BYTES", 40)
     convert(tiny_weights, tmp_path / "d", "diffusers", progress=False, log=lambda s: None)
-    monkeypatch.setattr(W, "_CHUNK_BYTES", 1 << 24)
+    monkeypatch.setattr("codec.weights.checkpoint._CHUNK_BYTES", 1 << 24)
     ref = diffusers_layout.state_dict_to_diffusers(load_file(str(tiny_weights / "stage_b_lite.safetensors")), "stage_b")
     got = load_file(str(tmp_path / "d" / "decoder_lite" / "diffusion_pytorch_model.safetensors"))
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)

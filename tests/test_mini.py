@@ -26,7 +26,7 @@ def test_mini_loads_by_name_from_the_package_without_network(mini, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     src = W.WeightSource("mini")
     assert src.builtin == "mini" and src.folder == W.BUILTIN_MODELS["mini"].folder and src.repo_id is None
-    assert src.folder.is_relative_to(Path(W.__file__).resolve().parent)
+    assert src.folder.is_relative_to(Path(W.__file__).resolve().parent.parent)
     info = mini.info()
     assert info["source"] == "mini (built-in)"
     assert info["components"]["stage_b"]["file"].endswith("stage_b_mini.safetensors")

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from ..text import hf_source, hf_subfolders, load_clip, quiet_transformers
-from ..weights import WeightSource
+from ..text import hf_source, load_clip, quiet_transformers
+from ..weights import WeightSource, hf_subfolders
 
 PRIOR_REPO = "stabilityai/stable-cascade-prior"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

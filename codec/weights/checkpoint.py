@@ -1,20 +1,14 @@
-"""Find, check, load and save checkpoints.
+"""Safetensors files, read and written in streams.
 
 * Only ``.safetensors`` files are read: a pickle checkpoint can run arbitrary code when
   unpickled, so it is refused with a sentence saying so.
 * Files are read tensor by tensor with plain reads (no memory map), each tensor cast to
-  the target dtype and moved to the target device before the next is read, into a
-  model built on the ``meta`` device. Peak memory is the model in its target dtype plus
-  a 16 MiB buffer — never a random-initialised copy, never the whole file twice.
+  the target dtype and moved to the target device before the next is read. Peak memory
+  is the tensors in their target dtype plus a 16 MiB buffer, never the whole file twice.
 * A :class:`Checkpoint` is a view of one or more files (shards) whose tensors can be
   renamed, split, joined or transposed by a key plan without reading data; it is what
   loads the diffusers and ComfyUI layouts (:mod:`codec.layouts`) and what
   :func:`write_checkpoint` streams to a new file.
-* Keys and shapes are checked against the model *before* any tensor data is read; the
-  error lists missing, unexpected and mis-shaped keys.
-* Our own files carry their model configuration in the safetensors metadata
-  (``cascade_codec.config``); official files have none and get the official preset
-  named by their file name.
 """
 
 from __future__ import annotations
@@ -30,42 +24,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import CascadeError, UsageError
-
-OFFICIAL_REPO = "stabilityai/stable-cascade"
-
-# Official file names, per component. Stage B files by preset and precision.
-STAGE_A_FILE = "stage_a.safetensors"
-EFFNET_FILE = "effnet_encoder.safetensors"
-PREVIEWER_FILE = "previewer.safetensors"
-STAGE_B_FILES = {
-    "lite": {"fp32": "stage_b_lite.safetensors", "bf16": "stage_b_lite_bf16.safetensors"},
-    "large": {"fp32": "stage_b.safetensors", "bf16": "stage_b_bf16.safetensors"},
-    "mini": {"fp32": "stage_b_mini.safetensors", "bf16": "stage_b_mini_bf16.safetensors"},
-}
-STAGE_C_FILES = {
-    "lite": {"fp32": "stage_c_lite.safetensors", "bf16": "stage_c_lite_bf16.safetensors"},
-    "large": {"fp32": "stage_c.safetensors", "bf16": "stage_c_bf16.safetensors"},
-}
-EMPTY_CAPTION_FILE = "clip_pooled_empty.safetensors"
-
-
-@dataclass(frozen=True)
-class BuiltinModel:
-    """A codec shipped inside the package: its folder (official file layout) and the output side it was trained
-    at (the encoder sees :func:`codec.codec.encoder_input_size` of it, as for the official models: 256 → 192 →
-    6×6 latents)."""
-
-    folder: Path
-    native_size: int
-
-
-# Models shipped inside the package, by the name that selects them wherever a weights source is asked for.
-BUILTIN_MODELS = {"mini": BuiltinModel(Path(__file__).resolve().parent / "mini", 256)}
-
-META_CONFIG = "cascade_codec.config"
-META_NOTE = "cascade_codec.note"
-META_SAMPLING = "cascade_codec.sampling"  # a model's own sampler defaults (JSON), e.g. the mini Stage B's x0_clamp
+from ..errors import WeightsError
+from .names import META_CONFIG, META_NOTE, OFFICIAL_REPO
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -74,10 +34,6 @@ _DTYPES = {
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin", ".pkl", ".pickle"}
-
-
-class WeightsError(CascadeError):
-    """A checkpoint cannot be found, read or matched to its model; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -492,54 +448,6 @@ def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike,
     return path
 
 
-def check_keys(model: nn.Module, header: SafetensorsHeader | Checkpoint, what: str) -> None:
-    """Raise a :class:`WeightsError` listing every missing, unexpected and mis-shaped key."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: info.shape for k, info in header.tensors.items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-    if not (missing or unexpected or wrong):
-        return
-
-    def listing(keys: list[str], fmt: Callable[[str], str]) -> str:
-        shown = "\n".join(f"    {fmt(k)}" for k in keys[:20])
-        more = f"\n    … and {len(keys) - 20} more" if len(keys) > 20 else ""
-        return shown + more
-
-    parts = [f"{header.path} does not match {what}:"]
-    if missing:
-        parts.append(f"  {len(missing)} missing key(s):\n" + listing(missing, str))
-    if unexpected:
-        parts.append(f"  {len(unexpected)} unexpected key(s):\n" + listing(unexpected, str))
-    if wrong:
-        parts.append(f"  {len(wrong)} key(s) with the wrong shape:\n"
-                     + listing(wrong, lambda k: f"{k}: file {list(found[k])}, model {list(expected[k])}"))
-    parts.append("Is this the right file for this model (e.g. a Stage B lite file given as Stage B large, or a "
-                 "diffusers-layout file)?")
-    raise WeightsError("\n".join(parts))
-
-
-def load_module(build: Callable[[], nn.Module], source: str | os.PathLike | Checkpoint,
-                dtype: torch.dtype | None, device: torch.device | str, what: str) -> nn.Module:
-    """Build a model on the meta device and fill it from a file or :class:`Checkpoint` (strict), in
-    ``dtype`` on ``device``.
-
-    ``dtype=None`` keeps each tensor's stored dtype. The model is returned in eval mode
-    with ``requires_grad`` off.
-    """
-    ckpt = source if isinstance(source, Checkpoint) else Checkpoint.open(source)
-    with torch.device("meta"):
-        model = build()
-    check_keys(model, ckpt, what)
-    state = dict(iter_checkpoint(ckpt, dtype, device))
-    model.load_state_dict(state, strict=True, assign=True)
-    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftovers:
-        raise RuntimeError(f"bug: {what} has tensors not covered by its state dict: {leftovers[:5]}")
-    return model.eval().requires_grad_(False)
-
-
 def save_module(model: nn.Module, path: str | os.PathLike, config: Mapping[str, Any] | None = None,
                 note: str | None = None, dtype: torch.dtype | None = None) -> Path:
     """Save ``model``'s state dict as safetensors (atomically), with its config and a note in the metadata."""
@@ -566,202 +474,3 @@ def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike, confi
     save_file(state, str(tmp), metadata=metadata)
     os.replace(tmp, path)
     return path
-
-
-def configured_builder(cls: Callable[..., nn.Module], config: Mapping[str, Any] | None,
-                       preset: Mapping[str, Any] | None = None) -> Callable[[], nn.Module]:
-    """A builder of ``cls`` from a file's stored ``config`` over ``preset`` (official files store none)."""
-    kwargs = dict(preset or {})
-    kwargs.update(config or {})
-    return lambda: cls(**kwargs)
-
-
-def load_configured(cls: Callable[..., nn.Module], path: str | os.PathLike, preset: Mapping[str, Any] | None,
-                    dtype: torch.dtype | None, device: torch.device | str) -> tuple[nn.Module, SafetensorsHeader]:
-    """Load ``cls`` from ``path``, built with the config stored in the file over ``preset`` (official files
-    store none), in ``dtype`` on ``device``; returns the model (eval, frozen) and the file's header."""
-    header = read_header(path)
-    model = load_module(configured_builder(cls, header.config, preset), path, dtype, device,
-                        f"{Path(path).name} ({cls.__name__})")
-    return model, header
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on CUDA (the released precision), fp32 elsewhere (bf16 math is slow on most CPUs)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
-def parse_dtype(value: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
-    """``"bf16"|"fp16"|"fp32"|torch.dtype|None`` → dtype (``None`` → :func:`default_dtype`)."""
-    if value is None or value == "auto":
-        return default_dtype(device)
-    if isinstance(value, torch.dtype):
-        return value
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-    if value not in names:
-        raise UsageError(f"unknown dtype {value!r}; use bf16, fp16 or fp32")
-    return names[value]
-
-
-def missing_files_message(folder: Path | str, files: list[str], repo_id: str = OFFICIAL_REPO) -> str:
-    """A sentence naming which official files to download and where to put them."""
-    urls = "\n".join(f"  https://huggingface.co/{repo_id}/resolve/main/{name}" for name in files)
-    return (f"{folder} is missing {', '.join(files)}.\n"
-            f"Download these files into {folder}/ :\n{urls}\n"
-            f"for example with: hf download {repo_id} {' '.join(files)} --local-dir {folder}\n"
-            "(they are the official Stable Cascade weights, under the Stability AI non-commercial research "
-            "community licence; on a machine with internet access you can pass the repo id instead of a folder).")
-
-
-def _hub_unreachable_message(repo_id: str, files: list[str], reason: str) -> str:
-    return (f"cannot get {', '.join(files)} of the Hugging Face repo {repo_id}: {reason}.\n"
-            f"On a machine with internet access run: hf download {repo_id} {' '.join(files)} --local-dir DIR\n"
-            "then copy DIR here and pass it instead of the repo id (--weights DIR).")
-
-
-def hub_offline() -> bool:
-    """Whether the user asked huggingface_hub to stay offline (``HF_HUB_OFFLINE``)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def hub_reachable(timeout: float = 5.0) -> str | None:
-    """``None`` if the Hugging Face endpoint accepts a TCP connection within ``timeout`` s, else the reason.
-
-    huggingface_hub retries a failing request for about 30 s; probing first makes an
-    offline machine fail at once.
-    """
-    import socket
-    from urllib.parse import urlparse
-
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return None
-    except OSError as e:
-        return f"{host} is not reachable ({e.strerror or e})"
-
-
-def _hub_file(repo_id: str, filename: str) -> Path:
-    """A file of a Hugging Face repo from the local cache, or downloaded; fails fast offline."""
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo_id, filename)
-    if isinstance(cached, str):
-        return Path(cached)
-    if hub_offline():
-        raise WeightsError(_hub_unreachable_message(repo_id, [filename],
-                                                    "it is not in the local cache and HF_HUB_OFFLINE is set"))
-    reason = hub_reachable()
-    if reason is not None:
-        raise WeightsError(_hub_unreachable_message(repo_id, [filename], f"it is not in the local cache and {reason}"))
-    try:
-        return Path(hf_hub_download(repo_id, filename, etag_timeout=10))
-    except Exception as e:  # noqa: BLE001 - network and hub errors all end the same way for the user
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise WeightsError(_hub_unreachable_message(repo_id, [filename], f"{type(e).__name__}: {first}")) from None
-
-
-class WeightSource:
-    """A local folder, a Hugging Face repo id, or one ``.safetensors`` file (a ComfyUI single-file checkpoint).
-
-    A file stands for its folder with that file ``pinned``: the models it holds are taken
-    from it before any other file of the folder (:mod:`codec.layouts` decides what it holds).
-    """
-
-    def __init__(self, source: str | os.PathLike):
-        self.source = str(source)
-        self.pinned: str | None = None
-        self.builtin: str | None = None
-        self._headers: dict[str, SafetensorsHeader] = {}
-        path = Path(source).expanduser()
-        if self.source in BUILTIN_MODELS:  # a bare name selects the shipped model; "./mini" is a folder
-            self.builtin, self.folder, self.repo_id = self.source, BUILTIN_MODELS[self.source].folder, None
-            if not (self.folder / STAGE_A_FILE).is_file():
-                raise WeightsError(f"the built-in {self.source!r} model is not in this installation ({self.folder} "
-                                   "has no weights); reinstall cascade-codec, or pass a folder of weights instead.")
-        elif path.is_dir():
-            self.folder: Path | None = path
-            self.repo_id: str | None = None
-        elif path.is_file() and path.suffix == ".safetensors":
-            self.folder, self.repo_id, self.pinned = path.parent, None, path.name
-        elif path.exists():
-            raise WeightsError(f"{path} is not a .safetensors file; give the folder that holds the weights "
-                               f"({STAGE_A_FILE}, {EFFNET_FILE}, stage_b_lite[_bf16].safetensors, …) or a ComfyUI "
-                               "single-file checkpoint (stable_cascade_stage_c.safetensors, …).")
-        elif str(source).count("/") == 1 and not str(source).startswith((".", "/", "~")):
-            self.folder, self.repo_id = None, str(source)
-        else:
-            raise WeightsError(f"{source} is neither an existing folder nor a Hugging Face repo id "
-                               f"(like {OFFICIAL_REPO}).")
-
-    def __repr__(self) -> str:
-        return f"WeightSource({self.source!r})"
-
-    def has(self, filename: str) -> bool:
-        """Whether the file is present locally (folder) or in the local hub cache (repo id)."""
-        if self.folder is not None:
-            return (self.folder / filename).is_file()
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(self.repo_id, filename), str)
-
-    def header(self, filename: str) -> SafetensorsHeader:
-        """The parsed header of ``filename`` (read once per source; downloads it for a repo id)."""
-        if filename not in self._headers:
-            self._headers[filename] = read_header(self.path(filename))
-        return self._headers[filename]
-
-    def path(self, filename: str) -> Path:
-        """Local path of ``filename``, downloading it from the hub if needed."""
-        if self.folder is not None:
-            p = self.folder / filename
-            if not p.is_file():
-                raise WeightsError(missing_files_message(self.folder, [filename]))
-            return p
-        return _hub_file(self.repo_id, filename)
-
-    def require(self, filenames: list[str]) -> None:
-        """Raise one error naming every file that is absent (folder) or uncached and unreachable (repo id)."""
-        absent = [f for f in filenames if not self.has(f)]
-        if not absent:
-            return
-        if self.folder is not None:
-            alternatives = [f"{alt} instead of {f}" for f in absent if (alt := self.precision_alternative(f))]
-            raise WeightsError(missing_files_message(self.folder, absent)
-                               + "".join(f"\n({a} works too.)" for a in alternatives))
-        offline = hub_offline()
-        reason = "they are not in the local cache and HF_HUB_OFFLINE is set" if offline else hub_reachable()
-        if reason is not None:
-            if not offline:
-                reason = f"they are not in the local cache and {reason}"
-            raise WeightsError(_hub_unreachable_message(self.repo_id, absent, reason))
-
-    def stage_b_file(self, size: str, dtype: torch.dtype) -> str:
-        """Pick the Stage B file: the bf16 one for bf16/fp16 models, else fp32, using what is present."""
-        return self._variant_file(STAGE_B_FILES, "stage_b", size, dtype)
-
-    def stage_c_file(self, size: str, dtype: torch.dtype) -> str:
-        """Pick the Stage C file, as :meth:`stage_b_file` does for Stage B."""
-        return self._variant_file(STAGE_C_FILES, "stage_c", size, dtype)
-
-    def _variant_file(self, table: dict[str, dict[str, str]], what: str, size: str, dtype: torch.dtype) -> str:
-        if size not in table:
-            raise WeightsError(f"{what} must be one of {sorted(table)}, got {size!r}")
-        names = table[size]
-        order = ["bf16", "fp32"] if dtype in (torch.bfloat16, torch.float16) else ["fp32", "bf16"]
-        for variant in order:
-            if self.has(names[variant]):
-                return names[variant]
-        return names[order[0]]
-
-    @staticmethod
-    def precision_alternative(filename: str) -> str | None:
-        """The other precision's file name of a Stage B or Stage C file (either one loads into any dtype)."""
-        for names in [*STAGE_B_FILES.values(), *STAGE_C_FILES.values()]:
-            if filename == names["fp32"]:
-                return names["bf16"]
-            if filename == names["bf16"]:
-                return names["fp32"]
-        return None
