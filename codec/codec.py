@@ -23,6 +23,7 @@ from PIL import Image
 
 from . import weights as W
 from .controlnet import CONTROLNET_FILES, ControlNet
+from .devices import resolve_device
 from .diffusion import sample
 from .effnet import EfficientNetEncoder
 from .errors import UsageError, check_finite
@@ -111,7 +112,7 @@ def load_controlnet(source: str | os.PathLike, kind: str | None = None, dtype: s
     configuration stored in the file (our own files) overrides the official preset. ``dtype`` defaults to bf16
     on CUDA and fp32 elsewhere. The model is returned in eval mode without gradients, its ``kind`` set.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     dtype = W.parse_dtype(dtype, device)
     path = Path(source).expanduser()
     if path.is_file():
@@ -176,7 +177,7 @@ class Codec:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike = W.OFFICIAL_REPO, stage_b: str | None = None,
+    def from_pretrained(cls, source: str | os.PathLike | None = None, stage_b: str | None = None,
                         dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
                         encoder: bool = True) -> "Codec":
         """Load the codec from a folder, a Hugging Face repo id or a ComfyUI single-file checkpoint.
@@ -200,12 +201,13 @@ class Codec:
         the ComfyUI file given as ``source``, or ``"mini"`` for the mini codec. ``dtype`` is Stage B's
         precision (default bf16 on CUDA, fp32 elsewhere; fp16 is allowed for Stage B
         only); the EfficientNet encoder and Stage A stay fp32 as in the official code.
-        ``device`` defaults to CUDA when available. ``encoder=False`` skips the
-        EfficientNet encoder (decode-only use, e.g. after Stage C).
+        ``device`` (``None``/``"auto"``: CUDA when available) is checked to exist. ``source=None`` means
+        ``$CASCADE_WEIGHTS``, else the official repo id. ``encoder=False`` skips the EfficientNet encoder
+        (decode-only use, e.g. after Stage C).
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         dtype = W.parse_dtype(dtype, device)
-        src = W.WeightSource(source)
+        src = W.WeightSource(W.default_source(source))
         stage_b = stage_b or layouts.default_size(src, "stage_b")
         b_file = src.stage_b_file(stage_b, dtype)
         a_loc = layouts.resolve(src, "stage_a", torch.float32, W.STAGE_A_FILE)

@@ -156,3 +156,38 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
         images = images[None]
     arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+def save_images(images: Sequence[Image.Image], out: str | os.PathLike,
+                texts: dict[str, str] | None = None) -> list[Path]:
+    """Write ``images`` to ``out`` (several: ``OUT_000.png``, ``OUT_001.png``, …), each atomically; ``texts`` go
+    into PNG text chunks (prompt, settings). The format follows the suffix; returns the paths written."""
+    from .files import atomic_write
+
+    out = Path(out)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i:03d}{out.suffix}")
+                                            for i in range(len(images))]
+    for img, p in zip(images, paths):
+        extra = {}
+        if texts and p.suffix.lower() == ".png":
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            for key, value in texts.items():
+                info.add_itxt(key, value)
+            extra["pnginfo"] = info
+        with atomic_write(p) as tmp:
+            img.save(tmp, format=Image.registered_extensions().get(p.suffix.lower()), **extra)
+    return paths
+
+
+def check_image_path(path: str | os.PathLike) -> Path:
+    """``path`` if its suffix names an image format PIL writes, else a :class:`UsageError` (checked before any
+    work is done)."""
+    p = Path(path)
+    writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
+    if p.suffix.lower() not in writable:
+        common = ", ".join(e for e in (".png", ".jpg", ".webp", ".tif", ".bmp") if e in writable)
+        raise UsageError(f"{p}: {'no file extension' if not p.suffix else repr(p.suffix) + ' is not an image format'};"
+                         f" end the output name in one of {common}")
+    return p

@@ -569,3 +569,12 @@ def store_info(url: str | os.PathLike, storage_options: dict[str, Any] | None = 
     if warnings:
         lines.append(f"  warnings (encoded anyway): {len(warnings)}")
     return "\n".join(lines)
+
+
+def is_latent_store(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``url`` (folder or fsspec URL) is a latent store: a ``zarr.json`` with our format attribute."""
+    try:
+        meta = Location(url, storage_options).read_json("zarr.json")
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not a store
+        return False
+    return isinstance(meta, dict) and meta.get("attributes", {}).get("format") == FORMAT

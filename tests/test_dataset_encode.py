@@ -10,7 +10,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from codec.cli import encode_dataset_command, is_latent_store, store_info
+from codec.cli.dataset_commands import encode_dataset_command
+from datasets_tools.store import is_latent_store, store_info
 from datasets_tools import BucketBatchSampler, LatentDataset, LatentStore, StoreError, encode_dataset
 from codec.codec import load_encoder
 from datasets_tools.preprocess import preprocess

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from codec.cli import store_info
+from datasets_tools.store import store_info
 from codec.codec import load_stage_a
 from codec.text import TextEncoder
 from datasets_tools import LatentDataset, LatentStore, StoreError, encode_dataset

@@ -104,7 +104,8 @@ def test_config_errors_name_the_key(tmp_path, bad, message):
 
 
 def test_cli_reports_config_errors(tmp_path):
-    from codec.cli import TRAIN_TASKS, main
+    from codec.cli import main
+    from codec.cli.train import TRAIN_TASKS
 
     assert set(TRAIN_TASKS) == set(TASKS)
     path = tmp_path / "c.yaml"

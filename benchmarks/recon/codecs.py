@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 from codec.codec import LATENT_STRIDE, encoder_input_size
+from codec.devices import resolve_device
 from codec.errors import MissingInputError, UsageError
 from codec.images import to_uint8
 
@@ -252,10 +253,10 @@ class StableCascade(BenchCodec):
                              "store (decode-only mode); drop scale=/resize=")
         key = ("sc", p["stage_b"])
         if key not in ctx.cache:
-            from codec.cli import _load_codec
+            from codec import Codec
 
             size = None if p["stage_b"] == "auto" else p["stage_b"]  # auto: what the weights hold (lite first)
-            ctx.cache[key] = _load_codec(ctx.weights, size, ctx.device or "auto", ctx.dtype or "auto")
+            ctx.cache[key] = Codec.from_pretrained(ctx.weights, stage_b=size, dtype=ctx.dtype, device=ctx.device)
         self.codec = ctx.cache[key]
         notes = sorted({c.note for c in self.codec.components.values() if c.note})
         self.tiny = any("TINY RANDOM" in n for n in notes)
@@ -367,8 +368,7 @@ class DiffusersVAE(BenchCodec):
         if kind not in ("AutoencoderKL", "AutoencoderDC"):
             raise UsageError(f"{config_file}: _class_name is {kind!r}; the vae codec takes AutoencoderKL or "
                              "AutoencoderDC folders")
-        self.device = torch.device(ctx.device if ctx.device not in (None, "auto") else
-                                   ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(ctx.device)
         try:
             self.model = getattr(diffusers, kind).from_pretrained(str(folder), local_files_only=True)
         except (OSError, EnvironmentError) as e:

@@ -119,7 +119,7 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def is_store(path: str) -> bool:
     """Whether ``path`` is a latent store from ``cascade encode-dataset``."""
-    from codec.cli import is_latent_store
+    from datasets_tools.store import is_latent_store
 
     return is_latent_store(path)
 

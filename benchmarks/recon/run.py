@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from codec.devices import resolve_device
 from codec.errors import UsageError
 
 from . import metrics as M
@@ -217,8 +218,7 @@ def run_recon(cfg: ReconConfig, log: Callable[[str], None] = print, fid_extracto
     codecs = [build(c) for c in configs]
     for c in codecs:
         c.prepare(ctx)
-    device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else \
-        ("cpu" if cfg.device == "auto" else cfg.device)
+    device = str(resolve_device(cfg.device))
     if lpips_random_trunk:
         lp = M.LPIPSMetric(cfg.lpips_net, None, device, random_trunk=True)
         lp_status = M.MetricStatus("lpips", True, detail=f"lpips 0.1, {cfg.lpips_net} trunk: {lp.source}")

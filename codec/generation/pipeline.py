@@ -27,6 +27,7 @@ from PIL import Image
 
 from .. import weights as W
 from ..codec import Codec, encode_pixels, load_component, load_controlnet, load_encoder, load_previewer
+from ..devices import resolve_device
 from ..diffusion import diffuse, sample
 from ..errors import MissingInputError, UsageError, check_finite
 from ..images import ImageLike, to_pil, to_tensor_list
@@ -135,9 +136,9 @@ class TextToImage:
         kohya/ComfyUI or diffusers/PEFT naming); trained tokens in a file are added to the
         tokenizer and text encoder.
         """
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = resolve_device(device)
         dtype = W.parse_dtype(dtype, device)
-        src = W.WeightSource(source)
+        src = W.WeightSource(W.default_source(source))
         stage_c = stage_c or layouts.default_size(src, "stage_c")
         stage_b = stage_b or layouts.default_size(src, "stage_b")
         pipeline = cls(src, stage_c, stage_b, device, dtype, clip_source, keep_loaded, loras)

@@ -42,13 +42,13 @@ from .names import (
                          STAGE_C_FILES,
                          BuiltinModel,
 )
-from .source import WeightSource
+from .source import WeightSource, default_source
 
 __all__ = [
     "BUILTIN_MODELS", "EFFNET_FILE", "EMPTY_CAPTION_FILE", "META_CONFIG", "META_NOTE", "META_SAMPLING",
-    "OFFICIAL_REPO", "PREVIEWER_FILE", "STAGE_A_FILE", "STAGE_B_FILES", "STAGE_C_FILES", "BuiltinModel",
+    "OFFICIAL_REPO", "PREVIEWER_FILE", "STAGE_A_FILE", "STAGE_B_FILES", "STAGE_C_FILES", "WEIGHTS_ENV", "BuiltinModel",
     "Checkpoint", "KeyPlan", "Part", "Piece", "SafetensorsHeader", "StoredTensor", "TensorInfo", "WeightSource",
-    "WeightsError", "check_keys", "configured_builder", "default_dtype", "hf_subfolders", "hub_file",
+    "WeightsError", "check_keys", "configured_builder", "default_dtype", "default_source", "hf_subfolders", "hub_file",
     "hub_offline", "hub_reachable", "iter_checkpoint", "iter_tensors", "load_configured", "load_module",
     "missing_files_message", "parse_dtype", "read_header", "refuse_pickle", "save_module", "save_state",
     "write_checkpoint",

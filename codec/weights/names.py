@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 OFFICIAL_REPO = "stabilityai/stable-cascade"
+# The environment variable that names the weights to use when none are given.
+WEIGHTS_ENV = "CASCADE_WEIGHTS"
 
 # Official file names, per component. Stage B files by preset and precision.
 STAGE_A_FILE = "stage_a.safetensors"

@@ -10,7 +10,12 @@ import torch
 from ..errors import WeightsError
 from .checkpoint import SafetensorsHeader, read_header
 from .hub import hub_file, hub_offline, hub_reachable, hub_unreachable_message, missing_files_message
-from .names import BUILTIN_MODELS, EFFNET_FILE, OFFICIAL_REPO, STAGE_A_FILE, STAGE_B_FILES, STAGE_C_FILES
+from .names import BUILTIN_MODELS, EFFNET_FILE, OFFICIAL_REPO, STAGE_A_FILE, STAGE_B_FILES, STAGE_C_FILES, WEIGHTS_ENV
+
+
+def default_source(weights: str | os.PathLike | None = None) -> str:
+    """The weights to use: ``weights`` when given, else ``$CASCADE_WEIGHTS``, else the official repo id."""
+    return str(weights or os.environ.get(WEIGHTS_ENV) or OFFICIAL_REPO)
 
 
 class WeightSource:

@@ -1,12 +1,11 @@
 """``cascade generate``: text-to-image, image variation and image-to-image from the command line.
 
-Registered on the ``cascade`` group by :mod:`codec.cli`; heavy imports happen inside the command.
+Heavy imports happen inside the command, so that ``cascade --help`` stays instant.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import click
 
 from ..errors import MissingInputError, UsageError
+from .common import user_errors
 
 PROMPT_FILE_HELP = ("Text file with one prompt per line (blank lines and lines starting with # are skipped), or "
                     "a .jsonl file of {\"prompt\": ..., \"negative\": ..., \"seed\": ...} objects. Each prompt gets "
@@ -30,7 +30,7 @@ def _parse_size(value: str | None) -> tuple[int | None, int | None]:
                                  param_hint="--size")
     width = int(match.group(1))
     height = int(match.group(2) or width)
-    from .pipeline import check_size
+    from ..generation.pipeline import check_size
 
     try:
         check_size(height, width)
@@ -162,6 +162,7 @@ def _png_text(prompt: str, negative: str, seed: int | None, settings) -> dict[st
               help="Stage C and Stage B precision. auto = bf16 on CUDA, fp32 on CPU. fp16 (GPUs without bf16, "
                    "Apple MPS) runs Stage C in an overflow-safe mode: fp16 weights and matrix multiplies, fp32 "
                    "activations (plain fp16 overflows in Stage C).")
+@user_errors
 def generate(prompt, out, prompt_file, negative, size, num_images, steps_c, cfg_c, shift_c, steps_b, cfg_b, cfg_rho,
              sampler, seed, image, mode, strength, controlnet, control_image, control_strength, control_mask,
              control_threshold, outpaint, preview_dir, save_latents, batch_size, stage_c, stage_b, weights,
@@ -171,65 +172,65 @@ def generate(prompt, out, prompt_file, negative, size, num_images, steps_c, cfg_
     Examples: cascade generate "a lighthouse at dusk" -o out.png --size 1216x832 --n 2;
     cascade generate --image photo.jpg --mode variation -o var.png.
     """
-    from ..cli import DEFAULT_WEIGHTS, _progress_bar, _run, _save_images, _write_latents
+    from ..generation.pipeline import TextToImage
+    from ..images import save_images
+    from ..latents import save_latents
+    from ..weights import default_source
 
-    def go():
-        from .pipeline import TextToImage
+    if prompt is None and prompt_file is None and image is None and control_image is None:
+        raise click.UsageError("give a PROMPT, --prompts FILE or --image")
+    if prompt is not None and prompt_file is not None:
+        raise click.UsageError("give either PROMPT or --prompts FILE, not both")
+    if mode is not None and image is None:
+        raise click.UsageError(f"--mode {mode} needs --image")
+    items = read_prompt_file(prompt_file) if prompt_file else [{"prompt": prompt or ""}]
+    height, width = _parse_size(size)
+    from ..images import load_image
+    from ..progress import progress_bar
 
-        if prompt is None and prompt_file is None and image is None and control_image is None:
-            raise click.UsageError("give a PROMPT, --prompts FILE or --image")
-        if prompt is not None and prompt_file is not None:
-            raise click.UsageError("give either PROMPT or --prompts FILE, not both")
-        if mode is not None and image is None:
-            raise click.UsageError(f"--mode {mode} needs --image")
-        items = read_prompt_file(prompt_file) if prompt_file else [{"prompt": prompt or ""}]
-        height, width = _parse_size(size)
-        from ..images import load_image
+    if (controlnet is None) != (control_image is None):
+        raise click.UsageError("--controlnet and --control-image go together")
+    picture = load_image(image) if image is not None else None
+    control = load_image(control_image) if control_image is not None else None
+    mask = load_image(control_mask) if control_mask is not None else None
+    source = default_source(weights)
+    pipe = TextToImage.from_pretrained(source, stage_c=stage_c, stage_b=stage_b,
+                                       dtype=None if dtype == "auto" else dtype,
+                                       device=None if device == "auto" else device, clip_source=clip_source,
+                                       keep_loaded=len(items) > 1, loras=[_parse_lora(v) for v in loras])
+    for note in pipe.notes():
+        click.secho(f"note: {note}", fg="yellow", err=True)
+    t0 = time.perf_counter()
+    written = []
+    for k, item in enumerate(items):
+        item_seed = item.get("seed", seed + k if len(items) > 1 else seed)
+        target = out if len(items) == 1 else out.with_name(f"{out.stem}_p{k:03d}{out.suffix}")
+        steps_in_c = max(1, int(steps_c * strength)) if mode == "img2img" else steps_c
+        bar = progress_bar(num_images * (steps_in_c + steps_b), f"prompt {k + 1}/{len(items)}", unit="step")
 
-        if (controlnet is None) != (control_image is None):
-            raise click.UsageError("--controlnet and --control-image go together")
-        picture = load_image(image) if image is not None else None
-        control = load_image(control_image) if control_image is not None else None
-        mask = load_image(control_mask) if control_mask is not None else None
-        source = weights or os.environ.get("CASCADE_WEIGHTS") or DEFAULT_WEIGHTS
-        pipe = TextToImage.from_pretrained(source, stage_c=stage_c, stage_b=stage_b,
-                                           dtype=None if dtype == "auto" else dtype,
-                                           device=None if device == "auto" else device, clip_source=clip_source,
-                                           keep_loaded=len(items) > 1, loras=[_parse_lora(v) for v in loras])
-        for note in pipe.notes():
-            click.secho(f"note: {note}", fg="yellow", err=True)
-        t0 = time.perf_counter()
-        written = []
-        for k, item in enumerate(items):
-            item_seed = item.get("seed", seed + k if len(items) > 1 else seed)
-            target = out if len(items) == 1 else out.with_name(f"{out.stem}_p{k:03d}{out.suffix}")
-            steps_in_c = max(1, int(steps_c * strength)) if mode == "img2img" else steps_c
-            bar, _ = _progress_bar(num_images * (steps_in_c + steps_b), f"prompt {k + 1}/{len(items)}")
+        def progress(stage: str, i: int, total: int) -> None:
+            bar.update(1)
 
-            def progress(stage: str, i: int, total: int) -> None:
-                bar.update(1)
+        def preview(step: int, total: int, images, k: int = k) -> None:
+            preview_dir.mkdir(parents=True, exist_ok=True)
+            for j, im in enumerate(images):
+                im.save(preview_dir / f"p{k:03d}_img{j:03d}_step{step:03d}.png")
 
-            def preview(step: int, total: int, images, k: int = k) -> None:
-                preview_dir.mkdir(parents=True, exist_ok=True)
-                for j, im in enumerate(images):
-                    im.save(preview_dir / f"p{k:03d}_img{j:03d}_step{step:03d}.png")
+        result = pipe.generate(item["prompt"], item.get("negative", negative), height=height, width=width,
+                               num_images=num_images, steps_c=steps_c, cfg_c=cfg_c, shift_c=shift_c,
+                               steps_b=steps_b, cfg_b=cfg_b, cfg_rho=cfg_rho, sampler=sampler, seed=item_seed,
+                               image=picture, mode=mode, strength=strength, batch_size=batch_size,
+                               preview=preview if preview_dir else None, progress=progress,
+                               controlnet=controlnet, control_image=control, control_strength=control_strength,
+                               control_mask=mask, control_threshold=control_threshold, outpaint=outpaint)
+        bar.close()
+        texts = _png_text(item["prompt"], item.get("negative", negative), item_seed, result.settings)
+        paths = save_images(result.images, target, texts=texts)
+        if save_latents:
+            size_hw = [result.settings.height, result.settings.width]
+            for path, z in zip(paths, result.latents.split(1)):
+                save_latents(path.with_suffix(".safetensors"), [z], [item["prompt"]], [size_hw], 0.75)
+        written += paths
+    click.echo(f"wrote {len(written)} image(s): {written[0]}{' …' if len(written) > 1 else ''} "
+               f"({time.perf_counter() - t0:.1f} s)")
 
-            result = pipe.generate(item["prompt"], item.get("negative", negative), height=height, width=width,
-                                   num_images=num_images, steps_c=steps_c, cfg_c=cfg_c, shift_c=shift_c,
-                                   steps_b=steps_b, cfg_b=cfg_b, cfg_rho=cfg_rho, sampler=sampler, seed=item_seed,
-                                   image=picture, mode=mode, strength=strength, batch_size=batch_size,
-                                   preview=preview if preview_dir else None, progress=progress,
-                                   controlnet=controlnet, control_image=control, control_strength=control_strength,
-                                   control_mask=mask, control_threshold=control_threshold, outpaint=outpaint)
-            bar.close()
-            texts = _png_text(item["prompt"], item.get("negative", negative), item_seed, result.settings)
-            paths = _save_images(result.images, target, texts=texts)
-            if save_latents:
-                size_hw = [result.settings.height, result.settings.width]
-                for path, z in zip(paths, result.latents.split(1)):
-                    _write_latents(path.with_suffix(".safetensors"), [z], [item["prompt"]], [size_hw], 0.75)
-            written += paths
-        click.echo(f"wrote {len(written)} image(s): {written[0]}{' …' if len(written) > 1 else ''} "
-                   f"({time.perf_counter() - t0:.1f} s)")
-
-    _run(go)

@@ -1,0 +1,39 @@
+"""``cascade train``: every training task, from a YAML config, resumable, on one or several processes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from .common import user_errors
+
+TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "codec")  # = codec.generation.finetune.run.TASKS
+
+
+@click.command("train")
+@click.argument("task", type=click.Choice(TRAIN_TASKS))
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--device", default="auto", show_default=True,
+              help="Torch device: auto (this process's CUDA device under torchrun, else CUDA if available, else CPU).")
+@user_errors
+def train_command(task, config, device) -> None:
+    """Train with the YAML CONFIG: TASK is stage-c (full Stage C), lora (LoRA + new tokens on Stage C),
+    stage-b (full Stage B), controlnet (a ControlNet on a frozen Stage C), stage-a (Stage A autoencoder from
+    scratch) or codec (encoder + Stage B jointly from scratch on a trained Stage A; how the mini codec was made).
+
+    Reads latents from the Zarr store of data.store (controlnet, stage-a, codec: images from data.images), writes
+    OUTPUT_DIR/checkpoint/ (model.safetensors
+    in the release format, optimiser and RNG state), log.jsonl and previews/. Run the same command
+    again after a stop: it resumes exactly where the last checkpoint left off. Several processes:
+    `torchrun --nproc_per_node N -m codec.cli train TASK CONFIG` (DDP; distributed.strategy: fsdp to
+    shard large models). Config keys: see codec/generation/finetune/config.py and configs/train/.
+    """
+    from tqdm.auto import tqdm
+
+    from ..generation.finetune import train
+
+    pos = train(task, config, echo=tqdm.write, device=None if device == "auto" else device)
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"done: {pos.step} updates ({pos.epoch} full epochs)")
