@@ -27,6 +27,7 @@ from .devices import resolve_device
 from .diffusion import sample
 from .effnet import EfficientNetEncoder
 from .errors import UsageError, check_finite
+from .files import atomic_write
 from .images import ImageLike, to_pil, to_tensor_list
 from .layouts import locate as layouts
 from .layouts import official
@@ -319,10 +320,9 @@ class Codec:
                 from safetensors.torch import save_file
 
                 target = self.source.folder / W.EMPTY_CAPTION_FILE
-                tmp = target.with_name(target.name + ".partial")
-                save_file({"pooled": self.empty_clip.cpu().contiguous()}, str(tmp),
-                          metadata={W.META_NOTE: "pooled CLIP-G text embedding of the empty caption"})
-                os.replace(tmp, target)
+                with atomic_write(target) as tmp:
+                    save_file({"pooled": self.empty_clip.cpu().contiguous()}, str(tmp),
+                              metadata={W.META_NOTE: "pooled CLIP-G text embedding of the empty caption"})
         return self.empty_clip.reshape(1, 1, -1).to(self.device)
 
     # ------------------------------------------------------------------ decode

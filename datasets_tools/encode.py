@@ -387,16 +387,15 @@ def _encode_arrays(models: _Models, pixels: torch.Tensor, captions: list[str], d
 def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]],
              plan: list[list[Sample]], n_units: int, policy: str, size: int, batch_size: int, workers: int,
              progress: bool, device: str, summary: Summary) -> None:
-    from tqdm.auto import tqdm
-
+    from codec.progress import progress_bar
     from codec.text import MAX_TOKENS
 
     loader = torch.utils.data.DataLoader(
         _UnitItems(items, policy, size), batch_size=None, shuffle=False, num_workers=workers,
         collate_fn=_identity_collate, prefetch_factor=max(2, batch_size) if workers else None,
         persistent_workers=False)
-    bar = tqdm(total=len(items), unit="img", desc="encode-dataset", disable=not progress, dynamic_ncols=True,
-               smoothing=0.05)
+    bar = progress_bar(len(items), "encode-dataset", unit="img", enabled=None if progress else False,
+                       smoothing=0.05)
     remaining = {k: len(plan[k]) for k in {k for k, _ in items}}
     unit_state: dict[int, dict[str, Any]] = {}
     dtype = store.attrs["dtype"]

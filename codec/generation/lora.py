@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import UsageError
+from ..files import atomic_write
 from ..weights import WeightsError, iter_tensors, read_header
 
 DEFAULT_FILTERS = (".attn",)
@@ -264,9 +265,8 @@ def save_lora(network: LoraNetwork, path: str | os.PathLike, filters: Sequence[s
         "filters": list(filters), "tokens": [list(t) for t in tokens], "pool_at": pool_at})}
     if note:
         meta["cascade_codec.note"] = note
-    tmp = path.with_name(path.name + ".partial")
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
     return path
 
 

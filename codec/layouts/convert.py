@@ -267,7 +267,7 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str, dtype: 
     """Convert every Stable Cascade model in ``source`` (folder, repo id or ComfyUI file; any layout) into ``dest``
     in the ``to`` layout (``"official"``, ``"diffusers"`` or ``"comfyui"``), floats of Stage B/C cast to ``dtype``
     (``"keep"``, ``"bf16"``, ``"fp32"``). Existing outputs are skipped unless ``overwrite``."""
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     if to not in LAYOUTS:
         raise UsageError(f"to must be one of {', '.join(LAYOUTS)}, got {to!r}")
@@ -293,8 +293,8 @@ def convert(source: str | os.PathLike, dest: str | os.PathLike, to: str, dtype: 
     dst.mkdir(parents=True, exist_ok=True)
     written = []
     total = sum(j.nbytes() for j in todo.values())
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert", dynamic_ncols=True,
-              disable=None if progress else True) as bar:
+    with progress_bar(total, "convert", unit="B", enabled=None if progress else False, unit_scale=True,
+                      unit_divisor=1024) as bar:
         for job in jobs:
             for path, text in job.side_files.items():
                 if overwrite or not path.exists():

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import WeightsError
+from ..files import atomic_write
 from .names import META_CONFIG, META_NOTE, OFFICIAL_REPO
 
 _DTYPES = {
@@ -419,32 +420,30 @@ def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike,
         offset += st.numel * out.itemsize
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    cast = torch.empty(0, dtype=torch.uint8)  # reused: fresh temporaries per chunk make glibc's heap grow
-    with open(tmp, "wb") as f, _Reader() as reader:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for key, st in ckpt.tensors.items():
-            out = _target_dtype(st.dtype, dtype_of(key))
-            if st.transposed:
-                whole = _read_transposed(reader, st, out)
-                f.write(memoryview(whole.view(-1).view(torch.uint8).numpy()))
-                if progress is not None:
-                    progress(whole.numel() * out.itemsize)
-                continue
-            for piece in st.pieces:
-                for chunk in reader.chunks(piece):
-                    data = chunk
-                    if chunk.dtype != out:
-                        if cast.numel() < chunk.numel() * out.itemsize:
-                            cast = torch.empty(chunk.numel() * out.itemsize, dtype=torch.uint8)
-                        data = cast[:chunk.numel() * out.itemsize].view(out)
-                        data.copy_(chunk)
-                    f.write(memoryview(data.view(torch.uint8).numpy()))
+    with atomic_write(path) as tmp:
+        cast = torch.empty(0, dtype=torch.uint8)  # reused: fresh temporaries per chunk make glibc's heap grow
+        with open(tmp, "wb") as f, _Reader() as reader:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for key, st in ckpt.tensors.items():
+                out = _target_dtype(st.dtype, dtype_of(key))
+                if st.transposed:
+                    whole = _read_transposed(reader, st, out)
+                    f.write(memoryview(whole.view(-1).view(torch.uint8).numpy()))
                     if progress is not None:
-                        progress(data.numel() * out.itemsize)
-    os.replace(tmp, path)
+                        progress(whole.numel() * out.itemsize)
+                    continue
+                for piece in st.pieces:
+                    for chunk in reader.chunks(piece):
+                        data = chunk
+                        if chunk.dtype != out:
+                            if cast.numel() < chunk.numel() * out.itemsize:
+                                cast = torch.empty(chunk.numel() * out.itemsize, dtype=torch.uint8)
+                            data = cast[:chunk.numel() * out.itemsize].view(out)
+                            data.copy_(chunk)
+                        f.write(memoryview(data.view(torch.uint8).numpy()))
+                        if progress is not None:
+                            progress(data.numel() * out.itemsize)
     return path
 
 
@@ -470,7 +469,6 @@ def save_state(state: Mapping[str, torch.Tensor], path: str | os.PathLike, confi
     if note:
         metadata[META_NOTE] = note
     metadata.update(extra_metadata or {})
-    tmp = path.with_name(path.name + ".partial")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
     return path
