@@ -88,11 +88,7 @@ def load_encoder(source: str | os.PathLike | W.WeightSource,
     """Only the EfficientNet encoder (fp32, eval, channels_last) from a weights folder, repo id or ComfyUI
     Stage C checkpoint."""
     src = source if isinstance(source, W.WeightSource) else W.WeightSource(source)
-    loc = layouts.locate(src, "effnet", torch.float32)
-    if loc is None:
-        layouts.require_encoder(src)  # explains what is missing
-        loc = official.Located.official_file(W.EFFNET_FILE, "effnet")
-    model, _ = load_component(src, loc, EfficientNetEncoder, None, torch.float32, device)
+    model, _ = load_component(src, layouts.locate_encoder(src), EfficientNetEncoder, None, torch.float32, device)
     return model.to(memory_format=torch.channels_last)
 
 

@@ -53,13 +53,13 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def encoder_file(weights: str | os.PathLike) -> Path:
-    """Local path of ``effnet_encoder.safetensors`` in a weights folder or Hugging Face repo id."""
+    """Local path of the file that holds the EfficientNet encoder in a weights source: ``effnet_encoder.safetensors``
+    (folder or Hugging Face repo id), or a ComfyUI Stage C checkpoint, as :func:`codec.codec.load_encoder` reads."""
     from codec import weights as W
     from codec.layouts import locate as layouts
 
     src = W.WeightSource(weights)
-    layouts.require_encoder(src)
-    return src.path(W.EFFNET_FILE)
+    return src.path(layouts.locate_encoder(src).files[0])
 
 
 TEXT_SUBFOLDERS = ("text_encoder", "tokenizer")

@@ -306,3 +306,22 @@ def test_converting_one_file_converts_what_it_holds(comfy_folder, tmp_path):
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.safetensors"))
     assert written == ["stage_a.safetensors", "stage_b_lite.safetensors", "text_encoder/model.safetensors"]
     assert any("holds no tokenizer" in line for line in lines)
+
+
+def test_encode_dataset_reads_the_encoder_inside_the_stage_c_file(comfy_folder, tiny_weights, tmp_path):
+    """encode-dataset finds the EfficientNet inside stable_cascade_stage_c*.safetensors, as load_encoder does, and
+    stores the same latents as from the official effnet_encoder.safetensors (the store records that file)."""
+    from datasets_tools import LatentDataset, LatentStore, encode_dataset
+    from test_dataset_helpers import make_folder
+
+    make_folder(tmp_path / "src", 3)
+    stage_c_file = next(comfy_folder.glob("stable_cascade_stage_c*.safetensors"))
+    stores = {}
+    for name, weights in (("official", tiny_weights), ("comfyui", stage_c_file)):
+        encode_dataset(tmp_path / "src", tmp_path / f"{name}.zarr", weights, size=64, workers=0, dtype="float32",
+                       progress=False, log=_quiet)
+        stores[name] = {item["id"]: item["latent"] for item in LatentDataset(tmp_path / f"{name}.zarr")}
+    assert stores["official"].keys() == stores["comfyui"].keys() and len(stores["official"]) == 3
+    for sid, latent in stores["official"].items():
+        torch.testing.assert_close(stores["comfyui"][sid], latent, rtol=0, atol=0)
+    assert LatentStore.open(tmp_path / "comfyui.zarr").attrs["encoder"]["file"].endswith(stage_c_file.name)

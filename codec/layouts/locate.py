@@ -140,6 +140,16 @@ def other_layouts_hint(components: Sequence[str]) -> str:
             f"encode images. So do ComfyUI's single-file checkpoints: {files}.)")
 
 
+def locate_encoder(src: W.WeightSource) -> Located:
+    """Where the EfficientNet encoder of ``src`` is (the official file, or inside a ComfyUI Stage C checkpoint);
+    a :class:`~codec.errors.WeightsError` that says what to get when it is nowhere."""
+    loc = locate(src, "effnet", torch.float32)
+    if loc is None:
+        require_encoder(src)  # explains what is missing (or fetches the official file of a repo id)
+        loc = Located.official_file(W.EFFNET_FILE, "effnet")
+    return loc
+
+
 def require_encoder(src: W.WeightSource) -> None:
     """Make sure ``effnet_encoder.safetensors`` itself is there; for a source in another layout say why not."""
     if not src.has(W.EFFNET_FILE) and has_other_layout(src):
