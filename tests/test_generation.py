@@ -67,6 +67,18 @@ def test_same_seed_same_images_other_seed_differs(pipe):
     assert pipe._cache == {}  # models are released between calls unless keep_loaded
 
 
+def test_prior_then_decode_is_generate(pipe):
+    """The two steps of the pipeline, called one after the other, give what the one-call API gives: the decoder
+    step goes on drawing from the prior's generator and records its own settings."""
+    whole = pipe.generate("a lighthouse", height=256, width=320, seed=5, steps_c=2, steps_b=3, cfg_b=1.5,
+                          output="tensor")
+    prior = pipe.prior("a lighthouse", height=256, width=320, seed=5, steps=2)
+    assert torch.equal(prior.latents, whole.latents) and prior.settings.steps_b == 10
+    parts = pipe.decode(prior, steps=3, cfg=1.5, output="tensor")
+    assert torch.equal(parts.images, whole.images) and parts.settings == whole.settings
+    assert (parts.settings.steps_c, parts.settings.steps_b, parts.settings.cfg_b) == (2, 3, 1.5)
+
+
 def test_stage_c_noise_follows_the_official_rng_order(pipe, monkeypatch):
     """The first Stage C input is torch.randn(shape) right after torch.manual_seed(seed)."""
     import codec.generation.pipeline as P

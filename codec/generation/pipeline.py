@@ -17,7 +17,7 @@ from __future__ import annotations
 import gc
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -82,6 +82,18 @@ class GenerationResult:
     prompts: list[str]
     settings: GenerationSettings
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PriorOutput:
+    """What the prior step hands to the decoder step: Stage C latents ``(N,16,h,w)`` (fp32, CPU), the pooled text
+    condition for Stage B, one prompt per latent, the settings so far and the generator to go on drawing from."""
+
+    latents: torch.Tensor
+    clip_text_pooled: torch.Tensor
+    prompts: list[str]
+    settings: GenerationSettings
+    generator: torch.Generator | None
 
 
 def _release(*_: object) -> None:
@@ -288,7 +300,7 @@ class TextToImage:
                  controlnet: str | None = None, control_image: ImageLike | None = None,
                  control_strength: float = 1.0, control_mask: ImageLike | None = None,
                  control_threshold: float = 0.2, outpaint: bool = False) -> GenerationResult:
-        """Generate ``num_images`` images per prompt.
+        """Generate ``num_images`` images per prompt: :meth:`prior` (Stage C) then :meth:`decode` (Stage B and A).
 
         ``mode``: ``"text"`` (default without ``image``), ``"variation"`` (condition on the
         CLIP image embedding of ``image``; default with ``image``) or ``"img2img"`` (start
@@ -307,6 +319,47 @@ class TextToImage:
         control image: its aspect at a 1024 px short side (super-resolution: twice its size).
         The same features go to the conditional and the unconditional pass, as official.
         """
+        prior = self.prior(prompt, negative_prompt, height=height, width=width, num_images=num_images,
+                           steps=steps_c, cfg=cfg_c, shift=shift_c, cfg_rho=cfg_rho, sampler=sampler, seed=seed,
+                           image=image, mode=mode, strength=strength, batch_size=batch_size, preview=preview,
+                           progress=progress, controlnet=controlnet, control_image=control_image,
+                           control_strength=control_strength, control_mask=control_mask,
+                           control_threshold=control_threshold, outpaint=outpaint)
+        return self.decode(prior, steps=steps_b, cfg=cfg_b, shift=shift_b, cfg_rho=cfg_rho, sampler=sampler,
+                           batch_size=batch_size, progress=progress, output=output)
+
+    def _output_size(self, height: int | None, width: int | None, picture: torch.Tensor | None,
+                     control_image: ImageLike | None, controlnet: str | None) -> tuple[int, int]:
+        """The image size to generate: as given, else from the input or control image (1024 px short side;
+        super-resolution: twice the control image), else 1024²."""
+        if control_image is not None and picture is None and height is None and width is None:
+            ch, cw = to_tensor_list(control_image)[0].shape[-2:]
+            if controlnet == "super_resolution":
+                height, width = 2 * ch, 2 * cw
+            else:
+                height, width = round(ch * 1024 / min(ch, cw)), round(cw * 1024 / min(ch, cw))
+        if picture is not None and height is None and width is None:
+            h, w = picture.shape[-2:]
+            scale = 1024 / min(h, w)
+            height, width = round(h * scale), round(w * scale)
+        height, width = height or 1024, width or 1024
+        check_size(height, width)
+        return height, width
+
+    @torch.no_grad()
+    def prior(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] = "", *,
+              height: int | None = None, width: int | None = None, num_images: int = 1, steps: int = 20,
+              cfg: float | None = 4.0, shift: float = 2.0, cfg_rho: float = 0.7, sampler: str = "ddpm",
+              seed: int | None = 0, image: ImageLike | None = None, mode: str | None = None, strength: float = 0.8,
+              batch_size: int = 4, preview: PreviewCallback | None = None,
+              progress: Callable[[str, int, int], None] | None = None, controlnet: str | None = None,
+              control_image: ImageLike | None = None, control_strength: float = 1.0,
+              control_mask: ImageLike | None = None, control_threshold: float = 0.2,
+              outpaint: bool = False) -> PriorOutput:
+        """The prior step: text (and image) conditions → Stage C latents, with what :meth:`decode` needs.
+
+        Arguments as :meth:`generate`'s Stage C ones (``steps`` = ``steps_c`` …). The returned generator is the one
+        Stage C drew from; :meth:`decode` goes on drawing from it, as the official pipeline does."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise UsageError("no prompt given")
@@ -322,26 +375,12 @@ class TextToImage:
             raise UsageError(f"strength must be in (0, 1], got {strength}")
         if num_images < 1:
             raise UsageError(f"num_images must be at least 1, got {num_images}")
-
         if (controlnet is None) != (control_image is None):
             raise UsageError("controlnet and control_image go together: give both or neither")
-        picture = None
-        if control_image is not None and image is None and height is None and width is None:
-            ch, cw = to_tensor_list(control_image)[0].shape[-2:]
-            if controlnet == "super_resolution":
-                height, width = 2 * ch, 2 * cw
-            else:
-                height, width = round(ch * 1024 / min(ch, cw)), round(cw * 1024 / min(ch, cw))
-        if image is not None:
-            picture = to_tensor_list(image)[0][None]
-            if height is None and width is None:
-                h, w = picture.shape[-2:]
-                scale = 1024 / min(h, w)
-                height, width = round(h * scale), round(w * scale)
-        height, width = height or 1024, width or 1024
-        check_size(height, width)
-        settings = GenerationSettings(height, width, steps_c, cfg_c, shift_c, steps_b, cfg_b, shift_b, cfg_rho,
-                                      sampler, seed, mode, strength)
+        picture = to_tensor_list(image)[0][None] if image is not None else None
+        height, width = self._output_size(height, width, picture, control_image, controlnet)
+        settings = GenerationSettings(height, width, steps, cfg, shift, cfg_rho=cfg_rho, sampler=sampler, seed=seed,
+                                      mode=mode, strength=strength)
 
         all_prompts = [p for p in prompts for _ in range(num_images)]
         all_negatives = [n for n in negatives for _ in range(num_images)]
@@ -365,10 +404,11 @@ class TextToImage:
         latents = []
         for start in range(0, n, batch_size):
             sl = slice(start, min(n, start + batch_size))
-            kwargs: dict[str, Any] = dict(steps=steps_c, t_start=1.0)
+            kwargs: dict[str, Any] = dict(steps=steps, t_start=1.0)
             if x_init is not None:
+                # Official img2img: the image latent is noised with shift 1 whatever the sampling shift.
                 noised = diffuse(x_init[sl], strength, shift=1.0, generator=generator)[0]
-                kwargs = dict(steps=max(1, int(steps_c * strength)), t_start=strength, x_init=noised)
+                kwargs = dict(steps=max(1, int(steps * strength)), t_start=strength, x_init=noised)
             total = kwargs["steps"]
 
             def on_step(i: int, x0: torch.Tensor, _x: torch.Tensor, total: int = total) -> None:
@@ -383,19 +423,29 @@ class TextToImage:
                 cnet = [None if f is None else f.expand(sl.stop - sl.start, -1, -1, -1) for f in features]
                 cond_b["cnet"] = uncond_b["cnet"] = cnet
             z = sample(stage_c, cond_b, shape=(sl.stop - sl.start, stage_c.config.c_in, lh, lw),
-                       uncond=uncond_b if cfg_c is not None else None,
-                       cfg=cfg_c, cfg_rho=cfg_rho, shift=shift_c, sampler=sampler, generator=generator,
+                       uncond=uncond_b if cfg is not None else None,
+                       cfg=cfg, cfg_rho=cfg_rho, shift=shift, sampler=sampler, generator=generator,
                        device=self.device, callback=on_step, **kwargs)
             latents.append(check_finite(z, "Stage C").float().cpu())
         stage_c = previewer = None
         _release()
-        latents_c = torch.cat(latents)
+        return PriorOutput(torch.cat(latents), cond["clip_text_pooled"], all_prompts, settings, generator)
 
+    @torch.no_grad()
+    def decode(self, prior: PriorOutput, *, steps: int = 10, cfg: float | None = 1.1, shift: float = 1.0,
+               cfg_rho: float = 0.7, sampler: str | None = None, batch_size: int = 4,
+               progress: Callable[[str, int, int], None] | None = None, output: str = "pil") -> GenerationResult:
+        """The decoder step: Stage C latents of :meth:`prior` → images through Stage B (conditioned on the prompts'
+        pooled text) and Stage A, at the prior's size, drawing noise from the prior's generator. ``sampler``
+        defaults to the prior's."""
+        s = prior.settings
+        sampler = sampler or s.sampler
+        settings = replace(s, steps_b=steps, cfg_b=cfg, shift_b=shift, cfg_rho=cfg_rho, sampler=sampler)
         codec = self._codec()
-        images = codec.decode(latents_c, height=height, width=width, steps=steps_b, cfg=cfg_b,
-                              clip=cond["clip_text_pooled"], sampler=sampler, cfg_rho=cfg_rho, shift=shift_b,
-                              batch_size=batch_size, output=output, generator=generator, seed=None,
+        images = codec.decode(prior.latents, height=s.height, width=s.width, steps=steps, cfg=cfg,
+                              clip=prior.clip_text_pooled, sampler=sampler, cfg_rho=cfg_rho, shift=shift,
+                              batch_size=batch_size, output=output, generator=prior.generator, seed=None,
                               progress=(lambda i, t: progress("stage_b", i, t)) if progress is not None else None)
         del codec
         _release()
-        return GenerationResult(images=images, latents=latents_c, prompts=all_prompts, settings=settings)
+        return GenerationResult(images=images, latents=prior.latents, prompts=prior.prompts, settings=settings)
