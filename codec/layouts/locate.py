@@ -77,7 +77,7 @@ def require(src: W.WeightSource, locs: Sequence[Located], extra: Sequence[str] =
     try:
         src.require([loc.files[0] for loc in locs if loc.layout == "official"] + list(extra))
     except W.WeightsError as e:
-        if src.folder is None:
+        if src.folder is None or src.builtin is not None:
             raise
         missing = [loc.component for loc in locs if loc.layout == "official" and not src.has(loc.files[0])]
         raise W.WeightsError(f"{e}\n{other_layouts_hint(missing)}{_other_size_hint(src, missing)}" if missing

@@ -8,7 +8,18 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import WeightsError
-from .names import OFFICIAL_REPO
+from .names import BUILTIN_MODELS, OFFICIAL_REPO
+
+
+def builtin_missing_message(name: str, files: list[str]) -> str:
+    """What the built-in model ``name`` does not have, and where the official weights that do go (never into the
+    package's own folder)."""
+    held = sorted(p.name for p in BUILTIN_MODELS[name].folder.glob("*.safetensors"))
+    return (f"the built-in {name!r} model has no {', '.join(files)}: it holds only {', '.join(held)} (a small codec: "
+            f"encode, decode, reconstruct). For this, use the official Stable Cascade weights: download "
+            f"{', '.join(files)} from https://huggingface.co/{OFFICIAL_REPO} into a folder of your own (e.g. "
+            f"`hf download {OFFICIAL_REPO} {' '.join(files)} --local-dir ~/stable-cascade`) and pass it with "
+            "--weights DIR (Python: the folder instead of \"mini\").")
 
 
 def missing_files_message(folder: Path | str, files: list[str], repo_id: str = OFFICIAL_REPO) -> str:
@@ -74,6 +85,9 @@ def hf_subfolders(source: str | os.PathLike, subfolders: Sequence[str], what: st
     """The root holding ``subfolders`` (Hugging Face repo layout): a local folder, or a repo id from the
     local cache, or downloaded once. Raises :class:`WeightsError` naming what to download where."""
     path = Path(source).expanduser()
+    for name, model in BUILTIN_MODELS.items():
+        if str(source) == name or (path.is_dir() and path.resolve() == model.folder):
+            raise WeightsError(builtin_missing_message(name, [f"{d}/" for d in subfolders]))
     hint = " ".join(f"'{d}/*'" for d in subfolders)
     if path.is_dir():
         missing = [d for d in subfolders if not (path / d).is_dir()]

@@ -9,7 +9,14 @@ import torch
 
 from ..errors import WeightsError
 from .checkpoint import SafetensorsHeader, read_header
-from .hub import hub_file, hub_offline, hub_reachable, hub_unreachable_message, missing_files_message
+from .hub import (
+    builtin_missing_message,
+    hub_file,
+    hub_offline,
+    hub_reachable,
+    hub_unreachable_message,
+    missing_files_message,
+)
 from .names import BUILTIN_MODELS, EFFNET_FILE, OFFICIAL_REPO, STAGE_A_FILE, STAGE_B_FILES, STAGE_C_FILES, WEIGHTS_ENV
 
 
@@ -73,7 +80,7 @@ class WeightSource:
         if self.folder is not None:
             p = self.folder / filename
             if not p.is_file():
-                raise WeightsError(missing_files_message(self.folder, [filename]))
+                self.require([filename])
             return p
         return hub_file(self.repo_id, filename)
 
@@ -82,6 +89,8 @@ class WeightSource:
         absent = [f for f in filenames if not self.has(f)]
         if not absent:
             return
+        if self.builtin is not None:
+            raise WeightsError(builtin_missing_message(self.builtin, absent))
         if self.folder is not None:
             alternatives = [f"{alt} instead of {f}" for f in absent if (alt := self.precision_alternative(f))]
             raise WeightsError(missing_files_message(self.folder, absent)
