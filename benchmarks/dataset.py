@@ -54,10 +54,8 @@ import argparse
 import glob
 import json
 import os
-import platform
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +64,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from benchmarks.environment import environment_record
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "dataset.json"
@@ -335,31 +335,11 @@ def store_size(store: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Environment, table
 # --------------------------------------------------------------------------------------------
-def environment(args) -> dict[str, Any]:
-    from benchmarks.speed import _cpu_info
-
-    env: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__,
-                           "platform": platform.platform(), "threads": args.threads, "cpu": _cpu_info(),
-                           "loadavg_at_start": list(os.getloadavg())}
-    for mod in ("zarr", "numcodecs", "PIL"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            env[mod] = None
-    try:
-        import psutil
-
-        env["ram_bytes"] = psutil.virtual_memory().total
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        env["git_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                                           text=True, check=True).stdout.strip()
-        env["git_dirty"] = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "codec",
-                                                "datasets_tools"], capture_output=True, text=True).stdout.strip())
-    except Exception:  # noqa: BLE001
-        pass
-    return env
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """The report's environment record, with this benchmark's threads, the load at its start and the store
+    libraries' versions."""
+    return environment_record(packages=("zarr", "numcodecs", "PIL"), dirty_paths=("codec", "datasets_tools"),
+                              threads=args.threads, loadavg_at_start=list(os.getloadavg()))
 
 
 def format_table(r: dict[str, Any]) -> str:

@@ -14,10 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 from PIL import Image
+
+from benchmarks.environment import environment_record
 
 from . import metrics as M
 from .codecs import Context, build, parse_specs
@@ -100,41 +100,18 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def environment(device: str) -> dict[str, Any]:
-    """Versions, CPU, threads and git commit for the summary."""
-    from benchmarks.speed import _cpu_info
-
-    env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
-                           "cpu": _cpu_info(), "torch_threads": torch.get_num_threads(), "device": device}
-    for mod in ("torch", "torchvision", "torchmetrics", "lpips", "PIL", "numpy", "diffusers", "torch_fidelity"):
-        try:
-            m = __import__(mod)
-            env[mod] = getattr(m, "__version__", None) or _dist_version(mod)
-        except Exception:  # noqa: BLE001 - optional packages
-            env[mod] = None
-    if torch.cuda.is_available():
-        env["cuda_device"] = torch.cuda.get_device_name()
-    root = Path(__file__).resolve().parents[2]
-    try:
-        import subprocess
-
-        env["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                           text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        env["git_commit"] = None
-    return env
-
-
-def _dist_version(mod: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(mod)
-    except PackageNotFoundError:
-        return None
+    """The summary's environment record: versions of the metric and codec libraries, threads, device."""
+    return environment_record(packages=("torchvision", "torchmetrics", "lpips", "PIL", "numpy", "diffusers",
+                                        "torch_fidelity"), torch_threads=torch.get_num_threads(), device=device)
 
 
 def _tool_version() -> str:
-    return f"cascade-codec {_dist_version('cascade-codec') or 'unknown'}"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"cascade-codec {version('cascade-codec')}"
+    except PackageNotFoundError:
+        return "cascade-codec unknown"
 
 
 class _Folder:
