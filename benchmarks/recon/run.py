@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from benchmarks.environment import environment_record
+from codec.images import pil_to_uint8, uint8_to_pil
 
 from . import metrics as M
 from .codecs import Context, build, parse_specs
@@ -245,7 +246,7 @@ def _measure_image(item, codecs, writer: CsvWriter, lp, fid, grid_dir: Path, gri
     height, width = ref.shape[-2:]
     keep = item.index in grid
     if keep:
-        Image.fromarray(ref.permute(1, 2, 0).numpy()).save(grid_dir / f"{item.index:05d}_original.png")
+        uint8_to_pil(ref).save(grid_dir / f"{item.index:05d}_original.png")
     if fid is not None:
         fid.add_original(ref)
     for codec in codecs:
@@ -267,8 +268,7 @@ def _measure_image(item, codecs, writer: CsvWriter, lp, fid, grid_dir: Path, gri
         if fid is not None:
             fid.add_reconstruction(codec.label, out.image)
         if keep:
-            Image.fromarray(out.image.permute(1, 2, 0).numpy()).save(grid_dir / f"{item.index:05d}_"
-                                                                     f"{_slug(codec.label)}.png")
+            uint8_to_pil(out.image).save(grid_dir / f"{item.index:05d}_{_slug(codec.label)}.png")
 
 
 def _finish(cfg: ReconConfig, ds, codecs, lp_status, fid_status, fid, skipped, out: Path,
@@ -349,7 +349,5 @@ def _grid(out: Path, codecs, summary: dict[str, Any], shown: set[int]) -> Path |
 
 
 def _load_png(path: Path) -> torch.Tensor:
-    import numpy as np
-
     with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        return pil_to_uint8(im)
