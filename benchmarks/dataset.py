@@ -54,10 +54,8 @@ import argparse
 import glob
 import json
 import os
-import platform
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +65,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.environment import environment_record
+from datasets_tools.crops import cut, random_crop_boxes
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "dataset.json"
 DEFAULT_CORPUS = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cascade-codec" / "bench-photos"
@@ -74,7 +75,7 @@ DEFAULT_PHOTOS = ("/usr/share/backgrounds/mate/nature/*.jpg", "/usr/share/backgr
                   str(ROOT / "scripts" / "samples" / "*.jpg"))
 # Wallpapers in those packages that are not photographs (a synthetic gradient, a noise texture); never used.
 NOT_PHOTOS = ("umang_by_Abhishek_Mudgal.jpg", "analogpattern_by_Peter_Nerlich.jpg")
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: crops drawn by datasets_tools.crops (other boxes than 1)
 MIN_SIDE, MAX_SIDE = 1024, 1400
 
 
@@ -86,11 +87,13 @@ def log(msg: str) -> None:
 # Corpus
 # --------------------------------------------------------------------------------------------
 def _image_size(path: str) -> tuple[int, int] | None:
+    """``(w, h)`` of the upright photo (crop boxes are drawn before it is decoded and turned by its EXIF)."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            return im.size  # (w, h)
+            turned = im.getexif().get(0x0112) in (5, 6, 7, 8)  # EXIF orientations with a 90° turn
+            return (im.height, im.width) if turned else im.size
     except Exception:  # noqa: BLE001 - an unreadable candidate is just not used
         return None
 
@@ -130,36 +133,19 @@ def build_corpus(folder: Path, n: int, photo_globs: list[str], seed: int) -> dic
     folder.mkdir(parents=True, exist_ok=True)
     log(f"corpus: cutting {n} crops from {len(sources)} {'LARGE' if large else 'SMALL (upscaled!)'} source "
         f"photo(s) into {folder}")
-    rng = random.Random(seed)
     files = []
     opened: dict[str, Image.Image] = {}
-    # Weight sources by area so big photos give more crops (more room for distinct ones).
-    weights = [sizes[p][0] * sizes[p][1] for p in sources]
-    for k in range(n):
-        src = rng.choices(sources, weights=weights)[0] if k >= len(sources) else sources[k]
+    crops = random_crop_boxes([sizes[p] for p in sources], n, seed, side=(MIN_SIDE, MAX_SIDE),
+                              scale=(0.7, 1.0) if upscaled else (0.0, 1.0), upscale=upscaled)
+    for k, crop in enumerate(crops):
+        src = sources[crop.source]
         if src not in opened:
             if len(opened) > 4:
                 opened.pop(next(iter(opened))).close()
             opened[src] = ImageOps.exif_transpose(Image.open(src)).convert("RGB")
-        im = opened[src]
-        W, H = im.size
-        ow, oh = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
-        if upscaled:  # crop ~70–100 % of the small photo, then upscale to (ow, oh)
-            f = rng.uniform(0.7, 1.0)
-            cw, ch = max(1, round(W * f)), max(1, round(H * f))
-            cw, ch = min(cw, round(ch * ow / oh)), min(ch, round(cw * oh / ow))
-        else:  # never upscale: crop ≥ output size, scale 1–(as large as fits)
-            ow, oh = min(ow, W), min(oh, H)
-            fmax = min(W / ow, H / oh)
-            f = rng.uniform(1.0, max(1.0, fmax))
-            cw, ch = min(W, round(ow * f)), min(H, round(oh * f))
-        left, top = rng.randint(0, W - cw), rng.randint(0, H - ch)
-        crop = im.crop((left, top, left + cw, top + ch))
-        if crop.size != (ow, oh):
-            crop = crop.resize((ow, oh), Image.Resampling.LANCZOS)
         name = f"crop_{k:04d}.jpg"
-        crop.save(folder / name, quality=90)
-        files.append({"file": name, "source": src, "box": [left, top, left + cw, top + ch], "size": [ow, oh]})
+        cut(opened[src], crop, Image.Resampling.LANCZOS).save(folder / name, quality=90)
+        files.append({"file": name, "source": src, "box": list(crop.box), "size": list(crop.size)})
     for im in opened.values():
         im.close()
     manifest = {"key": key, "upscaled": upscaled, "n_sources": len(sources), "files": files}
@@ -335,31 +321,11 @@ def store_size(store: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Environment, table
 # --------------------------------------------------------------------------------------------
-def environment(args) -> dict[str, Any]:
-    from benchmarks.speed import _cpu_info
-
-    env: dict[str, Any] = {"python": sys.version.split()[0], "torch": torch.__version__,
-                           "platform": platform.platform(), "threads": args.threads, "cpu": _cpu_info(),
-                           "loadavg_at_start": list(os.getloadavg())}
-    for mod in ("zarr", "numcodecs", "PIL"):
-        try:
-            env[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001
-            env[mod] = None
-    try:
-        import psutil
-
-        env["ram_bytes"] = psutil.virtual_memory().total
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        env["git_commit"] = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True,
-                                           text=True, check=True).stdout.strip()
-        env["git_dirty"] = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "codec",
-                                                "datasets_tools"], capture_output=True, text=True).stdout.strip())
-    except Exception:  # noqa: BLE001
-        pass
-    return env
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """The report's environment record, with this benchmark's threads, the load at its start and the store
+    libraries' versions."""
+    return environment_record(packages=("zarr", "numcodecs", "PIL"), dirty_paths=("codec", "datasets_tools"),
+                              threads=args.threads, loadavg_at_start=list(os.getloadavg()))
 
 
 def format_table(r: dict[str, Any]) -> str:

@@ -61,18 +61,6 @@ def caption_of(path: Path) -> str:
     return "a photo of " + " ".join(words.lower().split())
 
 
-def crops(image: Image.Image, n: int, size: int, seed: int) -> list[Image.Image]:
-    """``n`` seeded random square crops (side 45–90 % of the short side), resized to ``size``."""
-    rng = np.random.default_rng(seed)
-    w, h = image.size
-    out = []
-    for _ in range(n):
-        side = int(min(w, h) * rng.uniform(0.45, 0.9))
-        x, y = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-        out.append(image.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC))
-    return out
-
-
 ALL_T = [round(0.05 + 0.1 * i, 2) for i in range(10)]
 HIGH_T = [t for t in ALL_T if t > 0.5]  # high noise: where the prompt, not the noisy latent, decides
 
@@ -167,7 +155,10 @@ def find_photos(pattern: str, concept: str) -> tuple[list[Path], Path]:
 
 def write_crops(photos: list[Path], folder: Path, n: int, size: int, caption: str | None = None,
                 seed: int = 0) -> None:
-    """``n`` crops of each photo as PNG + caption file in ``folder`` (kept when a previous call finished)."""
+    """``n`` seeded random square crops of each photo (side 45–90 % of the short side, resized to ``size``) as PNG
+    + caption file in ``folder`` (kept when a previous call finished)."""
+    from datasets_tools.crops import random_crops
+
     done = folder / ".complete"
     if done.exists():
         return
@@ -175,7 +166,7 @@ def write_crops(photos: list[Path], folder: Path, n: int, size: int, caption: st
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     for k, photo in enumerate(photos):
-        for i, im in enumerate(crops(Image.open(photo).convert("RGB"), n, size, seed=seed + k)):
+        for i, im in enumerate(random_crops(Image.open(photo).convert("RGB"), n, size, seed + k, scale=(0.45, 0.9))):
             name = f"{k:02d}_{i:02d}"
             im.save(folder / f"{name}.png")
             (folder / f"{name}.txt").write_text(caption or caption_of(photo))

@@ -43,10 +43,8 @@ import json
 import math
 import multiprocessing as mp
 import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +58,7 @@ import torch
 from codec.layouts.official import OFFICIAL_STAGE_A_SCALE
 from codec.presets import create_model
 
+from .environment import environment_record
 from .rss import current_rss_bytes, peak_rss_bytes
 
 ALL_TASKS = ("effnet", "stage_a", "stage_b", "stage_c")
@@ -471,56 +470,14 @@ def run_case(case: Case, args, tmpdir: Path, refs: dict[tuple[str, int, int], Pa
 # --------------------------------------------------------------------------------------------
 # Environment and report
 # --------------------------------------------------------------------------------------------
-def _cpu_info() -> dict[str, Any]:
-    model, flags = platform.processor() or "?", set()
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """The report's environment record, with this benchmark's threads and transparent-huge-page settings."""
+    extra: dict[str, Any] = {"threads": args.threads, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("?", "x86_64", ""):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
+        extra["transparent_hugepage"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
     except OSError:
         pass
-    native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
-    return {
-        "model": model, "logical_cpus": os.cpu_count(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-        "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags, "native_bf16": native_bf16,
-    }
-
-
-def environment(args) -> dict[str, Any]:
-    env: dict[str, Any] = {
-        "python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-        "threads": args.threads, "cpu": _cpu_info(),
-        "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
-    }
-    try:
-        env["transparent_hugepage"] = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip()
-    except OSError:
-        pass
-    try:
-        import diffusers
-
-        env["diffusers"] = diffusers.__version__
-    except Exception:  # noqa: BLE001
-        env["diffusers"] = None
-    try:
-        import psutil
-
-        env["ram_bytes"] = psutil.virtual_memory().total
-    except Exception:  # noqa: BLE001
-        pass
-    root = Path(__file__).resolve().parent.parent
-    try:
-        env["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                           text=True, check=True).stdout.strip()
-        env["git_dirty"] = bool(subprocess.run(["git", "-C", str(root), "status", "--porcelain", "codec"],
-                                               capture_output=True, text=True).stdout.strip())
-    except Exception:  # noqa: BLE001
-        pass
-    return env
+    return environment_record(packages=("diffusers",), dirty_paths=("codec",), **extra)
 
 
 def _gb(b: int | None) -> str:

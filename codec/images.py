@@ -90,10 +90,22 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, name: str | None = 
             raise ImageReadError(name, f"unreadable image: {type(e).__name__}: {e}") from None
 
 
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """PIL image → ``(3,H,W)`` uint8 with the same pixel values (converted to RGB first, by the policy above)."""
+    arr = np.asarray(_to_rgb(img) if img.mode != "RGB" else img, dtype=np.uint8)
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (any shape) → float in [0,1] (``x / 255``); :func:`to_uint8` maps them back exactly."""
+    if images.dtype != torch.uint8:
+        raise ValueError(f"from_uint8 takes uint8 pixels, got {images.dtype}")
+    return images.float() / 255
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL image → ``(3,H,W)`` float in [0,1] (converted to RGB first)."""
-    arr = np.asarray(_to_rgb(img) if img.mode != "RGB" else img, dtype=np.uint8)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255)
+    return from_uint8(pil_to_uint8(img))
 
 
 def _array_to_tensor(x: torch.Tensor) -> torch.Tensor:
@@ -150,12 +162,18 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
+def uint8_to_pil(image: torch.Tensor) -> Image.Image:
+    """``(3,H,W)`` uint8 → RGB PIL image with the same pixel values."""
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"uint8_to_pil takes one (3,H,W) uint8 image, got {image.dtype} {list(image.shape)}")
+    return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """``(B,3,H,W)`` or ``(3,H,W)`` float in [0,1] → PIL images (rounded to uint8)."""
     if images.ndim == 3:
         images = images[None]
-    arr = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
+    return [uint8_to_pil(x) for x in to_uint8(images)]
 
 
 def save_images(images: Sequence[Image.Image], out: str | os.PathLike,

@@ -36,6 +36,10 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -107,12 +111,17 @@ def licence_of(stanzas: list[dict[str, str]], path: str) -> dict[str, str]:
     return found
 
 
-def tiles(width: int, height: int, side: int) -> list[tuple[int, int, int, int, int, int]]:
-    """``(row, col, left, top, right, bottom)`` of the centred grid of non-overlapping ``side``² tiles."""
-    nx, ny = width // side, height // side
-    left0, top0 = (width - nx * side) // 2, (height - ny * side) // 2
-    return [(r, c, left0 + c * side, top0 + r * side, left0 + (c + 1) * side, top0 + (r + 1) * side)
-            for r in range(ny) for c in range(nx)]
+def _save_tiles(img: Image.Image, side: int, out: Path, folder: Path, prefix: str, **fields: object) -> list[dict]:
+    """Every tile of the centred ``side``² grid of ``img`` as ``folder/<prefix>__r<row>c<col>.png``; returns their
+    manifest entries (file relative to ``out``, ``fields``, box)."""
+    from datasets_tools.crops import grid_tiles
+
+    entries = []
+    for tile in grid_tiles(img.width, img.height, side):
+        path = folder / f"{prefix}__r{tile.row}c{tile.col}.png"
+        img.crop(tile.box).save(path)
+        entries.append({"file": str(path.relative_to(out)), **fields, "box": list(tile.box)})
+    return entries
 
 
 def _fresh_dir(folder: Path) -> Path:
@@ -140,11 +149,9 @@ def _scaled_tiles(out: Path, records: list[dict], sides: list[int], scales: list
             for short in scales:
                 k = short / min(img.size)
                 small = img.resize((round(img.width * k), round(img.height * k)), Image.BICUBIC, reducing_gap=3.0)
-                for r, c, left, top, right, bottom in tiles(small.width, small.height, side):
-                    path = out / f"{rec['split']}-{side}" / f"{rec['package']}__{stem}__s{short}__r{r}c{c}.png"
-                    small.crop((left, top, right, bottom)).save(path)
-                    found.append({"file": str(path.relative_to(out)), "original": rec["file"], "split": rec["split"],
-                                  "short_side": short, "box": [left, top, right, bottom]})
+                found += _save_tiles(small, side, out, out / f"{rec['split']}-{side}",
+                                     f"{rec['package']}__{stem}__s{short}", original=rec["file"], split=rec["split"],
+                                     short_side=short)
     return found
 
 
@@ -222,11 +229,7 @@ def main(argv=None) -> int:
         for rec in records:
             img = load_image(out / rec["file"])
             stem = Path(rec["file"]).stem
-            for r, c, left, top, right, bottom in tiles(img.width, img.height, args.crop_size):
-                name = f"{rec['package']}__{stem}__r{r}c{c}.png"
-                img.crop((left, top, right, bottom)).save(crop_dir / name)
-                crops.append({"file": str((crop_dir / name).relative_to(out)), "original": rec["file"],
-                              "box": [left, top, right, bottom]})
+            crops += _save_tiles(img, args.crop_size, out, crop_dir, f"{rec['package']}__{stem}", original=rec["file"])
     scaled = _scaled_tiles(out, records, args.scaled_tiles, args.scales)
     manifest = {"about": "Photographs from Debian packages; licences from each package's DEP-5 copyright file. "
                          f"Tiles: non-overlapping {args.crop_size}² crops at 1:1 scale, centred grid, row by row.",

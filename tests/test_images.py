@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from codec.images import ImageReadError, load_image, to_pil, to_tensor_list
+from codec.images import (ImageReadError, from_uint8, load_image, pil_to_tensor, pil_to_uint8, to_pil, to_tensor_list,
+                          to_uint8, uint8_to_pil)
 
 
 def _gradient(w=40, h=30):
@@ -112,3 +113,18 @@ def test_array_inputs():
 def test_to_pil_rounds():
     img = to_pil(torch.full((3, 2, 2), 0.5))[0]
     assert np.asarray(img)[0, 0, 0] == 128
+
+
+def test_uint8_pil_round_trip_keeps_every_value():
+    x = torch.randint(0, 256, (3, 7, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    img = uint8_to_pil(x)
+    assert img.mode == "RGB" and img.size == (5, 7)
+    assert np.array_equal(np.asarray(img), x.permute(1, 2, 0).numpy())
+    assert torch.equal(pil_to_uint8(img), x)
+    assert torch.equal(pil_to_uint8(img.convert("L")), pil_to_uint8(img.convert("L").convert("RGB")))
+    assert torch.equal(to_uint8(from_uint8(x)), x)
+    assert torch.equal(from_uint8(x), x.float() / 255) and torch.equal(pil_to_tensor(img), from_uint8(x))
+    with pytest.raises(ValueError, match="uint8"):
+        uint8_to_pil(x.float())
+    with pytest.raises(ValueError, match="uint8"):
+        from_uint8(x.float())

@@ -35,14 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from PIL import Image
 
 from codec.codec import LATENT_STRIDE, encoder_input_size
 from codec.devices import resolve_device
 from codec.errors import MissingInputError, UsageError
-from codec.images import to_uint8
+from codec.images import from_uint8, pil_to_uint8, to_uint8, uint8_to_pil
 
 from . import jpeg
 
@@ -274,7 +273,7 @@ class StableCascade(BenchCodec):
             nbytes = int(z.numel()) * self.ctx.latent_itemsize
         else:
             t = time.perf_counter()
-            z = self.codec.encode(item.image[None].float() / 255, scale=p["scale"], resize=p["resize"])
+            z = self.codec.encode(from_uint8(item.image[None]), scale=p["scale"], resize=p["resize"])
             z = z.to(torch.float16)
             encode_s = time.perf_counter() - t
             nbytes = int(z.numel()) * STORED_LATENT_BYTES
@@ -286,24 +285,16 @@ class StableCascade(BenchCodec):
         return Output(to_uint8(x[0]), nbytes, encode_s, decode_s, {"latent_shape": list(z.shape[1:])})
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
-
-
-def _from_pil(img: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1)
-
-
 class Jpeg(BenchCodec):
     """Pillow JPEG at a fixed integer quality."""
 
     def run(self, item) -> Output:
-        img = _to_pil(item.image)
+        img = uint8_to_pil(item.image)
         t = time.perf_counter()
         data = jpeg.encode(img, self.config.params["quality"])
         encode_s = time.perf_counter() - t
         t = time.perf_counter()
-        out = _from_pil(jpeg.decode(data))
+        out = pil_to_uint8(jpeg.decode(data))
         return Output(out, len(data), encode_s, time.perf_counter() - t)
 
 
@@ -313,12 +304,12 @@ class JpegBudget(BenchCodec):
     def run(self, item) -> Output:
         p = self.config.params
         budget = p["bytes"] if p["bytes"] is not None else self._matched_latent(item)[1]
-        img = _to_pil(item.image)
+        img = uint8_to_pil(item.image)
         t = time.perf_counter()
         r = jpeg.encode_under_budget(img, budget)
         encode_s = time.perf_counter() - t
         t = time.perf_counter()
-        out = _from_pil(jpeg.decode(r.data))
+        out = pil_to_uint8(jpeg.decode(r.data))
         return Output(out, len(r.data), encode_s, time.perf_counter() - t,
                       {"budget": budget, "quality": round(r.quality, 4), "over_budget": r.over_budget,
                        "encodes": r.tries})
@@ -343,12 +334,12 @@ class Bicubic(BenchCodec):
         height, width = item.image.shape[-2:]
         values = p["values"] if p["values"] is not None else self._matched_latent(item)[0]
         h, w = bicubic_size(height, width, values)
-        img = _to_pil(item.image)
+        img = uint8_to_pil(item.image)
         t = time.perf_counter()
         small = img.resize((w, h), Image.Resampling.BICUBIC)
         encode_s = time.perf_counter() - t
         t = time.perf_counter()
-        out = _from_pil(small.resize((width, height), Image.Resampling.BICUBIC))
+        out = pil_to_uint8(small.resize((width, height), Image.Resampling.BICUBIC))
         return Output(out, 3 * h * w, encode_s, time.perf_counter() - t, {"low_res": [h, w], "values": values})
 
 

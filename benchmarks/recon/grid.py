@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from codec.images import uint8_to_pil
+
 CELL, GAP, LINE, HEADER = 256, 6, 16, 46
 ZOOM_FRACTION = 8  # the crop is 1/8 of the short side, at the centre
 
@@ -61,10 +63,6 @@ def _ascii(text: str) -> str:
     return text.replace("×", "x").replace("→", "->").replace("²", "^2").replace("σ", "sigma")
 
 
-def _pil(image: torch.Tensor) -> Image.Image:
-    return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
-
-
 def make_grid(rows: list[GridRow], column_titles: list[str], title_lines: list[str], cell: int = CELL) -> Image.Image:
     """The grid image. ``column_titles`` names every column, the original's first."""
     n = len(column_titles)
@@ -93,7 +91,7 @@ def make_grid(rows: list[GridRow], column_titles: list[str], title_lines: list[s
             if img is None:
                 draw.text((x, y + th // 2), "(missing)", fill="gray", font=font)
             else:
-                pil = _pil(img)
+                pil = uint8_to_pil(img)
                 canvas.paste(pil.resize((cell, th), Image.Resampling.LANCZOS), (x, y))
                 draw.rectangle([x + box[0] * scale, y + box[1] * scale, x + box[2] * scale, y + box[3] * scale],
                                outline=(255, 0, 0), width=1)

@@ -14,10 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -27,8 +25,10 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from benchmarks.environment import environment_record
 from codec.devices import resolve_device
 from codec.errors import UsageError
+from codec.images import pil_to_uint8, uint8_to_pil
 
 from . import metrics as M
 from .codecs import Context, build, parse_specs
@@ -115,41 +115,18 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def environment(device: str) -> dict[str, Any]:
-    """Versions, CPU, threads and git commit for the summary."""
-    from benchmarks.speed import _cpu_info
-
-    env: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
-                           "cpu": _cpu_info(), "torch_threads": torch.get_num_threads(), "device": device}
-    for mod in ("torch", "torchvision", "torchmetrics", "lpips", "PIL", "numpy", "diffusers", "torch_fidelity"):
-        try:
-            m = __import__(mod)
-            env[mod] = getattr(m, "__version__", None) or _dist_version(mod)
-        except Exception:  # noqa: BLE001 - optional packages
-            env[mod] = None
-    if torch.cuda.is_available():
-        env["cuda_device"] = torch.cuda.get_device_name()
-    root = Path(__file__).resolve().parents[2]
-    try:
-        import subprocess
-
-        env["git_commit"] = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                                           text=True, check=True).stdout.strip()
-    except Exception:  # noqa: BLE001
-        env["git_commit"] = None
-    return env
-
-
-def _dist_version(mod: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(mod)
-    except PackageNotFoundError:
-        return None
+    """The summary's environment record: versions of the metric and codec libraries, threads, device."""
+    return environment_record(packages=("torchvision", "torchmetrics", "lpips", "PIL", "numpy", "diffusers",
+                                        "torch_fidelity"), torch_threads=torch.get_num_threads(), device=device)
 
 
 def _tool_version() -> str:
-    return f"cascade-codec {_dist_version('cascade-codec') or 'unknown'}"
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"cascade-codec {version('cascade-codec')}"
+    except PackageNotFoundError:
+        return "cascade-codec unknown"
 
 
 class _Folder:
@@ -282,7 +259,7 @@ def _measure_image(item, codecs, writer: CsvWriter, lp, fid, grid_dir: Path, gri
     height, width = ref.shape[-2:]
     keep = item.index in grid
     if keep:
-        Image.fromarray(ref.permute(1, 2, 0).numpy()).save(grid_dir / f"{item.index:05d}_original.png")
+        uint8_to_pil(ref).save(grid_dir / f"{item.index:05d}_original.png")
     if fid is not None:
         fid.add_original(ref)
     for codec in codecs:
@@ -304,8 +281,7 @@ def _measure_image(item, codecs, writer: CsvWriter, lp, fid, grid_dir: Path, gri
         if fid is not None:
             fid.add_reconstruction(codec.label, out.image)
         if keep:
-            Image.fromarray(out.image.permute(1, 2, 0).numpy()).save(grid_dir / f"{item.index:05d}_"
-                                                                     f"{_slug(codec.label)}.png")
+            uint8_to_pil(out.image).save(grid_dir / f"{item.index:05d}_{_slug(codec.label)}.png")
 
 
 def _finish(cfg: ReconConfig, ds, codecs, lp_status, fid_status, fid, skipped, out: Path,
@@ -386,7 +362,5 @@ def _grid(out: Path, codecs, summary: dict[str, Any], shown: set[int]) -> Path |
 
 
 def _load_png(path: Path) -> torch.Tensor:
-    import numpy as np
-
     with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        return pil_to_uint8(im)
