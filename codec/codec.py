@@ -340,13 +340,16 @@ class Codec:
         return latents
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, height: int | None = None, width: int | None = None, steps: int = 10,
-               cfg: float | None = 1.1, seed: int | None = 0, caption: str | Sequence[str] | None = None,
+    def decode(self, latents: torch.Tensor | Sequence[torch.Tensor], height: int | None = None,
+               width: int | None = None, steps: int = 10, cfg: float | None = 1.1, seed: int | None = 0, caption: str | Sequence[str] | None = None,
                clip: torch.Tensor | None = None, sampler: str = "ddpm", cfg_rho: float = 0.7, shift: float = 1.0,
                batch_size: int = 4, output: str = "pil", progress: Callable[[int, int], None] | None = None,
                generator: torch.Generator | None = None, x0_clamp: float | None = None
                ) -> list[Image.Image] | torch.Tensor:
         """EfficientNet latents ``(B,16,h,w)`` → images of ``height``×``width`` (default: h·32/0.75).
+
+        A list of latents (what :meth:`encode` returns for images of several sizes) is decoded in order, from one
+        random stream; with ``output="tensor"`` the result is then one tensor if all sizes agree, else a list.
 
         Stage B samples a Stage A latent conditioned on the latents and on the pooled
         text ``clip`` (``(B,1,C)``/``(1,1,C)``; default: the caption's, or the empty
@@ -358,6 +361,16 @@ class Codec:
         default none for the official models, the value the Stage B file names for others
         (the built-in ``mini`` codec's).
         """
+        if isinstance(latents, (list, tuple)):  # what encode() returns for images of several sizes
+            if generator is None and seed is not None:
+                generator = torch.Generator().manual_seed(seed)
+            kwargs = dict(height=height, width=width, steps=steps, cfg=cfg, seed=None, caption=caption, clip=clip,
+                          sampler=sampler, cfg_rho=cfg_rho, shift=shift, batch_size=batch_size, output=output,
+                          progress=progress, generator=generator, x0_clamp=x0_clamp)
+            parts = [self.decode(z, **kwargs) for z in latents]
+            if output == "pil":
+                return [img for part in parts for img in part]
+            return torch.cat(parts) if len({p.shape[1:] for p in parts}) == 1 else [x for p in parts for x in p]
         latents = self.check_latents(latents)
         x0_clamp = self.sampling.get("x0_clamp") if x0_clamp is None else x0_clamp
         n = latents.shape[0]

@@ -35,3 +35,33 @@ def atomic_write(path: str | os.PathLike, mode: int | None = None) -> Iterator[P
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def check_output(path: str | os.PathLike, folder: bool = False) -> Path:
+    """Make sure ``path`` can be written before any work starts: no file where a folder must be, no folder where
+    the file goes (``folder=False``) and a writable place. Returns it; raises a :class:`UsageError` otherwise."""
+    from .errors import UsageError
+
+    p = Path(path).expanduser()
+    for parent in [*reversed(p.parents)]:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{p}: cannot write there, {parent} is a file, not a folder")
+    if p.exists() and p.is_dir() != folder:
+        raise UsageError(f"{p} is a {'file' if folder else 'folder'}; give {'a folder' if folder else 'a file name'}")
+    existing = next(q for q in (p, *p.parents) if q.exists())
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"{p}: cannot write there ({existing} is not writable); choose another place")
+    return p
+
+
+def check_input(path: str | os.PathLike, hint: str = "") -> Path:
+    """``path`` if it is an existing file; a sentence for a missing one or a folder (``hint``: the command for
+    folders), before any work starts."""
+    from .errors import MissingInputError
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise MissingInputError(f"{p} is a folder{'; ' + hint if hint else ''}")
+    if not p.is_file():
+        raise MissingInputError(f"{p}: no such file")
+    return p

@@ -2,7 +2,8 @@
 
 ``.safetensors`` (format ``cascade-codec latents v1``): one tensor ``latents`` ``(N,16,h,w)`` when all latents
 have one shape, else ``latents.0``, ``latents.1``, … ``(1,16,h,w)``; metadata ``sources`` (JSON list of the
-input names), ``sizes`` (JSON list of ``[height, width]`` of the originals), ``encoder_scale`` and ``tool``.
+input names), ``sizes`` (JSON list of ``[height, width]`` of the originals), ``encoder_scale``, ``model`` (the
+weights that encoded them, as given: ``mini``, a repo id or a folder) and ``tool``.
 ``.npy``: one array ``(N,16,h,w)``, nothing else (sizes are then not known).
 """
 
@@ -16,11 +17,12 @@ from typing import Sequence
 
 import torch
 
-from .errors import MissingInputError, UsageError
+from .errors import MissingInputError, UsageError, WeightsError
 from .files import atomic_write
 
 FORMAT = "cascade-codec latents v1"
 SUFFIXES = (".safetensors", ".npy")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
 @dataclass
@@ -32,6 +34,7 @@ class LatentsFile:
     sizes: list[list[int]] | None = None
     sources: list[str] | None = None
     encoder_scale: float | None = None
+    model: str | None = None
 
 
 def check_latents_path(path: str | os.PathLike) -> Path:
@@ -43,9 +46,10 @@ def check_latents_path(path: str | os.PathLike) -> Path:
 
 
 def save_latents(path: str | os.PathLike, latents: Sequence[torch.Tensor], sources: Sequence[str],
-                 sizes: Sequence[Sequence[int]], encoder_scale: float) -> Path:
-    """Write ``latents`` (each ``(1|N,16,h,w)``) with their sources and original sizes to ``path`` (.safetensors
-    or .npy), atomically. A ``.npy`` file holds one array, so all latents must then have one shape."""
+                 sizes: Sequence[Sequence[int]], encoder_scale: float, model: str | None = None) -> Path:
+    """Write ``latents`` (each ``(1|N,16,h,w)``) with their sources, original sizes and the ``model`` that made
+    them to ``path`` (.safetensors or .npy), atomically. A ``.npy`` file holds one array and nothing else, so all
+    latents must then have one shape, and sizes and model are not kept."""
     import numpy as np
     from safetensors.torch import save_file
 
@@ -65,6 +69,8 @@ def save_latents(path: str | os.PathLike, latents: Sequence[torch.Tensor], sourc
                 {f"latents.{i}": z.contiguous() for i, z in enumerate(latents)}
             meta = {"sources": json.dumps(list(sources)), "sizes": json.dumps([list(s) for s in sizes]),
                     "encoder_scale": str(encoder_scale), "format": FORMAT, "tool": f"cascade-codec {__version__}"}
+            if model:
+                meta["model"] = model
             save_file(tensors, str(tmp), metadata=meta)
     return path
 
@@ -87,7 +93,15 @@ def load_latents(path: str | os.PathLike) -> LatentsFile:
         except Exception as e:  # noqa: BLE001 - any unreadable array is the same sentence to the user
             raise UsageError(f"{path}: not a readable .npy array ({e})") from None
         return LatentsFile([torch.from_numpy(arr).float()])
-    header = read_header(path)
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        raise UsageError(f"{path} is an image, not a latents file; `cascade reconstruct {path} -o OUT` encodes and "
+                         "decodes an image, `cascade encode` makes a latents file")
+    try:
+        header = read_header(path)
+    except WeightsError as e:
+        reason = str(e).replace(" Download it again.", "")
+        raise UsageError(f"{path} is not a complete latents file ({reason}); write it again with `cascade encode`"
+                         ) from None
     tensors = dict(iter_tensors(header, torch.float32))
     keys = sorted(tensors, key=lambda k: (len(k), k))
     if not keys:
@@ -96,4 +110,4 @@ def load_latents(path: str | os.PathLike) -> LatentsFile:
     sizes = json.loads(meta["sizes"]) if "sizes" in meta else None
     sources = json.loads(meta["sources"]) if "sources" in meta else None
     scale = float(meta["encoder_scale"]) if "encoder_scale" in meta else None
-    return LatentsFile([tensors[k] for k in keys], sizes, sources, scale)
+    return LatentsFile([tensors[k] for k in keys], sizes, sources, scale, meta.get("model"))

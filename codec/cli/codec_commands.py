@@ -28,11 +28,14 @@ def encode(images, out, scale, resize, latent_dtype, weights, stage_b, device, d
     """Encode IMAGES into EfficientNet latents (16 × H·scale/32 × W·scale/32)."""
     import torch
 
+    from ..files import check_input, check_output
     from ..images import load_image, pil_to_tensor
     from ..latents import check_latents_path, save_latents
     from ..progress import progress_bar
 
-    check_latents_path(out)
+    check_output(check_latents_path(out))
+    for path in images:
+        check_input(path, f"`cascade encode-dataset {path} STORE` encodes a folder of images")
     codec = load_codec(weights, stage_b, device, dtype)
     latents, sizes = [], []
     for path in progress_bar(None, "encode", unit="img", iterable=images):
@@ -40,10 +43,28 @@ def encode(images, out, scale, resize, latent_dtype, weights, stage_b, device, d
         sizes.append([int(t.shape[-2]), int(t.shape[-1])])
         latents.append(codec.encode(t[None], scale=scale, resize=resize))
     store = torch.float16 if latent_dtype == "fp16" else torch.float32
-    save_latents(out, [z.to(store) for z in latents], [str(p) for p in images], sizes, scale)
+    save_latents(out, [z.to(store) for z in latents], [str(p) for p in images], sizes, scale, codec.source.source)
+    if out.suffix == ".npy":
+        click.secho("note: a .npy file holds the latents only: the original sizes and the model are not kept "
+                    "(decode uses latent·32/0.75; write .safetensors to keep them)", fg="yellow", err=True)
     shapes = sorted({tuple(z.shape[1:]) for z in latents})
     click.echo(f"wrote {len(latents)} latent(s) of shape {', '.join('×'.join(map(str, s)) for s in shapes)} "
                f"to {out}")
+
+
+def output_size(height: int | None, width: int | None, recorded: list[int] | None, latent) -> tuple[int, int]:
+    """The size to decode one latent at: as given; one side given, the other from the original's aspect (or the
+    latent's); neither, the original size recorded by `cascade encode`, else latent·32/0.75."""
+    from ..codec import default_output_size
+
+    full = recorded or list(default_output_size(*latent.shape[-2:]))
+    if height is None and width is None:
+        return full[0], full[1]
+    if width is None:
+        return height, max(8, round(height * full[1] / full[0]))
+    if height is None:
+        return max(8, round(width * full[0] / full[1])), width
+    return height, width
 
 
 @click.command()
@@ -51,7 +72,8 @@ def encode(images, out, scale, resize, latent_dtype, weights, stage_b, device, d
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Output image (.png, .jpg, .webp …). Several latents give OUT_000.png, OUT_001.png, …")
 @click.option("--height", type=click.IntRange(8), default=None,
-              help="Output height. Default: the original size recorded by `cascade encode`, else latent·32/0.75.")
+              help="Output height. Default: the original size recorded by `cascade encode`, else latent·32/0.75; "
+                   "with only --height or only --width the other side keeps the aspect ratio.")
 @click.option("--width", type=click.IntRange(8), default=None, help="Output width (see --height).")
 @decode_options
 @weights_option
@@ -59,21 +81,20 @@ def encode(images, out, scale, resize, latent_dtype, weights, stage_b, device, d
 def decode(latents, out, height, width, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size,
            weights, stage_b, device, dtype) -> None:
     """Decode LATENTS (.safetensors from `cascade encode`, or .npy) into images."""
+    from ..files import check_output
     from ..images import check_image_path, save_images
     from ..latents import load_latents
 
-    check_image_path(out)
+    check_output(check_image_path(out))
     found = load_latents(latents)
-    codec = load_codec(weights, stage_b, device, dtype)
+    codec = load_codec(weights, stage_b, device, dtype, recorded=found.model)
     kwargs = decode_kwargs(steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size)
     flat = [z for g in found.latents for z in codec.check_latents(g).split(1)]
     images = []
     bar, update = step_progress(steps * len(flat), "decode")
     t0 = time.perf_counter()
     for i, z in enumerate(flat):
-        h, w = height, width
-        if found.sizes is not None and i < len(found.sizes):
-            h, w = h or found.sizes[i][0], w or found.sizes[i][1]
+        h, w = output_size(height, width, found.sizes[i] if found.sizes and i < len(found.sizes) else None, z)
         images += codec.decode(z, height=h, width=w, progress=update, **kwargs)
     bar.close()
     paths = save_images(images, out)
@@ -94,10 +115,11 @@ def decode(latents, out, height, width, steps, cfg, no_cfg, cfg_rho, sampler, se
 def reconstruct(image, out, scale, resize, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size,
                 weights, stage_b, device, dtype) -> None:
     """Encode IMAGE and decode it back at its own size."""
+    from ..files import check_input, check_output
     from ..images import check_image_path, load_image, pil_to_tensor, save_images
 
-    check_image_path(out)
-    t = pil_to_tensor(load_image(image))
+    check_output(check_image_path(out))
+    t = pil_to_tensor(load_image(check_input(image, "`cascade encode-dataset` and `decode-dataset` take folders")))
     codec = load_codec(weights, stage_b, device, dtype)
     kwargs = decode_kwargs(steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size)
     bar, update = step_progress(steps, "decode")

@@ -4,6 +4,7 @@ sampling options and loading the codec. Commands use only these and the public A
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Callable
 
 import click
@@ -20,18 +21,28 @@ WEIGHTS_HELP = ("Folder with the official Stable Cascade files (stage_a.safetens
 DEVICE_HELP = "Torch device: auto (CUDA if available), cpu, cuda, cuda:1, mps, …"
 
 
-def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+RESUMES = "run the same command again to continue where it stopped"
+NOTHING_WRITTEN = "nothing was written"
+
+
+def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: str = NOTHING_WRITTEN) -> Callable[..., Any]:
     """Decorate a command so that a :class:`~codec.errors.CascadeError` becomes a one-paragraph message and exit
-    status 1; any other exception is a bug and keeps its traceback."""
+    status 1, and Ctrl-C a sentence saying what happens next (``interrupted``: :data:`RESUMES` for resumable
+    jobs); any other exception is a bug and keeps its traceback."""
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except CascadeError as e:
-            raise click.ClickException(str(e)) from None
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return command(*args, **kwargs)
+            except CascadeError as e:
+                raise click.ClickException(str(e)) from None
+            except KeyboardInterrupt:
+                raise click.ClickException(f"interrupted; {interrupted}") from None
 
-    return wrapper
+        return wrapper
+
+    return decorate(fn) if fn is not None else decorate
 
 
 def weights_option(f: Callable) -> Callable:
@@ -82,11 +93,19 @@ def decode_kwargs(steps: int, cfg: float, no_cfg: bool, cfg_rho: float, sampler:
                 caption=caption, batch_size=batch_size)
 
 
-def load_codec(weights: str | None, stage_b: str | None, device: str, dtype: str):
-    """The :class:`codec.Codec` of the options (default weights: $CASCADE_WEIGHTS, else the official repo), with
-    a note on the terminal when its weights are tiny random ones."""
+def load_codec(weights: str | None, stage_b: str | None, device: str, dtype: str, recorded: str | None = None):
+    """The :class:`codec.Codec` of the options (default weights: ``recorded``, the model that made the latents at
+    hand, else $CASCADE_WEIGHTS, else the official repo), with a note on the terminal when its weights are tiny
+    random ones or not the ones that made the latents."""
     from ..codec import Codec
+    from ..weights import WEIGHTS_ENV, default_source
 
+    if weights is None and recorded and not os.environ.get(WEIGHTS_ENV):
+        weights = recorded
+        click.secho(f"note: decoding with {recorded}, the model that encoded these latents", fg="yellow", err=True)
+    elif recorded and default_source(weights) != recorded:
+        click.secho(f"warning: these latents were made by {recorded}, not by {default_source(weights)}; latents of "
+                    "one model mean nothing to another", fg="yellow", err=True)
     codec = Codec.from_pretrained(weights, stage_b=stage_b, dtype=dtype, device=device)
     for note in {c.note for c in codec.components.values() if c.note}:
         click.secho(f"note: {note}", fg="yellow", err=True)

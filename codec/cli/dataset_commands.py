@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import MINI_HELP, decode_kwargs, decode_options, load_codec, user_errors, weights_option
+from .common import MINI_HELP, RESUMES, decode_kwargs, decode_options, load_codec, user_errors, weights_option
 
 
 @click.command("encode-dataset")
@@ -47,7 +47,7 @@ from .common import MINI_HELP, decode_kwargs, decode_options, load_codec, user_e
               help="Also store Stage A latents (4×H/4×W/4, encoder output / 0.43) of the same preprocessed image, "
                    "for Stage B fine-tuning; needs stage_a.safetensors in --weights.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary line is still printed).")
-@user_errors
+@user_errors(interrupted=RESUMES)
 def encode_dataset_command(dataset, out, weights, size, policy, batch_size, workers, dtype, limit, dry_run, shard_size,
                            text_encoder, stage_a, no_progress) -> None:
     """Encode every image of SOURCE into the Zarr latent store OUT (resumable, idempotent).
@@ -67,7 +67,10 @@ def encode_dataset_command(dataset, out, weights, size, policy, batch_size, work
 
     from .. import weights as W
     from ..codec import encoder_input_size
+    from ..files import check_output
 
+    if "://" not in str(out):
+        check_output(out, folder=True)
     source = W.default_source(weights)
     source_w = W.WeightSource(source)
     if size is None:
@@ -97,7 +100,7 @@ def encode_dataset_command(dataset, out, weights, size, policy, batch_size, work
                    "empty caption, as for reconstruction.")
 @decode_options
 @weights_option
-@user_errors
+@user_errors(interrupted=RESUMES)
 def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption,
                    batch_size, weights, stage_b, device, dtype) -> None:
     """Decode samples of a latent STORE (from `cascade encode-dataset`) back to images in OUT_DIR/<id>.<format>.
@@ -107,6 +110,9 @@ def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, steps, cfg, no
     """
     from datasets_tools.decode import decode_dataset
 
+    from ..files import check_output
+
+    check_output(out_dir, folder=True)
     codec = load_codec(weights, stage_b, device, dtype)
     summary = decode_dataset(store, out_dir, codec, ids=ids.split(",") if ids else None, limit=limit, fmt=fmt,
                              use_captions=use_captions,

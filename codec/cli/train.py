@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .common import user_errors
+from .common import RESUMES, user_errors
 
 TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "codec")  # = codec.generation.finetune.run.TASKS
 
@@ -17,7 +17,7 @@ TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "codec")  
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--device", default="auto", show_default=True,
               help="Torch device: auto (this process's CUDA device under torchrun, else CUDA if available, else CPU).")
-@user_errors
+@user_errors(interrupted=RESUMES)
 def train_command(task, config, device) -> None:
     """Train with the YAML CONFIG: TASK is stage-c (full Stage C), lora (LoRA + new tokens on Stage C),
     stage-b (full Stage B), controlnet (a ControlNet on a frozen Stage C), stage-a (Stage A autoencoder from

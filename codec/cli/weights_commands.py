@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .common import user_errors
+from .common import RESUMES, user_errors
 
 
 @click.command()
@@ -86,7 +86,7 @@ def info(weights) -> None:
                    "cast if needed. Everything else is written as stored.")
 @click.option("--overwrite", is_flag=True,
               help="Rewrite outputs that already exist (default: skip them, so an interrupted run continues).")
-@user_errors
+@user_errors(interrupted=RESUMES)
 def convert_command(src, dst, layout, dtype, overwrite) -> None:
     """Convert the Stable Cascade weights in SRC (folder, repo id or ComfyUI file; any layout) into DST in another
     layout.
@@ -96,8 +96,10 @@ def convert_command(src, dst, layout, dtype, overwrite) -> None:
     the Hugging Face folders (text_encoder/, tokenizer/, …) are copied along, or packed
     into and taken out of ComfyUI's all-in-one files.
     """
+    from ..files import check_output
     from ..layouts.convert import convert
 
+    check_output(dst, folder=True)
     summary = convert(src, dst, layout, dtype=dtype, overwrite=overwrite, log=click.echo)
     click.echo(summary.line())
 

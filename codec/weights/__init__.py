@@ -40,6 +40,7 @@ from .names import (
                          STAGE_A_FILE,
                          STAGE_B_FILES,
                          STAGE_C_FILES,
+                         WEIGHTS_ENV,
                          BuiltinModel,
 )
 from .source import WeightSource, default_source

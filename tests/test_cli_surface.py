@@ -1,0 +1,114 @@
+"""User mistakes on the command line and in the Python API get sentences, checked before any work, never a
+traceback; what a latents file records is used when decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from codec.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def no_traceback(result) -> str:
+    """The error message of a command that failed for the user's reason: exit status 1, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    error = result.output[result.output.index("Error: "):]
+    assert not error.strip().startswith("Error: \n"), result.output
+    return error
+
+
+@pytest.fixture
+def photo(tmp_path):
+    p = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(p)
+    return p
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(tiny_weights, photo, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    out = no_traceback(run("reconstruct", photo, "-o", tmp_path / "afile" / "x.png", "-w", tiny_weights))
+    assert "is a file, not a folder" in out
+    out = no_traceback(run("encode", photo, "-o", tmp_path / "afile" / "x.safetensors", "-w", tiny_weights))
+    assert "is a file, not a folder" in out
+    out = no_traceback(run("reconstruct", photo, "-o", tmp_path / "x.bmpx", "-w", tiny_weights))
+    assert "'.bmpx' is not an image format" in out
+    out = no_traceback(run("reconstruct", photo, "-o", tmp_path / "noext", "-w", tiny_weights))
+    assert "no file extension" in out and ".partial" not in out
+    out = no_traceback(run("convert", tiny_weights, tmp_path / "afile", "--to", "diffusers"))
+    assert "is a file; give a folder" in out
+
+
+def test_devices_that_do_not_exist_are_sentences(photo, tmp_path):
+    if not torch.cuda.is_available():
+        out = no_traceback(run("reconstruct", photo, "-o", tmp_path / "x.png", "-w", "mini", "--device", "cuda"))
+        assert "not available here" in out and "cpu" in out
+    out = no_traceback(run("reconstruct", photo, "-o", tmp_path / "x.png", "-w", "mini", "--device", "gpu"))
+    assert "'gpu' is not a device" in out
+
+
+def test_folders_and_images_given_where_a_file_is_expected(tiny_weights, photo, tmp_path):
+    out = no_traceback(run("encode", tmp_path, "-o", tmp_path / "z.safetensors", "-w", tiny_weights))
+    assert "is a folder" in out and "encode-dataset" in out
+    out = no_traceback(run("decode", photo, "-o", tmp_path / "y.png", "-w", tiny_weights))
+    assert "is an image, not a latents file" in out and "cascade reconstruct" in out
+
+
+def test_a_truncated_latents_file_is_not_called_a_download(tiny_weights, photo, tmp_path):
+    lat = tmp_path / "z.safetensors"
+    assert run("encode", photo, "-o", lat, "-w", tiny_weights).exit_code == 0
+    lat.write_bytes(lat.read_bytes()[:-20])
+    out = no_traceback(run("decode", lat, "-o", tmp_path / "y.png", "-w", tiny_weights))
+    assert "not a complete latents file" in out and "Download" not in out
+
+
+def test_latents_record_their_model_and_decode_uses_it(photo, tmp_path, monkeypatch):
+    monkeypatch.delenv("CASCADE_WEIGHTS", raising=False)
+    lat = tmp_path / "z.safetensors"
+    r = run("encode", photo, "-o", lat, "-w", "mini")
+    assert r.exit_code == 0, r.output
+    from codec.latents import load_latents
+
+    assert load_latents(lat).model == "mini"
+    r = run("decode", lat, "-o", tmp_path / "y.png", "--steps", "1", "--height", "96")
+    assert r.exit_code == 0, r.output
+    assert "decoding with mini, the model that encoded these latents" in r.output
+    assert Image.open(tmp_path / "y.png").size == (144, 96)  # only --height: the original's 3:2 aspect is kept
+
+
+def test_the_built_in_model_never_sends_downloads_into_the_package(photo, tmp_path):
+    out = no_traceback(run("reconstruct", photo, "-o", tmp_path / "x.png", "-w", "mini", "--stage-b", "lite"))
+    assert "the built-in 'mini' model has no stage_b_lite.safetensors" in out and "a folder of your own" in out
+    assert "codec/mini/ :" not in out
+    out = no_traceback(run("reconstruct", photo, "-o", tmp_path / "x.png", "-w", "mini", "--caption", "a cup"))
+    assert "has no text_encoder/, tokenizer/" in out
+
+
+def test_decode_takes_what_encode_returns_for_images_of_several_sizes():
+    from codec import Codec
+
+    codec = Codec.from_pretrained("mini", device="cpu")
+    a = torch.rand(3, 64, 96)
+    b = torch.rand(3, 96, 64)
+    latents = codec.encode([a, b])
+    assert isinstance(latents, list) and len(latents) == 2
+    images = codec.decode(latents, steps=1)
+    assert [im.size for im in images] == [(85, 43), (43, 85)]  # each at latent·32/0.75: 1×2 and 2×1 latents
+
+
+def test_ctrl_c_says_what_happens_next(monkeypatch, tiny_weights, tmp_path):
+    import datasets_tools.decode as D
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(D, "LatentDataset", interrupted)
+    out = no_traceback(run("decode-dataset", tmp_path / "s.zarr", tmp_path / "o", "-w", tiny_weights))
+    assert out.strip() == "Error: interrupted; run the same command again to continue where it stopped"
