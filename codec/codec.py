@@ -156,7 +156,7 @@ def encode_pixels(effnet: EfficientNetEncoder, pixels: torch.Tensor) -> torch.Te
 class Codec:
     """Stable Cascade's image codec: EfficientNet encoder, Stage B diffusion decoder, Stage A decoder."""
 
-    def __init__(self, stage_a: StageA, effnet: EfficientNetEncoder | None, stage_b: StageB, *,
+    def __init__(self, stage_a: StageA | None, effnet: EfficientNetEncoder | None, stage_b: StageB | None, *,
                  empty_clip: torch.Tensor | None = None, source: W.WeightSource | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  components: dict[str, ComponentInfo] | None = None, sampling: dict[str, Any] | None = None):
@@ -176,7 +176,7 @@ class Codec:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, stage_b: str | None = None,
                         dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                        encoder: bool = True) -> "Codec":
+                        encoder: bool = True, decoder: bool = True) -> "Codec":
         """Load the codec from a folder, a Hugging Face repo id or a ComfyUI single-file checkpoint.
 
         Official layout: ``stage_a.safetensors``, ``effnet_encoder.safetensors``,
@@ -200,11 +200,17 @@ class Codec:
         only); the EfficientNet encoder and Stage A stay fp32 as in the official code.
         ``device`` (``None``/``"auto"``: CUDA when available) is checked to exist. ``source=None`` means
         ``$CASCADE_WEIGHTS``, else the official repo id. ``encoder=False`` skips the EfficientNet encoder
-        (decode-only use, e.g. after Stage C).
+        (decode-only use, e.g. after Stage C); ``decoder=False`` loads only the encoder (encode-only use: no Stage A
+        or B file is needed).
         """
         device = resolve_device(device)
         dtype = W.parse_dtype(dtype, device)
         src = W.WeightSource(W.default_source(source))
+        if not decoder:
+            effnet, info = load_component(src, layouts.locate_encoder(src), EfficientNetEncoder, None, torch.float32,
+                                          device)
+            return cls(None, effnet.to(memory_format=torch.channels_last), None, source=src, device=device,
+                       dtype=dtype, components={"effnet": info})
         stage_b = stage_b or layouts.default_size(src, "stage_b")
         b_file = src.stage_b_file(stage_b, dtype)
         a_loc = layouts.resolve(src, "stage_a", torch.float32, W.STAGE_A_FILE)
@@ -324,7 +330,7 @@ class Codec:
     # ------------------------------------------------------------------ decode
     def check_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Validate EfficientNet latents; returns them as ``(B,C,h,w)`` float32."""
-        c = self.stage_b.config.c_effnet
+        c = self.stage_b.config.c_effnet if self.stage_b is not None else self.effnet.config["c_latent"]
         if not torch.is_tensor(latents):
             raise TypeError(f"latents must be a tensor, got {type(latents).__name__}")
         if latents.ndim == 3:
@@ -371,6 +377,9 @@ class Codec:
             if output == "pil":
                 return [img for part in parts for img in part]
             return torch.cat(parts) if len({p.shape[1:] for p in parts}) == 1 else [x for p in parts for x in p]
+        if self.stage_b is None or self.stage_a is None:
+            raise W.WeightsError("this codec was loaded without its decoder (decoder=False); load it with "
+                                 "Codec.from_pretrained(..., decoder=True) to decode latents")
         latents = self.check_latents(latents)
         x0_clamp = self.sampling.get("x0_clamp") if x0_clamp is None else x0_clamp
         n = latents.shape[0]

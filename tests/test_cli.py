@@ -93,7 +93,7 @@ def test_user_errors_are_sentences_not_tracebacks(tiny_weights, tmp_path, images
     r = run("encode", bad, "-o", tmp_path / "z.safetensors", "-w", tiny_weights)
     assert r.exit_code == 1 and "bad.jpg: not an image" in r.output
     r = run("encode", images[0], "-o", tmp_path / "z.safetensors", "-w", tmp_path)
-    assert r.exit_code == 1 and "is missing stage_a.safetensors" in r.output
+    assert r.exit_code == 1 and "is missing effnet_encoder.safetensors" in r.output  # encode needs only the encoder
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((1, 4, 8, 8), np.float32))
     r = run("decode", wrong, "-o", tmp_path / "w.png", "-w", tiny_weights)

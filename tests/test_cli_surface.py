@@ -112,3 +112,16 @@ def test_ctrl_c_says_what_happens_next(monkeypatch, tiny_weights, tmp_path):
     monkeypatch.setattr(D, "LatentDataset", interrupted)
     out = no_traceback(run("decode-dataset", tmp_path / "s.zarr", tmp_path / "o", "-w", tiny_weights))
     assert out.strip() == "Error: interrupted; run the same command again to continue where it stopped"
+
+
+def test_encode_needs_only_the_encoder(tiny_weights, photo, tmp_path):
+    """`cascade encode` runs the EfficientNet alone: a folder with only effnet_encoder.safetensors encodes."""
+    import shutil
+
+    only = tmp_path / "only_encoder"
+    only.mkdir()
+    shutil.copy(tiny_weights / "effnet_encoder.safetensors", only)
+    r = run("encode", photo, "-o", tmp_path / "z.safetensors", "-w", only)
+    assert r.exit_code == 0, r.output
+    out = no_traceback(run("decode", tmp_path / "z.safetensors", "-o", tmp_path / "y.png", "-w", only))
+    assert "stage_a.safetensors" in out

@@ -36,7 +36,7 @@ def encode(images, out, scale, resize, latent_dtype, weights, stage_b, device, d
     check_output(check_latents_path(out))
     for path in images:
         check_input(path, f"`cascade encode-dataset {path} STORE` encodes a folder of images")
-    codec = load_codec(weights, stage_b, device, dtype)
+    codec = load_codec(weights, stage_b, device, dtype, decoder=False)
     latents, sizes = [], []
     for path in progress_bar(None, "encode", unit="img", iterable=images):
         t = pil_to_tensor(load_image(path))

@@ -93,10 +93,11 @@ def decode_kwargs(steps: int, cfg: float, no_cfg: bool, cfg_rho: float, sampler:
                 caption=caption, batch_size=batch_size)
 
 
-def load_codec(weights: str | None, stage_b: str | None, device: str, dtype: str, recorded: str | None = None):
+def load_codec(weights: str | None, stage_b: str | None, device: str, dtype: str, recorded: str | None = None,
+               decoder: bool = True):
     """The :class:`codec.Codec` of the options (default weights: ``recorded``, the model that made the latents at
     hand, else $CASCADE_WEIGHTS, else the official repo), with a note on the terminal when its weights are tiny
-    random ones or not the ones that made the latents."""
+    random ones or not the ones that made the latents. ``decoder=False``: only the encoder."""
     from ..codec import Codec
     from ..weights import WEIGHTS_ENV, default_source
 
@@ -106,7 +107,7 @@ def load_codec(weights: str | None, stage_b: str | None, device: str, dtype: str
     elif recorded and default_source(weights) != recorded:
         click.secho(f"warning: these latents were made by {recorded}, not by {default_source(weights)}; latents of "
                     "one model mean nothing to another", fg="yellow", err=True)
-    codec = Codec.from_pretrained(weights, stage_b=stage_b, dtype=dtype, device=device)
+    codec = Codec.from_pretrained(weights, stage_b=stage_b, dtype=dtype, device=device, decoder=decoder)
     for note in {c.note for c in codec.components.values() if c.note}:
         click.secho(f"note: {note}", fg="yellow", err=True)
     return codec
