@@ -3,6 +3,8 @@ exist here is a sentence naming what is available."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import UsageError
@@ -17,9 +19,13 @@ def available_devices() -> list[str]:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"`` → ``cuda`` when a GPU is there, else ``cpu``; anything else is checked to exist."""
+    """``None``/``"auto"`` → a GPU when there is one (under torchrun the process's own, ``cuda:$LOCAL_RANK``),
+    else ``cpu``; anything else is checked to exist."""
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local = os.environ.get("LOCAL_RANK")
+        return torch.device(f"cuda:{int(local) % torch.cuda.device_count()}" if local is not None else "cuda")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

@@ -125,3 +125,34 @@ def test_encode_needs_only_the_encoder(tiny_weights, photo, tmp_path):
     assert r.exit_code == 0, r.output
     out = no_traceback(run("decode", tmp_path / "z.safetensors", "-o", tmp_path / "y.png", "-w", only))
     assert "stage_a.safetensors" in out
+
+
+def test_device_rule(monkeypatch):
+    """auto is the CPU without a GPU (under torchrun too); with GPUs each torchrun process takes its own."""
+    from codec.devices import resolve_device
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") == resolve_device(None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("auto") == torch.device("cuda:1")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    from codec.errors import UsageError
+
+    with pytest.raises(UsageError, match="'cuda:2' is not available here"):
+        resolve_device("cuda:2")
+
+
+def test_encode_dataset_has_one_device_option_and_the_storage_precision_name(tiny_weights, photo, tmp_path):
+    out = no_traceback(run("encode-dataset", photo.parent, tmp_path / "s.zarr", "-w", tiny_weights,
+                           "--device", "gpu"))
+    assert "'gpu' is not a device" in out
+    r = run("encode-dataset", photo.parent, tmp_path / "s.zarr", "-w", tiny_weights, "--size", "64",
+            "--latent-dtype", "float32", "--workers", "0", "--no-progress")
+    assert r.exit_code == 0, r.output
+    from datasets_tools import LatentStore
+
+    assert LatentStore.open(tmp_path / "s.zarr").attrs["dtype"] == "float32"

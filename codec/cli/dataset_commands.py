@@ -31,8 +31,13 @@ from .common import MINI_HELP, RESUMES, decode_kwargs, decode_options, load_code
               help="Images encoded at once (per bucket).")
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
               help="Background processes decoding and resizing images while the encoder runs (0: in-process).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
-              help="Storage precision of the latents (computation is always fp32).")
+@click.option("--latent-dtype", "--dtype", "dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True,
+              help="Storage precision of the latents (computation is always fp32). --dtype is the old name of this "
+                   "option.")
+@click.option("--device", default="auto", show_default=True,
+              help="Torch device of the encoder: auto (a GPU when there is one; under torchrun each process its "
+                   "own, cuda:LOCAL_RANK), cpu, cuda, cuda:1, …")
 @click.option("--limit", type=click.IntRange(1), default=None,
               help="Use only the first N samples of SOURCE (in its deterministic order).")
 @click.option("--dry-run", is_flag=True,
@@ -48,8 +53,8 @@ from .common import MINI_HELP, RESUMES, decode_kwargs, decode_options, load_code
                    "for Stage B fine-tuning; needs stage_a.safetensors in --weights.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary line is still printed).")
 @user_errors(interrupted=RESUMES)
-def encode_dataset_command(dataset, out, weights, size, policy, batch_size, workers, dtype, limit, dry_run, shard_size,
-                           text_encoder, stage_a, no_progress) -> None:
+def encode_dataset_command(dataset, out, weights, size, policy, batch_size, workers, dtype, device, limit, dry_run,
+                           shard_size, text_encoder, stage_a, no_progress) -> None:
     """Encode every image of SOURCE into the Zarr latent store OUT (resumable, idempotent).
 
     SOURCE: a folder of images (recursive; captions from sidecar .txt/.json files), a
@@ -67,6 +72,7 @@ def encode_dataset_command(dataset, out, weights, size, policy, batch_size, work
 
     from .. import weights as W
     from ..codec import encoder_input_size
+    from ..devices import resolve_device
     from ..files import check_output
 
     if "://" not in str(out):
@@ -83,7 +89,8 @@ def encode_dataset_command(dataset, out, weights, size, policy, batch_size, work
     summary = encode_dataset(dataset, out, source,
                              policy=policy, size=size, batch_size=batch_size, workers=workers, dtype=dtype,
                              limit=limit, dry_run=dry_run, shard_size=shard_size, progress=not no_progress,
-                             log=click.echo, text_encoder=text_encoder, stage_a=stage_a)
+                             log=click.echo, text_encoder=text_encoder, stage_a=stage_a,
+                             device=str(resolve_device(device)))
     if int(os.environ.get("RANK", "0")) == 0 or dry_run:
         click.echo(summary.line())
 
