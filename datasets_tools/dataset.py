@@ -179,3 +179,8 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         for idx in self.groups.values():
             n += len(idx) // self.batch_size if self.drop_last else -(-len(idx) // self.batch_size)
         return n
+
+
+def sample_ids(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> list[str]:
+    """Every sample id of a store, in store order (the names ``decode-dataset --ids`` takes)."""
+    return list(LatentDataset(url, storage_options=storage_options).ids)

@@ -156,3 +156,19 @@ def test_encode_dataset_has_one_device_option_and_the_storage_precision_name(tin
     from datasets_tools import LatentStore
 
     assert LatentStore.open(tmp_path / "s.zarr").attrs["dtype"] == "float32"
+
+
+def test_info_describes_what_it_is_given(tiny_weights, photo, tmp_path):
+    lat = tmp_path / "z.safetensors"
+    assert run("encode", photo, "-o", lat, "-w", tiny_weights).exit_code == 0
+    r = run("info", lat)
+    assert r.exit_code == 0 and "1 latent(s) of shape 16×1×2" in r.output and "photo.png (96×64)" in r.output, \
+        r.output
+    assert f"model: {tiny_weights}" in r.output
+    r = run("encode-dataset", photo.parent, tmp_path / "s.zarr", "-w", tiny_weights, "--size", "64", "--workers", "0",
+            "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = run("info", tmp_path / "s.zarr", "--ids")
+    assert r.exit_code == 0 and r.output.split() == ["photo"], r.output  # ids are relative paths without suffix
+    out = no_traceback(run("info", lat, "--ids"))
+    assert "--ids lists the samples of a latent store" in out

@@ -6,23 +6,63 @@ from pathlib import Path
 
 import click
 
+from ..errors import UsageError
 from .common import RESUMES, user_errors
 
 
+def describe_latents(path: Path) -> str:
+    """What a latents file from `cascade encode` holds: count, shapes, bytes, model, sources and sizes."""
+    from ..latents import load_latents
+
+    found = load_latents(path)
+    shapes = sorted({"×".join(map(str, z.shape[1:])) for z in found.latents})
+    count = sum(z.shape[0] for z in found.latents)
+    lines = [f"latents file: {path} ({path.stat().st_size:,} bytes)",
+             f"  {count} latent(s) of shape {', '.join(shapes)}",
+             f"  model: {found.model or 'not recorded'}; encoder scale: {found.encoder_scale or 'not recorded'}"]
+    for i, source in enumerate(found.sources or []):
+        size = f" ({found.sizes[i][1]}×{found.sizes[i][0]})" if found.sizes and i < len(found.sizes) else ""
+        lines.append(f"  {i}: {source}{size}")
+    return "\n".join(lines)
+
+
 @click.command()
-@click.argument("weights", required=False, metavar="[DIR|REPO|STORE]")
+@click.argument("weights", required=False, metavar="[DIR|REPO|STORE|LATENTS|REPORT]")
+@click.option("--ids", "list_ids", is_flag=True,
+              help="With a STORE: list every sample id (the names decode-dataset --ids takes), one per line.")
 @user_errors
-def info(weights) -> None:
-    """Show which Stable Cascade files are in DIR|REPO (variants, dtypes, sizes, notes), or summarise a latent
-    STORE written by `cascade encode-dataset` (count, buckets, dtype, preprocessing, errors).
+def info(weights, list_ids) -> None:
+    """Describe what is given: the Stable Cascade files in DIR|REPO (variants, dtypes, sizes, notes), a latent
+    STORE from `cascade encode-dataset` (count, buckets, dtype, preprocessing, errors; --ids lists its samples), a
+    LATENTS file from `cascade encode`, or a REPORT folder from `cascade bench recon`.
 
     Reads only file headers and metadata (fast, no model is built).
     """
     if weights:
+        from datasets_tools.dataset import sample_ids
         from datasets_tools.store import is_latent_store, store_info
 
         if is_latent_store(weights):
-            click.echo(store_info(weights))
+            click.echo("\n".join(sample_ids(weights)) if list_ids else store_info(weights))
+            return
+        if list_ids:
+            raise UsageError(f"--ids lists the samples of a latent store; {weights} is not one")
+        given = Path(weights).expanduser()
+        if given.is_file() and given.suffix in (".safetensors", ".npy"):
+            from .. import weights as W
+
+            if given.suffix == ".npy" or W.read_header(given).metadata.get("format", "").startswith(
+                    "cascade-codec latents"):
+                click.echo(describe_latents(given))
+                return
+        if given.is_dir() and (given / "summary.json").is_file():
+            from benchmarks.recon.report import TABLE_NAME, load_summary
+
+            summary = load_summary(given)
+            click.echo(f"benchmark report: {given} ({summary['dataset'].get('n', '?')} images, codecs "
+                       f"{', '.join(c['label'] for c in summary['codecs'])})")
+            if (given / TABLE_NAME).is_file():
+                click.echo((given / TABLE_NAME).read_text(encoding="utf-8"), nl=False)
             return
 
     import torch
