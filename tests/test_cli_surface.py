@@ -172,3 +172,12 @@ def test_info_describes_what_it_is_given(tiny_weights, photo, tmp_path):
     assert r.exit_code == 0 and r.output.split() == ["photo"], r.output  # ids are relative paths without suffix
     out = no_traceback(run("info", lat, "--ids"))
     assert "--ids lists the samples of a latent store" in out
+
+
+def test_one_meaning_per_option(photo, tmp_path):
+    r = run("reconstruct", photo, "-o", tmp_path / "x.png", "-w", "mini", "--scale", "2")
+    assert r.exit_code == 2 and "0<x<=1.5" in r.output
+    assert "(0, 1.5]" in run("encode", "--help").output.replace("\n", " ").replace("  ", " ")
+    r = run("decode-dataset", tmp_path / "s.zarr", tmp_path / "o", "--use-captions", "--caption", "x")
+    assert r.exit_code == 2 and "give one of the two" in r.output
+    assert "--model" in run("generate", "--help").output

@@ -10,14 +10,18 @@ import click
 from .common import decode_kwargs, decode_options, load_codec, step_progress, user_errors, weights_option
 
 
+# The range Codec.encode accepts, said once for --help and the error alike.
+SCALE = click.FloatRange(0, 1.5, min_open=True)
+
+
 @click.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
               help="Output file: .safetensors (latents + metadata: source files, original sizes) or .npy "
                    "(one array; all images must give the same latent size).")
-@click.option("--scale", type=float, default=0.75, show_default=True,
-              help="Encoder input size as a fraction of the image size, snapped down to a multiple of 32 "
-                   "(0.75: a 1024² image → 768² → 16×24×24).")
+@click.option("--scale", type=SCALE, default=0.75, show_default=True,
+              help="Encoder input size as a fraction of the image size, in (0, 1.5], snapped down to a multiple of 32 "
+                   "(0.75, the official contract: a 1024² image → 768² → 16×24×24).")
 @click.option("--resize", type=click.Choice(["nearest", "bilinear"]), default="nearest", show_default=True,
               help="Downscaling before the encoder: nearest (official reconstruction) or antialiased bilinear.")
 @click.option("--latent-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
@@ -105,8 +109,8 @@ def decode(latents, out, height, width, steps, cfg, no_cfg, cfg_rho, sampler, se
 @click.command()
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output image.")
-@click.option("--scale", type=float, default=0.75, show_default=True,
-              help="Encoder input size as a fraction of the image size (see `cascade encode --help`).")
+@click.option("--scale", type=SCALE, default=0.75, show_default=True,
+              help="Encoder input size as a fraction of the image size, in (0, 1.5] (see `cascade encode --help`).")
 @click.option("--resize", type=click.Choice(["nearest", "bilinear"]), default="nearest", show_default=True,
               help="Downscaling before the encoder.")
 @decode_options

@@ -119,6 +119,10 @@ def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, steps, cfg, no
 
     from ..files import check_output
 
+    if use_captions and caption is not None:
+        raise click.UsageError("--use-captions conditions each sample on its stored caption and --caption all of them "
+                               "on one caption: give one of the two")
+
     check_output(out_dir, folder=True)
     codec = load_codec(weights, stage_b, device, dtype)
     summary = decode_dataset(store, out_dir, codec, ids=ids.split(",") if ids else None, limit=limit, fmt=fmt,

@@ -144,7 +144,7 @@ def _png_text(prompt: str, negative: str, seed: int | None, settings) -> dict[st
 @click.option("--stage-b", type=click.Choice(["lite", "large"]), default=None,
               help="Stage B size: lite (700M) or large (1.5B). Default: lite, or the size in the ComfyUI file given "
                    "as --weights.")
-@click.option("--weights", "-w", default=None, metavar="DIR|REPO|FILE",
+@click.option("--weights", "--model", "-w", default=None, metavar="DIR|REPO|FILE",
               help="Folder with the official files (stage_c_lite[_bf16].safetensors, stage_b_lite[_bf16].safetensors, "
                    "stage_a.safetensors, previewer.safetensors, effnet_encoder.safetensors for img2img; or the "
                    "diffusers or ComfyUI layout), a repo id, or ComfyUI's stable_cascade_stage_c.safetensors "
