@@ -237,7 +237,9 @@ def main() -> None:
     from codec import weights as W
     from codec.generation.finetune import train
     from codec.generation.finetune.logs import read_log
+    from codec.generation.finetune.lora_task import LoraTask
     from codec.generation.finetune.preview import save_collage
+    from codec.generation.finetune.stage_c_task import StageCTask
     from codec.generation.lora import read_lora
     from codec.generation.tokens import add_train_tokens, load_token_state
     from codec.stage_c import StageC
@@ -245,6 +247,7 @@ def main() -> None:
     from codec.tiny import write_tiny_weights
     from codec.weights import BUILTIN_MODELS, load_configured
     from datasets_tools import encode_dataset
+    from datasets_tools.training_data import training_dataset
 
     photos, concept_photo = find_photos(args.photos, args.concept_photo)
     photos = [ph for ph in photos if ph.stem not in args.exclude]
@@ -280,7 +283,7 @@ def main() -> None:
     init.init_weights()
     before = eval_loss(init, lat, hid, pool)
     reused_c = finished(run_c, args.steps)
-    train("stage-c", cfg_c, echo=None)
+    train(StageCTask, cfg_c, training_dataset, echo=None)
     trained, _ = load_configured(StageC, run_c / "checkpoint/model.safetensors", None, torch.float32, "cpu")
     after = eval_loss(trained, lat, hid, pool)
     log = read_log(run_c)
@@ -303,7 +306,7 @@ def main() -> None:
              "log": {"every": 1}, "checkpoint": {"save_every": args.lora_steps},
              "lora": {"rank": args.rank, "train_tokens": TOKENS}}
     reused_l = finished(run_l, args.lora_steps)
-    train("lora", cfg_l, echo=None)
+    train(LoraTask, cfg_l, training_dataset, echo=None)
     concept, _, _, _ = store_conditions(out / "concept.zarr", enc)
     base_enc = TextEncoder.from_pretrained(weights)
     base_enc.pool_at = "eos"

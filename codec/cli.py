@@ -674,9 +674,12 @@ def train_command(task, config, device) -> None:
     def go():
         from tqdm.auto import tqdm
 
-        from .generation.finetune import train
+        from datasets_tools.training_data import training_dataset
 
-        pos = train(task, config, echo=tqdm.write, device=None if device == "auto" else device)
+        from .generation.finetune import task_class, train
+
+        pos = train(task_class(task), config, training_dataset, echo=tqdm.write,
+                    device=None if device == "auto" else device)
         if int(os.environ.get("RANK", "0")) == 0:
             click.echo(f"done: {pos.step} updates ({pos.epoch} full epochs)")
     _run(go)

@@ -11,6 +11,9 @@ from codec.effnet import EfficientNetEncoder
 from codec.generation.control_filters import TrainingControl, canny_filter
 from codec.controlnet import ControlNet
 from codec.generation.controlnet_training import ControlNetTask, controlnet_for, resblock_calls
+from codec.generation.finetune import train
+from codec.generation.finetune.controlnet_task import ControlNetTrainingTask
+from datasets_tools.training_data import training_dataset
 
 from helpers import fill_
 from codec.codec import load_controlnet
@@ -204,7 +207,6 @@ def test_cli_trains_only_the_controlnet_and_exports_the_release_file(tmp_path, c
 def test_stage_c_is_untouched(cnet_run_files):
     """The loop's module: only controlnet.* trains, and Stage C's weights are the same after updates."""
     from codec.generation.finetune.config import load_config
-    from codec.generation.finetune.controlnet_task import ControlNetTrainingTask
     from codec.generation.finetune.distributed import setup
     from codec.generation.finetune.loop import Trainer
 
@@ -212,7 +214,7 @@ def test_stage_c_is_untouched(cnet_run_files):
                                ControlNetTrainingTask.section_model, "test")
     assert cfg.offset_noise == 0.0
     task = ControlNetTrainingTask(cfg, section, setup("cpu"))
-    trainer = Trainer(task, cfg, task.d, task.dataset())
+    trainer = Trainer(task, cfg, task.d, training_dataset(task))
     trainer.setup()
     assert all(n.startswith("controlnet.") for n in trainer.trainable_names)
     stage_c = {k: v.clone() for k, v in trainer.module.stage_c.state_dict().items()}
@@ -230,7 +232,6 @@ def test_stage_c_is_untouched(cnet_run_files):
 
 def test_inpainting_defaults_to_the_official_offset_noise(cnet_run_files):
     from codec.generation.finetune.config import load_config
-    from codec.generation.finetune.controlnet_task import ControlNetTrainingTask
     from codec.generation.finetune.distributed import setup
 
     data = cnet_config("unused", cnet_run_files, controlnet={"kind": "inpainting"})
@@ -246,7 +247,6 @@ def test_inpainting_defaults_to_the_official_offset_noise(cnet_run_files):
 def test_controlnet_run_resumes_bit_identically(tmp_path, cnet_run_files):
     from safetensors.torch import load_file
 
-    from codec.generation.finetune import train
 
     class Kill(Exception):
         pass
@@ -256,10 +256,11 @@ def test_controlnet_run_resumes_bit_identically(tmp_path, cnet_run_files):
             raise Kill
 
     over = {"max_steps": 4, "conditions": {"caption_dropout": 0.5, "image_embed_p": 0.5}}
-    train("controlnet", cnet_config(tmp_path / "a", cnet_run_files, **over), echo=None)
+    train(ControlNetTrainingTask, cnet_config(tmp_path / "a", cnet_run_files, **over), training_dataset, echo=None)
     with pytest.raises(Kill):
-        train("controlnet", cnet_config(tmp_path / "b", cnet_run_files, **over), hook=kill, echo=None)
-    train("controlnet", cnet_config(tmp_path / "b", cnet_run_files, **over), echo=None)
+        train(ControlNetTrainingTask, cnet_config(tmp_path / "b", cnet_run_files, **over), training_dataset,
+              hook=kill, echo=None)
+    train(ControlNetTrainingTask, cnet_config(tmp_path / "b", cnet_run_files, **over), training_dataset, echo=None)
     a, b = (load_file(tmp_path / run / "checkpoint/model.safetensors") for run in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -269,11 +270,10 @@ def test_exported_controlnet_drives_the_pipeline(tmp_path, cnet_run_files):
     """The trained file, placed as controlnet/canny.safetensors in a weights folder, steers generation."""
     import shutil
 
-    from codec.generation.finetune import train
     from codec.generation.pipeline import TextToImage
 
     weights, _, images = cnet_run_files
-    train("controlnet", cnet_config(tmp_path / "run", cnet_run_files, max_steps=2), echo=None)
+    train(ControlNetTrainingTask, cnet_config(tmp_path / "run", cnet_run_files, max_steps=2), training_dataset, echo=None)
     folder = tmp_path / "weights"
     shutil.copytree(weights, folder)
     (folder / "controlnet").mkdir(exist_ok=True)
@@ -294,7 +294,6 @@ def test_every_kind_trains_through_the_loop_past_unreadable_images(tmp_path, cne
     skipped and recorded, not fatal."""
     import shutil
 
-    from codec.generation.finetune import train
     from codec.generation.finetune.logs import read_log
     from codec.tiny import write_tiny_controlnet
 
@@ -313,7 +312,7 @@ def test_every_kind_trains_through_the_loop_past_unreadable_images(tmp_path, cne
     start = write_tiny_controlnet(tmp_path / "start", kind)
     cfg = cnet_config(tmp_path / "run", (weights, start, folder), max_steps=2,
                       controlnet={"kind": kind, "checkpoint": str(start)})
-    train("controlnet", cfg, echo=None)
+    train(ControlNetTrainingTask, cfg, training_dataset, echo=None)
     log = read_log(tmp_path / "run")
     assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
     skipped = (tmp_path / "run" / "skipped.jsonl").read_text()

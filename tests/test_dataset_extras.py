@@ -188,18 +188,21 @@ def test_training_reads_the_extras_from_the_store(corpus, tmp_path, tiny_weights
     from the store: no text encoder is configured (``weights`` unset)."""
     from codec.generation.finetune import ConfigError, train
     from codec.generation.finetune.logs import read_log
+    from codec.generation.finetune.stage_b_task import StageBTask
+    from codec.generation.finetune.stage_c_task import StageCTask
+    from datasets_tools.training_data import training_dataset
 
     store, plain = tmp_path / "store.zarr", tmp_path / "plain.zarr"
     run(corpus, store, tiny_weights, text_encoder=tiny_text_encoder, stage_a=True, shard_size=5)
     run(corpus, plain, tiny_weights, shard_size=5)
-    for task in ("stage-c", "stage-b"):
-        cfg = {"output_dir": str(tmp_path / task), "data": {"store": str(store)}, "batch_size": 2, "max_steps": 2,
-               "model": {"preset": "tiny"}, "log": {"every": 1}, "preview": {"every": 0}}
-        if task == "stage-b":
+    for task in (StageCTask, StageBTask):
+        cfg = {"output_dir": str(tmp_path / task.name), "data": {"store": str(store)}, "batch_size": 2,
+               "max_steps": 2, "model": {"preset": "tiny"}, "log": {"every": 1}, "preview": {"every": 0}}
+        if task is StageBTask:
             cfg["stage_b"] = {"effnet_from": "stored"}
-        train(task, cfg, echo=None)
-        assert [r["step"] for r in read_log(tmp_path / task)] == [1, 2]
+        train(task, cfg, training_dataset, echo=None)
+        assert [r["step"] for r in read_log(tmp_path / task.name)] == [1, 2]
     cfg = {"output_dir": str(tmp_path / "b2"), "data": {"store": str(plain)}, "batch_size": 2, "max_steps": 1,
            "model": {"preset": "tiny"}, "stage_b": {"effnet_from": "stored"}, "preview": {"every": 0}}
     with pytest.raises(ConfigError, match="has no stage_a; encode it with `cascade encode-dataset --stage-a`"):
-        train("stage-b", cfg, echo=None)
+        train(StageBTask, cfg, training_dataset, echo=None)

@@ -5,6 +5,7 @@ Entry point :func:`train`; CLI ``cascade train TASK CONFIG.yaml``. Config refere
 """
 
 from .config import ConfigError, TrainConfig
-from .run import TASKS, train
+from .run import TASKS, task_class, train
+from .task import Task
 
-__all__ = ["ConfigError", "TrainConfig", "TASKS", "train"]
+__all__ = ["ConfigError", "TrainConfig", "TASKS", "Task", "task_class", "train"]

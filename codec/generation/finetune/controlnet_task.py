@@ -37,7 +37,7 @@ from .distributed import Dist
 from .preview import load_previewer, save_collage
 from .rng import BatchRandom
 from .stage_c_task import StageCTask
-from .task import image_dataset, load_trainable_model, read_state
+from .task import load_trainable_model, read_state
 
 TRAINED_NOTE = "ControlNet trained with cascade-codec"
 PREFIX = "controlnet."
@@ -62,14 +62,13 @@ class ControlNetTrainingTask(StageCTask):
     name = "controlnet"
     section = "controlnet"
     section_model = ControlNetSection
+    trains_from = "images"
+    images_why = "ControlNet training computes its controls from pixels"
 
     def __init__(self, cfg: TrainConfig, section: ControlNetSection, d: Dist, source: str = "config"):
         super().__init__(cfg, section, d, source)
         if "offset_noise" not in cfg.model_fields_set:
             cfg.offset_noise = OFFSET_NOISE[section.kind]
-
-    def dataset(self) -> Any:
-        return image_dataset(self, "ControlNet training computes its controls from pixels")
 
     def build(self, dataset: Any) -> nn.Module:
         from ...codec import load_encoder
