@@ -41,9 +41,9 @@ from ..control_filters import TrainingControl, load_saliency
 from .conditions import TextSource
 from .config import ConfigError, Section, TrainConfig
 from .distributed import Dist
-from .preview import load_previewer, save_collage
+from .preview import save_collage
 from .rng import BatchRandom
-from .stage_c_task import StageCTask
+from .stage_c_task import StageCTask, preview_decoder
 from .task import load_trainable_model, read_state
 
 TRAINED_NOTE = "ControlNet trained with cascade-codec"
@@ -166,7 +166,7 @@ class ControlNetTrainingTask(StageCTask):
         self.controlnet = self._controlnet(stage_c)
         saliency = load_saliency(src, dev) if o.kind == "inpainting" else None
         self.control = TrainingControl(o.kind, saliency=saliency, effnet=self.effnet)
-        self.previewer = load_previewer(cfg.weights, dev) if cfg.preview.every else None
+        self.previewer = preview_decoder(cfg, dev)
         return ControlledStageC(stage_c, self.controlnet, o.stage_c_dropout)
 
     def _controlnet(self, stage_c: StageC) -> ControlNet:

@@ -9,14 +9,25 @@ import torch
 from torch import nn
 
 from ... import weights as W
+from ...codec import load_previewer
 from ...diffusion import sample
 from ...text import TextEmbedding
 from .conditions import TextSource, image_embedding
-from .preview import load_previewer, save_collage
+from .config import TrainConfig
+from .preview import save_collage
 from .rng import BatchRandom
 from .task import Task, load_trainable_model, model_config, read_state
 
 TRAINED_NOTE = "Stage C fine-tuned with cascade-codec"
+
+
+def preview_decoder(cfg: TrainConfig, device: torch.device) -> nn.Module | None:
+    """The Previewer that turns sampled latents into collages, when previews are on and ``weights`` holds
+    ``previewer.safetensors``; else ``None`` (no collages: a run never needs one)."""
+    if not cfg.preview.every or cfg.weights is None:
+        return None
+    src = W.WeightSource(cfg.weights)
+    return load_previewer(src, device) if src.has(W.PREVIEWER_FILE) else None
 
 
 class StageCTask(Task):
@@ -31,7 +42,7 @@ class StageCTask(Task):
         model = load_trainable_model("stage_c", self.cfg, self.source)
         self.model_config = model_config(model)
         self.c_clip_img = model.config.c_clip_img
-        self.previewer = load_previewer(self.cfg.weights, self.d.device) if self.cfg.preview.every else None
+        self.previewer = preview_decoder(self.cfg, self.d.device)
         return model
 
     def text_source(self, dataset: Any) -> TextSource:
