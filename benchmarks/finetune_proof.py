@@ -184,7 +184,7 @@ def write_crops(photos: list[Path], folder: Path, n: int, size: int, caption: st
 
 def finished(run: Path, steps: int) -> bool:
     """Whether the training run in ``run`` already reached ``steps`` updates (a rerun then reuses it)."""
-    from codec.generation.finetune import checkpoint as ckpt
+    from codec.training import checkpoint as ckpt
 
     state = ckpt.checkpoint_dir(run) / ckpt.STATE_FILE
     return state.exists() and json.loads(state.read_text())["step"] >= steps
@@ -235,16 +235,16 @@ def main() -> None:
 
     from codec import Codec
     from codec import weights as W
-    from codec.generation.finetune import train
-    from codec.generation.finetune.logs import read_log
     from codec.generation.finetune.lora_task import LoraTask
-    from codec.generation.finetune.preview import save_collage
     from codec.generation.finetune.stage_c_task import StageCTask
     from codec.generation.lora import read_lora
     from codec.generation.tokens import add_train_tokens, load_token_state
     from codec.stage_c import StageC
     from codec.text import TextEncoder
     from codec.tiny import write_tiny_weights
+    from codec.training import train
+    from codec.training.logs import read_log
+    from codec.training.preview import save_collage
     from codec.weights import BUILTIN_MODELS, load_configured
     from datasets_tools import encode_dataset
     from datasets_tools.training_data import training_dataset

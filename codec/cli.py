@@ -651,7 +651,7 @@ from .generation.commands import generate  # noqa: E402 - the command module imp
 main.add_command(generate)
 
 
-TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "codec")  # = codec.generation.finetune.run.TASKS
+TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "codec")  # = codec.training.TASKS + codec.generation.finetune.TASKS
 
 
 @main.command("train")
@@ -676,9 +676,10 @@ def train_command(task, config, device) -> None:
 
         from datasets_tools.training_data import training_dataset
 
-        from .generation.finetune import task_class, train
+        from .generation.finetune import TASKS as GENERATION_TASKS
+        from .training import TASKS, task_class, train
 
-        pos = train(task_class(task), config, training_dataset, echo=tqdm.write,
+        pos = train(task_class(task, {**TASKS, **GENERATION_TASKS}), config, training_dataset, echo=tqdm.write,
                     device=None if device == "auto" else device)
         if int(os.environ.get("RANK", "0")) == 0:
             click.echo(f"done: {pos.step} updates ({pos.epoch} full epochs)")

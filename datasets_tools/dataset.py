@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from codec.errors import UsageError
-from codec.generation.finetune.data import BucketBatchSampler
+from codec.training.data import BucketBatchSampler
 
 from .fastread import ShardedReader
 from .store import EXTRAS, LatentStore, parse_bucket
@@ -61,7 +61,7 @@ class LatentDataset(torch.utils.data.Dataset):
         if unknown or not self.fields:
             raise UsageError(f"fields must be a non-empty subset of {', '.join(FIELDS)}; got {list(self.fields)}")
         st = LatentStore.open(self.url, storage_options)
-        # For trainers (codec.generation.finetune): whether items carry text embeddings, and those of "".
+        # For trainers (codec.training): whether items carry text embeddings, and those of "".
         self.has_text_embeddings = "clip_text_pooled" in self.fields
         empty = st.empty_text() if {"clip_text", "clip_text_pooled"} & set(self.fields) else None
         self.empty_text_embedding = None if empty is None else tuple(torch.from_numpy(e).float() for e in empty)

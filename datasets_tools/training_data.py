@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from codec.generation.finetune.config import ConfigError
-from codec.generation.finetune.task import Task
+from codec.training.config import ConfigError
+from codec.training.task import Task
 
 from .dataset import LatentDataset, store_fields
 from .image_dataset import ImageDataset

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from codec import weights as W
 from codec.effnet import EfficientNetEncoder
-from codec.generation.finetune import train
-from codec.generation.finetune.codec_tasks import CodecTask, StageATask
 from codec.presets import create_model, get_preset
+from codec.training import train
+from codec.training.codec_tasks import CodecTask, StageATask
 from datasets_tools.training_data import training_dataset
 
 ROOT = Path(__file__).resolve().parent.parent

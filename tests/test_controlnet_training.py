@@ -12,19 +12,19 @@ from helpers import fill_
 from codec.codec import encode_pixels, load_controlnet
 from codec.diffusion import CosineSchedule, noise_condition, p2_loss_weight, vp_scalers
 from codec.generation.control_filters import TrainingControl, canny_filter
-from codec.generation.finetune import train
-from codec.generation.finetune.config import load_config
 from codec.generation.finetune.controlnet_task import (
     ControlledStageC,
     ControlNetTrainingTask,
     controlnet_for,
     resblock_calls,
 )
-from codec.generation.finetune.data import collate
-from codec.generation.finetune.distributed import setup
-from codec.generation.finetune.loop import Trainer
-from codec.generation.finetune.rng import BatchRandom
 from codec.presets import create_model
+from codec.training import train
+from codec.training.config import load_config
+from codec.training.data import collate
+from codec.training.distributed import setup
+from codec.training.loop import Trainer
+from codec.training.rng import BatchRandom
 from datasets_tools.training_data import training_dataset
 
 # a new canny ControlNet that fits the tiny Stage C (10 ResBlock calls); its output projections start at zero
@@ -197,7 +197,7 @@ def test_cli_trains_only_the_controlnet_and_exports_the_release_file(tmp_path, c
     from click.testing import CliRunner
 
     from codec.cli import main
-    from codec.generation.finetune.logs import read_log
+    from codec.training.logs import read_log
 
     _, start, _ = cnet_run_files
     path = tmp_path / "cnet.yaml"
@@ -281,8 +281,8 @@ def test_every_kind_trains_through_the_loop_past_unreadable_images(tmp_path, cne
 
     from codec import weights as W
     from codec.generation import control_filters as CF
-    from codec.generation.finetune.logs import read_log
     from codec.tiny import write_tiny_controlnet
+    from codec.training.logs import read_log
 
     base, _, images = cnet_run_files
     weights = tmp_path / "weights"

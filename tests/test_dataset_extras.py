@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_dataset_helpers import make_folder
 
 from codec.cli import store_info
 from codec.codec import load_stage_a
@@ -11,7 +12,6 @@ from codec.text import TextEncoder
 from datasets_tools import LatentDataset, LatentStore, StoreError, encode_dataset
 from datasets_tools.encode import file_sha256, text_encoder_sha256
 from datasets_tools.preprocess import preprocess
-from test_dataset_helpers import make_folder
 
 ALL = ("latent", "clip_text_pooled", "clip_text", "stage_a")
 
@@ -186,10 +186,10 @@ def test_unstorable_extras_skip_the_sample_not_the_job(corpus, tmp_path, tiny_we
 def test_training_reads_the_extras_from_the_store(corpus, tmp_path, tiny_weights, tiny_text_encoder):
     """cascade train takes stored text embeddings (and that of "" for caption dropout) and Stage A latents
     from the store: no text encoder is configured (``weights`` unset)."""
-    from codec.generation.finetune import ConfigError, train
-    from codec.generation.finetune.logs import read_log
-    from codec.generation.finetune.stage_b_task import StageBTask
     from codec.generation.finetune.stage_c_task import StageCTask
+    from codec.training import ConfigError, train
+    from codec.training.logs import read_log
+    from codec.training.stage_b_task import StageBTask
     from datasets_tools.training_data import training_dataset
 
     store, plain = tmp_path / "store.zarr", tmp_path / "plain.zarr"

@@ -7,14 +7,17 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from codec.generation.finetune import ConfigError, TASKS, train
-from codec.generation.finetune.data import ListDataset
-from codec.generation.finetune.logs import read_log
+from codec.generation.finetune import TASKS as GENERATION_TASKS
 from codec.generation.finetune.lora_task import LoraTask
-from codec.generation.finetune.objectives import AdaptiveLossWeight, pyramid_noise
-from codec.generation.finetune.stage_b_task import StageBTask
 from codec.generation.finetune.stage_c_task import StageCTask
 from codec.presets import create_model, get_preset
+from codec.training import TASKS, ConfigError, task_class, train
+from codec.training.data import ListDataset
+from codec.training.logs import read_log
+from codec.training.objectives import AdaptiveLossWeight, pyramid_noise
+from codec.training.stage_b_task import StageBTask
+
+ALL_TASKS = {**TASKS, **GENERATION_TASKS}  # what `cascade train` offers
 
 
 def stage_c_items(n=8, side=4, seed=0):
@@ -109,7 +112,7 @@ def test_config_errors_name_the_key(tmp_path, bad, message):
 def test_cli_reports_config_errors(tmp_path):
     from codec.cli import TRAIN_TASKS, main
 
-    assert set(TRAIN_TASKS) == set(TASKS)
+    assert set(TRAIN_TASKS) == set(ALL_TASKS)
     path = tmp_path / "c.yaml"
     path.write_text("output_dir: x\ndata: {store: s}\nbatch_size: 2\nmax_steps: 1\nlora: {rank: [\n")
     r = CliRunner().invoke(main, ["train", "lora", str(path)])
@@ -170,8 +173,8 @@ def text_weights(tiny_weights):
 
 def test_lora_with_a_new_token_trains_and_loads_back(tmp_path, text_weights):
     from codec.generation.lora import read_lora
-    from codec.text import TextEncoder
     from codec.generation.tokens import add_train_tokens, load_token_state
+    from codec.text import TextEncoder
     from codec.weights import save_module
 
     torch.manual_seed(0)
@@ -206,10 +209,10 @@ def test_lora_with_a_new_token_trains_and_loads_back(tmp_path, text_weights):
                                                ("off", [False] * 3)])
 def test_lora_stage_c_dropout_follows_the_official_script(policy, expected):
     """Official LoRA training samples after micro-batch 1 and leaves Stage C in eval mode: dropout only once."""
-    from codec.generation.finetune.config import load_config
-    from codec.generation.finetune.data import collate
-    from codec.generation.finetune.distributed import setup
-    from codec.generation.finetune.rng import BatchRandom
+    from codec.training.config import load_config
+    from codec.training.data import collate
+    from codec.training.distributed import setup
+    from codec.training.rng import BatchRandom
 
     ds = stored_dataset()
     cfg, section = load_config(config("unused", lora={"stage_c_dropout": policy}), "lora", LoraTask.section_model,
@@ -241,14 +244,16 @@ def test_stage_b_recipe_runs(tmp_path, text_weights, effnet_from):
 
 @pytest.mark.parametrize("task", ["stage-c", "lora", "stage-b", "controlnet"])
 def test_example_configs_are_valid(task):
+    """The annotated example configs next to each task's code (codec.training's, codec.generation's) load."""
     from pathlib import Path
 
-    import codec.generation.finetune as ft
-    from codec.generation.finetune.config import load_config, read_yaml
-    from codec.generation.finetune.run import task_class
+    import codec.generation.finetune
+    import codec.training
+    from codec.training.config import load_config, read_yaml
 
     name = "controlnet_canny" if task == "controlnet" else task.replace("-", "_")
-    path = Path(ft.__file__).parent / "examples" / f"{name}.yaml"
-    cls = task_class(task)
+    package = codec.training if task in TASKS else codec.generation.finetune
+    path = Path(package.__file__).parent / "examples" / f"{name}.yaml"
+    cls = task_class(task, ALL_TASKS)
     cfg, section = load_config(read_yaml(path), cls.section, cls.section_model, str(path))
     assert cfg.max_steps == 10000 and (section is None) == (cls.section is None)

@@ -1,11 +1,13 @@
-"""Fine-tuning: one training loop for every task (Stage C, LoRA + new tokens, Stage B, ControlNet later).
-
-Entry point :func:`train`; CLI ``cascade train TASK CONFIG.yaml``. Config reference:
-:mod:`.config`; what a task supplies: :mod:`.task`.
+"""The generation training tasks, on the generic trainer of :mod:`codec.training`: full Stage C fine-tuning
+(``stage-c``), LoRA with new tokens (``lora``) and ControlNet (``controlnet``); annotated example configs in
+``examples/``. ``cascade train`` looks task names up in :data:`TASKS` and in ``codec.training.TASKS``.
 """
 
-from .config import ConfigError, TrainConfig
-from .run import TASKS, task_class, train
-from .task import Task
+# name → "module:Class", imported lazily by codec.training.task_class
+TASKS: dict[str, str] = {
+    "stage-c": "codec.generation.finetune.stage_c_task:StageCTask",
+    "lora": "codec.generation.finetune.lora_task:LoraTask",
+    "controlnet": "codec.generation.finetune.controlnet_task:ControlNetTrainingTask",
+}
 
-__all__ = ["ConfigError", "TrainConfig", "TASKS", "Task", "task_class", "train"]
+__all__ = ["TASKS"]

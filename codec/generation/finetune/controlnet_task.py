@@ -37,14 +37,14 @@ from ...controlnet import ControlNet
 from ...errors import UsageError
 from ...presets import CONTROLNET_KINDS, get_preset
 from ...stage_c import StageC
+from ...training.conditions import TextSource
+from ...training.config import ConfigError, Section, TrainConfig
+from ...training.distributed import Dist
+from ...training.preview import save_collage
+from ...training.rng import BatchRandom
+from ...training.task import load_trainable_model, read_state
 from ..control_filters import TrainingControl, load_saliency
-from .conditions import TextSource
-from .config import ConfigError, Section, TrainConfig
-from .distributed import Dist
-from .preview import save_collage
-from .rng import BatchRandom
 from .stage_c_task import StageCTask, preview_decoder
-from .task import load_trainable_model, read_state
 
 TRAINED_NOTE = "ControlNet trained with cascade-codec"
 PREFIX = "controlnet."
@@ -227,7 +227,7 @@ class ControlNetTrainingTask(StageCTask):
     def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
         if self.previewer is None:
             return None
-        from .data import collate
+        from ...training.data import collate
 
         n = min(self.cfg.preview.n, len(self.dataset_ref))
         batch = collate([self.dataset_ref[i] for i in range(n)])

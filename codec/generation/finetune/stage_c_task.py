@@ -12,11 +12,11 @@ from ... import weights as W
 from ...codec import load_previewer
 from ...diffusion import sample
 from ...text import TextEmbedding
-from .conditions import TextSource, image_embedding
-from .config import TrainConfig
-from .preview import save_collage
-from .rng import BatchRandom
-from .task import Task, load_trainable_model, model_config, read_state
+from ...training.conditions import TextSource
+from ...training.config import TrainConfig
+from ...training.preview import save_collage
+from ...training.rng import BatchRandom
+from ...training.task import Task, load_trainable_model, model_config, read_state
 
 TRAINED_NOTE = "Stage C fine-tuned with cascade-codec"
 
@@ -28,6 +28,16 @@ def preview_decoder(cfg: TrainConfig, device: torch.device) -> nn.Module | None:
         return None
     src = W.WeightSource(cfg.weights)
     return load_previewer(src, device) if src.has(W.PREVIEWER_FILE) else None
+
+
+def image_embedding(batch: dict[str, Any], use: torch.Tensor, width: int) -> torch.Tensor:
+    """CLIP-L image embeddings ``(B,1,width)``: the stored ones where ``use``, zeros elsewhere (and without any)."""
+    n = len(use)
+    out = torch.zeros(n, 1, width)
+    if "clip_img" in batch and torch.is_tensor(batch["clip_img"]):
+        stored = batch["clip_img"].float().reshape(n, 1, -1)
+        out[use] = stored[use]
+    return out
 
 
 class StageCTask(Task):
@@ -77,7 +87,7 @@ class StageCTask(Task):
                 return self.text.empty(), None
             return self.text.encoder.encode(caps[:n]), None
         items = [self.dataset_ref[i] for i in range(min(n, len(self.dataset_ref)))]
-        from .data import collate
+        from ...training.data import collate
 
         batch = collate(items)
         return self.text.embed(batch, torch.ones(len(items), dtype=torch.bool)), batch["latent"]

@@ -28,8 +28,8 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from ... import weights as W
-from ...presets import FAMILIES, get_preset, list_presets
+from .. import weights as W
+from ..presets import FAMILIES, get_preset, list_presets
 from .config import ConfigError, TrainConfig
 from .distributed import Dist
 from .rng import BatchRandom

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ... import weights as W
-from ...effnet import EfficientNetEncoder
-from ...presets import create_model, list_presets
-from ...stage_a import StageA
-from ...stage_b import StageB
+from .. import weights as W
+from ..effnet import EfficientNetEncoder
+from ..presets import create_model, list_presets
+from ..stage_a import StageA
+from ..stage_b import StageB
 from .config import ConfigError, Section
 from .objectives import pyramid_noise_per_sample
 from .preview import save_collage
@@ -197,7 +197,7 @@ class CodecTask(_ImageTask):
 
     @torch.no_grad()
     def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
-        from ...diffusion import sample
+        from ..diffusion import sample
         from .data import collate
 
         n = min(self.cfg.preview.n, len(self.dataset_ref))

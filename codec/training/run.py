@@ -1,9 +1,9 @@
 """Entry point: ``train(task, config, dataset)`` — used by ``cascade train TASK CONFIG.yaml`` and by tests.
 
-``task`` is a :class:`~.task.Task` subclass; :data:`TASKS` names the tasks (``module:Class``, imported lazily
-by :func:`task_class`), so a new task only needs a subclass and a line there. The trainer is handed its data:
-a dataset, or a function that builds it from the task's config (``cascade train`` passes
-:func:`datasets_tools.training_data.training_dataset`).
+``task`` is a :class:`~.task.Task` subclass; a registry such as :data:`TASKS` names tasks (``module:Class``,
+imported lazily by :func:`task_class`), so a new task only needs a subclass and a line in one. The trainer is
+handed its data: a dataset, or a function that builds it from the task's config (``cascade train`` passes
+``datasets_tools.training_data.training_dataset``).
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ from .checkpoint import Position
 from .config import ConfigError, load_config, read_yaml
 from .task import Task
 
+# The tasks that train the codec itself; codec.generation.finetune registers its own (Stage C, LoRA, ControlNet)
+# and `cascade train` looks a name up in both.
 TASKS: dict[str, str] = {
-    "stage-c": "codec.generation.finetune.stage_c_task:StageCTask",
-    "lora": "codec.generation.finetune.lora_task:LoraTask",
-    "stage-b": "codec.generation.finetune.stage_b_task:StageBTask",
-    "controlnet": "codec.generation.finetune.controlnet_task:ControlNetTrainingTask",
-    "stage-a": "codec.generation.finetune.codec_tasks:StageATask",
-    "codec": "codec.generation.finetune.codec_tasks:CodecTask",
+    "stage-b": "codec.training.stage_b_task:StageBTask",
+    "stage-a": "codec.training.codec_tasks:StageATask",
+    "codec": "codec.training.codec_tasks:CodecTask",
 }
 
 
