@@ -235,10 +235,10 @@ def main() -> None:
 
     from codec import Codec
     from codec import weights as W
-    from codec.generation.finetune.lora_task import LoraTask
-    from codec.generation.finetune.stage_c_task import StageCTask
     from codec.generation.lora import read_lora
     from codec.generation.tokens import add_train_tokens, load_token_state
+    from codec.generation.training.lora_task import LoraTask
+    from codec.generation.training.stage_c_task import StageCTask
     from codec.stage_c import StageC
     from codec.text import TextEncoder
     from codec.tiny import write_tiny_weights

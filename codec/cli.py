@@ -651,7 +651,9 @@ from .generation.commands import generate  # noqa: E402 - the command module imp
 main.add_command(generate)
 
 
-TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "codec")  # = codec.training.TASKS + codec.generation.finetune.TASKS
+# = codec.training.TASKS + codec.generation.training.TASKS (tests/test_finetune.py checks); spelled out here so that
+# `cascade --help` does not import the trainer
+TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "codec")
 
 
 @main.command("train")
@@ -669,14 +671,16 @@ def train_command(task, config, device) -> None:
     in the release format, optimiser and RNG state), log.jsonl and previews/. Run the same command
     again after a stop: it resumes exactly where the last checkpoint left off. Several processes:
     `torchrun --nproc_per_node N -m codec.cli train TASK CONFIG` (DDP; distributed.strategy: fsdp to
-    shard large models). Config keys: see codec/generation/finetune/config.py and configs/train/.
+    shard large models). Config keys: see codec/training/config.py; annotated examples in
+    codec/generation/training/examples/ (stage-c, lora, controlnet), codec/training/examples/ (stage-b) and
+    configs/mini/ (stage-a, codec).
     """
     def go():
         from tqdm.auto import tqdm
 
         from datasets_tools.training_data import training_dataset
 
-        from .generation.finetune import TASKS as GENERATION_TASKS
+        from .generation.training import TASKS as GENERATION_TASKS
         from .training import TASKS, task_class, train
 
         pos = train(task_class(task, {**TASKS, **GENERATION_TASKS}), config, training_dataset, echo=tqdm.write,

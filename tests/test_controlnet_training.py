@@ -12,7 +12,7 @@ from helpers import fill_
 from codec.codec import encode_pixels, load_controlnet
 from codec.diffusion import CosineSchedule, noise_condition, p2_loss_weight, vp_scalers
 from codec.generation.control_filters import TrainingControl, canny_filter
-from codec.generation.finetune.controlnet_task import (
+from codec.generation.training.controlnet_task import (
     ControlledStageC,
     ControlNetTrainingTask,
     controlnet_for,

@@ -186,7 +186,7 @@ def test_unstorable_extras_skip_the_sample_not_the_job(corpus, tmp_path, tiny_we
 def test_training_reads_the_extras_from_the_store(corpus, tmp_path, tiny_weights, tiny_text_encoder):
     """cascade train takes stored text embeddings (and that of "" for caption dropout) and Stage A latents
     from the store: no text encoder is configured (``weights`` unset)."""
-    from codec.generation.finetune.stage_c_task import StageCTask
+    from codec.generation.training.stage_c_task import StageCTask
     from codec.training import ConfigError, train
     from codec.training.logs import read_log
     from codec.training.stage_b_task import StageBTask

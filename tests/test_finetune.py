@@ -7,9 +7,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from codec.generation.finetune import TASKS as GENERATION_TASKS
-from codec.generation.finetune.lora_task import LoraTask
-from codec.generation.finetune.stage_c_task import StageCTask
+from codec.generation.training import TASKS as GENERATION_TASKS
+from codec.generation.training.lora_task import LoraTask
+from codec.generation.training.stage_c_task import StageCTask
 from codec.presets import create_model, get_preset
 from codec.training import TASKS, ConfigError, task_class, train
 from codec.training.data import ListDataset
@@ -247,12 +247,12 @@ def test_example_configs_are_valid(task):
     """The annotated example configs next to each task's code (codec.training's, codec.generation's) load."""
     from pathlib import Path
 
-    import codec.generation.finetune
+    import codec.generation.training
     import codec.training
     from codec.training.config import load_config, read_yaml
 
     name = "controlnet_canny" if task == "controlnet" else task.replace("-", "_")
-    package = codec.training if task in TASKS else codec.generation.finetune
+    package = codec.training if task in TASKS else codec.generation.training
     path = Path(package.__file__).parent / "examples" / f"{name}.yaml"
     cls = task_class(task, ALL_TASKS)
     cfg, section = load_config(read_yaml(path), cls.section, cls.section_model, str(path))

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from codec.generation.finetune import TASKS as GENERATION_TASKS
+from codec.generation.training import TASKS as GENERATION_TASKS
 from codec.training import TASKS, task_class, train
 from datasets_tools.training_data import training_dataset
 

@@ -16,7 +16,7 @@ from .checkpoint import Position
 from .config import ConfigError, load_config, read_yaml
 from .task import Task
 
-# The tasks that train the codec itself; codec.generation.finetune registers its own (Stage C, LoRA, ControlNet)
+# The tasks that train the codec itself; codec.generation.training registers its own (Stage C, LoRA, ControlNet)
 # and `cascade train` looks a name up in both.
 TASKS: dict[str, str] = {
     "stage-b": "codec.training.stage_b_task:StageBTask",

@@ -5,9 +5,9 @@
 
 # name → "module:Class", imported lazily by codec.training.task_class
 TASKS: dict[str, str] = {
-    "stage-c": "codec.generation.finetune.stage_c_task:StageCTask",
-    "lora": "codec.generation.finetune.lora_task:LoraTask",
-    "controlnet": "codec.generation.finetune.controlnet_task:ControlNetTrainingTask",
+    "stage-c": "codec.generation.training.stage_c_task:StageCTask",
+    "lora": "codec.generation.training.lora_task:LoraTask",
+    "controlnet": "codec.generation.training.controlnet_task:ControlNetTrainingTask",
 }
 
 __all__ = ["TASKS"]
