@@ -175,7 +175,7 @@ def write_crops(photos: list[Path], folder: Path, n: int, size: int, caption: st
 
 def finished(run: Path, steps: int) -> bool:
     """Whether the training run in ``run`` already reached ``steps`` updates (a rerun then reuses it)."""
-    from codec.generation.finetune import checkpoint as ckpt
+    from codec.training import checkpoint as ckpt
 
     state = ckpt.checkpoint_dir(run) / ckpt.STATE_FILE
     return state.exists() and json.loads(state.read_text())["step"] >= steps
@@ -226,16 +226,19 @@ def main() -> None:
 
     from codec import Codec
     from codec import weights as W
-    from codec.generation.finetune import train
-    from codec.generation.finetune.logs import read_log
-    from codec.generation.finetune.preview import save_collage
     from codec.generation.lora import read_lora
     from codec.generation.tokens import add_train_tokens, load_token_state
+    from codec.generation.training.lora_task import LoraTask
+    from codec.generation.training.stage_c_task import StageCTask
     from codec.stage_c import StageC
     from codec.text import TextEncoder
     from codec.tiny import write_tiny_weights
+    from codec.training import train
+    from codec.training.logs import read_log
+    from codec.training.preview import save_collage
     from codec.weights import BUILTIN_MODELS, load_configured
     from datasets_tools import encode_dataset
+    from datasets_tools.training_data import training_dataset
 
     photos, concept_photo = find_photos(args.photos, args.concept_photo)
     photos = [ph for ph in photos if ph.stem not in args.exclude]
@@ -271,7 +274,7 @@ def main() -> None:
     init.init_weights()
     before = eval_loss(init, lat, hid, pool)
     reused_c = finished(run_c, args.steps)
-    train("stage-c", cfg_c, echo=None)
+    train(StageCTask, cfg_c, training_dataset, echo=None)
     trained, _ = load_configured(StageC, run_c / "checkpoint/model.safetensors", None, torch.float32, "cpu")
     after = eval_loss(trained, lat, hid, pool)
     log = read_log(run_c)
@@ -294,7 +297,7 @@ def main() -> None:
              "log": {"every": 1}, "checkpoint": {"save_every": args.lora_steps},
              "lora": {"rank": args.rank, "train_tokens": TOKENS}}
     reused_l = finished(run_l, args.lora_steps)
-    train("lora", cfg_l, echo=None)
+    train(LoraTask, cfg_l, training_dataset, echo=None)
     concept, _, _, _ = store_conditions(out / "concept.zarr", enc)
     base_enc = TextEncoder.from_pretrained(weights)
     base_enc.pool_at = "eos"

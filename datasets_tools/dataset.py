@@ -1,18 +1,21 @@
-"""Reading a latent store for training: ``LatentDataset`` and ``BucketBatchSampler``."""
+"""Reading a latent store for training: ``LatentDataset`` (batched by the trainer's ``BucketBatchSampler``,
+re-exported here)."""
 
 from __future__ import annotations
 
 import os
-import random
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from codec.errors import UsageError
+from codec.training.data import BucketBatchSampler
 
 from .fastread import ShardedReader
 from .store import EXTRAS, LatentStore, parse_bucket
+
+__all__ = ["FIELDS", "BucketBatchSampler", "LatentDataset", "fields_of", "store_fields"]
 
 # Item key → (array name in a bucket group, extra of the store that holds it or None for the latents).
 FIELDS = {"latent": ("latents", None), "clip_text_pooled": ("clip_text_pooled", "clip"), "clip_text": ("clip_text", "clip"),
@@ -58,7 +61,7 @@ class LatentDataset(torch.utils.data.Dataset):
         if unknown or not self.fields:
             raise UsageError(f"fields must be a non-empty subset of {', '.join(FIELDS)}; got {list(self.fields)}")
         st = LatentStore.open(self.url, storage_options)
-        # For trainers (codec.generation.finetune): whether items carry text embeddings, and those of "".
+        # For trainers (codec.training): whether items carry text embeddings, and those of "".
         self.has_text_embeddings = "clip_text_pooled" in self.fields
         empty = st.empty_text() if {"clip_text", "clip_text_pooled"} & set(self.fields) else None
         self.empty_text_embedding = None if empty is None else tuple(torch.from_numpy(e).float() for e in empty)
@@ -135,50 +138,6 @@ class LatentDataset(torch.utils.data.Dataset):
         if self.with_captions:
             item["caption"] = self.captions[i]
         return item
-
-
-class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Batches of dataset indices that all come from one bucket (so every batch has one latent shape).
-
-    ``shuffle``: shuffle within buckets and the order of batches, with ``seed`` plus
-    :meth:`set_epoch`'s epoch. ``drop_last``: drop each bucket's incomplete last batch.
-    """
-
-    def __init__(self, dataset: LatentDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False):
-        if batch_size < 1:
-            raise UsageError(f"batch_size must be ≥ 1, got {batch_size}")
-        self.groups = dataset.bucket_indices()
-        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Change the shuffling (call once per epoch)."""
-        self.epoch = epoch
-
-    def _batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
-        batches = []
-        for name in sorted(self.groups):
-            idx = self.groups[name].tolist()
-            if self.shuffle:
-                rng.shuffle(idx)
-            for s in range(0, len(idx), self.batch_size):
-                b = idx[s:s + self.batch_size]
-                if len(b) == self.batch_size or not self.drop_last:
-                    batches.append(b)
-        if self.shuffle:
-            rng.shuffle(batches)
-        return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._batches())
-
-    def __len__(self) -> int:
-        n = 0
-        for idx in self.groups.values():
-            n += len(idx) // self.batch_size if self.drop_last else -(-len(idx) // self.batch_size)
-        return n
 
 
 def sample_ids(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> list[str]:

@@ -35,7 +35,7 @@ X0_CLAMP = 3.0
 
 
 def _checkpoint(run: Path) -> Path:
-    from codec.generation.finetune import checkpoint as ckpt
+    from codec.training import checkpoint as ckpt
 
     path = ckpt.checkpoint_dir(run) / ckpt.MODEL_FILE
     if not path.is_file():
@@ -68,7 +68,7 @@ def export_stage_a(run: Path, out: Path, images: Path, n: int = 64) -> float:
 def export_codec(run: Path, stage_a: Path, folder: Path) -> None:
     """Write the four files of the mini codec into ``folder``."""
     from codec import weights as W
-    from codec.generation.finetune.codec_tasks import split_codec_state
+    from codec.training.codec_tasks import split_codec_state
 
     parts = split_codec_state(_checkpoint(run))
     folder.mkdir(parents=True, exist_ok=True)

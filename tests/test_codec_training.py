@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 
 from codec import weights as W
 from codec.effnet import EfficientNetEncoder
-from codec.generation.finetune import train
 from codec.presets import create_model, get_preset
+from codec.training import train
+from codec.training.codec_tasks import CodecTask, StageATask
+from datasets_tools.training_data import training_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +51,7 @@ class Kill(Exception):
 
 
 def test_stage_a_learns_and_resumes_bit_identically_with_batchnorm_statistics(tmp_path, images):
-    train("stage-a", stage_a_config(tmp_path / "a", images, max_steps=12), echo=None)
+    train(StageATask, stage_a_config(tmp_path / "a", images, max_steps=12), training_dataset, echo=None)
     losses = [r["loss"] for r in read_log(tmp_path / "a")]
     assert sum(losses[-3:]) < sum(losses[:3]), losses
 
@@ -58,8 +60,9 @@ def test_stage_a_learns_and_resumes_bit_identically_with_batchnorm_statistics(tm
             raise Kill
 
     with pytest.raises(Kill):
-        train("stage-a", stage_a_config(tmp_path / "b", images, max_steps=12), hook=kill, echo=None)
-    train("stage-a", stage_a_config(tmp_path / "b", images, max_steps=12), echo=None)
+        train(StageATask, stage_a_config(tmp_path / "b", images, max_steps=12), training_dataset, hook=kill,
+              echo=None)
+    train(StageATask, stage_a_config(tmp_path / "b", images, max_steps=12), training_dataset, echo=None)
     a = load_file(tmp_path / "a/checkpoint/model.safetensors")
     b = load_file(tmp_path / "b/checkpoint/model.safetensors")
     bn = [k for k in a if "running_mean" in k]
@@ -73,7 +76,8 @@ def test_stage_a_learns_and_resumes_bit_identically_with_batchnorm_statistics(tm
 
 
 def test_stage_a_vq_option_trains_through_the_quantiser(tmp_path, images):
-    train("stage-a", stage_a_config(tmp_path, images, max_steps=2, stage_a={"crop": 32, "quantize": True}), echo=None)
+    cfg = stage_a_config(tmp_path, images, max_steps=2, stage_a={"crop": 32, "quantize": True})
+    train(StageATask, cfg, training_dataset, echo=None)
     assert all(r["loss"] > 0 for r in read_log(tmp_path))
 
 
@@ -101,7 +105,7 @@ def test_codec_task_trains_encoder_and_stage_b_and_exports_the_package_layout(tm
            "checkpoint": {"save_every": 3},
            "codec": {"stage_a": str(stage_a), "crop": 64, "encoder_preset": "efficientnet_mini"}}
     before = create_model("efficientnet_mini")
-    train("codec", cfg, echo=None)
+    train(CodecTask, cfg, training_dataset, echo=None)
     log = read_log(tmp_path / "c")
     assert len(log) == 3 and all(r["loss"] > 0 for r in log)
     state = load_file(tmp_path / "c/checkpoint/model.safetensors")
@@ -148,7 +152,8 @@ def test_unreadable_images_are_skipped_and_recorded_not_fatal(tmp_path, images):
     assert {r["reason"].split(": ")[1] for r in reasons} == {"not an image", "empty file", "unreadable image",
                                                              "too small"}
     # a whole training run goes through them and lists them in its output folder
-    train("stage-a", stage_a_config(tmp_path / "run", folder, max_steps=3, batch_size=len(ds) - 1), echo=None)
+    cfg = stage_a_config(tmp_path / "run", folder, max_steps=3, batch_size=len(ds) - 1)
+    train(StageATask, cfg, training_dataset, echo=None)
     assert (tmp_path / "run" / "skipped.jsonl").is_file() and len(read_log(tmp_path / "run")) == 3
 
 

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_dataset_helpers import make_folder
 
 from datasets_tools.store import store_info
 from codec.codec import load_stage_a
@@ -11,7 +12,6 @@ from codec.text import TextEncoder
 from datasets_tools import LatentDataset, LatentStore, StoreError, encode_dataset
 from datasets_tools.encode import file_sha256, text_encoder_sha256
 from datasets_tools.preprocess import preprocess
-from test_dataset_helpers import make_folder
 
 ALL = ("latent", "clip_text_pooled", "clip_text", "stage_a")
 
@@ -186,20 +186,23 @@ def test_unstorable_extras_skip_the_sample_not_the_job(corpus, tmp_path, tiny_we
 def test_training_reads_the_extras_from_the_store(corpus, tmp_path, tiny_weights, tiny_text_encoder):
     """cascade train takes stored text embeddings (and that of "" for caption dropout) and Stage A latents
     from the store: no text encoder is configured (``weights`` unset)."""
-    from codec.generation.finetune import ConfigError, train
-    from codec.generation.finetune.logs import read_log
+    from codec.generation.training.stage_c_task import StageCTask
+    from codec.training import ConfigError, train
+    from codec.training.logs import read_log
+    from codec.training.stage_b_task import StageBTask
+    from datasets_tools.training_data import training_dataset
 
     store, plain = tmp_path / "store.zarr", tmp_path / "plain.zarr"
     run(corpus, store, tiny_weights, text_encoder=tiny_text_encoder, stage_a=True, shard_size=5)
     run(corpus, plain, tiny_weights, shard_size=5)
-    for task in ("stage-c", "stage-b"):
-        cfg = {"output_dir": str(tmp_path / task), "data": {"store": str(store)}, "batch_size": 2, "max_steps": 2,
-               "model": {"preset": "tiny"}, "log": {"every": 1}, "preview": {"every": 0}}
-        if task == "stage-b":
+    for task in (StageCTask, StageBTask):
+        cfg = {"output_dir": str(tmp_path / task.name), "data": {"store": str(store)}, "batch_size": 2,
+               "max_steps": 2, "model": {"preset": "tiny"}, "log": {"every": 1}, "preview": {"every": 0}}
+        if task is StageBTask:
             cfg["stage_b"] = {"effnet_from": "stored"}
-        train(task, cfg, echo=None)
-        assert [r["step"] for r in read_log(tmp_path / task)] == [1, 2]
+        train(task, cfg, training_dataset, echo=None)
+        assert [r["step"] for r in read_log(tmp_path / task.name)] == [1, 2]
     cfg = {"output_dir": str(tmp_path / "b2"), "data": {"store": str(plain)}, "batch_size": 2, "max_steps": 1,
            "model": {"preset": "tiny"}, "stage_b": {"effnet_from": "stored"}, "preview": {"every": 0}}
     with pytest.raises(ConfigError, match="has no stage_a; encode it with `cascade encode-dataset --stage-a`"):
-        train("stage-b", cfg, echo=None)
+        train(StageBTask, cfg, training_dataset, echo=None)

@@ -7,11 +7,17 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from codec.generation.finetune import ConfigError, TASKS, train
-from codec.generation.finetune.data import ListDataset
-from codec.generation.finetune.logs import read_log
-from codec.generation.finetune.objectives import AdaptiveLossWeight, pyramid_noise
+from codec.generation.training import TASKS as GENERATION_TASKS
+from codec.generation.training.lora_task import LoraTask
+from codec.generation.training.stage_c_task import StageCTask
 from codec.presets import create_model, get_preset
+from codec.training import TASKS, ConfigError, task_class, train
+from codec.training.data import ListDataset
+from codec.training.logs import read_log
+from codec.training.objectives import AdaptiveLossWeight, pyramid_noise
+from codec.training.stage_b_task import StageBTask
+
+ALL_TASKS = {**TASKS, **GENERATION_TASKS}  # what `cascade train` offers
 
 
 def stage_c_items(n=8, side=4, seed=0):
@@ -44,16 +50,16 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     ds = stored_dataset()
     over = {"loss_weight": "adaptive", "ema": {"start": 1, "every": 1}, "max_steps": 4,
             "checkpoint": {"save_every": 2}}
-    train("stage-c", config(tmp_path / "a", **over), dataset=ds, echo=None)
+    train(StageCTask, config(tmp_path / "a", **over), dataset=ds, echo=None)
 
     def kill(step):
         if step == 3:
             raise Kill
 
     with pytest.raises(Kill):
-        train("stage-c", config(tmp_path / "b", **over), dataset=ds, hook=kill, echo=None)
+        train(StageCTask, config(tmp_path / "b", **over), dataset=ds, hook=kill, echo=None)
     assert json.loads((tmp_path / "b/checkpoint/state.json").read_text())["step"] == 2
-    train("stage-c", config(tmp_path / "b", **over), dataset=ds, echo=None)
+    train(StageCTask, config(tmp_path / "b", **over), dataset=ds, echo=None)
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(tmp_path / "a/checkpoint" / name), load_file(tmp_path / "b/checkpoint" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
@@ -66,10 +72,10 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
 
 def test_changed_config_is_refused_on_resume(tmp_path):
     ds = stored_dataset()
-    train("stage-c", config(tmp_path, max_steps=3), dataset=ds, echo=None)
+    train(StageCTask, config(tmp_path, max_steps=3), dataset=ds, echo=None)
     with pytest.raises(ConfigError, match=r"optim.lr: 0.0001 → 0.001"):
-        train("stage-c", config(tmp_path, max_steps=4, optim={"lr": 1e-3}), dataset=ds, echo=None)
-    train("stage-c", config(tmp_path, max_steps=4), dataset=ds, echo=None)  # max_steps may grow
+        train(StageCTask, config(tmp_path, max_steps=4, optim={"lr": 1e-3}), dataset=ds, echo=None)
+    train(StageCTask, config(tmp_path, max_steps=4), dataset=ds, echo=None)  # max_steps may grow
     assert read_log(tmp_path)[-1]["step"] == 4
 
 
@@ -78,16 +84,16 @@ def test_task_section_is_recorded_and_checked_on_resume(tmp_path, text_weights):
     and an optimiser state that does not fit (another version, another model) is a one-sentence error."""
     items = [{"latent": it["latent"], "caption": "a photo"} for it in stage_c_items()]
     cfg = config(tmp_path, max_steps=2, weights=str(text_weights), lora={"rank": 2})
-    train("lora", cfg, dataset=ListDataset(items), echo=None)
+    train(LoraTask, cfg, dataset=ListDataset(items), echo=None)
     assert json.loads((tmp_path / "config.json").read_text())["lora"]["rank"] == 2
     with pytest.raises(ConfigError, match=r"lora.rank: 2 → 3"):
-        train("lora", {**cfg, "max_steps": 3, "lora": {"rank": 3}}, dataset=ListDataset(items), echo=None)
+        train(LoraTask, {**cfg, "max_steps": 3, "lora": {"rank": 3}}, dataset=ListDataset(items), echo=None)
     trainer_file = tmp_path / "checkpoint/trainer.pt"
     trainer = torch.load(trainer_file, weights_only=True)
     trainer["optimizer"]["param_groups"][0]["params"].append(10_000)  # one parameter more than this run has
     torch.save(trainer, trainer_file)
     with pytest.raises(ConfigError, match=r"optimiser state .* does not fit the parameters this run trains"):
-        train("lora", {**cfg, "max_steps": 3}, dataset=ListDataset(items), echo=None)
+        train(LoraTask, {**cfg, "max_steps": 3}, dataset=ListDataset(items), echo=None)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -99,7 +105,7 @@ def test_task_section_is_recorded_and_checked_on_resume(tmp_path, text_weights):
 ])
 def test_config_errors_name_the_key(tmp_path, bad, message):
     with pytest.raises(ConfigError) as e:
-        train("stage-c", config(tmp_path, **bad), dataset=stored_dataset(), echo=None)
+        train(StageCTask, config(tmp_path, **bad), dataset=stored_dataset(), echo=None)
     assert message in str(e.value)
 
 
@@ -107,7 +113,7 @@ def test_cli_reports_config_errors(tmp_path):
     from codec.cli import main
     from codec.cli.train import TRAIN_TASKS
 
-    assert set(TRAIN_TASKS) == set(TASKS)
+    assert set(TRAIN_TASKS) == set(ALL_TASKS)
     path = tmp_path / "c.yaml"
     path.write_text("output_dir: x\ndata: {store: s}\nbatch_size: 2\nmax_steps: 1\nlora: {rank: [\n")
     r = CliRunner().invoke(main, ["train", "lora", str(path)])
@@ -149,7 +155,7 @@ def test_stage_c_checkpoint_is_a_release_file(tmp_path):
     from codec.stage_c import StageC
     from codec.weights import load_configured
 
-    train("stage-c", config(tmp_path, max_steps=2), dataset=stored_dataset(), echo=None)
+    train(StageCTask, config(tmp_path, max_steps=2), dataset=stored_dataset(), echo=None)
     model, header = load_configured(StageC, tmp_path / "checkpoint/model.safetensors", None, torch.float32, "cpu")
     assert header.config["c_cond"] == 64 and sum(p.numel() for p in model.parameters()) > 0
 
@@ -168,8 +174,8 @@ def text_weights(tiny_weights):
 
 def test_lora_with_a_new_token_trains_and_loads_back(tmp_path, text_weights):
     from codec.generation.lora import read_lora
-    from codec.text import TextEncoder
     from codec.generation.tokens import add_train_tokens, load_token_state
+    from codec.text import TextEncoder
     from codec.weights import save_module
 
     torch.manual_seed(0)
@@ -183,7 +189,7 @@ def test_lora_with_a_new_token_trains_and_loads_back(tmp_path, text_weights):
                  model={"checkpoint": str(tmp_path / "stage_c.safetensors")}, preview={"every": 3, "n": 2, "steps": 2},
                  lora={"rank": 2, "train_tokens": [["[sks]", "^a</w>$"]], "export_kohya": True})
     said = []
-    train("lora", cfg, dataset=ListDataset(items), echo=said.append)
+    train(LoraTask, cfg, dataset=ListDataset(items), echo=said.append)
     lora_numel = sum(2 * (w.shape[0] + w.shape[1]) for w in lora_targets_weights(base)) + 24  # rank 2, 24-d token
     assert f"task lora, {lora_numel:,} trained parameters" in said[0]  # not Stage C's
     path = tmp_path / "run/checkpoint/model.safetensors"
@@ -204,11 +210,10 @@ def test_lora_with_a_new_token_trains_and_loads_back(tmp_path, text_weights):
                                                ("off", [False] * 3)])
 def test_lora_stage_c_dropout_follows_the_official_script(policy, expected):
     """Official LoRA training samples after micro-batch 1 and leaves Stage C in eval mode: dropout only once."""
-    from codec.generation.finetune.config import load_config
-    from codec.generation.finetune.data import collate
-    from codec.generation.finetune.distributed import setup
-    from codec.generation.finetune.lora_task import LoraTask
-    from codec.generation.finetune.rng import BatchRandom
+    from codec.training.config import load_config
+    from codec.training.data import collate
+    from codec.training.distributed import setup
+    from codec.training.rng import BatchRandom
 
     ds = stored_dataset()
     cfg, section = load_config(config("unused", lora={"stage_c_dropout": policy}), "lora", LoraTask.section_model,
@@ -234,20 +239,22 @@ def test_stage_b_recipe_runs(tmp_path, text_weights, effnet_from):
               "caption": "x"} for _ in range(4)]
     cfg = config(tmp_path, max_steps=2, grad_accum_steps=1, batch_size=2, weights=str(text_weights),
                  stage_b={"effnet_from": effnet_from}, preview={"every": 2, "n": 2, "steps": 2})
-    train("stage-b", cfg, dataset=ListDataset(items), echo=None)
+    train(StageBTask, cfg, dataset=ListDataset(items), echo=None)
     assert len(read_log(tmp_path)) == 2 and (tmp_path / "previews/step_0000002.png").exists()
 
 
 @pytest.mark.parametrize("task", ["stage-c", "lora", "stage-b", "controlnet"])
 def test_example_configs_are_valid(task):
+    """The annotated example configs next to each task's code (codec.training's, codec.generation's) load."""
     from pathlib import Path
 
-    import codec.generation.finetune as ft
-    from codec.generation.finetune.config import load_config, read_yaml
-    from codec.generation.finetune.run import task_class
+    import codec.generation.training
+    import codec.training
+    from codec.training.config import load_config, read_yaml
 
     name = "controlnet_canny" if task == "controlnet" else task.replace("-", "_")
-    path = Path(ft.__file__).parent / "examples" / f"{name}.yaml"
-    cls = task_class(task)
+    package = codec.training if task in TASKS else codec.generation.training
+    path = Path(package.__file__).parent / "examples" / f"{name}.yaml"
+    cls = task_class(task, ALL_TASKS)
     cfg, section = load_config(read_yaml(path), cls.section, cls.section_model, str(path))
     assert cfg.max_steps == 10000 and (section is None) == (cls.section is None)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from codec.generation.finetune.logs import read_log
+from codec.training.logs import read_log
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +20,9 @@ TESTS = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_weights):
-    from datasets_tools import encode_dataset
     from test_dataset_helpers import make_folder
+
+    from datasets_tools import encode_dataset
 
     root = tmp_path_factory.mktemp("ddp")
     make_folder(root / "src", 8)

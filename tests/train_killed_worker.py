@@ -11,7 +11,9 @@ import os
 import signal
 import sys
 
-from codec.generation.finetune import train
+from codec.generation.training import TASKS as GENERATION_TASKS
+from codec.training import TASKS, task_class, train
+from datasets_tools.training_data import training_dataset
 
 
 def main() -> None:
@@ -23,7 +25,7 @@ def main() -> None:
         if done == step and rank == 0:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    train(task, config, hook=die, echo=None)
+    train(task_class(task, {**TASKS, **GENERATION_TASKS}), config, training_dataset, hook=die, echo=None)
     sys.exit(3)  # not reached when STEP <= max_steps: the test sees a run that was not killed
 
 

@@ -9,7 +9,9 @@ import click
 
 from .common import RESUMES, user_errors
 
-TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "codec")  # = codec.generation.finetune.run.TASKS
+# = codec.training.TASKS + codec.generation.training.TASKS (tests/test_finetune.py checks); spelled out here so that
+# `cascade --help` does not import the trainer
+TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "codec")
 
 
 @click.command("train")
@@ -28,12 +30,18 @@ def train_command(task, config, device) -> None:
     in the release format, optimiser and RNG state), log.jsonl and previews/. Run the same command
     again after a stop: it resumes exactly where the last checkpoint left off. Several processes:
     `torchrun --nproc_per_node N -m codec.cli train TASK CONFIG` (DDP; distributed.strategy: fsdp to
-    shard large models). Config keys: see codec/generation/finetune/config.py and configs/train/.
+    shard large models). Config keys: see codec/training/config.py; annotated examples in
+    codec/generation/training/examples/ (stage-c, lora, controlnet), codec/training/examples/ (stage-b) and
+    configs/mini/ (stage-a, codec).
     """
     from tqdm.auto import tqdm
 
-    from ..generation.finetune import train
+    from datasets_tools.training_data import training_dataset
 
-    pos = train(task, config, echo=tqdm.write, device=None if device == "auto" else device)
+    from ..generation.training import TASKS as GENERATION_TASKS
+    from ..training import TASKS, task_class, train
+
+    pos = train(task_class(task, {**TASKS, **GENERATION_TASKS}), config, training_dataset, echo=tqdm.write,
+                device=None if device == "auto" else device)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"done: {pos.step} updates ({pos.epoch} full epochs)")

@@ -9,13 +9,13 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from ...training.conditions import TextSource
+from ...training.config import ConfigError, Section
+from ...training.rng import BatchRandom
+from ...training.task import read_state
 from ..lora import DEFAULT_FILTERS, LoRA, LoraNetwork, TokenDelta, save_lora, to_kohya
 from ..tokens import add_train_tokens, attach_token_delta
-from .conditions import TextSource, image_embedding
-from .config import ConfigError, Section
-from .rng import BatchRandom
-from .stage_c_task import StageCTask
-from .task import read_state
+from .stage_c_task import StageCTask, image_embedding
 
 
 class LoraSection(Section):

@@ -9,14 +9,35 @@ import torch
 from torch import nn
 
 from ... import weights as W
+from ...codec import load_previewer
 from ...diffusion import sample
 from ...text import TextEmbedding
-from .conditions import TextSource, image_embedding
-from .preview import load_previewer, save_collage
-from .rng import BatchRandom
-from .task import Task, load_trainable_model, model_config, read_state
+from ...training.conditions import TextSource
+from ...training.config import TrainConfig
+from ...training.preview import save_collage
+from ...training.rng import BatchRandom
+from ...training.task import Task, load_trainable_model, model_config, read_state
 
 TRAINED_NOTE = "Stage C fine-tuned with cascade-codec"
+
+
+def preview_decoder(cfg: TrainConfig, device: torch.device) -> nn.Module | None:
+    """The Previewer that turns sampled latents into collages, when previews are on and ``weights`` holds
+    ``previewer.safetensors``; else ``None`` (no collages: a run never needs one)."""
+    if not cfg.preview.every or cfg.weights is None:
+        return None
+    src = W.WeightSource(cfg.weights)
+    return load_previewer(src, device) if src.has(W.PREVIEWER_FILE) else None
+
+
+def image_embedding(batch: dict[str, Any], use: torch.Tensor, width: int) -> torch.Tensor:
+    """CLIP-L image embeddings ``(B,1,width)``: the stored ones where ``use``, zeros elsewhere (and without any)."""
+    n = len(use)
+    out = torch.zeros(n, 1, width)
+    if "clip_img" in batch and torch.is_tensor(batch["clip_img"]):
+        stored = batch["clip_img"].float().reshape(n, 1, -1)
+        out[use] = stored[use]
+    return out
 
 
 class StageCTask(Task):
@@ -31,7 +52,7 @@ class StageCTask(Task):
         model = load_trainable_model("stage_c", self.cfg, self.source)
         self.model_config = model_config(model)
         self.c_clip_img = model.config.c_clip_img
-        self.previewer = load_previewer(self.cfg.weights, self.d.device) if self.cfg.preview.every else None
+        self.previewer = preview_decoder(self.cfg, self.d.device)
         return model
 
     def text_source(self, dataset: Any) -> TextSource:
@@ -66,7 +87,7 @@ class StageCTask(Task):
                 return self.text.empty(), None
             return self.text.encoder.encode(caps[:n]), None
         items = [self.dataset_ref[i] for i in range(min(n, len(self.dataset_ref)))]
-        from .data import collate
+        from ...training.data import collate
 
         batch = collate(items)
         return self.text.embed(batch, torch.ones(len(items), dtype=torch.bool)), batch["latent"]

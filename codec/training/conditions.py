@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ...text import TextEmbedding, TextEncoder
+from ..text import TextEmbedding, TextEncoder
 from .config import ConfigError, TrainConfig
 
 
@@ -82,13 +82,3 @@ class TextSource:
         if hidden is not None:
             hidden[drop] = empty.hidden.cpu()
         return TextEmbedding(hidden=hidden, pooled=pooled)
-
-
-def image_embedding(batch: dict[str, Any], use: torch.Tensor, width: int) -> torch.Tensor:
-    """CLIP-L image embeddings ``(B,1,width)``: the stored ones where ``use``, zeros elsewhere (and without any)."""
-    n = len(use)
-    out = torch.zeros(n, 1, width)
-    if "clip_img" in batch and torch.is_tensor(batch["clip_img"]):
-        stored = batch["clip_img"].float().reshape(n, 1, -1)
-        out[use] = stored[use]
-    return out

@@ -18,17 +18,3 @@ def save_collage(rows: Sequence[torch.Tensor], path: Path) -> Path:
     save_image(make_grid(images, nrow=rows[0].shape[0], padding=2), str(tmp))
     tmp.replace(path)
     return path
-
-
-def load_previewer(weights: str | None, device: torch.device) -> torch.nn.Module | None:
-    """The Previewer from ``weights/previewer.safetensors``, or ``None`` when it is not there."""
-    if weights is None:
-        return None
-    from ... import weights as W
-    from ...previewer import Previewer
-
-    src = W.WeightSource(weights)
-    if not src.has(W.PREVIEWER_FILE):
-        return None
-    model, _ = W.load_configured(Previewer, src.path(W.PREVIEWER_FILE), None, torch.float32, device)
-    return model

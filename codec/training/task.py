@@ -10,7 +10,10 @@ A task (Stage C, LoRA, Stage B, ControlNet …) says:
 * ``noise(x0, rand)`` → the epsilon to add (default: standard normal per sample);
 * ``export(state, path)`` / ``import_(path)`` → the trained tensors (``named_parameters``
   names of the module) to and from the file users get (checkpoints hold that file);
-* ``preview(module, step, path)`` → an optional collage.
+* ``preview(module, step, path)`` → an optional collage;
+* ``trains_from`` (with ``store_fields``/``required_fields`` or ``images_why``) → what data it trains
+  from. A task never builds its dataset: the caller does (``cascade train`` with
+  :func:`datasets_tools.training_data.training_dataset`) and hands it to :func:`.run.train`.
 
 ``section``/``section_model`` name and validate the task's own YAML section.
 """
@@ -19,14 +22,14 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel
 from torch import nn
 
-from ... import weights as W
-from ...presets import FAMILIES, get_preset, list_presets
+from .. import weights as W
+from ..presets import FAMILIES, get_preset, list_presets
 from .config import ConfigError, TrainConfig
 from .distributed import Dist
 from .rng import BatchRandom
@@ -75,40 +78,14 @@ class Task:
         """Write a sample collage (optional)."""
         return None
 
-    # Dataset fields the task uses when the store has them, and those it cannot do without.
-    store_fields: tuple[str, ...] = ("latent", "clip_text", "clip_text_pooled")
-    required_fields: tuple[str, ...] = ("latent",)
-
-    def dataset(self) -> Any:
-        """The training data: the Zarr latent store of ``data.store``, with the fields of :attr:`store_fields`
-        that it holds (stored text embeddings, Stage A latents)."""
-        from datasets_tools.dataset import LatentDataset, store_fields
-
-        if self.cfg.data.store is None:
-            raise ConfigError(f"{self.source}: task {self.name} trains from latents; set data.store to a Zarr latent "
-                              "store (`cascade encode-dataset IMAGES STORE`).")
-        held = store_fields(self.cfg.data.store)
-        missing = [f for f in self.required_fields if f not in held]
-        if missing:
-            raise ConfigError(f"{self.source}: data.store {self.cfg.data.store} has no {', '.join(missing)}; encode "
-                              "it with `cascade encode-dataset --stage-a` (Stage A latents) into a new store.")
-        return LatentDataset(self.cfg.data.store, buckets=self.cfg.data.buckets,
-                             fields=tuple(f for f in self.store_fields if f in held))
-
-
-def image_dataset(task: Task, why: str) -> Any:
-    """The images of ``data.images`` for a task that trains from pixels (short side → ``data.image_size``, centre
-    crop; smaller than ``data.min_size`` or unreadable ones skipped and listed in ``OUTPUT_DIR/skipped.jsonl``);
-    ``why`` completes the error when ``data.images`` is not set."""
-    from datasets_tools.image_dataset import ImageDataset
-
-    cfg = task.cfg
-    if cfg.data.images is None:
-        raise ConfigError(f"{task.source}: {why}; set data.images to an image folder, a .csv/.jsonl manifest or .tar "
-                          "shards.")
-    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    return ImageDataset(cfg.data.images, size=cfg.data.image_size, errors_file=Path(cfg.output_dir) / "skipped.jsonl",
-                        min_size=cfg.data.min_size)
+    # What the task trains from; datasets_tools.training_data builds that dataset from the config, and the
+    # trainer is handed it. "store": the Zarr latent store of data.store with those of store_fields it holds
+    # (required_fields must be among them); "images": the images of data.images (images_why completes the
+    # error when data.images is not set).
+    trains_from: ClassVar[Literal["store", "images"]] = "store"
+    store_fields: ClassVar[tuple[str, ...]] = ("latent", "clip_text", "clip_text_pooled")
+    required_fields: ClassVar[tuple[str, ...]] = ("latent",)
+    images_why: ClassVar[str] = ""
 
 
 def load_trainable_model(family: str, cfg: TrainConfig, source: str) -> nn.Module:

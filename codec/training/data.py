@@ -1,23 +1,24 @@
 """Batches for training: one bucket per global batch, split between processes, resumable mid-epoch.
 
-Every process builds the same list of global micro-batches for an epoch
-(:class:`~datasets_tools.dataset.BucketBatchSampler` with the run's seed and the epoch
-number, incomplete batches dropped) and takes its contiguous slice of each. The position
-``(epoch, batch)`` is saved in checkpoints, so a resumed run reads exactly the batches an
-uninterrupted run would have read.
+Every process builds the same list of global micro-batches for an epoch (:class:`BucketBatchSampler`
+with the run's seed and the epoch number, incomplete batches dropped) and takes its contiguous slice
+of each. The position ``(epoch, batch)`` is saved in checkpoints, so a resumed run reads exactly the
+batches an uninterrupted run would have read.
 
-Dataset items (see :mod:`.store_fields`): ``latent`` (EfficientNet latent ``(16,h,w)``),
-``caption``, and when the store has them ``clip_text``/``clip_text_pooled`` (stored CLIP-G
-embeddings), ``clip_img`` (CLIP-L image embedding), ``stage_a`` (Stage A latent).
+Dataset items (those of ``datasets_tools``' ``LatentDataset`` and ``ImageDataset``): ``latent``
+(EfficientNet latent ``(16,h,w)``), ``caption``, and when the store has them
+``clip_text``/``clip_text_pooled`` (stored CLIP-G embeddings), ``clip_img`` (CLIP-L image
+embedding), ``stage_a`` (Stage A latent); ``images`` (pixels) for tasks that train from images.
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from ...errors import UsageError
+from ..errors import UsageError
 from .distributed import Dist
 
 TENSOR_KEYS = ("latent", "clip_text", "clip_text_pooled", "clip_img", "stage_a", "images")
@@ -35,10 +36,55 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches of dataset indices that all come from one bucket (so every batch has one latent shape).
+
+    ``dataset`` has ``bucket_indices()``: bucket name → array of its indices (``LatentDataset``,
+    ``ImageDataset``, :class:`ListDataset`).
+
+    ``shuffle``: shuffle within buckets and the order of batches, with ``seed`` plus
+    :meth:`set_epoch`'s epoch. ``drop_last``: drop each bucket's incomplete last batch.
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False):
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be ≥ 1, got {batch_size}")
+        self.groups = dataset.bucket_indices()
+        self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the shuffling (call once per epoch)."""
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        batches = []
+        for name in sorted(self.groups):
+            idx = self.groups[name].tolist()
+            if self.shuffle:
+                rng.shuffle(idx)
+            for s in range(0, len(idx), self.batch_size):
+                b = idx[s:s + self.batch_size]
+                if len(b) == self.batch_size or not self.drop_last:
+                    batches.append(b)
+        if self.shuffle:
+            rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._batches())
+
+    def __len__(self) -> int:
+        n = 0
+        for idx in self.groups.values():
+            n += len(idx) // self.batch_size if self.drop_last else -(-len(idx) // self.batch_size)
+        return n
+
+
 def epoch_batches(dataset: Any, global_batch: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
     """Global micro-batches of one epoch (all from one bucket; incomplete ones dropped)."""
-    from datasets_tools.dataset import BucketBatchSampler
-
     sampler = BucketBatchSampler(dataset, global_batch, shuffle=shuffle, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     batches = list(sampler)

@@ -67,7 +67,7 @@ def wrap(module: nn.Module, d: Dist, strategy: str) -> nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        from ...blocks import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock
+        from ..blocks import AttnBlock, FeedForwardBlock, ResBlock, TimestepBlock
 
         for sub in list(module.modules()):
             if isinstance(sub, (ResBlock, AttnBlock, TimestepBlock, FeedForwardBlock)) and \

@@ -1,8 +1,8 @@
 """Training configuration: YAML files validated into typed objects, with one-sentence errors.
 
 The common part (:class:`TrainConfig`) is shared by every task; a task adds its own
-section (``lora:``, ``stage_b:``, …) described by its own pydantic model (see
-``tasks.TASKS``). Unknown keys are errors (with a "did you mean"), so a typo never
+section (``lora:``, ``stage_b:``, …) described by its own pydantic model (``Task.section`` and
+``Task.section_model``). Unknown keys are errors (with a "did you mean"), so a typo never
 silently falls back to a default. Defaults are the official recipe (official.md §13).
 """
 
@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ...errors import UsageError
+from ..errors import UsageError
 
 
 class ConfigError(UsageError):

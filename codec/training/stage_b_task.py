@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ... import weights as W
-from ...diffusion import sample
-from ...stage_a import StageA
+from .. import weights as W
+from ..diffusion import sample
+from ..stage_a import StageA
 from .conditions import TextSource
 from .config import ConfigError, Section
 from .objectives import pyramid_noise_per_sample
@@ -52,7 +52,7 @@ class StageBTask(Task):
     required_fields = ("latent", "stage_a")
 
     def build(self, dataset: Any) -> nn.Module:
-        from ... import codec as C
+        from .. import codec as C
 
         self.dataset_ref = dataset
         self.text = TextSource.for_run(self.cfg, dataset, self.d.device, self.source)
@@ -80,7 +80,7 @@ class StageBTask(Task):
     def effnet_condition(self, batch: dict[str, Any], x0: torch.Tensor, factor: float,
                          keep: torch.Tensor) -> torch.Tensor:
         """EfficientNet latents at encoder scale ``factor`` for the kept samples, zeros for the others."""
-        from ...codec import encode_pixels
+        from ..codec import encode_pixels
 
         if self.options.effnet_from == "stored":
             lat = batch["latent"].float()

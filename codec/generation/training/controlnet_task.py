@@ -1,18 +1,23 @@
 """ControlNet training on a frozen Stage C (official ``train_c_controlnet.py`` recipe) from images.
 
 The control (canny edges, an inpainting mask, a low-resolution latent) is computed from
-pixels, which a latent store does not hold, so this task reads an image source
+pixels, which a latent store does not hold, so this task trains from an image source
 (``data.images``: folder, manifest or tar shards; centre crop to ``data.image_size``) and
 per batch computes, without gradients: the training filter of ``controlnet.kind``
 (:class:`~codec.generation.control_filters.TrainingControl`), the Stage C latents with the
 EfficientNet encoder, the text conditions with the text encoder and, for the official 10 %,
-the CLIP image embedding. The trained module is
-:class:`~codec.generation.controlnet_training.ControlledStageC` (Stage C frozen, left in
-train mode so its dropout is active as officially; the ControlNet's EfficientNet
-BatchNorm statistics frozen). ``offset_noise`` defaults to the kind's official value (0.1
-for inpainting and super_resolution). Checkpoints and the exported file hold the whole
-ControlNet (BatchNorm buffers included) in the released layout with its config: it loads
-with ``codec.codec.load_controlnet(path)``.
+the CLIP image embedding. The loop is the generic one (random t, noise, P2 weights, AdamW,
+clipping, EMA, checkpoints); what is ControlNet-specific, as officially:
+
+* the trained module is :class:`ControlledStageC`: only the ControlNet trains — all of it,
+  the EfficientNet backbone's weights included, but with that backbone's BatchNorm
+  statistics frozen (eval mode); Stage C is frozen yet left in train mode, so its dropout
+  is active (an official quirk; ``controlnet.stage_c_dropout: false`` switches it off);
+* ``offset_noise`` defaults to the kind's official value (:data:`OFFSET_NOISE`: 0.1 for
+  inpainting and super_resolution).
+
+Checkpoints and the exported file hold the whole ControlNet (BatchNorm buffers included) in
+the released layout with its config: it loads with ``codec.codec.load_controlnet(path)``.
 """
 
 from __future__ import annotations
@@ -26,21 +31,88 @@ from pydantic import Field
 from torch import nn
 
 from ... import weights as W
+from ...blocks import ResBlock
 from ...codec import load_controlnet
 from ...controlnet import ControlNet
+from ...errors import UsageError
+from ...presets import CONTROLNET_KINDS, get_preset
 from ...stage_c import StageC
+from ...training.conditions import TextSource
+from ...training.config import ConfigError, Section, TrainConfig
+from ...training.distributed import Dist
+from ...training.preview import save_collage
+from ...training.rng import BatchRandom
+from ...training.task import load_trainable_model, read_state
 from ..control_filters import TrainingControl, load_saliency
-from ..controlnet_training import OFFSET_NOISE, ControlledStageC, controlnet_for, resblock_calls
-from .conditions import TextSource
-from .config import ConfigError, Section, TrainConfig
-from .distributed import Dist
-from .preview import load_previewer, save_collage
-from .rng import BatchRandom
-from .stage_c_task import StageCTask
-from .task import image_dataset, load_trainable_model, read_state
+from .stage_c_task import StageCTask, preview_decoder
 
 TRAINED_NOTE = "ControlNet trained with cascade-codec"
 PREFIX = "controlnet."
+
+# Official per-kind settings (configs/training/controlnet_c_3b_*.yaml).
+OFFSET_NOISE = {"canny": 0.0, "inpainting": 0.1, "super_resolution": 0.1, "identity": 0.0}
+
+
+def resblock_calls(stage_c: StageC) -> int:
+    """How many ResBlock calls one Stage C forward makes (the length of a full ``cnet`` list)."""
+    total = 0
+    for blocks, repmaps in ((stage_c.down_blocks, stage_c.down_repeat_mappers),
+                            (stage_c.up_blocks, stage_c.up_repeat_mappers)):
+        for level, repmap in zip(blocks, repmaps):
+            total += sum(isinstance(b, ResBlock) for b in level) * (len(repmap) + 1)
+    return total
+
+
+def controlnet_for(stage_c: StageC, kind: str, proj_blocks: list[int] | None = None,
+                   bottleneck_mode: str | None = None) -> ControlNet:
+    """A new ControlNet of ``kind`` sized for ``stage_c``: ``c_proj`` = its width; ``proj_blocks`` default to
+    the official ones (for the 64-call 3.6B model), which must fit in the model's ResBlock calls;
+    ``bottleneck_mode`` defaults to the kind's official one."""
+    if kind not in CONTROLNET_KINDS:
+        raise UsageError(f"unknown ControlNet kind {kind!r}; choose one of {', '.join(CONTROLNET_KINDS)}")
+    config = dict(get_preset(f"controlnet_{kind}").kwargs(), c_proj=stage_c.config.c_hidden[0])
+    if proj_blocks is not None:
+        config["proj_blocks"] = list(proj_blocks)
+    if bottleneck_mode is not None:
+        config["bottleneck_mode"] = bottleneck_mode
+    calls = resblock_calls(stage_c)
+    if max(config["proj_blocks"]) >= calls:
+        raise UsageError(f"proj_blocks {config['proj_blocks']} reach past this Stage C's {calls} ResBlock calls "
+                         f"(0–{calls - 1}); give proj_blocks that fit.")
+    model = ControlNet(**config)
+    model.kind = kind
+    return model
+
+
+class ControlledStageC(nn.Module):
+    """Frozen Stage C + trainable ControlNet as one epsilon model: ``forward(x, r, clip_text, clip_text_pooled,
+    clip_img, control)`` = ``stage_c(..., cnet=controlnet(control))``.
+
+    This is the module a generic diffusion loop trains: its only trainable parameters are
+    ``controlnet.*``. ``train()`` keeps the official modes: the ControlNet's EfficientNet
+    BatchNorm frozen, and Stage C in train mode (dropout active) unless ``stage_c_dropout``
+    is False.
+    """
+
+    def __init__(self, stage_c: StageC, controlnet: ControlNet, stage_c_dropout: bool = True):
+        super().__init__()
+        self.stage_c = stage_c.requires_grad_(False)
+        self.controlnet = controlnet.requires_grad_(True)
+        self.stage_c_dropout = stage_c_dropout
+        self.train()
+
+    def train(self, mode: bool = True) -> "ControlledStageC":
+        """Training mode for the ControlNet; Stage C follows ``stage_c_dropout`` (see the class docstring)."""
+        self.training = mode
+        self.controlnet.train(mode)
+        self.stage_c.train(mode and self.stage_c_dropout)
+        return self
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor, clip_text: torch.Tensor, clip_text_pooled: torch.Tensor,
+                clip_img: torch.Tensor, control: torch.Tensor) -> torch.Tensor:
+        param = next(self.controlnet.parameters())
+        cnet = self.controlnet(control.to(param.device, param.dtype))
+        return self.stage_c(x, r, clip_text, clip_text_pooled, clip_img, cnet=cnet)
 
 
 class ControlNetSection(Section):
@@ -62,14 +134,13 @@ class ControlNetTrainingTask(StageCTask):
     name = "controlnet"
     section = "controlnet"
     section_model = ControlNetSection
+    trains_from = "images"
+    images_why = "ControlNet training computes its controls from pixels"
 
     def __init__(self, cfg: TrainConfig, section: ControlNetSection, d: Dist, source: str = "config"):
         super().__init__(cfg, section, d, source)
         if "offset_noise" not in cfg.model_fields_set:
             cfg.offset_noise = OFFSET_NOISE[section.kind]
-
-    def dataset(self) -> Any:
-        return image_dataset(self, "ControlNet training computes its controls from pixels")
 
     def build(self, dataset: Any) -> nn.Module:
         from ...codec import load_encoder
@@ -95,7 +166,7 @@ class ControlNetTrainingTask(StageCTask):
         self.controlnet = self._controlnet(stage_c)
         saliency = load_saliency(src, dev) if o.kind == "inpainting" else None
         self.control = TrainingControl(o.kind, saliency=saliency, effnet=self.effnet)
-        self.previewer = load_previewer(cfg.weights, dev) if cfg.preview.every else None
+        self.previewer = preview_decoder(cfg, dev)
         return ControlledStageC(stage_c, self.controlnet, o.stage_c_dropout)
 
     def _controlnet(self, stage_c: StageC) -> ControlNet:
@@ -156,7 +227,7 @@ class ControlNetTrainingTask(StageCTask):
     def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
         if self.previewer is None:
             return None
-        from .data import collate
+        from ...training.data import collate
 
         n = min(self.cfg.preview.n, len(self.dataset_ref))
         batch = collate([self.dataset_ref[i] for i in range(n)])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ...diffusion import p2_loss_weight
+from ..diffusion import p2_loss_weight
 
 
 class AdaptiveLossWeight:

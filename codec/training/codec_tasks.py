@@ -30,16 +30,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from ... import weights as W
-from ...effnet import EfficientNetEncoder
-from ...presets import create_model, list_presets
-from ...stage_a import StageA
-from ...stage_b import StageB
+from .. import weights as W
+from ..effnet import EfficientNetEncoder
+from ..presets import create_model, list_presets
+from ..stage_a import StageA
+from ..stage_b import StageB
 from .config import ConfigError, Section
 from .objectives import pyramid_noise_per_sample
 from .preview import save_collage
 from .rng import BatchRandom
-from .task import Task, image_dataset, load_trainable_model, model_config, read_state
+from .task import Task, load_trainable_model, model_config, read_state
 
 
 def random_crops(images: torch.Tensor, side: int, rand: BatchRandom) -> torch.Tensor:
@@ -61,12 +61,9 @@ class _ImageTask(Task):
     """Shared by the codec tasks: images from ``data.images``, BatchNorm statistics saved with the weights."""
 
     save_buffers = True
+    trains_from = "images"
     store_fields = ()
     required_fields = ()
-
-    def dataset(self) -> Any:
-        """The images of ``data.images`` (see :func:`.task.image_dataset`)."""
-        return image_dataset(self, f"task {self.name} trains from images")
 
     def import_(self, path: Path) -> dict[str, torch.Tensor]:
         return read_state(path)
@@ -200,7 +197,7 @@ class CodecTask(_ImageTask):
 
     @torch.no_grad()
     def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
-        from ...diffusion import sample
+        from ..diffusion import sample
         from .data import collate
 
         n = min(self.cfg.preview.n, len(self.dataset_ref))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...diffusion import CosineSchedule, noise_condition, vp_scalers
+from ..diffusion import CosineSchedule, noise_condition, vp_scalers
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import ConfigError, TrainConfig
