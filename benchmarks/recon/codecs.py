@@ -13,10 +13,12 @@ Families (defaults in brackets):
   stored as float16 (its bytes are the rate) and decoded from that. Stage B sampling is
   seeded per image from ``--seed`` and the image id. On a latent store the stored latents
   are decoded (decode-only; ``scale``/``resize`` are fixed by the store).
-* ``jpeg`` — Pillow JPEG at ``quality`` [10,25,50,75,90] (a sweep), 4:2:0, optimised Huffman.
-* ``jpeg-budget`` — the largest (fractional) JPEG quality whose file fits the byte budget of
-  the Stable Cascade latent at ``scale`` [0.75] (16×24×24 float16 = 18,432 bytes at 1024²;
-  on a latent store: the stored latent), or ``bytes`` given directly.
+* ``jpeg``, ``webp``, ``avif``, ``jxl`` — at ``quality`` [10,25,50,75,90] (a sweep);
+  ``jpeg2000`` at compression ``ratio`` [400,200,100,50,20]. Libraries and settings: :mod:`.formats`.
+* ``jpeg-budget``, ``webp-budget``, ``avif-budget``, ``jxl-budget``, ``jpeg2000-budget`` — the
+  setting with the largest file that fits the byte budget of the Stable Cascade latent at
+  ``scale`` [0.75] (16×24×24 float16 = 18,432 bytes at 1024²; on a latent store: the stored
+  latent), or ``bytes`` given directly.
 * ``bicubic`` — bicubic down-sampling to as many uint8 RGB values as the latent at ``scale``
   [0.75] has values (or ``values``), aspect kept, then bicubic up-sampling (Pillow, antialiased).
 * ``vae`` — a diffusers ``AutoencoderKL`` or ``AutoencoderDC`` from a local folder ``path``
@@ -43,7 +45,7 @@ from codec.devices import resolve_device
 from codec.errors import MissingInputError, UsageError
 from codec.images import from_uint8, pil_to_uint8, to_uint8, uint8_to_pil
 
-from . import jpeg
+from .formats import FORMATS, encode_under_budget
 
 LATENT_CHANNELS = 16
 STORED_LATENT_BYTES = 2  # float16
@@ -75,6 +77,13 @@ def _scale(v: str) -> float:
     return s
 
 
+def _ratio(v: str) -> float:
+    r = float(v)
+    if not 2 <= r <= 4000:
+        raise UsageError("must be a compression ratio in 2…4000")
+    return r
+
+
 def _positive(v: str) -> int:
     n = int(v)
     if n < 1:
@@ -87,11 +96,13 @@ FAMILIES: dict[str, dict[str, tuple[Any, Callable[[str], Any]]]] = {
     "sc": {"stage_b": ("auto", _choice("auto", "lite", "large", "mini")), "steps": (10, _positive), "cfg": (1.1, _cfg),
            "cfg_rho": (0.7, float), "sampler": ("ddpm", _choice("ddpm", "ddim")), "scale": (0.75, _scale),
            "resize": ("nearest", _choice("nearest", "bilinear"))},
-    "jpeg": {"quality": ([10, 25, 50, 75, 90], _quality)},
-    "jpeg-budget": {"scale": (0.75, _scale), "bytes": (None, _positive)},
     "bicubic": {"scale": (0.75, _scale), "values": (None, _positive)},
     "vae": {"path": (None, str), "name": (None, str)},
 }
+BUDGET_SUFFIX = "-budget"
+for _fmt in FORMATS.values():  # every classical codec: a sweep of fixed settings, and the byte-budget search
+    FAMILIES[_fmt.name] = {_fmt.knob: (list(_fmt.sweep), _ratio if _fmt.knob == "ratio" else _quality)}
+    FAMILIES[_fmt.name + BUDGET_SUFFIX] = {"scale": (0.75, _scale), "bytes": (None, _positive)}
 REQUIRED = {"vae": ("path",)}
 
 
@@ -212,6 +223,7 @@ class BenchCodec:
     def __init__(self, config: CodecConfig):
         self.config = config
         self.weights_info: dict[str, Any] | None = None
+        self.encoder_info: dict[str, Any] | None = None  # library and version of a classical codec
         self.tiny = False
 
     @property
@@ -285,33 +297,47 @@ class StableCascade(BenchCodec):
         return Output(to_uint8(x[0]), nbytes, encode_s, decode_s, {"latent_shape": list(z.shape[1:])})
 
 
-class Jpeg(BenchCodec):
-    """Pillow JPEG at a fixed integer quality."""
+class ClassicalCodec(BenchCodec):
+    """A codec of :mod:`.formats` at one fixed setting of its knob (``quality=``, or ``ratio=`` for JPEG 2000)."""
+
+    def __init__(self, config: CodecConfig):
+        super().__init__(config)
+        self.format = FORMATS[config.family]
+
+    def prepare(self, ctx: Context) -> None:
+        super().prepare(ctx)
+        self.format.check()
+        self.encoder_info = self.format.library()
 
     def run(self, item) -> Output:
         img = uint8_to_pil(item.image)
         t = time.perf_counter()
-        data = jpeg.encode(img, self.config.params["quality"])
+        data = self.format.encode(img, self.config.params[self.format.knob])
         encode_s = time.perf_counter() - t
         t = time.perf_counter()
-        out = pil_to_uint8(jpeg.decode(data))
+        out = pil_to_uint8(self.format.decode(data))
         return Output(out, len(data), encode_s, time.perf_counter() - t)
 
 
-class JpegBudget(BenchCodec):
-    """JPEG at the largest quality that fits the latent's byte budget (encode time includes the search)."""
+class BudgetCodec(ClassicalCodec):
+    """A codec of :mod:`.formats` at the setting with the largest file that fits the latent's byte budget
+    (encode time includes the search)."""
+
+    def __init__(self, config: CodecConfig):
+        BenchCodec.__init__(self, config)
+        self.format = FORMATS[config.family.removesuffix(BUDGET_SUFFIX)]
 
     def run(self, item) -> Output:
         p = self.config.params
         budget = p["bytes"] if p["bytes"] is not None else self._matched_latent(item)[1]
         img = uint8_to_pil(item.image)
         t = time.perf_counter()
-        r = jpeg.encode_under_budget(img, budget)
+        r = encode_under_budget(self.format, img, budget)
         encode_s = time.perf_counter() - t
         t = time.perf_counter()
-        out = pil_to_uint8(jpeg.decode(r.data))
+        out = pil_to_uint8(self.format.decode(r.data))
         return Output(out, len(r.data), encode_s, time.perf_counter() - t,
-                      {"budget": budget, "quality": round(r.quality, 4), "over_budget": r.over_budget,
+                      {"budget": budget, self.format.knob: round(r.knob, 4), "over_budget": r.over_budget,
                        "encodes": r.tries})
 
 
@@ -391,7 +417,9 @@ class DiffusersVAE(BenchCodec):
                       {"latent_shape": list(z.shape[1:])})
 
 
-CLASSES = {"sc": StableCascade, "jpeg": Jpeg, "jpeg-budget": JpegBudget, "bicubic": Bicubic, "vae": DiffusersVAE}
+CLASSES: dict[str, type[BenchCodec]] = {"sc": StableCascade, "bicubic": Bicubic, "vae": DiffusersVAE,
+                                        **{name: ClassicalCodec for name in FORMATS},
+                                        **{name + BUDGET_SUFFIX: BudgetCodec for name in FORMATS}}
 
 
 def build(config: CodecConfig) -> BenchCodec:

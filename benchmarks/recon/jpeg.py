@@ -1,4 +1,4 @@
-"""JPEG through Pillow (libjpeg): fixed quality, fractional quality, and the largest quality under a byte budget.
+"""JPEG through Pillow (libjpeg): fixed quality and fractional quality (the byte-budget search is in :mod:`.formats`).
 
 Pillow's ``quality=q`` scales libjpeg's standard quantisation tables by the IJG rule
 (``s = ⌊5000/q⌋`` below 50, ``200 − 2q`` above; entry = ``⌊(base·s + 50)/100⌋`` clamped to
@@ -11,13 +11,11 @@ Files are baseline JPEG with optimised Huffman tables and 4:2:0 chroma subsampli
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from functools import lru_cache
 
 from PIL import Image
 
 SUBSAMPLING = 2  # Pillow: 0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0
-SEARCH_STEPS = 24
 
 
 @lru_cache(maxsize=1)
@@ -44,46 +42,3 @@ def encode(img: Image.Image, quality: float) -> bytes:
     else:
         img.save(buf, "JPEG", qtables=quality_tables(quality), subsampling=SUBSAMPLING, optimize=True)
     return buf.getvalue()
-
-
-def decode(data: bytes) -> Image.Image:
-    """RGB image from JPEG bytes."""
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
-
-
-@dataclass
-class BudgetResult:
-    """The JPEG found for a byte budget: its bytes, quality, and whether even quality 1 was over budget."""
-
-    data: bytes
-    quality: float
-    over_budget: bool
-    tries: int
-
-
-def encode_under_budget(img: Image.Image, budget: int, steps: int = SEARCH_STEPS) -> BudgetResult:
-    """The largest (fractional) quality whose file fits in ``budget`` bytes, by bisection on quality.
-
-    File size grows with quality almost monotonically, so bisection over [1, 100] finds the
-    largest fitting quality to within ``99/2**steps``. When even quality 1 does not fit, the
-    quality-1 file is returned with ``over_budget=True`` (its true size is what gets reported).
-    """
-    best = encode(img, 1)
-    if len(best) > budget:
-        return BudgetResult(best, 1.0, True, 1)
-    top = encode(img, 100)
-    if len(top) <= budget:
-        return BudgetResult(top, 100.0, False, 2)
-    lo, hi, best_q, tries = 1.0, 100.0, 1.0, 2
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        data = encode(img, mid)
-        tries += 1
-        if len(data) <= budget:
-            lo = mid
-            if len(data) >= len(best):
-                best, best_q = data, mid
-        else:
-            hi = mid
-    return BudgetResult(best, best_q, False, tries)

@@ -13,9 +13,11 @@ images. Its layout is checked by :func:`validate_summary` (schema ``SCHEMA`` ver
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,6 +26,7 @@ from codec.errors import MissingInputError, UsageError
 SCHEMA = "cascade-codec/bench-recon"
 SCHEMA_VERSION = 1
 CSV_NAME, SUMMARY_NAME, TABLE_NAME = "per_image.csv", "summary.json", "table.md"
+GRID_DIR, PLOT_FILE, HTML_NAME = "grid_images", "rate_quality.png", "report.html"
 COLUMNS = ("image_index", "image_id", "codec", "codec_title", "height", "width", "bytes", "bpp",
            "compression_ratio", "psnr", "ssim", "ms_ssim", "lpips", "encode_s", "decode_s", "peak_memory_bytes",
            "orig_height", "orig_width", "crop_box", "warmup", "extra")
@@ -34,6 +37,15 @@ QUALITY = ("psnr", "ssim", "ms_ssim", "lpips")
 # metric key → (table heading, higher is better)
 METRIC_NAMES = {"psnr": ("PSNR dB", True), "ssim": ("SSIM", True), "ms_ssim": ("MS-SSIM", True),
                 "lpips": ("LPIPS", False), "rfid": ("rFID", False)}
+
+
+def grid_image_name(index: int, label: str | None = None) -> str:
+    """File name, in :data:`GRID_DIR`, of image ``index``'s original (``label`` None) or of one codec's
+    reconstruction: readable, safe in any file system, and unique per label (a hash of it ends the name)."""
+    if label is None:
+        return f"{index:05d}_original.png"
+    slug = re.sub(r"[^A-Za-z0-9.=-]+", "_", label)[:60] + "-" + hashlib.sha1(label.encode()).hexdigest()[:6]
+    return f"{index:05d}_{slug}.png"
 
 
 # --------------------------------------------------------------------------- CSV

@@ -11,10 +11,8 @@ settings is refused (``--overwrite`` starts it afresh).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,21 +27,27 @@ from benchmarks.environment import environment_record
 from codec.devices import resolve_device
 from codec.errors import UsageError
 from codec.images import pil_to_uint8, uint8_to_pil
+from codec.progress import progress_bar
 
 from . import metrics as M
-from .codecs import Context, build, parse_specs
+from .codecs import BUDGET_SUFFIX, Context, build, parse_specs
 from .data import open_dataset
 from .grid import GridRow, make_grid
+from .html_report import RunView, write_html_report
 from .measure import PeakMemory
 from .plot import has_sweep, rate_quality_plot
 from .report import (
     CSV_NAME,
+    GRID_DIR,
+    HTML_NAME,
+    PLOT_FILE,
     SCHEMA,
     SCHEMA_VERSION,
     SUMMARY_NAME,
     TABLE_NAME,
     CsvWriter,
     aggregate,
+    grid_image_name,
     header_lines,
     markdown_table,
     read_rows,
@@ -53,7 +57,7 @@ from .report import (
 
 DEFAULT_CODECS = ("sc", "jpeg-budget", "bicubic")
 RUN_FILE, STATE_FILE, FID_STATE_FILE = "run.json", "state.json", "fid_state.pt"
-GRID_DIR, GRID_FILE, PLOT_FILE = "grid_images", "grid.png", "rate_quality.png"
+GRID_FILE = "grid.png"
 BIG_STATE = 64 * 2**20
 # Options that do not change any number (a run may be resumed with other values).
 NOT_IDENTITY = ("output", "limit", "overwrite", "progress", "checkpoint_seconds", "grid_images", "threads")
@@ -104,10 +108,6 @@ PROTOCOL = {
 }
 
 
-def _slug(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=-]+", "_", label)[:60] + "-" + hashlib.sha1(label.encode()).hexdigest()[:6]
-
-
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
@@ -117,7 +117,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def environment(device: str) -> dict[str, Any]:
     """The summary's environment record: versions of the metric and codec libraries, threads, device."""
     return environment_record(packages=("torchvision", "torchmetrics", "lpips", "PIL", "numpy", "diffusers",
-                                        "torch_fidelity"), torch_threads=torch.get_num_threads(), device=device)
+                                        "torch_fidelity", "imagecodecs"), torch_threads=torch.get_num_threads(), device=device)
 
 
 def _tool_version() -> str:
@@ -139,7 +139,7 @@ class _Folder:
             raise UsageError(f"{self.path} is a file; -o needs a folder for the report")
         if cfg.overwrite and run.exists():
             for name in (RUN_FILE, STATE_FILE, FID_STATE_FILE, CSV_NAME, SUMMARY_NAME, TABLE_NAME, GRID_FILE,
-                         PLOT_FILE):
+                         PLOT_FILE, HTML_NAME):
                 (self.path / name).unlink(missing_ok=True)
             shutil.rmtree(self.path / GRID_DIR, ignore_errors=True)
         if run.exists():
@@ -221,10 +221,7 @@ def run_recon(cfg: ReconConfig, log: Callable[[str], None] = print, fid_extracto
     big = fid is not None and sum(t.numel() * t.element_size() for s in fid.state_dict().values()
                                   for t in s.values()) > BIG_STATE
     writer = CsvWriter(csv_path)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(ds), initial=done, desc="bench recon", unit="img", dynamic_ncols=True,
-               disable=not cfg.progress or None)
+    bar = progress_bar(len(ds), "bench recon", "img", enabled=None if cfg.progress else False, initial=done)
     last_save, warmup = time.monotonic(), True
     try:
         for item in ds.items(done):
@@ -259,7 +256,7 @@ def _measure_image(item, codecs, writer: CsvWriter, lp, fid, grid_dir: Path, gri
     height, width = ref.shape[-2:]
     keep = item.index in grid
     if keep:
-        uint8_to_pil(ref).save(grid_dir / f"{item.index:05d}_original.png")
+        uint8_to_pil(ref).save(grid_dir / grid_image_name(item.index))
     if fid is not None:
         fid.add_original(ref)
     for codec in codecs:
@@ -281,7 +278,7 @@ def _measure_image(item, codecs, writer: CsvWriter, lp, fid, grid_dir: Path, gri
         if fid is not None:
             fid.add_reconstruction(codec.label, out.image)
         if keep:
-            uint8_to_pil(out.image).save(grid_dir / f"{item.index:05d}_{_slug(codec.label)}.png")
+            uint8_to_pil(out.image).save(grid_dir / grid_image_name(item.index, codec.label))
 
 
 def _finish(cfg: ReconConfig, ds, codecs, lp_status, fid_status, fid, skipped, out: Path,
@@ -303,8 +300,8 @@ def _finish(cfg: ReconConfig, ds, codecs, lp_status, fid_status, fid, skipped, o
         s = stats[c.label]
         rfid, why = (fid.compute(c.label) if fid is not None else (None, fid_status.message))
         notes = []
-        if c.config.family == "jpeg-budget" and s["extra"].get("over_budget"):
-            notes.append(f"{s['extra']['over_budget']} image(s) did not fit the budget even at quality 1 "
+        if c.config.family.endswith(BUDGET_SUFFIX) and s["extra"].get("over_budget"):
+            notes.append(f"{s['extra']['over_budget']} image(s) did not fit the budget even at the smallest setting "
                          "(their true, larger size is counted)")
         if c.config.family == "sc" and ds.kind == "store":
             notes.append("decode-only: the stored latents were decoded (no encode time)")
@@ -312,7 +309,7 @@ def _finish(cfg: ReconConfig, ds, codecs, lp_status, fid_status, fid, skipped, o
             notes.append(f"rFID {why}")
         results.append({"label": c.label, "title": c.title, "family": c.config.family, "spec": c.config.spec,
                         "params": c.config.params,
-                        "weights": c.weights_info, "rfid": rfid, "notes": notes,
+                        "weights": c.weights_info, "encoder": c.encoder_info, "rfid": rfid, "notes": notes,
                         **{k: v for k, v in s.items()}})
     summary = {
         "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "created": _now(), "tool": _tool_version(),
@@ -329,9 +326,11 @@ def _finish(cfg: ReconConfig, ds, codecs, lp_status, fid_status, fid, skipped, o
             summary["files"]["grid"] = GRID_FILE
     if has_sweep(summary) and rate_quality_plot(summary, out / PLOT_FILE) is not None:
         summary["files"]["plot"] = PLOT_FILE
+    summary["files"]["html"] = HTML_NAME
     validate_summary(summary)
     _write_json(out / SUMMARY_NAME, summary)
     (out / TABLE_NAME).write_text(markdown_table(summary), encoding="utf-8")
+    write_html_report(out / HTML_NAME, [RunView("", summary, out)])
     return summary
 
 
@@ -346,12 +345,12 @@ def _grid(out: Path, codecs, summary: dict[str, Any], shown: set[int]) -> Path |
         captions[(row["image_index"], row["codec"])] = f"PSNR {row['psnr']:.2f} dB, {row['bpp']:.3f} bpp"
     rows = []
     for index in sorted(ids):
-        original = grid_dir / f"{index:05d}_original.png"
+        original = grid_dir / grid_image_name(index)
         if not original.exists():
             continue
         recons = []
         for c in codecs:
-            p = grid_dir / f"{index:05d}_{_slug(c.label)}.png"
+            p = grid_dir / grid_image_name(index, c.label)
             recons.append((_load_png(p) if p.exists() else None, captions.get((index, c.label), "")))
         rows.append(GridRow(ids[index], _load_png(original), recons))
     if not rows:

@@ -17,8 +17,10 @@ def bench() -> None:
 CODEC_HELP = ("Codec to run, FAMILY[:key=value,…]; repeat for several. A key with several values "
               "(scale=0.5,0.75,1.0) is a sweep. Families: sc (Stable Cascade: stage_b=auto|lite|large|mini, "
               "steps=10, cfg=1.1|none, cfg_rho=0.7, sampler=ddpm|ddim, scale=0.75 encoder input fraction, "
-              "resize=nearest|bilinear); jpeg (quality=10,25,50,75,90); jpeg-budget (largest JPEG quality within "
-              "the float16 latent's bytes at scale=0.75, or bytes=N); bicubic (down/up to the latent's number of "
+              "resize=nearest|bilinear); jpeg, webp, avif, jxl (quality=10,25,50,75,90; jxl needs the jxl "
+              "extra); jpeg2000 (ratio=400,200,100,50,20); jpeg-budget, webp-budget, avif-budget, jxl-budget, "
+              "jpeg2000-budget (the setting with the largest file within the float16 latent's bytes at scale=0.75, "
+              "or bytes=N); bicubic (down/up to the latent's number of "
               "values at scale=0.75, or values=N); vae (diffusers AutoencoderKL/AutoencoderDC: path=DIR, name=). "
               "Default: sc, jpeg-budget, bicubic.")
 
@@ -26,7 +28,8 @@ CODEC_HELP = ("Codec to run, FAMILY[:key=value,…]; repeat for several. A key w
 @bench.command("recon")
 @click.argument("dataset", metavar="DATASET")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
-              help="Report folder: per_image.csv, summary.json, table.md, grid.png, rate_quality.png. Running "
+              help="Report folder: per_image.csv, summary.json, table.md, report.html (open it in a browser), "
+                   "grid.png, rate_quality.png. Running "
                    "the same command again resumes an interrupted run.")
 @click.option("--codec", "codecs", multiple=True, metavar="SPEC", help=CODEC_HELP)
 @click.option("--size", type=click.IntRange(32), default=None,
@@ -93,9 +96,19 @@ def bench_recon(dataset, output, codecs, size, limit, seed, weights, device, dty
 @bench.command("compare")
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
+@click.option("--html", "html_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where to write the comparison page (both tables, one rate–quality plot, the images of both "
+                   "runs side by side). Default: compare.html in B's report folder.")
 @user_errors
-def bench_compare(a, b) -> None:
-    """Print the differences B − A of two reports (folders from `cascade bench recon` or their summary.json)."""
+def bench_compare(a, b, html_path) -> None:
+    """Print the differences B − A of two reports (folders from `cascade bench recon` or their summary.json), and
+    write them as a web page."""
+    from benchmarks.recon.html_report import RunView, write_compare_report
     from benchmarks.recon.report import compare, load_summary
 
-    click.echo(compare(load_summary(a), load_summary(b), str(a), str(b)), nl=False)
+    sa, sb = load_summary(a), load_summary(b)
+    click.echo(compare(sa, sb, str(a), str(b)), nl=False)
+    folder_a, folder_b = (p if p.is_dir() else p.parent for p in (a, b))
+    page = write_compare_report(html_path or folder_b / "compare.html", RunView("A", sa, folder_a),
+                                RunView("B", sb, folder_b))
+    click.echo(f"\nreport: {page}")
