@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from codec.errors import MissingInputError, UsageError
+from codec.files import atomic_write
 
 SCHEMA = "cascade-codec/bench-recon"
 SCHEMA_VERSION = 1
@@ -102,16 +103,15 @@ def truncate_rows(path: Path, images_done: int) -> int:
     """Keep only rows of images ``< images_done`` (rows of a half-finished image go); returns rows kept."""
     if not path.exists():
         return 0
-    tmp = path.with_name(path.name + ".partial")
     kept = 0
-    with open(path, newline="", encoding="utf-8") as src, open(tmp, "w", newline="", encoding="utf-8") as dst:
+    with atomic_write(path) as tmp, open(path, newline="", encoding="utf-8") as src, \
+            open(tmp, "w", newline="", encoding="utf-8") as dst:
         reader, writer = csv.DictReader(src), csv.DictWriter(dst, fieldnames=COLUMNS)
         writer.writeheader()
         for row in reader:
             if row.get("image_index") not in (None, "") and int(row["image_index"]) < images_done:
                 writer.writerow({k: row.get(k, "") for k in COLUMNS})
                 kept += 1
-    os.replace(tmp, path)
     return kept
 
 

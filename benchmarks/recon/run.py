@@ -12,7 +12,6 @@ settings is refused (``--overwrite`` starts it afresh).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from PIL import Image
 from benchmarks.environment import environment_record
 from codec.devices import resolve_device
 from codec.errors import UsageError
+from codec.files import atomic_write
 from codec.images import pil_to_uint8, uint8_to_pil
 from codec.progress import progress_bar
 
@@ -109,9 +109,8 @@ PROTOCOL = {
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -162,9 +161,8 @@ class _Folder:
 
     def save_state(self, images_done: int, skipped: list[dict[str, str]], fid: M.FIDAccumulator | None) -> None:
         if fid is not None:  # written first; it records the image count it belongs to
-            tmp = self.path / (FID_STATE_FILE + ".partial")
-            torch.save({"images_done": images_done, "fid": fid.state_dict()}, tmp)
-            os.replace(tmp, self.path / FID_STATE_FILE)
+            with atomic_write(self.path / FID_STATE_FILE) as tmp:
+                torch.save({"images_done": images_done, "fid": fid.state_dict()}, tmp)
         _write_json(self.path / STATE_FILE, {"images_done": images_done, "skipped": skipped, "saved": _now()})
 
 

@@ -268,7 +268,7 @@ class Trainer:
 
     def run(self, hook: StepHook | None = None) -> ckpt.Position:
         """Train until ``max_steps`` updates; ``hook(step)`` runs after every update (tests use it)."""
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
         cfg, d = self.cfg, self.d
         self.setup()
@@ -283,8 +283,8 @@ class Trainer:
         accum = cfg.grad_accum_steps
         global_micro = cfg.batch_size // accum
         cfg.micro_batch(d.world_size)
-        bar = tqdm(total=cfg.max_steps, initial=self.pos.step, desc=f"train {self.task.name}", unit="step",
-                   dynamic_ncols=True, disable=None if d.main else True)
+        bar = progress_bar(cfg.max_steps, f"train {self.task.name}", unit="step", initial=self.pos.step,
+                           enabled=None if d.main else False)
         window: list[torch.Tensor] = []
         window_w: list[torch.Tensor] = []
         t_last, samples = time.perf_counter(), 0

@@ -12,9 +12,9 @@ def save_collage(rows: Sequence[torch.Tensor], path: Path) -> Path:
     """Save rows of RGB images ``(n,3,h,w)`` in [0,1] (all rows the same n and size) as one PNG."""
     from torchvision.utils import make_grid, save_image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ..files import atomic_write
+
     images = torch.cat([r.float().clamp(0, 1).cpu() for r in rows])
-    tmp = path.with_name(path.stem + ".partial.png")
-    save_image(make_grid(images, nrow=rows[0].shape[0], padding=2), str(tmp))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        save_image(make_grid(images, nrow=rows[0].shape[0], padding=2), str(tmp), format="png")
     return path
