@@ -92,6 +92,7 @@ def test_scaled_encoder_preset_round_trips_and_default_is_torchvision_v2_s(tmp_p
     assert torch.equal(back(x), mini.eval()(x))
 
 
+@pytest.mark.slow  # trains, exports and decodes; one update's numbers are checked in the fast run
 def test_codec_task_trains_encoder_and_stage_b_and_exports_the_package_layout(tmp_path, images):
     from codec import Codec
     from codec.stage_a import StageA

@@ -14,6 +14,10 @@ import pytest
 from datasets_tools import LatentDataset, LatentStore
 from test_dataset_helpers import make_folder
 
+# Every case runs 3–4 encoding jobs in subprocesses (25–100 s each here); test_dataset_buckets.py resumes a
+# half-created bucket in the fast run.
+pytestmark = pytest.mark.slow
+
 FIELDS = ("latent", "clip_text_pooled", "clip_text", "stage_a")
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 WORKER = Path(__file__).resolve().parent / "encode_killed_worker.py"
@@ -99,12 +103,10 @@ def _kill_at(point, src, out, weights, flags=()):
         proc.stderr.close()
 
 
-# Each case runs 2–3 encoding subprocesses (15–60 s): one in the fast run. Killed after unit 4's rows were written but
-# before its commit (readers must not see them, the resumed job rewrites them); right after the first commit; and
-# with the optional arrays.
-@pytest.mark.parametrize("point,extras", [("write unit 4", "none"),
-                                          pytest.param("commit unit 0", "none", marks=pytest.mark.slow),
-                                          pytest.param("commit unit 2", "extras", marks=pytest.mark.slow)])
+# Killed after unit 4's rows were written but before its commit (readers must not see them, the resumed job rewrites
+# them); right after the first commit; and with the optional arrays.
+@pytest.mark.parametrize("point,extras", [("write unit 4", "none"), ("commit unit 0", "none"),
+                                          ("commit unit 2", "extras")])
 def test_kill9_then_resume_equals_clean_run(corpus, tiny_weights, tiny_text_encoder, tmp_path, point, extras):
     src, clean = corpus
     flags = _extras(extras, tiny_text_encoder)
@@ -132,7 +134,6 @@ def test_kill9_then_resume_equals_clean_run(corpus, tiny_weights, tiny_text_enco
     assert "encoded 0, skipped 0" in r.stdout
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("phase", ["plan unit 4", "capacity", "finalise index", "finalise tables"])
 def test_kill9_while_planning_or_finalising(corpus, tiny_weights, tmp_path, phase):
     src, clean = corpus
@@ -155,7 +156,6 @@ def test_kill9_while_planning_or_finalising(corpus, tiny_weights, tmp_path, phas
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(TORCHRUN.parent)) is None, reason="no torchrun")
-@pytest.mark.slow  # torchrun with two encoding processes
 @pytest.mark.parametrize("policy", [(), ("--keep-aspect",)])
 def test_torchrun_two_processes_equal_one(corpus, tiny_weights, tmp_path, policy):
     src, clean = corpus

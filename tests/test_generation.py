@@ -111,6 +111,7 @@ def test_negative_prompt_changes_the_result(pipe):
     assert not torch.equal(a.latents, b.latents)
 
 
+@pytest.mark.slow  # four 256–1536 px generations
 def test_variation_uses_the_image_embedding(pipe):
     img = torch.rand(3, 300, 200, generator=torch.Generator().manual_seed(2))
     plain = pipe.generate("", height=384, width=256, seed=5, **FAST)
@@ -219,6 +220,7 @@ def test_missing_stage_c_file_is_named(tmp_path, tiny_weights):
         TextToImage.from_pretrained(tmp_path, device="cpu")
 
 
+@pytest.mark.slow  # five generations and two CLI runs
 def test_lora_file_changes_stage_c_and_brings_its_token(tiny_weights, tmp_path, pipe):
     from codec.generation.lora import LoraNetwork, save_lora
     from codec.generation.tokens import add_train_tokens, attach_token_delta
@@ -266,7 +268,9 @@ def control_weights(tiny_weights, tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("kind", ["canny", "inpainting", "super_resolution"])
+# canny in the fast run; the other kinds (5 s each) with the slow tests
+@pytest.mark.parametrize("kind", ["canny", pytest.param("inpainting", marks=pytest.mark.slow),
+                                  pytest.param("super_resolution", marks=pytest.mark.slow)])
 def test_controlnet_guides_stage_c(control_weights, kind):
     p = TextToImage.from_pretrained(control_weights, device="cpu")
     g = torch.Generator().manual_seed(4)

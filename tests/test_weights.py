@@ -201,6 +201,7 @@ print(peak - base, size)
 """
 
 
+@pytest.mark.slow  # an 800 MB model loaded in a subprocess
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_loading_peak_memory_is_close_to_the_model_size(tmp_path, dtype):
     """Peak RSS growth while loading ≤ 1.25 × the model's size in the target dtype (no random init, no 2nd copy)."""
