@@ -34,7 +34,7 @@ from codec.errors import CascadeError, UsageError
 
 from .preprocess import POLICIES, RESIZE, known_buckets, preprocess
 from .sources import Sample, list_source, source_root
-from .store import FORMAT, FORMAT_VERSION, LATENT_CHANNELS, LatentStore, StoreError, bucket_name
+from .store import FORMAT, FORMAT_VERSION, LATENT_CHANNELS, LatentStore, StoreError, StoreHook, bucket_name
 
 DTYPES = ("float16", "float32")
 
@@ -239,12 +239,13 @@ def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: s
                    dtype: str = "float16", limit: int | None = None, dry_run: bool = False, shard_size: int = 256,
                    progress: bool = True, storage_options: dict[str, Any] | None = None, device: str = "cpu",
                    log: Callable[[str], None] = print, text_encoder: str | os.PathLike | None = None,
-                   stage_a: bool = False) -> Summary:
+                   stage_a: bool = False, hook: StoreHook | None = None) -> Summary:
     """Encode every readable image of ``source`` into the latent store ``out`` (resumable; see module doc).
 
     ``text_encoder`` (a folder with ``text_encoder/`` and ``tokenizer/``, or a repo id) adds
     CLIP text embeddings of the captions; ``stage_a`` adds Stage A latents (needs
-    ``stage_a.safetensors`` in ``weights``). A store keeps the extras it was made with.
+    ``stage_a.safetensors`` in ``weights``). A store keeps the extras it was made with. ``hook`` is
+    told each point where a kill must leave a resumable store (:data:`~datasets_tools.store.StoreHook`).
     Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) units are split across ranks and
     synchronised with gloo barriers. Returns a :class:`Summary` (this rank's counts,
     plus the store's totals on rank 0).
@@ -264,14 +265,14 @@ def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: s
         torch.distributed.init_process_group("gloo", timeout=timedelta(days=7))
     try:
         return _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, dry_run, shard_size,
-                    progress, storage_options, device, log, rank, world, t0, text_encoder, stage_a)
+                    progress, storage_options, device, log, rank, world, t0, text_encoder, stage_a, hook)
     finally:
         if own_group:
             torch.distributed.destroy_process_group()
 
 
 def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, dry_run, shard_size, progress,
-         storage_options, device, log, rank, world, t0, text_encoder, stage_a) -> Summary:
+         storage_options, device, log, rank, world, t0, text_encoder, stage_a, hook) -> Summary:
     summary = Summary(dry_run=dry_run)
     root = source_root(source)
 
@@ -285,7 +286,7 @@ def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, 
             samples = list_source(source, limit)
             if not samples:
                 raise StoreError(f"{source}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
-            store = LatentStore.open_for_writing(out, identity, storage_options, create=not dry_run)
+            store = LatentStore.open_for_writing(out, identity, storage_options, create=not dry_run, hook=hook)
             plan = store.read_plan(root) if store is not None else []
             planned = {s.id for unit in plan for s in unit}
             new = [s for s in samples if s.id not in planned]
@@ -316,7 +317,7 @@ def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, 
         return summary
 
     # ---- process this rank's uncommitted units
-    store = LatentStore.open(out, storage_options, mode="r+")
+    store = LatentStore.open(out, storage_options, mode="r+", hook=hook)
     plan = store.read_plan(root)
     n_units = len(plan)
     committed = store.committed_units()

@@ -26,11 +26,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -47,15 +46,13 @@ STRING_ARRAYS = ("id", "source", "caption")
 # Optional extras: key in the ``extras`` attribute → (what they are, the option asking for them, their weights).
 EXTRAS = {"clip": ("CLIP text embeddings", "--text-encoder", "text encoder"),
           "stage_a": ("Stage A latents", "--stage-a", "Stage A")}
-PAUSE_ENV = "CASCADE_TEST_PAUSE_AT"
 EMPTY_TEXT = "clip_empty"  # group holding the CLIP embeddings of the empty caption (stores with extra ``clip``)
 
 
-def pause_point(name: str) -> None:
-    """Test hook: when ``$CASCADE_TEST_PAUSE_AT`` is ``name``, say so on stderr and sleep (a test kills -9 here)."""
-    if os.environ.get(PAUSE_ENV) == name:
-        print(f"cascade: paused at {name}", file=sys.stderr, flush=True)
-        time.sleep(3600)
+# Called with the name of each point where a writer killed there must still leave a resumable store:
+# "plan unit K", "capacity", "write unit K" (rows written, not yet committed), "commit unit K",
+# "finalise index", "finalise tables". Tests pass one that blocks at a chosen point until they kill -9 the process.
+StoreHook = Callable[[str], None]
 
 
 def row_shapes(bucket: tuple[int, int], extras: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -233,16 +230,23 @@ def _unit_of(name: str) -> int | None:
 class LatentStore:
     """Read/write access to one store. Create or check with :meth:`open_for_writing`, read with :meth:`open`."""
 
-    def __init__(self, location: Location, group):
+    def __init__(self, location: Location, group, hook: StoreHook | None = None):
         self.location = location
         self.group = group
+        self.hook = hook
         self._complete_buckets: set[str] = set()
+
+    def _reached(self, point: str) -> None:
+        if self.hook is not None:
+            self.hook(point)
 
     # ----------------------------------------------------------------- opening
     @classmethod
     def open(cls, url: str | os.PathLike, storage_options: dict[str, Any] | None = None,
-             mode: str = "r") -> "LatentStore":
-        """Open an existing store (``mode`` "r" or "r+"); :class:`StoreError` if it is not one of ours."""
+             mode: str = "r", hook: StoreHook | None = None) -> "LatentStore":
+        """Open an existing store (``mode`` "r" or "r+"); :class:`StoreError` if it is not one of ours.
+
+        ``hook`` (see :data:`StoreHook`) is told each point a writer passes."""
         import zarr
 
         loc = Location(url, storage_options)
@@ -257,14 +261,15 @@ class LatentStore:
         if attrs.get("format_version", 0) > FORMAT_VERSION:
             raise StoreError(f"{loc.url} has format version {attrs['format_version']}; this tool reads up to "
                              f"{FORMAT_VERSION}. Upgrade cascade-codec.")
-        return cls(loc, group)
+        return cls(loc, group, hook)
 
     @classmethod
     def open_for_writing(cls, url: str | os.PathLike, identity: dict[str, Any],
-                         storage_options: dict[str, Any] | None = None, create: bool = True) -> "LatentStore | None":
+                         storage_options: dict[str, Any] | None = None, create: bool = True,
+                         hook: StoreHook | None = None) -> "LatentStore | None":
         """Open (after checking ``identity``) or create a store. Refuses foreign or incompatible outputs.
 
-        With ``create=False`` a missing store gives ``None`` (dry runs write nothing).
+        With ``create=False`` a missing store gives ``None`` (dry runs write nothing). ``hook``: as in :meth:`open`.
         """
         import zarr
 
@@ -272,7 +277,7 @@ class LatentStore:
         if loc.local and loc.path.exists() and not loc.path.is_dir():
             raise StoreError(f"{loc.url} is a file, not a latent store; choose another output path.")
         if loc.exists("zarr.json"):
-            store = cls.open(url, storage_options, mode="r+")
+            store = cls.open(url, storage_options, mode="r+", hook=hook)
             store.check_identity(identity)
             return store
         if not loc.is_empty_dir():
@@ -284,7 +289,7 @@ class LatentStore:
         group = zarr.create_group(store=loc.zarr_store(), attributes=attrs, overwrite=False)
         group.create_group("plan", attributes={"about": "unit_{k:06d}.json: samples owned by unit k"})
         group.create_group("commits", attributes={"about": "unit_{k:06d}.json: commit record of unit k"})
-        return cls(loc, group)
+        return cls(loc, group, hook)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -339,7 +344,7 @@ class LatentStore:
             k = first + i
             self.location.write_json(f"plan/{_unit_file(k)}",
                                      {"unit": k, "samples": [s.to_json(root) for s in samples]})
-            pause_point(f"plan unit {k}")
+            self._reached(f"plan unit {k}")
 
     # ----------------------------------------------------------------- arrays
     def bucket_names(self) -> list[str]:
@@ -410,7 +415,7 @@ class LatentStore:
                 a = g[key]
                 if key != "index" and a.shape[0] < n:
                     a.resize((n, *a.shape[1:]))
-        pause_point("capacity")
+        self._reached("capacity")
         grew = n_units > int(self.group.attrs.get("n_units", 0))
         # New units are not finalised yet: readers fall back to the commit records until finalise() is done.
         if grew:
@@ -435,6 +440,7 @@ class LatentStore:
                 g[key][sl] = arr
             for key in STRING_ARRAYS:
                 g[key][sl] = np.array(list(data[key]) + [""] * (S - count), dtype=object)
+        self._reached(f"write unit {k}")
 
     def write_empty_text(self, hidden: np.ndarray, pooled: np.ndarray) -> None:
         """Store the embeddings of the empty caption ``""`` (``(77,C)``, ``(1,C)``) in group ``clip_empty``;
@@ -458,6 +464,7 @@ class LatentStore:
     def commit(self, k: int, record: dict[str, Any]) -> None:
         """Make unit ``k`` visible: write its commit record atomically."""
         self.location.write_json(f"commits/{_unit_file(k)}", {"unit": k, "time": time.time(), **record})
+        self._reached(f"commit unit {k}")
 
     def committed_units(self) -> set[int]:
         """Indices of committed units."""
@@ -490,7 +497,7 @@ class LatentStore:
             if len(rows):
                 a[:] = rows
             counts[name] = int(len(rows))
-        pause_point("finalise index")
+        self._reached("finalise index")
         for table, items in (("errors", errors), ("warnings", warnings)):
             g = self.group.require_group(table)
             for col, key in enumerate(("id", "source", "reason")):
@@ -498,7 +505,7 @@ class LatentStore:
                                    fill_value="", overwrite=True)
                 if items:
                     a[:] = np.array([it[col] for it in items], dtype=object)
-        pause_point("finalise tables")
+        self._reached("finalise tables")
         complete = set(records) >= set(range(n_units))
         summary = {"count": sum(counts.values()), "buckets": counts, "errors": len(errors),
                    "warnings": len(warnings), "complete": complete, "n_units": n_units}

@@ -2,6 +2,7 @@
 the scaled encoder presets, and the export into the shipped file layout."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,7 @@ def test_scaled_encoder_preset_round_trips_and_default_is_torchvision_v2_s(tmp_p
     assert torch.equal(back(x), mini.eval()(x))
 
 
+@pytest.mark.slow  # trains, exports and decodes; one update's numbers are checked in the fast run
 def test_codec_task_trains_encoder_and_stage_b_and_exports_the_package_layout(tmp_path, images):
     from codec import Codec
 
@@ -110,9 +112,8 @@ def test_codec_task_trains_encoder_and_stage_b_and_exports_the_package_layout(tm
     assert len(log) == 3 and all(r["loss"] > 0 for r in log)
     state = load_file(tmp_path / "c/checkpoint/model.safetensors")
     assert any(k.startswith("effnet.") for k in state) and any(k.startswith("stage_b.") for k in state)
-    # the encoder really trained (its weights moved from any fresh initialisation's scale)
-    w = state["effnet.backbone.0.0.weight"]
-    assert w.shape == before.backbone[0][0].weight.shape
+    assert state["effnet.backbone.0.0.weight"].shape == before.backbone[0][0].weight.shape
+    # that an update moves the encoder by the gradient of the right loss: test_codec_step_updates_encoder_…
 
     out = tmp_path / "pkg"
     r = subprocess.run([sys.executable, str(ROOT / "scripts/export_mini.py"), "codec", str(tmp_path / "c"),
@@ -128,6 +129,99 @@ def test_codec_task_trains_encoder_and_stage_b_and_exports_the_package_layout(tm
     assert torch.equal(codec.effnet.mapper[0].weight, state["effnet.mapper.0.weight"])
     img = codec.decode(z, steps=2, output="tensor")
     assert img.shape == (1, 3, 43, 43) and torch.isfinite(img).all()
+
+
+def test_codec_step_updates_encoder_and_stage_b_by_the_gradient_of_the_p2_weighted_epsilon_loss(
+        tmp_path, images, monkeypatch):
+    """One ``codec`` update, checked against the equations rather than a shape. The loop noises x0 on the cosine
+    schedule, x_t = √ᾱ(t)·x0 + √(1−ᾱ(t))·ε, and conditions the model on t (r); the loss is
+    L = mean_i[(1−ᾱ(t_i)) · mean((ε̂_i − ε_i)²)] (P2 weight 1/(1+SNR) = 1−ᾱ) with ε̂ = StageB(x_t, r, E(images)·keep,
+    clip) — the encoder E inside the graph; AdamW's first step with no decay moves every trained weight by
+    −lr·g/(|g|+eps), g = ∂L/∂θ. Both the encoder's and Stage B's weights must have moved exactly so."""
+    import copy
+
+    from codec.generation.finetune import codec_tasks
+    from codec.stage_a import StageA
+    from codec.stage_b import StageB
+    from codec.tiny import TINY_STAGE_A, TINY_STAGE_B
+
+    stage_a = W.save_module(StageA(**TINY_STAGE_A), tmp_path / "stage_a.safetensors", config=TINY_STAGE_A)
+    # From scratch Stage B's output head starts at zero (official init), so no gradient reaches the encoder in the
+    # first update; start from a Stage B whose head is not zero.
+    torch.manual_seed(0)
+    stage_b = W.save_module(StageB(**TINY_STAGE_B), tmp_path / "stage_b.safetensors", config=TINY_STAGE_B)
+    # eps ≫ |g|: the first Adam step is then nearly proportional to g (not just its sign), so the loss's value
+    # matters and not only the sign of its gradient
+    lr, eps = 0.1, 0.1
+    cfg = {"output_dir": str(tmp_path / "c"), "data": {"images": str(images), "image_size": 64}, "batch_size": 4,
+           "max_steps": 1, "mixed_precision": "no",
+           "model": {"preset": "tiny", "checkpoint": str(stage_b), "dropout": 0.0},
+           "log": {"every": 1}, "checkpoint": {"save_every": 1},
+           "optim": {"lr": lr, "eps": eps, "weight_decay": 0.0, "warmup_updates": 0, "grad_clip": None},
+           "codec": {"stage_a": str(stage_a), "crop": 64, "encoder_preset": "efficientnet_mini",
+                     "encoder_keep": 1.0}}
+    seen = {}
+    build, inputs, noise = codec_tasks.CodecTask.build, codec_tasks.CodecTask.inputs, codec_tasks.CodecTask.noise
+
+    def spy_build(self, dataset):
+        module = build(self, dataset)
+        seen["start"] = copy.deepcopy(module)  # the weights before the update
+        real_forward = module.forward
+
+        def spy_forward(x, r, **kw):
+            seen["forward"] = (x.detach().clone(), r.detach().clone(), torch.get_rng_state())
+            return real_forward(x, r, **kw)
+
+        module.forward = spy_forward
+        return module
+
+    def spy_inputs(self, batch, rand):
+        seen["inputs"] = inputs(self, batch, rand)
+        return seen["inputs"]
+
+    def spy_noise(self, x0, rand):
+        seen["noise"] = noise(self, x0, rand)
+        return seen["noise"]
+
+    monkeypatch.setattr(codec_tasks.CodecTask, "build", spy_build)
+    monkeypatch.setattr(codec_tasks.CodecTask, "inputs", spy_inputs)
+    monkeypatch.setattr(codec_tasks.CodecTask, "noise", spy_noise)
+    train("codec", cfg, echo=None)
+
+    x0, cond = seen["inputs"]
+    eps_true, (x_t, r, rng) = seen["noise"], seen["forward"]
+    assert 0.02 < r.min() and r.max() < 0.98  # inside the unclamped schedule, where the noise condition is t itself
+    ab = torch.tensor([_alpha_bar(float(t)) for t in r]).view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t, ab.sqrt() * x0 + (1 - ab).sqrt() * eps_true, rtol=1e-5, atol=1e-5)
+
+    model = seen["start"].requires_grad_(True)  # every weight the loss reaches, whatever the task froze
+    torch.set_rng_state(rng)
+    effnet = model.effnet.encode(cond["images"]) * cond["keep"].view(-1, 1, 1, 1)
+    pred = model.stage_b(x_t, r, effnet, cond["clip"])
+    loss = ((1 - ab.view(-1)) * ((pred - eps_true) ** 2).mean(dim=(1, 2, 3))).mean()
+    names = [k for k, p in model.named_parameters()]
+    grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters()], allow_unused=True)
+    after = load_file(tmp_path / "c/checkpoint/model.safetensors")
+    before = dict(model.named_parameters())
+    untrained = [k for k in names if k not in after]
+    assert not untrained, f"{len(untrained)} weights were not trained, e.g. {untrained[:3]}"
+    expected = {name: -lr * g / (g.abs() + eps) if g is not None else torch.zeros_like(before[name])
+                for name, g in zip(names, grads)}
+    moved = {name: after[name] - before[name].detach() for name in names}
+    # one scale for all: some gradients are zero in exact arithmetic (a bias feeding a BatchNorm) and ~1e-9 in floats
+    scale = max(e.abs().max().item() for e in expected.values())
+    error = {name: (moved[name] - expected[name]).abs().max().item() / scale for name in names}
+    encoder = [k for k in names if k.startswith("effnet.")]
+    assert max(error[k] for k in encoder) < 1e-4, "the encoder's update is not −lr·g/(|g|+eps): " + ", ".join(
+        f"{k} {error[k]:.2g}" for k in sorted(encoder, key=error.get)[-3:])
+    assert max(error.values()) < 1e-4, "Stage B's update is not −lr·g/(|g|+eps): " + ", ".join(
+        f"{k} {error[k]:.2g}" for k in sorted(error, key=error.get)[-3:])
+    assert max(moved[k].abs().max().item() for k in encoder) > 0.1 * scale  # and the encoder did move
+
+
+def _alpha_bar(t: float, s: float = 0.008) -> float:
+    """ᾱ(t) of the unshifted cosine schedule (improved DDPM), written out rather than taken from codec.diffusion."""
+    return math.cos((t + s) / (1 + s) * math.pi / 2) ** 2 / math.cos(s / (1 + s) * math.pi / 2) ** 2
 
 
 def test_unreadable_images_are_skipped_and_recorded_not_fatal(tmp_path, images):

@@ -188,6 +188,7 @@ def test_generation_from_the_stage_c_file_matches_the_official_layout(comfy_fold
     assert [list(p[0].getdata()) for p in previews[0]] == [list(p[0].getdata()) for p in previews[1]]
 
 
+@pytest.mark.slow  # img2img generations from a converted file
 def test_image_encoder_and_img2img_from_the_stage_c_file(comfy_folder, tiny_weights):
     from codec.generation.clip_image import ImageEncoder
     from codec.generation.pipeline import TextToImage

@@ -89,6 +89,7 @@ def test_float16_extras_are_float32_rounded(corpus, tmp_path, tiny_weights, tiny
     assert LatentStore.open(tmp_path / "float16.zarr").attrs["extras"]["clip"]["dtype"] == "float16"
 
 
+@pytest.mark.slow  # several encoding jobs
 def test_mismatching_extras_are_refused(corpus, tmp_path, tiny_weights, tiny_text_encoder):
     from codec.tiny import write_tiny_text_encoder
 

@@ -1,22 +1,26 @@
-"""Resume after kill -9 (at a random moment and at named phases of planning and finalising), and 2-process
-torchrun writes, compared bitwise with clean single runs."""
+"""Resume after kill -9 (after a commit, between writing a unit and committing it, and at named phases of planning
+and finalising; each kill lands exactly there through the store's hook), and 2-process torchrun writes, compared
+bitwise with clean single runs."""
 
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from datasets_tools import LatentDataset, LatentStore
-from datasets_tools.store import PAUSE_ENV
 from test_dataset_helpers import make_folder
+
+# Every case runs 3–4 encoding jobs in subprocesses (25–100 s each here); test_dataset_buckets.py resumes a
+# half-created bucket in the fast run.
+pytestmark = pytest.mark.slow
 
 FIELDS = ("latent", "clip_text_pooled", "clip_text", "stage_a")
 TORCHRUN = Path(sys.executable).parent / "torchrun"
+WORKER = Path(__file__).resolve().parent / "encode_killed_worker.py"
 
 
 def _env(**extra):
@@ -77,55 +81,21 @@ def _extras(name, tiny_text_encoder):
     return ("--text-encoder", tiny_text_encoder, "--stage-a") if name == "extras" else ()
 
 
-# Each case runs 2–3 encoding subprocesses; the new cases are marked slow (CI runs them, see pyproject.toml).
-@pytest.mark.parametrize("delay,extras", [(0.0, "none"), (0.7, "none"),
-                                          pytest.param(0.3, "extras", marks=pytest.mark.slow)])
-def test_kill9_then_resume_equals_clean_run(corpus, tiny_weights, tiny_text_encoder, tmp_path, delay, extras):
-    src, clean = corpus
-    flags = _extras(extras, tiny_text_encoder)
-    fields = FIELDS if flags else ("latent",)
-    out = tmp_path / "out.zarr"
-    proc = subprocess.Popen(_command(src, out, tiny_weights, flags), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    first = out / "commits" / "unit_000000.json"
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    time.sleep(delay)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    store = LatentStore.open(out)
-    n_units = len(store.read_plan())
-    done = store.committed_units()
-    assert 1 <= len(done) < n_units, "the job finished before it was killed; the test proved nothing"
-    assert not store.attrs["complete"]
-    # Readers see only committed units, never half-written rows.
-    partial = _contents(out, fields)
-    assert len(partial) == sum(r["counts"].get("b64x64", 0) for r in store.commit_records().values())
-    r = subprocess.run(_command(src, out, tiny_weights, flags), env=_env(), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    _assert_store_equals_clean(out, clean(flags), fields)
-    r = subprocess.run(_command(src, out, tiny_weights, flags), env=_env(), capture_output=True, text=True)
-    assert "encoded 0, skipped 0" in r.stdout
-
-
-def _kill_at(phase, command, timeout=300):
-    """Run ``command`` until it pauses at ``phase`` (the store's test hook), then kill -9 it."""
-    proc = subprocess.Popen(command, env=_env(**{PAUSE_ENV: phase}), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+def _kill_at(point, src, out, weights, flags=()):
+    """Run the encoding job until its store reaches ``point`` (it blocks there, see encode_killed_worker.py), then
+    kill -9 it: the kill lands at that point on any machine, however slow."""
+    command = [sys.executable, str(WORKER), point, str(src), str(out), str(weights), *map(str, flags)]
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + timeout
         lines = []
-        while time.time() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break  # exited without reaching the phase
+        for line in proc.stderr:  # ends when the job exits without pausing
             lines.append(line)
-            if f"paused at {phase}" in line:
+            if line.strip() == f"paused at {point}":
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
                 return
-        pytest.fail(f"the job never reached the phase {phase!r}: {''.join(lines)[-2000:]}")
+        proc.wait()
+        pytest.fail(f"the job never reached {point!r} (exit status {proc.returncode}): {''.join(lines)[-2000:]}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -133,12 +103,42 @@ def _kill_at(phase, command, timeout=300):
         proc.stderr.close()
 
 
-@pytest.mark.slow
+# Killed after unit 4's rows were written but before its commit (readers must not see them, the resumed job rewrites
+# them); right after the first commit; and with the optional arrays.
+@pytest.mark.parametrize("point,extras", [("write unit 4", "none"), ("commit unit 0", "none"),
+                                          ("commit unit 2", "extras")])
+def test_kill9_then_resume_equals_clean_run(corpus, tiny_weights, tiny_text_encoder, tmp_path, point, extras):
+    src, clean = corpus
+    flags = _extras(extras, tiny_text_encoder)
+    fields = FIELDS if flags else ("latent",)
+    out = tmp_path / "out.zarr"
+    _kill_at(point, src, out, tiny_weights, flags)
+    store = LatentStore.open(out)
+    n_units = len(store.read_plan())
+    unit = int(point.split()[-1])
+    # units are written and committed in plan order by one process
+    assert store.committed_units() == set(range(unit + 1 if point.startswith("commit") else unit))
+    assert n_units == 11 and not store.attrs["complete"]
+    if point.startswith("write"):  # the uncommitted unit's rows are in the arrays …
+        assert any(store.group["b64x64"]["id"][unit * 3:(unit + 1) * 3])
+    # … but readers see only committed units, never half-written rows.
+    partial = _contents(out, fields)
+    records = store.commit_records()
+    assert len(partial) == sum(r["counts"].get("b64x64", 0) for r in records.values())
+    skipped = {e[0] for r in records.values() for e in r["errors"]}
+    assert set(partial) == {s.id for k in records for s in store.read_plan()[k]} - skipped
+    r = subprocess.run(_command(src, out, tiny_weights, flags), env=_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    _assert_store_equals_clean(out, clean(flags), fields)
+    r = subprocess.run(_command(src, out, tiny_weights, flags), env=_env(), capture_output=True, text=True)
+    assert "encoded 0, skipped 0" in r.stdout
+
+
 @pytest.mark.parametrize("phase", ["plan unit 4", "capacity", "finalise index", "finalise tables"])
 def test_kill9_while_planning_or_finalising(corpus, tiny_weights, tmp_path, phase):
     src, clean = corpus
     out = tmp_path / "out.zarr"
-    _kill_at(phase, _command(src, out, tiny_weights))
+    _kill_at(phase, src, out, tiny_weights)
     store = LatentStore.open(out)
     assert not store.attrs["complete"]
     if phase.startswith("plan"):
@@ -156,7 +156,7 @@ def test_kill9_while_planning_or_finalising(corpus, tiny_weights, tmp_path, phas
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(TORCHRUN.parent)) is None, reason="no torchrun")
-@pytest.mark.parametrize("policy", [(), pytest.param(("--keep-aspect",), marks=pytest.mark.slow)])
+@pytest.mark.parametrize("policy", [(), ("--keep-aspect",)])
 def test_torchrun_two_processes_equal_one(corpus, tiny_weights, tmp_path, policy):
     src, clean = corpus
     out = tmp_path / "dist.zarr"

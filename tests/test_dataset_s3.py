@@ -39,6 +39,7 @@ def s3(s3_endpoint, monkeypatch):
     return fs
 
 
+@pytest.mark.slow  # a moto S3 server and a whole encoding job
 def test_s3_tar_source_and_store(s3, tmp_path, tiny_weights):
     for k in range(2):
         make_tar(tmp_path / f"shard-{k}.tar", {f"s{k}{i}.png": image_bytes(40 + 8 * i, 64, 10 * k + i)

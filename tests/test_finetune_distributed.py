@@ -46,9 +46,10 @@ def launch(task: str, cfg: dict, nproc: int, script: list[str] | None = None, ch
     (``torchrun`` when more than one)."""
     path = Path(cfg["output_dir"] + ".yaml")
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([os.getcwd(), str(TESTS)])}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(29500 + hash(cfg["output_dir"]) % 1000)] if nproc > 1 else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
+    # --standalone: a c10d rendezvous on localhost whose port the OS picks (no fixed or guessed port to collide on)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(nproc)] if nproc > 1 else [sys.executable]
     args = [script[0], task, str(path), *script[1:]] if script else ["-m", "codec.cli", "train", task, str(path)]
     r = subprocess.run([*launcher, *args], env=env, capture_output=True, text=True, timeout=600)
     if check:

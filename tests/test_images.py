@@ -43,12 +43,55 @@ def test_transparent_pixels_become_white(tmp_path):
     assert (out[:5, :, 0] == 200).all() and (out[5:] == 255).all()
 
 
-def test_exif_orientation_is_applied(tmp_path):
-    img = Image.fromarray(_gradient(40, 30))
+RED, GREEN, GREY = (255, 0, 0), (0, 255, 0), (128, 128, 128)
+# EXIF orientation → the displayed corners of the stored top-left (red) and top-right (green) corners: where
+# the stored 0th row and 0th column go (EXIF 2.32, tag 0x0112). 5–8 swap width and height.
+ORIENTATIONS = {1: ("TL", "TR"), 2: ("TR", "TL"), 3: ("BR", "BL"), 4: ("BL", "BR"),
+                5: ("TL", "BL"), 6: ("TR", "BR"), 7: ("BR", "TR"), 8: ("BL", "TL")}
+
+
+def _marked(w: int = 48, h: int = 32, block: int = 16) -> Image.Image:
+    """Grey, with a red block in the stored top-left corner and a green one in the top-right (JPEG-block aligned)."""
+    arr = np.full((h, w, 3), GREY, np.uint8)
+    arr[:block, :block] = RED
+    arr[:block, -block:] = GREEN
+    return Image.fromarray(arr)
+
+
+def _corners(img: Image.Image, block: int = 16) -> dict[str, tuple[int, ...]]:
+    """Mean colour of the centre 8×8 of each corner block (away from JPEG's ringing at the edges)."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float64)
+    h, w = arr.shape[:2]
+    c = (block - 8) // 2
+    tops = {"T": c, "B": h - block + c}
+    lefts = {"L": c, "R": w - block + c}
+    return {v + u: tuple(int(round(x)) for x in arr[tops[v]:tops[v] + 8, lefts[u]:lefts[u] + 8].mean(axis=(0, 1)))
+            for v in "TB" for u in "LR"}
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
+@pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
+def test_exif_orientation_puts_each_corner_where_it_is_displayed(tmp_path, fmt, orientation):
+    from datasets_tools.encode import decode_image
+
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate 90° clockwise on display
-    img.save(tmp_path / "r.jpg", exif=exif.tobytes())
-    assert load_image(tmp_path / "r.jpg").size == (30, 40)
+    exif[0x0112] = orientation
+    path = tmp_path / f"o{orientation}.{fmt}"
+    _marked().save(path, exif=exif.tobytes(), **({"quality": 95} if fmt == "jpg" else {}))
+    red, green = ORIENTATIONS[orientation]
+    expected = {corner: RED if corner == red else GREEN if corner == green else GREY
+                for corner in ("TL", "TR", "BL", "BR")}
+    size = (48, 32) if orientation <= 4 else (32, 48)
+    with Image.open(path) as raw:
+        assert raw.getexif().get(0x0112) == orientation and raw.size == (48, 32)  # stored as written
+        from_pil = to_pil(to_tensor_list(raw)[0])[0]
+    loaded = {"path": load_image(path), "bytes": load_image(path.read_bytes()), "PIL image": from_pil,
+              "dataset decoder": to_pil(decode_image(path.read_bytes()))[0]}
+    for how, img in loaded.items():
+        assert img.size == size, how
+        got = _corners(img)
+        for corner, colour in expected.items():
+            assert np.abs(np.subtract(got[corner], colour)).max() <= 24, (how, corner, got[corner], colour)
 
 
 def _truncated_png() -> bytes:

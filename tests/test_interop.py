@@ -286,6 +286,7 @@ def test_sharded_diffusers_checkpoint_loads(tmp_path, diffusers_models):
     _assert_same_tensors(codec.stage_b, diffusers_layout.state_dict_to_official(unet.state_dict(), "stage_b"))
 
 
+@pytest.mark.slow  # full generations; the layout mapping has fast tests
 def test_generation_reads_the_diffusers_layout(tiny_weights, tmp_path):
     """A prior_lite/ written by diffusers loads into the pipeline and generates the same images as the same weights
     in the official layout."""
@@ -443,6 +444,7 @@ print(status("VmHWM") - base)
 """
 
 
+@pytest.mark.slow  # converts a large file in a subprocess
 def test_convert_memory_stays_below_one_tensor(tmp_path):
     """Converting a 235 MB file (q/k/v split, cast to bf16) grows peak RSS by less than its largest tensor (67 MB)."""
     from safetensors.torch import save_file
