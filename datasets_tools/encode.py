@@ -234,6 +234,30 @@ class _Models:
     stage_a: torch.nn.Module | None = None
 
 
+@dataclass(frozen=True)
+class EncodeJob:
+    """The settings of one :func:`encode_dataset` call (see there), handed to the steps of the job."""
+
+    source: str | os.PathLike
+    out: str | os.PathLike
+    weights: str | os.PathLike
+    policy: str
+    size: int
+    batch_size: int
+    workers: int
+    dtype: str
+    limit: int | None
+    dry_run: bool
+    shard_size: int
+    progress: bool
+    storage_options: dict[str, Any] | None
+    device: str
+    log: Callable[[str], None]
+    text_encoder: str | os.PathLike | None
+    stage_a: bool
+    hook: StoreHook | None
+
+
 def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: str | os.PathLike,
                    policy: str = "center", size: int = 768, batch_size: int = 8, workers: int = 2,
                    dtype: str = "float16", limit: int | None = None, dry_run: bool = False, shard_size: int = 256,
@@ -264,47 +288,50 @@ def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: s
     if own_group:
         torch.distributed.init_process_group("gloo", timeout=timedelta(days=7))
     try:
-        return _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, dry_run, shard_size,
-                    progress, storage_options, device, log, rank, world, t0, text_encoder, stage_a, hook)
+        job = EncodeJob(source, out, weights, policy, size, batch_size, workers, dtype, limit, dry_run, shard_size,
+                        progress, storage_options, device, log, text_encoder, stage_a, hook)
+        return _run(job, rank, world, t0)
     finally:
         if own_group:
             torch.distributed.destroy_process_group()
 
 
-def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, dry_run, shard_size, progress,
-         storage_options, device, log, rank, world, t0, text_encoder, stage_a, hook) -> Summary:
-    summary = Summary(dry_run=dry_run)
-    root = source_root(source)
+def _run(job: EncodeJob, rank: int, world: int, t0: float) -> Summary:
+    """Plan (rank 0), encode this rank's units and finalise (rank 0) the job; returns this rank's summary."""
+    summary = Summary(dry_run=job.dry_run)
+    root = source_root(job.source)
 
     # ---- plan (rank 0); everybody learns of a refusal before any work
     error = None
     if rank == 0:
         try:
-            path = encoder_file(weights)
-            identity = store_identity(path, file_sha256(path), policy, size, dtype, shard_size,
-                                      extras_identity(weights, text_encoder, stage_a, dtype))
-            samples = list_source(source, limit)
+            path = encoder_file(job.weights)
+            identity = store_identity(path, file_sha256(path), job.policy, job.size, job.dtype, job.shard_size,
+                                      extras_identity(job.weights, job.text_encoder, job.stage_a, job.dtype))
+            samples = list_source(job.source, job.limit)
             if not samples:
-                raise StoreError(f"{source}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
-            store = LatentStore.open_for_writing(out, identity, storage_options, create=not dry_run, hook=hook)
+                raise StoreError(f"{job.source}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")
+            store = LatentStore.open_for_writing(job.out, identity, job.storage_options, create=not job.dry_run,
+                                                 hook=job.hook)
             plan = store.read_plan(root) if store is not None else []
             planned = {s.id for unit in plan for s in unit}
             new = [s for s in samples if s.id not in planned]
-            new_units = [new[i:i + shard_size] for i in range(0, len(new), shard_size)]
+            new_units = [new[i:i + job.shard_size] for i in range(0, len(new), job.shard_size)]
             committed = store.committed_units() if store is not None else set()
             summary.listed, summary.new_samples = len(samples), len(new)
             summary.units_pending = len(plan) + len(new_units) - len(committed)
-            if dry_run:
+            if job.dry_run:
                 state = ("absent (would be created)" if store is None
                          else f"{len(plan)} unit(s) planned, {len(committed)} committed")
-                log(f"source: {source}: {len(samples)} samples; store {out}: {state}")
-                log(f"would plan {len(new)} new sample(s) in {len(new_units)} new unit(s) of {shard_size}; "
-                    f"would encode {summary.units_pending} unit(s) with policy={policy} size={size} dtype={dtype}")
+                job.log(f"source: {job.source}: {len(samples)} samples; store {job.out}: {state}")
+                job.log(f"would plan {len(new)} new sample(s) in {len(new_units)} new unit(s) of {job.shard_size}; "
+                        f"would encode {summary.units_pending} unit(s) with policy={job.policy} size={job.size} "
+                        f"dtype={job.dtype}")
             else:
                 if store.attrs.get("source_root") != root:  # informational: where relative sources were last found
                     store.group.attrs.update({"source_root": root})
                 store.append_units(new_units, len(plan), root)
-                store.set_capacity(len(plan) + len(new_units), known_buckets(policy, size))
+                store.set_capacity(len(plan) + len(new_units), known_buckets(job.policy, job.size))
         except Exception as e:  # noqa: BLE001 - forwarded to the other ranks, then re-raised
             error = e
     msg = _broadcast_error(None if error is None else f"{type(error).__name__}: {error}", world)
@@ -312,12 +339,12 @@ def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, 
         raise error
     if msg is not None:
         raise StoreError(f"rank 0 refused: {msg}")
-    if dry_run:
+    if job.dry_run:
         summary.seconds = time.perf_counter() - t0
         return summary
 
     # ---- process this rank's uncommitted units
-    store = LatentStore.open(out, storage_options, mode="r+", hook=hook)
+    store = LatentStore.open(job.out, job.storage_options, mode="r+", hook=job.hook)
     plan = store.read_plan(root)
     n_units = len(plan)
     committed = store.committed_units()
@@ -326,13 +353,14 @@ def _run(source, out, weights, policy, size, batch_size, workers, dtype, limit, 
     items = [(k, s) for k in mine for s in plan[k]]
     text = None
     finalising = rank == 0 and (len(committed) < n_units or not store.attrs.get("complete"))
-    if text_encoder is not None and (items or finalising and store.empty_text() is None):
+    if job.text_encoder is not None and (items or finalising and store.empty_text() is None):
         from codec.text import TextEncoder
 
-        text = TextEncoder.from_pretrained(text_encoder, device=device)
+        text = TextEncoder.from_pretrained(job.text_encoder, device=job.device)
     if items:
-        models = _Models(load_encoder(weights, device), text, load_stage_a(weights, device) if stage_a else None)
-        _process(store, models, items, plan, n_units, policy, size, batch_size, workers, progress, device, summary)
+        models = _Models(load_encoder(job.weights, job.device), text,
+                         load_stage_a(job.weights, job.device) if job.stage_a else None)
+        _process(store, models, items, plan, n_units, job, summary)
     _barrier(world)
 
     # ---- finalise (rank 0); a finished store with nothing new is left untouched
@@ -386,16 +414,15 @@ def _encode_arrays(models: _Models, pixels: torch.Tensor, captions: list[str], d
 
 
 def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]],
-             plan: list[list[Sample]], n_units: int, policy: str, size: int, batch_size: int, workers: int,
-             progress: bool, device: str, summary: Summary) -> None:
+             plan: list[list[Sample]], n_units: int, job: EncodeJob, summary: Summary) -> None:
     from codec.progress import progress_bar
     from codec.text import MAX_TOKENS
 
     loader = torch.utils.data.DataLoader(
-        _UnitItems(items, policy, size), batch_size=None, shuffle=False, num_workers=workers,
-        collate_fn=_identity_collate, prefetch_factor=max(2, batch_size) if workers else None,
+        _UnitItems(items, job.policy, job.size), batch_size=None, shuffle=False, num_workers=job.workers,
+        collate_fn=_identity_collate, prefetch_factor=max(2, job.batch_size) if job.workers else None,
         persistent_workers=False)
-    bar = progress_bar(len(items), "encode-dataset", unit="img", enabled=None if progress else False,
+    bar = progress_bar(len(items), "encode-dataset", unit="img", enabled=None if job.progress else False,
                        smoothing=0.05)
     remaining = {k: len(plan[k]) for k in {k for k, _ in items}}
     unit_state: dict[int, dict[str, Any]] = {}
@@ -417,7 +444,7 @@ def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]
         if not batch:
             return
         arrays = _encode_arrays(models, torch.stack([b["pixels"] for b in batch]), [b["caption"] for b in batch],
-                                device)
+                                job.device)
         rows = st["rows"].setdefault(bucket, {key: [] for key in (*arrays, "id", "source", "caption", "orig_size",
                                                                    "crop_box")})
         for i, b in enumerate(batch):
@@ -443,7 +470,7 @@ def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]
         else:
             pend = st["pending"].setdefault(item["bucket"], [])
             pend.append(item)
-            if len(pend) >= batch_size:
+            if len(pend) >= job.batch_size:
                 encode_batch(st, item["bucket"])
         remaining[k] -= 1
         bar.update(1)

@@ -140,16 +140,15 @@ def test_codec_step_updates_encoder_and_stage_b_by_the_gradient_of_the_p2_weight
     −lr·g/(|g|+eps), g = ∂L/∂θ. Both the encoder's and Stage B's weights must have moved exactly so."""
     import copy
 
-    from codec.generation.finetune import codec_tasks
-    from codec.stage_a import StageA
-    from codec.stage_b import StageB
-    from codec.tiny import TINY_STAGE_A, TINY_STAGE_B
+    from codec.training import codec_tasks
 
-    stage_a = W.save_module(StageA(**TINY_STAGE_A), tmp_path / "stage_a.safetensors", config=TINY_STAGE_A)
+    stage_a = W.save_module(create_model("stage_a_tiny"), tmp_path / "stage_a.safetensors",
+                            config=get_preset("stage_a_tiny").kwargs())
     # From scratch Stage B's output head starts at zero (official init), so no gradient reaches the encoder in the
     # first update; start from a Stage B whose head is not zero.
     torch.manual_seed(0)
-    stage_b = W.save_module(StageB(**TINY_STAGE_B), tmp_path / "stage_b.safetensors", config=TINY_STAGE_B)
+    stage_b = W.save_module(create_model("stage_b_tiny"), tmp_path / "stage_b.safetensors",
+                            config=get_preset("stage_b_tiny").kwargs())
     # eps ≫ |g|: the first Adam step is then nearly proportional to g (not just its sign), so the loss's value
     # matters and not only the sign of its gradient
     lr, eps = 0.1, 0.1
@@ -186,7 +185,7 @@ def test_codec_step_updates_encoder_and_stage_b_by_the_gradient_of_the_p2_weight
     monkeypatch.setattr(codec_tasks.CodecTask, "build", spy_build)
     monkeypatch.setattr(codec_tasks.CodecTask, "inputs", spy_inputs)
     monkeypatch.setattr(codec_tasks.CodecTask, "noise", spy_noise)
-    train("codec", cfg, echo=None)
+    train(CodecTask, cfg, training_dataset, echo=None)
 
     x0, cond = seen["inputs"]
     eps_true, (x_t, r, rng) = seen["noise"], seen["forward"]
