@@ -201,14 +201,15 @@ def test_cli_trains_only_the_controlnet_and_exports_the_release_file(tmp_path, c
     assert not any("running_" in k or "num_batches" in k for k in changed)
 
 
-def test_stage_c_is_untouched(cnet_run_files):
+def test_stage_c_is_untouched(cnet_run_files, tmp_path):
     """The loop's module: only controlnet.* trains, and Stage C's weights are the same after updates."""
     from codec.generation.finetune.config import load_config
     from codec.generation.finetune.controlnet_task import ControlNetTrainingTask
     from codec.generation.finetune.distributed import setup
     from codec.generation.finetune.loop import Trainer
 
-    cfg, section = load_config(cnet_config("unused", cnet_run_files), "controlnet",
+    # the image dataset writes skipped.jsonl into output_dir: a temporary folder, not the working directory
+    cfg, section = load_config(cnet_config(tmp_path / "run", cnet_run_files), "controlnet",
                                ControlNetTrainingTask.section_model, "test")
     assert cfg.offset_noise == 0.0
     task = ControlNetTrainingTask(cfg, section, setup("cpu"))
