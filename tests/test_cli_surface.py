@@ -181,3 +181,9 @@ def test_one_meaning_per_option(photo, tmp_path):
     r = run("decode-dataset", tmp_path / "s.zarr", tmp_path / "o", "--use-captions", "--caption", "x")
     assert r.exit_code == 2 and "give one of the two" in r.output
     assert "--model" in run("generate", "--help").output
+
+
+def test_bench_recon_on_an_empty_folder_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = no_traceback(run("bench", "recon", tmp_path / "empty", "-o", tmp_path / "rep", "--codec", "bicubic"))
+    assert "no images found" in out and not (tmp_path / "rep" / "summary.json").exists()

@@ -145,4 +145,8 @@ def open_dataset(path: str | os.PathLike, size: int | None, limit: int | None = 
     size = 1024 if size is None else size
     if size < 32 or size % 32:
         raise UsageError(f"--size must be a positive multiple of 32, got {size}")
-    return BenchDataset(path, "images", size, list_source(path, limit))
+    samples = list_source(path, limit)
+    if not samples:
+        raise UsageError(f"{path}: no images found (extensions: jpg jpeg png webp bmp tif tiff); a benchmark of no "
+                         "images measures nothing")
+    return BenchDataset(path, "images", size, samples)
