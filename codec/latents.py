@@ -17,8 +17,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import MissingInputError, UsageError, WeightsError
-from .files import atomic_write
+from .errors import UsageError, WeightsError
+from .files import atomic_write, check_input
 
 FORMAT = "cascade-codec latents v1"
 SUFFIXES = (".safetensors", ".npy")
@@ -81,12 +81,7 @@ def load_latents(path: str | os.PathLike) -> LatentsFile:
 
     from .weights import iter_tensors, read_header
 
-    path = Path(path)
-    if path.is_dir():
-        raise MissingInputError(f"{path} is a folder; give a latents file (.safetensors or .npy) written by "
-                                "`cascade encode`")
-    if not path.is_file():
-        raise MissingInputError(f"{path}: no such file")
+    path = check_input(path, "give a latents file (.safetensors or .npy) written by `cascade encode`")
     if path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
