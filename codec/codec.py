@@ -36,6 +36,10 @@ from .stage_a import StageA
 from .stage_b import StageB
 
 ENCODER_FRACTION = 0.75  # the encoder sees 3/4 of the output size (1024 → 768 → 24×24)
+# Stage B's sampler as the official pipeline runs it; a Stage B file may name its own (W.META_SAMPLING).
+OFFICIAL_SAMPLING: dict[str, Any] = {"steps": 10, "cfg": 1.1, "sampler": "ddpm", "prediction": "epsilon",
+                                     "x0_clamp": None}
+DEFAULT = "default"  # a decode argument left to the model's own sampler defaults (Codec.sampler_defaults)
 LATENT_STRIDE = 32
 
 
@@ -161,7 +165,7 @@ class Codec:
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  components: dict[str, ComponentInfo] | None = None, sampling: dict[str, Any] | None = None):
         self.stage_a = stage_a
-        self.sampling = dict(sampling or {})  # Stage B's own sampler defaults (W.META_SAMPLING), e.g. x0_clamp
+        self.sampling = dict(sampling or {})  # Stage B's own sampler defaults (W.META_SAMPLING)
         self.effnet = effnet
         self.stage_b = stage_b
         self.empty_clip = empty_clip
@@ -173,6 +177,13 @@ class Codec:
         self._previewer = None
 
     # ------------------------------------------------------------------ loading
+    @property
+    def sampler_defaults(self) -> dict[str, Any]:
+        """Stage B's sampler settings that :meth:`decode` uses when not given: the official ones (10 DDPM steps,
+        CFG 1.1, epsilon prediction), updated by what the Stage B file records (``cascade_codec.sampling``; the
+        built-in ``mini`` codec names its own)."""
+        return {**OFFICIAL_SAMPLING, **self.sampling}
+
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, stage_b: str | None = None,
                         dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
@@ -347,8 +358,9 @@ class Codec:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor | Sequence[torch.Tensor], height: int | None = None,
-               width: int | None = None, steps: int = 10, cfg: float | None = 1.1, seed: int | None = 0, caption: str | Sequence[str] | None = None,
-               clip: torch.Tensor | None = None, sampler: str = "ddpm", cfg_rho: float = 0.7, shift: float = 1.0,
+               width: int | None = None, steps: int | None = None, cfg: float | str | None = DEFAULT,
+               seed: int | None = 0, caption: str | Sequence[str] | None = None,
+               clip: torch.Tensor | None = None, sampler: str | None = None, cfg_rho: float = 0.7, shift: float = 1.0,
                batch_size: int = 4, output: str = "pil", progress: Callable[[int, int], None] | None = None,
                generator: torch.Generator | None = None, x0_clamp: float | None = None
                ) -> list[Image.Image] | torch.Tensor:
@@ -363,9 +375,9 @@ class Codec:
         then one draw per DDPM step, batch by batch); ``None`` uses torch's global RNG.
         ``output``: ``"pil"`` (list of images) or ``"tensor"`` (``(B,3,H,W)`` in [0,1]).
         ``generator`` (a CPU generator) replaces ``seed`` to continue an RNG stream, as the
-        official pipeline does from Stage C into Stage B. ``x0_clamp`` (see :func:`sample`):
-        default none for the official models, the value the Stage B file names for others
-        (the built-in ``mini`` codec's).
+        official pipeline does from Stage C into Stage B. ``steps``, ``cfg`` (a scale, ``None`` for no
+        guidance), ``sampler`` and ``x0_clamp`` (see :func:`sample`) default to :attr:`sampler_defaults`: the
+        official 10 DDPM steps with CFG 1.1, or what the Stage B file names (the built-in ``mini`` codec's).
         """
         if isinstance(latents, (list, tuple)):  # what encode() returns for images of several sizes
             if generator is None and seed is not None:
@@ -381,7 +393,11 @@ class Codec:
             raise W.WeightsError("this codec was loaded without its decoder (decoder=False); load it with "
                                  "Codec.from_pretrained(..., decoder=True) to decode latents")
         latents = self.check_latents(latents)
-        x0_clamp = self.sampling.get("x0_clamp") if x0_clamp is None else x0_clamp
+        defaults = self.sampler_defaults
+        steps = defaults["steps"] if steps is None else steps
+        cfg = defaults["cfg"] if cfg == DEFAULT else cfg
+        sampler = defaults["sampler"] if sampler is None else sampler
+        x0_clamp = defaults["x0_clamp"] if x0_clamp is None else x0_clamp
         n = latents.shape[0]
         dh, dw = default_output_size(*latents.shape[-2:])
         height, width = height or dh, width or dw
@@ -408,7 +424,7 @@ class Codec:
             uncond = {"effnet": torch.zeros_like(eff), "clip": uncond_clip[sl]} if cfg is not None else None
             z = sample(self.stage_b, cond, shape=(eff.shape[0], self.stage_b.config.c_in, ha, wa), uncond=uncond,
                        steps=steps, cfg=cfg, cfg_rho=cfg_rho, shift=shift, sampler=sampler, generator=generator,
-                       device=self.device, x0_clamp=x0_clamp,
+                       device=self.device, x0_clamp=x0_clamp, prediction=defaults["prediction"],
                        callback=(lambda i, *_: progress(i + 1, steps)) if progress is not None else None)
             check_finite(z, "Stage B")
             img = self.stage_a.decode(z.float()).float()

@@ -19,13 +19,12 @@ def available_devices() -> list[str]:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"`` → a GPU when there is one (under torchrun the process's own, ``cuda:$LOCAL_RANK``),
-    else ``cpu``; anything else is checked to exist."""
+    """``None``/``"auto"`` → a GPU when there is one, else ``cpu``; anything else is checked to exist. Under
+    torchrun, ``auto`` and ``cuda`` (no index) mean the process's own GPU, ``cuda:$LOCAL_RANK``."""
     if device is None or device == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        local = os.environ.get("LOCAL_RANK")
-        return torch.device(f"cuda:{int(local) % torch.cuda.device_count()}" if local is not None else "cuda")
+        device = "cuda"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
@@ -34,6 +33,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda" and (not torch.cuda.is_available()
                                or (dev.index is not None and dev.index >= torch.cuda.device_count())):
         raise UsageError(f"device {device!r} is not available here (available: {', '.join(available_devices())})")
+    if dev.type == "cuda" and dev.index is None and os.environ.get("LOCAL_RANK") is not None:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     if dev.type == "mps" and "mps" not in available_devices():
         raise UsageError(f"device 'mps' is not available here (available: {', '.join(available_devices())})")
     return dev

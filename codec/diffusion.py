@@ -27,10 +27,11 @@ import torch
 
 __all__ = [
     "CosineSchedule", "vp_scalers", "noise_condition", "p2_loss_weight", "diffuse", "sample",
-    "SAMPLERS",
+    "SAMPLERS", "PREDICTIONS",
 ]
 
 SAMPLERS = ("ddpm", "ddim")
+PREDICTIONS = ("epsilon", "v")  # what a denoiser outputs: the official models epsilon, the built-in mini codec v
 
 
 class CosineSchedule:
@@ -131,10 +132,11 @@ def sample(model: Callable[..., torch.Tensor], cond: Mapping[str, Any], shape: S
            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
            cfg_t_stop: float | None = None, cfg_t_start: float | None = None,
            schedule: CosineSchedule | None = None, callback: StepCallback | None = None,
-           x0_clamp: float | None = None) -> torch.Tensor:
+           x0_clamp: float | None = None, prediction: str = "epsilon") -> torch.Tensor:
     """Run the official sampler and return the last step's x0 prediction (fp32).
 
-    ``model(x, r, **inputs)`` predicts epsilon. ``cond``/``uncond`` are the model's
+    ``model(x, r, **inputs)`` predicts epsilon (or v, with ``prediction="v"``; not official: the built-in
+    ``mini`` codec's Stage B, where v = a·ε − b·x0 on the VP path x = a·x0 + b·ε). ``cond``/``uncond`` are the model's
     keyword inputs; with ``cfg`` set and ``uncond`` omitted the unconditional inputs are
     zeros (official default). ``cfg`` may be a pair ``(at_t_start, at_t_end)`` lerped
     over t. ``sampler`` is ``"ddpm"`` (eta 1, official default) or ``"ddim"`` (eta 0);
@@ -150,6 +152,8 @@ def sample(model: Callable[..., torch.Tensor], cond: Mapping[str, Any], shape: S
         raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction {prediction!r} is not one of {PREDICTIONS}")
     eta = (1.0 if sampler == "ddpm" else 0.0) if eta is None else float(eta)
     schedule = schedule or CosineSchedule()
     device = torch.device(device)
@@ -164,7 +168,7 @@ def sample(model: Callable[..., torch.Tensor], cond: Mapping[str, Any], shape: S
     batch = x.size(0)
     logsnrs = schedule(r_range, shift=shift)[:, None].expand(-1, batch).to(device)
 
-    use_cfg = cfg is not None
+    use_cfg = cfg is not None and not (isinstance(cfg, (int, float)) and cfg == 1)
     both = None
     if use_cfg:
         if uncond is None:
@@ -191,7 +195,10 @@ def sample(model: Callable[..., torch.Tensor], cond: Mapping[str, Any], shape: S
 
         a, b = vp_scalers(logsnrs[i])
         a, b = _bcast(a, x), _bcast(b, x)
-        x0 = (x - pred * b) / a
+        if prediction == "v":
+            x0, pred = a * x - b * pred, b * x + a * pred  # v → x0 and epsilon
+        else:
+            x0 = (x - pred * b) / a
         if x0_clamp is not None:
             x0 = x0.clamp(-x0_clamp, x0_clamp)
             pred = (x - a * x0) / b

@@ -59,7 +59,7 @@ def decode_dataset(store: str | os.PathLike, out_dir: str | os.PathLike, codec: 
     check_image_path(out_dir / f"x.{fmt}")
     dataset = LatentDataset(store)
     wanted = select_samples(dataset, ids, limit)
-    steps = int(decode_kwargs.get("steps", 10))
+    steps = int(decode_kwargs.get("steps") or codec.sampler_defaults["steps"])
     bar = progress_bar(steps * len(wanted), "decode-dataset", unit="step", enabled=progress)
     written = skipped = 0
     try:

@@ -27,11 +27,9 @@ MINI_NOTE = ("cascade-codec mini codec: trained from scratch by this project on 
              "(codec/mini/MODEL_CARD.md); 256² native; NOT Stable Cascade and far below its quality")
 
 
-# The mini Stage B is far from converged at the highest noise levels (ε error ~0.08 at t = 0.999, amplified
-# 100× into x0 there): its decoding clips x0 predictions to ±3 (its latents have std ~1.2), written into its file
-# and applied by Codec.decode (see codec.diffusion.sample). On 6 held-out tiles after 1,300 updates this moved the
-# reconstruction MSE from 0.2346 to 0.0554.
-X0_CLAMP = 3.0
+# The sampler the mini Stage B is decoded with by default (Codec.sampler_defaults), written into its file: the
+# run's prediction (v), and the steps / sampler / guidance chosen on held-out tiles (see MODEL_CARD.md).
+SAMPLING = {"steps": 4, "sampler": "ddim", "cfg": 1.0}
 
 
 def _checkpoint(run: Path) -> Path:
@@ -41,6 +39,10 @@ def _checkpoint(run: Path) -> Path:
     if not path.is_file():
         raise SystemExit(f"export_mini: {path} does not exist; train first (see configs/mini/*.yaml)")
     return path
+
+
+def _run_config(run: Path) -> dict:
+    return json.loads((run / "config.json").read_text())
 
 
 def export_stage_a(run: Path, out: Path, images: Path, n: int = 64) -> float:
@@ -65,8 +67,9 @@ def export_stage_a(run: Path, out: Path, images: Path, n: int = 64) -> float:
     return scale
 
 
-def export_codec(run: Path, stage_a: Path, folder: Path) -> None:
-    """Write the four files of the mini codec into ``folder``."""
+def export_codec(run: Path, stage_a: Path, folder: Path, sampling: dict | None = None) -> None:
+    """Write the four files of the mini codec into ``folder``; Stage B's sampler defaults are ``sampling``
+    (default :data:`SAMPLING`) plus the run's ``prediction``."""
     from codec import weights as W
     from codec.training.codec_tasks import split_codec_state
 
@@ -79,7 +82,8 @@ def export_codec(run: Path, stage_a: Path, folder: Path) -> None:
     W.save_state(state, folder / W.EFFNET_FILE, config=config, note=MINI_NOTE)
     state, config = parts["stage_b"]
     W.save_state(state, folder / W.STAGE_B_FILES["mini"]["fp32"], config=config, note=MINI_NOTE,
-                 extra_metadata={W.META_SAMPLING: json.dumps({"x0_clamp": X0_CLAMP})})
+                 extra_metadata={W.META_SAMPLING: json.dumps({**(SAMPLING if sampling is None else sampling),
+                                                              "prediction": _run_config(run)["prediction"]})})
     W.save_state({"pooled": torch.zeros(1, 1, config["c_clip"])}, folder / W.EMPTY_CAPTION_FILE,
                  note="the mini codec's constant text condition (zeros; it has no text encoder)")
     for f in sorted(folder.glob("*.safetensors")):
@@ -98,11 +102,13 @@ def main(argv=None) -> int:
     c.add_argument("run", type=Path, help="output_dir of `cascade train codec`")
     c.add_argument("stage_a", type=Path, help="the Stage A file written by `export_mini.py stage-a`")
     c.add_argument("folder", type=Path, help="where to write (codec/mini to ship it)")
+    c.add_argument("--sampling", type=json.loads, default=None,
+                   help=f"Stage B's sampler defaults as JSON (default: {json.dumps(SAMPLING)})")
     args = ap.parse_args(argv)
     if args.what == "stage-a":
         export_stage_a(args.run, args.out, args.images)
     else:
-        export_codec(args.run, args.stage_a, args.folder)
+        export_codec(args.run, args.stage_a, args.folder, args.sampling)
     return 0
 
 

@@ -222,7 +222,7 @@ def test_codec_specs_expand_sweeps_and_name_them():
     assert labels[:3] == ["sc:steps=4,scale=0.5", "sc:steps=4,scale=0.75", "sc:steps=4,scale=1.0"]
     assert labels[3:8] == [f"jpeg:quality={q}" for q in (10, 25, 50, 75, 90)]
     assert labels[8:] == ["jpeg-budget", "bicubic:values=300"]
-    assert cfgs[0].params == {"stage_b": "auto", "steps": 4, "cfg": 1.1, "cfg_rho": 0.7, "sampler": "ddpm",
+    assert cfgs[0].params == {"stage_b": "auto", "steps": 4, "cfg": "default", "cfg_rho": 0.7, "sampler": None,
                               "scale": 0.5, "resize": "nearest"}
     assert C.parse_spec("sc:cfg=none")[0].params["cfg"] is None
     assert C.parse_spec("vae:path=/models/sdxl-vae/")[0].label == "vae:name=sdxl-vae"

@@ -136,7 +136,8 @@ def test_device_rule(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu") == resolve_device(None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert resolve_device("auto") == torch.device("cuda:1")
+    assert resolve_device("auto") == torch.device("cuda:1") == resolve_device("cuda")
+    assert resolve_device("cuda:0") == torch.device("cuda:0")  # an explicit index is kept
     monkeypatch.delenv("LOCAL_RANK")
     assert resolve_device("auto") == torch.device("cuda")
     assert resolve_device("cuda:1") == torch.device("cuda:1")
@@ -144,6 +145,24 @@ def test_device_rule(monkeypatch):
 
     with pytest.raises(UsageError, match="'cuda:2' is not available here"):
         resolve_device("cuda:2")
+
+
+def test_training_takes_plain_cuda(monkeypatch):
+    """`cascade train ... --device cuda` failed before training: set_device needs an index. Each process takes
+    its own GPU under torchrun, the current one outside it."""
+    from codec.training import distributed as D
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: chosen.append(dev))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for device in ("cuda", "auto", None):
+        assert D.setup(device).device == torch.device("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert D.setup("cuda").device == torch.device("cuda:3") == D.setup("auto").device
+    assert chosen[-1] == torch.device("cuda:3") and all(d.index is not None for d in chosen)
 
 
 def test_encode_dataset_has_one_device_option_and_the_storage_precision_name(tiny_weights, photo, tmp_path):

@@ -104,7 +104,7 @@ def test_codec_task_trains_encoder_and_stage_b_and_exports_the_package_layout(tm
     stage_a = W.save_module(create_model("stage_a_tiny"), tmp_path / "stage_a_run.safetensors", config=get_preset("stage_a_tiny").kwargs())
     cfg = {"output_dir": str(tmp_path / "c"), "data": {"images": str(images), "image_size": 64}, "batch_size": 4,
            "max_steps": 3, "model": {"preset": "tiny"}, "mixed_precision": "no", "log": {"every": 1},
-           "checkpoint": {"save_every": 3},
+           "checkpoint": {"save_every": 3}, "prediction": "v",
            "codec": {"stage_a": str(stage_a), "crop": 64, "encoder_preset": "efficientnet_mini"}}
     before = create_model("efficientnet_mini")
     train(CodecTask, cfg, training_dataset, echo=None)
@@ -123,21 +123,32 @@ def test_codec_task_trains_encoder_and_stage_b_and_exports_the_package_layout(tm
         W.STAGE_A_FILE, W.EFFNET_FILE, "stage_b_mini.safetensors", W.EMPTY_CAPTION_FILE}
     codec = Codec.from_pretrained(out, device="cpu")  # the mini Stage B is found without naming its size
     assert codec.stage_b.config.c_hidden == [8, 16, 32, 32]
-    assert codec.sampling == {"x0_clamp": 3.0}  # the exported Stage B names its own sampler default
+    # the exported Stage B names its own sampler defaults, the run's prediction among them, and decode uses them
+    assert codec.sampling["prediction"] == "v" and codec.sampler_defaults["prediction"] == "v"
+    assert set(codec.sampling) == {"prediction", "steps", "sampler", "cfg"}
+    calls = []
+    codec.stage_b.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     z = codec.encode(torch.rand(1, 3, 64, 64))
     assert z.shape == (1, 16, 1, 1)
     assert torch.equal(codec.effnet.mapper[0].weight, state["effnet.mapper.0.weight"])
-    img = codec.decode(z, steps=2, output="tensor")
+    img = codec.decode(z, output="tensor")
     assert img.shape == (1, 3, 43, 43) and torch.isfinite(img).all()
+    assert calls == [1] * codec.sampling["steps"]  # its steps, one pass each (cfg 1: no unconditional pass)
+    assert torch.equal(codec.decode(z, seed=1, output="tensor"), img)  # ddim: the seed only draws the start
+    calls.clear()
+    codec.decode(z, steps=2, cfg=1.1, output="tensor")  # given arguments win
+    assert calls == [2, 2]
 
 
-def test_codec_step_updates_encoder_and_stage_b_by_the_gradient_of_the_p2_weighted_epsilon_loss(
-        tmp_path, images, monkeypatch):
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_codec_step_updates_encoder_and_stage_b_by_the_gradient_of_the_p2_weighted_loss(
+        tmp_path, images, monkeypatch, prediction):
     """One ``codec`` update, checked against the equations rather than a shape. The loop noises x0 on the cosine
     schedule, x_t = √ᾱ(t)·x0 + √(1−ᾱ(t))·ε, and conditions the model on t (r); the loss is
     L = mean_i[(1−ᾱ(t_i)) · mean((ε̂_i − ε_i)²)] (P2 weight 1/(1+SNR) = 1−ᾱ) with ε̂ = StageB(x_t, r, E(images)·keep,
     clip) — the encoder E inside the graph; AdamW's first step with no decay moves every trained weight by
-    −lr·g/(|g|+eps), g = ∂L/∂θ. Both the encoder's and Stage B's weights must have moved exactly so."""
+    −lr·g/(|g|+eps), g = ∂L/∂θ. Both the encoder's and Stage B's weights must have moved exactly so. With
+    ``prediction: v`` the target is v = √ᾱ·ε − √(1−ᾱ)·x0 instead of ε."""
     import copy
 
     from codec.training import codec_tasks
@@ -153,7 +164,7 @@ def test_codec_step_updates_encoder_and_stage_b_by_the_gradient_of_the_p2_weight
     # matters and not only the sign of its gradient
     lr, eps = 0.1, 0.1
     cfg = {"output_dir": str(tmp_path / "c"), "data": {"images": str(images), "image_size": 64}, "batch_size": 4,
-           "max_steps": 1, "mixed_precision": "no",
+           "max_steps": 1, "mixed_precision": "no", "prediction": prediction,
            "model": {"preset": "tiny", "checkpoint": str(stage_b), "dropout": 0.0},
            "log": {"every": 1}, "checkpoint": {"save_every": 1},
            "optim": {"lr": lr, "eps": eps, "weight_decay": 0.0, "warmup_updates": 0, "grad_clip": None},
@@ -197,7 +208,8 @@ def test_codec_step_updates_encoder_and_stage_b_by_the_gradient_of_the_p2_weight
     torch.set_rng_state(rng)
     effnet = model.effnet.encode(cond["images"]) * cond["keep"].view(-1, 1, 1, 1)
     pred = model.stage_b(x_t, r, effnet, cond["clip"])
-    loss = ((1 - ab.view(-1)) * ((pred - eps_true) ** 2).mean(dim=(1, 2, 3))).mean()
+    target = eps_true if prediction == "epsilon" else ab.sqrt() * eps_true - (1 - ab).sqrt() * x0
+    loss = ((1 - ab.view(-1)) * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
     names = [k for k, p in model.named_parameters()]
     grads = torch.autograd.grad(loss, [p for _, p in model.named_parameters()], allow_unused=True)
     after = load_file(tmp_path / "c/checkpoint/model.safetensors")
@@ -264,3 +276,24 @@ def test_sampler_x0_clamp_is_off_by_default_and_bounds_x0_when_set():
     out = sample(wild, {}, shape=(1, 4, 8, 8), steps=3, generator=torch.Generator().manual_seed(0), x0_clamp=3.0,
                  callback=lambda i, x0, x: seen.append(float(x0.abs().max())))
     assert max(seen) <= 3.0 and float(out.abs().max()) <= 3.0
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+def test_sampler_reads_v_and_epsilon_models_alike(prediction):
+    """A model that knows the answer x* (it returns ε = (x − √ᾱ x*)/√(1−ᾱ), or v = (√ᾱ x − x*)/√(1−ᾱ), for the ᾱ of
+    its noise condition) must be sampled to x* under either reading, deterministic or not, in 1 step or several."""
+    from codec.diffusion import CosineSchedule, sample
+
+    answer = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def oracle(x, r):
+        ab = torch.sigmoid(CosineSchedule()(r)).view(-1, 1, 1, 1)  # ᾱ = sigmoid(logSNR); r is the unshifted t
+        a, b = ab.sqrt(), (1 - ab).sqrt()
+        return (x - a * answer) / b if prediction == "epsilon" else (a * x - answer) / b
+
+    for steps, sampler in ((1, "ddim"), (5, "ddim"), (5, "ddpm")):
+        out = sample(oracle, {}, shape=answer.shape, steps=steps, sampler=sampler, prediction=prediction,
+                     generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out, answer, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="prediction 'x0' is not one of"):
+        sample(oracle, {}, shape=answer.shape, steps=1, prediction="x0")

@@ -7,8 +7,8 @@ codec per combination — a sweep, which gives a rate–quality curve.
 Families (defaults in brackets):
 
 * ``sc`` — Stable Cascade through :class:`codec.Codec`: ``stage_b`` [lite] | large,
-  ``steps`` [10], ``cfg`` [1.1] (``none``: no guidance), ``cfg_rho`` [0.7], ``sampler``
-  [ddpm] | ddim, ``scale`` [0.75] (encoder input as a fraction of the output size: 0.5 → 16²,
+  ``steps``, ``cfg`` (``none``: no guidance), ``sampler`` ddpm | ddim [each: the model's own, see
+  :attr:`codec.Codec.sampler_defaults`; official 10, 1.1, ddpm], ``cfg_rho`` [0.7], ``scale`` [0.75] (encoder input as a fraction of the output size: 0.5 → 16²,
   0.75 → 24², 1.0 → 32² latents at 1024²), ``resize`` [nearest] | bilinear. The latent is
   stored as float16 (its bytes are the rate) and decoded from that. Stage B sampling is
   seeded per image from ``--seed`` and the image id. On a latent store the stored latents
@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from codec.codec import LATENT_STRIDE, encoder_input_size
+from codec.codec import DEFAULT, LATENT_STRIDE, encoder_input_size
 from codec.devices import resolve_device
 from codec.errors import MissingInputError, UsageError
 from codec.images import from_uint8, pil_to_uint8, to_uint8, uint8_to_pil
@@ -93,8 +93,9 @@ def _positive(v: str) -> int:
 
 # family → key → (default, parser). A list default is a sweep even when the key is not given.
 FAMILIES: dict[str, dict[str, tuple[Any, Callable[[str], Any]]]] = {
-    "sc": {"stage_b": ("auto", _choice("auto", "lite", "large", "mini")), "steps": (10, _positive), "cfg": (1.1, _cfg),
-           "cfg_rho": (0.7, float), "sampler": ("ddpm", _choice("ddpm", "ddim")), "scale": (0.75, _scale),
+    "sc": {"stage_b": ("auto", _choice("auto", "lite", "large", "mini")), "steps": (None, _positive),
+           "cfg": (DEFAULT, _cfg), "cfg_rho": (0.7, float), "sampler": (None, _choice("ddpm", "ddim")),
+           "scale": (0.75, _scale),
            "resize": ("nearest", _choice("nearest", "bilinear"))},
     "bicubic": {"scale": (0.75, _scale), "values": (None, _positive)},
     "vae": {"path": (None, str), "name": (None, str)},

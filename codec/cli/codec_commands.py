@@ -92,10 +92,10 @@ def decode(latents, out, height, width, steps, cfg, no_cfg, cfg_rho, sampler, se
     check_output(check_image_path(out))
     found = load_latents(latents)
     codec = load_codec(weights, stage_b, device, dtype, recorded=found.model)
-    kwargs = decode_kwargs(steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size)
+    kwargs = decode_kwargs(codec, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size)
     flat = [z for g in found.latents for z in codec.check_latents(g).split(1)]
     images = []
-    bar, update = step_progress(steps * len(flat), "decode")
+    bar, update = step_progress(kwargs["steps"] * len(flat), "decode")
     t0 = time.perf_counter()
     for i, z in enumerate(flat):
         h, w = output_size(height, width, found.sizes[i] if found.sizes and i < len(found.sizes) else None, z)
@@ -125,8 +125,8 @@ def reconstruct(image, out, scale, resize, steps, cfg, no_cfg, cfg_rho, sampler,
     check_output(check_image_path(out))
     t = pil_to_tensor(load_image(check_input(image, "`cascade encode-dataset` and `decode-dataset` take folders")))
     codec = load_codec(weights, stage_b, device, dtype)
-    kwargs = decode_kwargs(steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size)
-    bar, update = step_progress(steps, "decode")
+    kwargs = decode_kwargs(codec, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size)
+    bar, update = step_progress(kwargs["steps"], "decode")
     z = codec.encode(t[None], scale=scale, resize=resize)
     img = codec.decode(z, height=t.shape[-2], width=t.shape[-1], progress=update, **kwargs)
     bar.close()

@@ -64,16 +64,16 @@ def weights_option(f: Callable) -> Callable:
 def decode_options(f: Callable) -> Callable:
     """Stage B sampling options shared by decode, reconstruct and decode-dataset."""
     opts = [
-        click.option("--steps", type=click.IntRange(1, 1000), default=10, show_default=True,
-                     help="Stage B sampling steps (official: 10)."),
-        click.option("--cfg", type=float, default=1.1, show_default=True,
-                     help="Stage B classifier-free guidance scale (official: 1.1); 0 or 1 still runs guidance, "
-                          "use --no-cfg to skip the unconditional pass."),
+        click.option("--steps", type=click.IntRange(1, 1000), default=None,
+                     help="Stage B sampling steps. Default: the model's own (official: 10).", show_default=False),
+        click.option("--cfg", type=float, default=None,
+                     help="Stage B classifier-free guidance scale. Default: the model's own (official: 1.1); 1 is the "
+                          "conditional prediction alone (one model call per step)."),
         click.option("--no-cfg", is_flag=True, help="Disable guidance (one model call per step, ~2× faster)."),
         click.option("--cfg-rho", type=float, default=0.7, show_default=True,
                      help="Guidance rescale factor (official: 0.7)."),
-        click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True,
-                     help="ddpm (official, stochastic) or ddim (deterministic)."),
+        click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default=None,
+                     help="ddpm (stochastic) or ddim (deterministic). Default: the model's own (official: ddpm)."),
         click.option("--seed", type=int, default=0, show_default=True,
                      help="Seed of the CPU generator for the sampling noise (same seed → same image on any device)."),
         click.option("--caption", default=None,
@@ -86,11 +86,15 @@ def decode_options(f: Callable) -> Callable:
     return f
 
 
-def decode_kwargs(steps: int, cfg: float, no_cfg: bool, cfg_rho: float, sampler: str, seed: int,
-                  caption: str | None, batch_size: int) -> dict[str, Any]:
-    """The :meth:`codec.Codec.decode` keyword arguments of the :func:`decode_options`."""
-    return dict(steps=steps, cfg=None if no_cfg else cfg, cfg_rho=cfg_rho, sampler=sampler, seed=seed,
-                caption=caption, batch_size=batch_size)
+def decode_kwargs(codec: Any, steps: int | None, cfg: float | None, no_cfg: bool, cfg_rho: float,
+                  sampler: str | None, seed: int, caption: str | None, batch_size: int) -> dict[str, Any]:
+    """The :meth:`codec.Codec.decode` keyword arguments of the :func:`decode_options`, an option not given
+    replaced by ``codec``'s own sampler default (:attr:`codec.Codec.sampler_defaults`)."""
+    defaults = codec.sampler_defaults
+    return dict(steps=defaults["steps"] if steps is None else steps,
+                cfg=None if no_cfg else (defaults["cfg"] if cfg is None else cfg), cfg_rho=cfg_rho,
+                sampler=defaults["sampler"] if sampler is None else sampler, seed=seed, caption=caption,
+                batch_size=batch_size)
 
 
 def load_codec(weights: str | None, stage_b: str | None, device: str, dtype: str, recorded: str | None = None,

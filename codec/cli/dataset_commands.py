@@ -127,5 +127,5 @@ def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, steps, cfg, no
     codec = load_codec(weights, stage_b, device, dtype)
     summary = decode_dataset(store, out_dir, codec, ids=ids.split(",") if ids else None, limit=limit, fmt=fmt,
                              use_captions=use_captions,
-                             **decode_kwargs(steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size))
+                             **decode_kwargs(codec, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size))
     click.echo(summary.line())

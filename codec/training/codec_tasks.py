@@ -207,7 +207,8 @@ class CodecTask(_ImageTask):
         eff = module.effnet.encode(cond["images"])
         z = sample(module.stage_b, {"effnet": eff, "clip": cond["clip"]}, shape=tuple(x0.shape),
                    uncond={"effnet": torch.zeros_like(eff), "clip": cond["clip"]}, steps=10, cfg=1.1,
-                   generator=torch.Generator().manual_seed(self.cfg.seed), device=self.d.device)
+                   generator=torch.Generator().manual_seed(self.cfg.seed), device=self.d.device,
+                   prediction=self.cfg.prediction)
         return save_collage([images, self.stage_a.decode(x0).clamp(0, 1), self.stage_a.decode(z).clamp(0, 1)], path)
 
 

@@ -127,6 +127,10 @@ class TrainConfig(Section):
     max_steps: int = Field(ge=1, description="optimiser updates")
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     loss_weight: Literal["p2", "adaptive"] = "p2"
+    prediction: Literal["epsilon", "v"] = Field(
+        "epsilon", description="what the denoiser learns to output: epsilon (official) or v = a·ε − b·x0 (the "
+                               "built-in mini codec: its x0 at high noise is a regression, not (x − b·ε)/a with a≈0.01); "
+                               "record it with the weights (sampling metadata) so that the sampler reads it")
     offset_noise: float = Field(0.0, ge=0)
     optim: OptimSection = Field(default_factory=OptimSection)
     conditions: ConditionSection = Field(default_factory=ConditionSection)

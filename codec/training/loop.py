@@ -2,7 +2,7 @@
 
 Per micro-step: the task turns a batch into clean latents ``x0`` and model inputs; the loop
 draws t (official: ``1 - U + 0.001``), noises on the cosine schedule (VP scaling), the model
-predicts epsilon from ``noise_condition(λ)``, and the loss is the per-sample MSE times the
+predicts epsilon (or v = a·ε − b·x0 with ``prediction: v``) from ``noise_condition(λ)``, and the loss is the per-sample MSE times the
 P2 or adaptive weight, averaged and divided by ``grad_accum_steps``. Every
 ``grad_accum_steps`` micro-steps: gradient clipping, AdamW, the warm-up schedule, EMA,
 logging, checkpoints, previews. All random draws per sample come from :mod:`.rng`, so 1
@@ -213,7 +213,11 @@ class Trainer:
         self.wrapped = D.wrap(self.module, self.d, cfg.distributed.strategy)
         params = [p for p in self.wrapped.parameters() if p.requires_grad]
         o = cfg.optim
-        self.optim = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        # fused: one kernel for all parameters (CPU and CUDA); the per-tensor loop took 0.4 s per update on the
+        # mini codec's 6M parameters on two CPU cores
+        fused = not self.fsdp and self.d.device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+        self.optim = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
+                                       fused=fused or None)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.optim, _lr_lambda(cfg))
         self.params = params
         self.ema = Ema(_trainable(self.module), cfg.ema.beta, cfg.ema.start, cfg.ema.every) if cfg.ema else None
@@ -247,7 +251,8 @@ class Trainer:
         with quiet:
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 pred = self.wrapped(noised, noise_condition(logsnr), **inputs)
-            per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=[1, 2, 3])
+            target = noise if cfg.prediction == "epsilon" else a.view(-1, 1, 1, 1) * noise - b.view(-1, 1, 1, 1) * x0
+            per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=[1, 2, 3])
             weight = self.loss_weight(logsnr)
             loss = (per_sample * weight).mean() / cfg.grad_accum_steps
             loss.backward()
