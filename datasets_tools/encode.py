@@ -215,14 +215,31 @@ def _tool_version() -> str:
 
 
 def store_identity(encoder_path: Path, sha256: str, policy: str, size: int, dtype: str,
-                   shard_size: int, extras: dict[str, Any] | None = None) -> dict[str, Any]:
+                   shard_size: int, extras: dict[str, Any] | None = None, model: str | None = None) -> dict[str, Any]:
     """The root attributes that must match for a run to resume or extend a store (``extras``: see
-    :func:`extras_identity`)."""
+    :func:`extras_identity`), with two that need not: ``tool`` and ``model`` (the weights source that encoded,
+    e.g. ``mini`` or a hub repo, which decode-dataset uses when no weights are given)."""
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
             "encoder": {"file": encoder_path.name, "sha256": sha256},
             "preprocess": {"policy": policy, "size": size, "resize": RESIZE, "factor": 32},
             "dtype": dtype, "latent_channels": LATENT_CHANNELS, "shard_size": shard_size, "extras": extras or {},
-            "tool": _tool_version()}
+            "tool": _tool_version(), **({"model": model} if model else {})}
+
+
+def store_model(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> str | None:
+    """The weights source that encoded a store: its ``model`` attribute; for stores written before that was
+    recorded, the built-in model whose encoder file has the recorded sha256; else ``None``."""
+    from codec import weights as W
+
+    attrs = LatentStore.open(url, storage_options).attrs
+    if attrs.get("model"):
+        return str(attrs["model"])
+    digest = (attrs.get("encoder") or {}).get("sha256")
+    for name, model in W.BUILTIN_MODELS.items():
+        path = model.folder / W.EFFNET_FILE
+        if digest and path.is_file() and file_sha256(path) == digest:
+            return name
+    return None
 
 
 @dataclass
@@ -307,7 +324,8 @@ def _run(job: EncodeJob, rank: int, world: int, t0: float) -> Summary:
         try:
             path = encoder_file(job.weights)
             identity = store_identity(path, file_sha256(path), job.policy, job.size, job.dtype, job.shard_size,
-                                      extras_identity(job.weights, job.text_encoder, job.stage_a, job.dtype))
+                                      extras_identity(job.weights, job.text_encoder, job.stage_a, job.dtype),
+                                      model=str(job.weights))
             samples = list_source(job.source, job.limit)
             if not samples:
                 raise StoreError(f"{job.source}: no images found (extensions: jpg jpeg png webp bmp tif tiff)")

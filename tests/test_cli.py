@@ -120,3 +120,29 @@ def test_decode_dataset(tiny_weights, tmp_path):
     assert r.exit_code == 0 and "decoded 1 sample(s)" in r.output and "2 already there" in r.output
     r = run("decode-dataset", tmp_path / "s.zarr", tmp_path / "out", "-w", tiny_weights, "--ids", "zzz")
     assert r.exit_code == 1 and "no sample(s) with id zzz" in r.output
+
+
+def test_decode_dataset_decodes_with_the_model_that_encoded_the_store(tiny_weights, tmp_path, monkeypatch):
+    import zarr
+
+    from datasets_tools.encode import encode_dataset, store_model
+
+    monkeypatch.delenv("CASCADE_WEIGHTS", raising=False)
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(src / "a.png")
+    encode_dataset(src, tmp_path / "s.zarr", tiny_weights, size=32, workers=0, progress=False)
+    assert store_model(tmp_path / "s.zarr") == str(tiny_weights)
+    r = run("decode-dataset", tmp_path / "s.zarr", tmp_path / "out", "--steps", "1")  # no -w: the store's model
+    assert r.exit_code == 0, r.output
+    assert f"decoding with {tiny_weights}, the model that encoded these latents" in r.output
+    assert (tmp_path / "out" / "a.png").is_file()
+    # a store written before the model was recorded: the built-in model is still known by its encoder's digest
+    encode_dataset(src, tmp_path / "m.zarr", "mini", size=64, workers=0, progress=False)
+    group = zarr.open_group(str(tmp_path / "m.zarr"), mode="r+")
+    attrs = dict(group.attrs)
+    del attrs["model"]
+    group.attrs.put(attrs)
+    assert "model" not in zarr.open_group(str(tmp_path / "m.zarr"), mode="r").attrs
+    assert store_model(tmp_path / "m.zarr") == "mini"
+    assert store_model(tmp_path / "s.zarr") != "mini"

@@ -206,3 +206,10 @@ def test_bench_recon_on_an_empty_folder_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     out = no_traceback(run("bench", "recon", tmp_path / "empty", "-o", tmp_path / "rep", "--codec", "bicubic"))
     assert "no images found" in out and not (tmp_path / "rep" / "summary.json").exists()
+
+
+def test_encode_dataset_refuses_two_crop_policies(photo, tmp_path):
+    r = run("encode-dataset", photo.parent, tmp_path / "s.zarr", "--buckets", "--keep-aspect", "-w", "mini")
+    assert r.exit_code == 2, r.output
+    assert "--buckets and --keep-aspect are different crop policies; give one" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "s.zarr").exists()

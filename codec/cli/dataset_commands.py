@@ -20,12 +20,12 @@ from .common import MINI_HELP, RESUMES, decode_kwargs, decode_options, load_code
               help="Encoder input size in pixels (multiple of 32): the square crop side, the bucket density "
                    "(size²) with --buckets, or the short side with --keep-aspect. Default: 768 (→ 24×24 latents, "
                    "decoded at 1024²), or the built-in model's native size (mini: 192 → 6×6, decoded at 256²).")
-@click.option("--buckets", "policy", flag_value="buckets",
+@click.option("--buckets", is_flag=True,
               help="Multi-aspect buckets (the official list at size² pixels, factor 32); each image goes to the "
                    "bucket with the nearest aspect ratio, resized to cover it and centre-cropped.")
-@click.option("--keep-aspect", "policy", flag_value="keep-aspect",
+@click.option("--keep-aspect", is_flag=True,
               help="Short side to --size, then each side centre-cropped down to a multiple of 32.")
-@click.option("--center", "policy", flag_value="center", default=True,
+@click.option("--center", is_flag=True,
               help="Short side to --size, then a centre square crop (the default; Stage C's training contract).")
 @click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
               help="Images encoded at once (per bucket).")
@@ -53,8 +53,8 @@ from .common import MINI_HELP, RESUMES, decode_kwargs, decode_options, load_code
                    "for Stage B fine-tuning; needs stage_a.safetensors in --weights.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary line is still printed).")
 @user_errors(interrupted=RESUMES)
-def encode_dataset_command(dataset, out, weights, size, policy, batch_size, workers, dtype, device, limit, dry_run,
-                           shard_size, text_encoder, stage_a, no_progress) -> None:
+def encode_dataset_command(dataset, out, weights, size, buckets, keep_aspect, center, batch_size, workers, dtype,
+                           device, limit, dry_run, shard_size, text_encoder, stage_a, no_progress) -> None:
     """Encode every image of SOURCE into the Zarr latent store OUT (resumable, idempotent).
 
     SOURCE: a folder of images (recursive; captions from sidecar .txt/.json files), a
@@ -75,6 +75,10 @@ def encode_dataset_command(dataset, out, weights, size, policy, batch_size, work
     from ..devices import resolve_device
     from ..files import check_output
 
+    given = [name for name, on in (("--buckets", buckets), ("--keep-aspect", keep_aspect), ("--center", center)) if on]
+    if len(given) > 1:
+        raise click.UsageError(f"{' and '.join(given)} are different crop policies; give one (default: --center)")
+    policy = given[0][2:] if given else "center"
     if "://" not in str(out):
         check_output(out, folder=True)
     source = W.default_source(weights)
@@ -116,6 +120,7 @@ def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, steps, cfg, no
     Existing output files are skipped, so an interrupted run continues where it stopped.
     """
     from datasets_tools.decode import decode_dataset
+    from datasets_tools.encode import store_model
 
     from ..files import check_output
 
@@ -124,7 +129,7 @@ def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, steps, cfg, no
                                "on one caption: give one of the two")
 
     check_output(out_dir, folder=True)
-    codec = load_codec(weights, stage_b, device, dtype)
+    codec = load_codec(weights, stage_b, device, dtype, recorded=store_model(store))
     summary = decode_dataset(store, out_dir, codec, ids=ids.split(",") if ids else None, limit=limit, fmt=fmt,
                              use_captions=use_captions,
                              **decode_kwargs(codec, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size))
