@@ -57,3 +57,13 @@ def test_docs_site_builds_strictly(tmp_path):
                        text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "site" / "reference" / "cli" / "index.html").is_file()
+
+
+def test_readme_stays_a_short_first_page():
+    """The README gets a newcomer to a first result; everything else lives in the docs site. A merge once
+    brought back 470 lines of the old README between two sections: this catches that."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    assert len(headings) == len(set(headings)), headings
+    assert "## Reconstruction benchmark" not in text and "## Fine-tuning" not in text  # guides, not README
