@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
@@ -42,6 +43,22 @@ def hf_source(source: str | os.PathLike | WeightSource) -> str | os.PathLike:
     if isinstance(source, WeightSource):
         return source.folder if source.folder is not None else source.repo_id
     return source
+
+
+def missing_text_folders(source: str | os.PathLike | WeightSource) -> tuple[Path, list[str]] | None:
+    """For a local ``source``: the folder that must hold the text encoder's Hugging Face folders and those of
+    them it lacks (``[]``: all there; a ComfyUI checkpoint holds the encoder, so only ``tokenizer``); ``None``
+    for a repo id, which is fetched on use."""
+    from .layouts import comfyui
+    from .layouts.locate import bundled
+
+    found = bundled(source, "text_encoder")
+    root, needed = (comfyui.hf_root(found[0]), ["tokenizer"]) if found else (hf_source(source), ["text_encoder",
+                                                                                              "tokenizer"])
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        return None
+    return root, [d for d in needed if not (root / d).is_dir()]
 
 
 @contextlib.contextmanager

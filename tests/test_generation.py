@@ -360,3 +360,25 @@ def test_cli_generate_bad_image_is_a_clear_error(tmp_path, tiny_weights):
     bad.write_bytes(b"not an image")
     res = _run(["generate", "-w", str(tiny_weights), "--image", str(bad), "-o", str(tmp_path / "x.png")])
     assert res.exit_code == 1 and "bad.jpg" in res.output and "Traceback" not in res.output
+
+
+def test_missing_weights_are_named_in_one_round_text_encoder_included(tmp_path, tiny_weights):
+    """generate without weights used to ask for Stage C/B/A first and for the 2.8 GB text encoder only after
+    they were downloaded."""
+    import shutil
+
+    from codec.weights import WeightsError
+
+    with pytest.raises(WeightsError) as e:
+        TextToImage.from_pretrained(tmp_path, device="cpu")
+    for name in ("stage_c_lite", "stage_b_lite", "stage_a.safetensors", "text_encoder/", "tokenizer/"):
+        assert name in str(e.value)
+    for f in tiny_weights.iterdir():  # every model file, the text encoder's folders left out
+        if f.is_file():
+            shutil.copy(f, tmp_path / f.name)
+    with pytest.raises(WeightsError, match=r"has no text encoder .* text_encoder/ and tokenizer/"):
+        TextToImage.from_pretrained(tmp_path, device="cpu")
+    shutil.copytree(tiny_weights / "tokenizer", tmp_path / "tokenizer")
+    with pytest.raises(WeightsError, match=r"download the text_encoder/ folder") as e:
+        TextToImage.from_pretrained(tmp_path, device="cpu")
+    assert "tokenizer/" not in str(e.value)

@@ -35,6 +35,7 @@ from ..layouts import locate as layouts
 from ..layouts import official
 from ..presets import get_preset
 from ..stage_c import StageC, StageCConfig
+from ..text import missing_text_folders
 
 COMPRESSION_C = 42.67  # output pixels per Stage C latent pixel (official calculate_latent_sizes)
 MODES = ("text", "variation", "img2img")
@@ -154,7 +155,20 @@ class TextToImage:
         stage_c = stage_c or layouts.default_size(src, "stage_c")
         stage_b = stage_b or layouts.default_size(src, "stage_b")
         pipeline = cls(src, stage_c, stage_b, device, dtype, clip_source, keep_loaded, loras)
-        layouts.require(src, pipeline._locations())
+        text = missing_text_folders(clip_source or src) if src.builtin is None else None
+        also = ""
+        if text is not None and text[1]:  # one message for everything missing, the text encoder included
+            root, missing = text
+            also = (f"\nThe text encoder is missing too: download the {' and '.join(d + '/' for d in missing)} "
+                    f"folder(s) of {W.OFFICIAL_REPO} (2.8 GB) into {root}/ , e.g. `hf download {W.OFFICIAL_REPO} "
+                    f"--include {' '.join(repr(d + '/*') for d in missing)} --local-dir {root}`.")
+        try:
+            layouts.require(src, pipeline._locations())
+        except W.WeightsError as e:
+            raise W.WeightsError(f"{e}{also}") from None
+        if also:
+            raise W.WeightsError(also.strip().replace("The text encoder is missing too", f"{root} has no text "
+                                                       "encoder for the captions"))
         return pipeline
 
     def _locations(self) -> list[official.Located]:
