@@ -352,7 +352,7 @@ def main() -> None:
     k = min(4, args.samples, len(concept))
     rows = [concept[:k], drawn[TOKEN_CAPTION][0][:k], drawn[TOKEN_CAPTION][1][:k], drawn[controls[0]][0][:k],
             drawn[controls[0]][1][:k]]
-    pictures = [mini.decode(r, steps=10, seed=0, output="tensor") for r in rows]
+    pictures = [mini.decode(r, seed=0, output="tensor") for r in rows]
     save_collage(pictures, run_l / "samples.png")
     print(f"  {run_l / 'samples.png'}: rows = {k} concept crops (encoded, decoded by the mini codec); Stage C samples "
           f"of {TOKEN_CAPTION!r} base, with LoRA; of {controls[0]!r} base, with LoRA")

@@ -16,7 +16,8 @@ def bench() -> None:
 
 CODEC_HELP = ("Codec to run, FAMILY[:key=value,…]; repeat for several. A key with several values "
               "(scale=0.5,0.75,1.0) is a sweep. Families: sc (Stable Cascade: stage_b=auto|lite|large|mini, "
-              "steps=10, cfg=1.1|none, cfg_rho=0.7, sampler=ddpm|ddim, scale=0.75 encoder input fraction, "
+              "steps=N, cfg=X|none, sampler=ddpm|ddim (each default: the model's own; official 10, 1.1, ddpm), cfg_rho=0.7, "
+              "scale=0.75 encoder input fraction, "
               "resize=nearest|bilinear); jpeg, webp, avif, jxl (quality=10,25,50,75,90; jxl needs the jxl "
               "extra); jpeg2000 (ratio=400,200,100,50,20); jpeg-budget, webp-budget, avif-budget, jxl-budget, "
               "jpeg2000-budget (the setting with the largest file within the float16 latent's bytes at scale=0.75, "
