@@ -23,6 +23,8 @@ What it does, deterministically:
    The default packages give 119 tiles of 1024².
 
 ``cascade bench recon OUT/crops-1024 ...`` then benchmarks at 1024² with no resizing at all.
+``OUT/unseen.csv`` lists the photographs no training run of the built-in codec sees (the held-out originals and
+``scripts/samples/``), a manifest for benchmarks at any ``--size``.
 """
 
 from __future__ import annotations
@@ -235,6 +237,11 @@ def main(argv=None) -> int:
                          f"Tiles: non-overlapping {args.crop_size}² crops at 1:1 scale, centred grid, row by row.",
                 "originals": records, "crops": crops, "scaled_tiles": scaled}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    # photographs no training run sees, whole, for benchmarks at any size: the held-out originals and the
+    # repository's sample photos (scripts/samples/)
+    unseen = [(Path(r["file"]).stem, r["file"]) for r in records if r["split"] == "heldout"]
+    unseen += [(p.stem, str(p)) for p in sorted((ROOT / "scripts" / "samples").glob("*.jpg"))]
+    (out / "unseen.csv").write_text("id,path\n" + "".join(f"{i},{f}\n" for i, f in unseen), encoding="utf-8")
     lines = ["# Photographs and their licences", "",
              "From Debian packages (downloaded with `apt-get download`, unpacked with `dpkg-deb -x`) by "
              "`scripts/get_photos.py`. Licence and copyright from each package's `usr/share/doc/PKG/copyright`. "
@@ -253,7 +260,8 @@ def main(argv=None) -> int:
     (out / "LICENSES.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     held = sum(r["split"] == "heldout" for r in records)
     print(f"{len(records)} photographs ({held} held out) in {originals}, {len(crops)} tiles of {args.crop_size}² in "
-          f"{out / f'crops-{args.crop_size}'}, {len(scaled)} scaled tiles; licences in {out / 'LICENSES.md'}")
+          f"{out / f'crops-{args.crop_size}'}, {len(scaled)} scaled tiles; licences in {out / 'LICENSES.md'}; "
+          f"{len(unseen)} photographs never trained on listed in {out / 'unseen.csv'}")
     return 0
 
 

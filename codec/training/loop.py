@@ -173,11 +173,22 @@ class Trainer:
             self.task.export(state, self.out / f"step_{self.pos.step:07d}.safetensors")
         D.barrier(self.d)
 
+    def _with_defaults(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved config record with the fields added to the config since it was written at their defaults (a
+        checkpoint made before ``prediction`` existed resumes under the default, ``epsilon``)."""
+        common = {k: v for k, v in saved.items() if k != self.task.section}
+        try:
+            filled = type(self.cfg).model_validate(common).model_dump(mode="json")
+        except Exception:  # noqa: BLE001 - not valid any more: compare as saved, the differences are reported
+            return saved
+        return {**filled, **saved}
+
     def resume(self) -> bool:
         """Load the checkpoint if there is one; returns whether training resumes."""
         if not ckpt.exists(self.out):
             return False
         trainer, pos, saved_cfg = ckpt.load(self.out)
+        saved_cfg = self._with_defaults(saved_cfg)
         current = self.config_record()
         if self.task.section not in saved_cfg:  # written before task sections were recorded
             current.pop(self.task.section, None)
