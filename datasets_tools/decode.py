@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+from urllib.parse import quote
 
 from codec.errors import UsageError
 from codec.images import check_image_path, save_images
@@ -28,8 +29,15 @@ class DecodeSummary:
 
 
 def output_name(sample_id: str, fmt: str) -> str:
-    """The file name of a decoded sample: its id with ``/`` as ``__``, then ``.fmt``."""
-    return f"{sample_id.replace('/', '__')}.{fmt}"
+    """Where a decoded sample goes inside the output folder: its id as a relative path (``photos/a`` →
+    ``photos/a.png``, so that ids from a folder source mirror its tree), then ``.fmt``. An id that is not a plain
+    relative path (``..``, empty parts, a leading ``/``, a backslash, a NUL) is percent-encoded into one file
+    name instead. Distinct ids always give distinct names (no ``a/x`` and ``a__x`` both to ``a__x.png``)."""
+    parts = sample_id.split("/")
+    if not sample_id or any(p in ("", ".", "..") for p in parts) or "\\" in sample_id or "\0" in sample_id \
+            or parts[-1].startswith("%"):
+        return "%" + quote(sample_id, safe="") + f".{fmt}"  # "%" marks an encoded name: no plain id gives one
+    return f"{sample_id}.{fmt}"
 
 
 def select_samples(dataset: LatentDataset, ids: Sequence[str] | None = None, limit: int | None = None) -> list[int]:
@@ -73,6 +81,10 @@ def decode_dataset(store: str | os.PathLike, out_dir: str | os.PathLike, codec: 
             if use_captions:
                 decode_kwargs["caption"] = item.get("caption") or None
             images = codec.decode(item["latent"], progress=lambda *_: bar.update(1), **decode_kwargs)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):  # a decoded file where the id needs a folder
+                target = out_dir / ("%" + quote(item["id"], safe="") + f".{fmt}")
             save_images(images, target)
             written += 1
     finally:

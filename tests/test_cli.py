@@ -146,3 +146,14 @@ def test_decode_dataset_decodes_with_the_model_that_encoded_the_store(tiny_weigh
     assert "model" not in zarr.open_group(str(tmp_path / "m.zarr"), mode="r").attrs
     assert store_model(tmp_path / "m.zarr") == "mini"
     assert store_model(tmp_path / "s.zarr") != "mini"
+
+
+def test_decoded_file_names_mirror_ids_and_never_collide():
+    from datasets_tools.decode import output_name
+
+    ids = ["a/x", "a__x", "x", "x.jpg", "../up", "/abs", "a//b", "%41", "", "a\\b", "a/%2F"]
+    names = [output_name(i, "png") for i in ids]
+    assert names[:4] == ["a/x.png", "a__x.png", "x.png", "x.jpg.png"]
+    assert len(set(names)) == len(names)
+    for name in names[4:]:  # not a plain relative path: one percent-encoded file name at the top
+        assert "/" not in name and "\\" not in name and name.startswith("%") and ".." not in name.split("/")

@@ -116,6 +116,9 @@ def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, steps, cfg, no
                    batch_size, weights, stage_b, device, dtype) -> None:
     """Decode samples of a latent STORE (from `cascade encode-dataset`) back to images in OUT_DIR/<id>.<format>.
 
+    An id's folders become subfolders (photos/a → OUT_DIR/photos/a.png), as in the source folder; `cascade info
+    STORE --ids` lists the ids.
+
     Each latent is decoded at the size it stands for (encoder input size / 0.75, e.g. 768 → 1024).
     Existing output files are skipped, so an interrupted run continues where it stopped.
     """
