@@ -271,3 +271,39 @@ def test_example_configs_are_valid(task):
     cls = task_class(task, ALL_TASKS)
     cfg, section = load_config(read_yaml(path), cls.section, cls.section_model, str(path))
     assert cfg.max_steps == 10000 and (section is None) == (cls.section is None)
+
+
+class _PidDataset(torch.utils.data.Dataset):
+    """Items that say which process loaded them (one bucket)."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import os
+
+        return {"i": i, "pid": os.getpid()}
+
+    def bucket_indices(self):
+        import numpy as np
+
+        return {"all": np.arange(4)}
+
+
+def test_one_loader_serves_every_epoch_and_resumes_mid_epoch():
+    """The data stream crosses epochs with the same worker process (workers used to restart every epoch: with a
+    small set at a large batch, every update), in the order of epoch_batches, from any (epoch, batch)."""
+    from codec.training.data import epoch_batches, stream
+    from codec.training.distributed import Dist
+
+    d = Dist(0, 1, 0, torch.device("cpu"))
+    got = []
+    for epoch, index, last, batch in stream(_PidDataset(), 2, 0, True, 0, 0, d, num_workers=1):
+        got.append((epoch, index, last, batch["i"], batch["pid"]))
+        if len(got) == 7:
+            break
+    expected = [(e, i, i == 1, b) for e in range(4) for i, b in enumerate(epoch_batches(_PidDataset(), 2, 0, e))][:7]
+    assert [g[:4] for g in got] == expected
+    assert len({pid for g in got for pid in g[4]}) == 1  # one worker for all the epochs
+    resumed = [(e, i, b["i"]) for (e, i, _, b), _ in zip(stream(_PidDataset(), 2, 0, True, 1, 1, d), range(3))]
+    assert resumed == [(e, i, b) for e, i, _, b in expected[3:6]]

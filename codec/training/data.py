@@ -112,17 +112,31 @@ def rank_slice(batch: list[int], d: Dist) -> list[int]:
     return batch[d.rank * n:(d.rank + 1) * n]
 
 
-def iterate(dataset: Any, batches: list[list[int]], start: int, d: Dist,
-            num_workers: int = 0) -> Iterator[tuple[int, list[int], dict[str, Any]]]:
-    """Yield ``(batch_index, global_indices, local_batch)`` for ``batches[start:]``."""
-    local = [rank_slice(b, d) for b in batches[start:]]
+def stream(dataset: Any, global_batch: int, seed: int, shuffle: bool, epoch: int, start: int, d: Dist,
+           num_workers: int = 0, pin_memory: bool = False) -> Iterator[tuple[int, int, bool, dict[str, Any]]]:
+    """Yield ``(epoch, batch_index, last_of_epoch, local_batch)`` from batch ``start`` of ``epoch`` on, epoch after
+    epoch (:func:`epoch_batches`), until the caller stops. One DataLoader serves every epoch, so its worker
+    processes start once per run rather than once per epoch (with a small data set at a large batch every update
+    was an epoch, and the GPU waited for workers to start)."""
+    def positions() -> Iterator[tuple[int, int, bool, list[int]]]:
+        e, s = epoch, start
+        while True:
+            batches = epoch_batches(dataset, global_batch, seed, e, shuffle)
+            for i in range(s, len(batches)):
+                yield e, i, i == len(batches) - 1, batches[i]
+            e, s = e + 1, 0
+
+    class _Local(torch.utils.data.Sampler[list[int]]):
+        def __iter__(self) -> Iterator[list[int]]:
+            return (rank_slice(b, d) for *_, b in positions())
+
     # an own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would make
     # a resumed run's dropout differ from an uninterrupted one
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_Slices(local), collate_fn=collate,
-                                         num_workers=num_workers, persistent_workers=False,
-                                         generator=torch.Generator().manual_seed(len(batches) + start))
-    for offset, batch in enumerate(loader):
-        yield start + offset, batches[start + offset], batch
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_Local(), collate_fn=collate, num_workers=num_workers,
+                                         pin_memory=pin_memory,
+                                         generator=torch.Generator().manual_seed(epoch * 1_000_003 + start))
+    for (e, i, last, _), batch in zip(positions(), loader):
+        yield e, i, last, batch
 
 
 class ListDataset(torch.utils.data.Dataset):

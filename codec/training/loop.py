@@ -27,7 +27,7 @@ from ..diffusion import CosineSchedule, noise_condition, vp_scalers
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import ConfigError, TrainConfig
-from .data import epoch_batches, iterate
+from .data import stream
 from .logs import JsonlLog
 from .objectives import loss_weight
 from .rng import BatchRandom
@@ -305,9 +305,11 @@ class Trainer:
         window_w: list[torch.Tensor] = []
         t_last, samples = time.perf_counter(), 0
         self.module.train()
-        while self.pos.step < cfg.max_steps:
-            batches = epoch_batches(self.dataset, global_micro, cfg.seed, self.pos.epoch, cfg.data.shuffle)
-            for index, _, batch in iterate(self.dataset, batches, self.pos.batch, d, cfg.data.num_workers):
+        batches = stream(self.dataset, global_micro, cfg.seed, cfg.data.shuffle, self.pos.epoch, self.pos.batch, d,
+                         cfg.data.num_workers, pin_memory=d.device.type == "cuda")
+        if self.pos.step < cfg.max_steps:
+            for epoch, index, last, batch in batches:
+                self.pos.epoch = epoch
                 sync = (self.pos.micro + 1) % accum == 0
                 losses, weighted = self._micro_step(batch, sync)
                 window.append(losses)
@@ -316,6 +318,8 @@ class Trainer:
                 self.pos.micro += 1
                 self.pos.batch = index + 1
                 if not sync:
+                    if last:
+                        self.pos.epoch, self.pos.batch = epoch + 1, 0
                     continue
                 grad_norm = self._update()
                 self.pos.step += 1
@@ -341,9 +345,8 @@ class Trainer:
                     hook(step)
                 if step >= cfg.max_steps:
                     break
-            else:
-                self.pos.epoch += 1
-                self.pos.batch = 0
+                if last:
+                    self.pos.epoch, self.pos.batch = epoch + 1, 0
         bar.close()
         return self.pos
 
