@@ -545,11 +545,15 @@ def store_info(url: str | os.PathLike, storage_options: dict[str, Any] | None = 
     extras = store.extras
     lines = [f"latent store: {store.location.url}",
              f"  format: {a['format']} v{a['format_version']}  ({a.get('tool', '?')})",
-             f"  encoder: {a['encoder'].get('file')} sha256 {a['encoder'].get('sha256', '')[:16]}…",
+             f"  encoder: {a['encoder'].get('file')} sha256 {a['encoder'].get('sha256', '')[:16]}…"
+             + (f"  (model: {a['model']})" if a.get("model") else ""),
              f"  preprocess: {json.dumps(a['preprocess'], sort_keys=True)}",
              f"  dtype: {a['dtype']}  shard size: {a['shard_size']}"]
     if a.get("source_root"):
         lines.append(f"  source root: {a['source_root']}  (relative sources are relative to it)")
+    for run in a.get("runs") or []:
+        lines.append(f"  encoded on {run.get('device')} × {run.get('processes', 1)} process(es) in "
+                     f"{run.get('precision')}, {run.get('started')} ({run.get('tool')})")
     if "clip" in extras:
         c = extras["clip"]
         lines.append(f"  clip_text_pooled 1×{c['pooled_dim']}, clip_text {c['tokens']}×{c['hidden_dim']}: CLIP text "

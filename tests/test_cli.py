@@ -133,6 +133,10 @@ def test_decode_dataset_decodes_with_the_model_that_encoded_the_store(tiny_weigh
     Image.fromarray(np.random.default_rng(1).integers(0, 255, (80, 64, 3), dtype=np.uint8)).save(src / "a.png")
     encode_dataset(src, tmp_path / "s.zarr", tiny_weights, size=32, workers=0, progress=False)
     assert store_model(tmp_path / "s.zarr") == str(tiny_weights)
+    runs = zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs["runs"]  # provenance of every run
+    assert [(r["device"], r["precision"], r["processes"]) for r in runs] == [("cpu", "float32", 1)]
+    info = run("info", tmp_path / "s.zarr").output
+    assert f"(model: {tiny_weights})" in info and "encoded on cpu × 1 process(es) in float32" in info
     r = run("decode-dataset", tmp_path / "s.zarr", tmp_path / "out", "--steps", "1")  # no -w: the store's model
     assert r.exit_code == 0, r.output
     assert f"decoding with {tiny_weights}, the model that encoded these latents" in r.output

@@ -68,7 +68,7 @@ def test_cli_model_mini_and_info(tmp_path):
     r = CliRunner().invoke(main, ["info", "mini"])
     assert r.exit_code == 0, r.output
     assert "weights: mini (built-in" in r.output and "stage_b_mini.safetensors" in r.output
-    assert "sampler defaults (stage_b_mini.safetensors)" in r.output and "x0_clamp" in r.output
+    assert "sampler defaults (stage_b_mini.safetensors)" in r.output and "prediction" in r.output
     out = tmp_path / "z.safetensors"
     r = CliRunner().invoke(main, ["encode", str(SAMPLES / "coffee.jpg"), "-o", str(out), "--model", "mini"])
     assert r.exit_code == 0, r.output
