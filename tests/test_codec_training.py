@@ -16,7 +16,7 @@ from codec import weights as W
 from codec.effnet import EfficientNetEncoder
 from codec.presets import create_model, get_preset
 from codec.training import train
-from codec.training.codec_tasks import CodecTask, StageATask
+from codec.training.codec_tasks import CodecTask, DecoderTask, StageATask
 from datasets_tools.training_data import training_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -297,3 +297,35 @@ def test_sampler_reads_v_and_epsilon_models_alike(prediction):
         torch.testing.assert_close(out, answer, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="prediction 'x0' is not one of"):
         sample(oracle, {}, shape=answer.shape, steps=1, prediction="x0")
+
+
+def test_decoder_task_fine_tunes_only_stage_a_decoder_on_what_the_codec_generates(tmp_path, images, tiny_weights):
+    """`cascade train decoder`: the encoder and Stage B of a codec folder frozen, Stage A's encoder frozen, only its
+    decoder (up_blocks, out_block) moves; the file written is a whole Stage A that the codec then decodes with."""
+    from codec import Codec
+
+    stage_a = tiny_weights / W.STAGE_A_FILE
+    cfg = {"output_dir": str(tmp_path / "d"), "data": {"images": str(images), "image_size": 64}, "batch_size": 2,
+           "max_steps": 3, "mixed_precision": "no", "model": {"preset": "tiny", "checkpoint": str(stage_a)},
+           "optim": {"lr": 1e-2, "warmup_updates": 0}, "log": {"every": 1}, "checkpoint": {"save_every": 3},
+           "decoder": {"codec": str(tiny_weights), "crop": 64}}
+    train(DecoderTask, cfg, training_dataset, echo=None)
+    assert len(read_log(tmp_path / "d")) == 3
+    before, after = load_file(stage_a), load_file(tmp_path / "d/checkpoint/model.safetensors")
+    assert after.keys() == before.keys()
+    moved = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
+    assert moved and all(k.startswith(("up_blocks.", "out_block.")) for k in moved), sorted(moved)[:5]
+    assert any(k.startswith("out_block.") for k in moved) and any(k.startswith("up_blocks.") for k in moved)
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    for f in tiny_weights.iterdir():
+        if f.is_file():
+            (folder / f.name).symlink_to(f)
+    (folder / W.STAGE_A_FILE).unlink()
+    (folder / W.STAGE_A_FILE).symlink_to(tmp_path / "d/checkpoint/model.safetensors")
+    codec = Codec.from_pretrained(folder, device="cpu")
+    assert torch.equal(codec.stage_a.out_block[0].weight, after["out_block.0.weight"].float())
+    assert torch.isfinite(codec.decode(torch.randn(1, 16, 2, 2), steps=1, output="tensor")).all()
+    with pytest.raises(Exception, match="is not a folder"):
+        train(DecoderTask, {**cfg, "output_dir": str(tmp_path / "e"), "decoder": {"codec": str(stage_a)}},
+              training_dataset, echo=None)

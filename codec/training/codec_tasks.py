@@ -222,3 +222,95 @@ def split_codec_state(path: str | Path) -> dict[str, tuple[dict[str, torch.Tenso
     state = dict(W.iter_tensors(header, torch.float32))
     return {part: ({k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}, configs[part])
             for part in ("effnet", "stage_b")}
+
+
+class DecoderSection(Section):
+    """``decoder:`` section: the trained codec whose output Stage A's decoder learns to decode, and the loss."""
+
+    codec: str = Field(description="folder of the trained codec in the official layout (effnet_encoder.safetensors, "
+                                   "the Stage B file; e.g. what `export_mini.py codec` wrote), kept frozen")
+    crop: int = Field(256, ge=32, multiple_of=32, description="training window side in pixels (the native size)")
+    encoder_fraction: float = Field(0.75, gt=0, le=1, description="encoder input side / crop side (official 0.75)")
+    l1: float = Field(1.0, ge=0)
+    ssim: float = Field(0.2, ge=0, description="weight of 1 − SSIM (torchmetrics, Gaussian 11×11)")
+
+
+class DecoderTask(_ImageTask):
+    """Stage A's decoder fine-tuned on what a trained codec's Stage B generates, not on Stage A's own exact latents.
+
+    An autoencoder trained on its exact latents decodes them well, but Stage B's samples — at one step, its
+    regression of the latent on the encoder's — lie off that set, and the decoder is free to turn them into
+    anything. Here the encoder and Stage B are frozen and sampled as :meth:`codec.Codec.decode` does (their file's
+    sampler defaults), and only Stage A's decoder (``up_blocks``, ``out_block``) learns to map that output to the
+    image: ``l1·|x̂−x| + ssim·(1−SSIM(x̂,x))`` per sample. ``model.checkpoint`` is the Stage A to start from."""
+
+    name = "decoder"
+    section = "decoder"
+    section_model = DecoderSection
+    diffusion = False
+    DECODER = ("up_blocks.", "out_block.")
+
+    def build(self, dataset: Any) -> nn.Module:
+        from ..codec import Codec
+
+        o = self.options
+        if self.d.world_size > 1:
+            raise ConfigError(f"{self.source}: the decoder task runs in one process (it calls Stage A's decode "
+                              "directly); start it without torchrun.")
+        if not Path(o.codec).is_dir():
+            raise ConfigError(f"{self.source}: decoder.codec {o.codec} is not a folder; export the trained codec "
+                              "first (`python scripts/export_mini.py codec ...`).")
+        self.codec = Codec.from_pretrained(o.codec, device=self.d.device, dtype=torch.float32)
+        model = load_trainable_model("stage_a", self.cfg, self.source)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(self.DECODER))
+        self.frozen = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(self.DECODER)}
+        self.model_config = model_config(model)
+        self.dataset_ref = dataset
+        return model
+
+    def inputs(self, batch: dict[str, Any], rand: BatchRandom) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError("decoder is trained through loss()")
+
+    @torch.no_grad()
+    def generated(self, images: torch.Tensor, rand: BatchRandom | None = None) -> torch.Tensor:
+        """Stage B's latents for ``images`` as the codec decodes them (start noise from each sample's generator)."""
+        from ..diffusion import sample
+
+        c, o = self.codec, self.options
+        side = max(32, int(images.shape[-1] * o.encoder_fraction) // 32 * 32)
+        eff = c.effnet.encode(F.interpolate(images, size=(side, side), mode="nearest"))
+        d = c.sampler_defaults
+        clip = c.pooled_text(None, images.shape[0]).to(images.device)
+        shape = (1, c.stage_b.config.c_in, images.shape[-2] // 4, images.shape[-1] // 4)
+        gens = rand.samples if rand is not None else [torch.Generator().manual_seed(i) for i in range(len(images))]
+        noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(images.device)
+        cfg = None if d["cfg"] in (None, 1, 1.0) else d["cfg"]
+        uncond = {"effnet": torch.zeros_like(eff), "clip": clip} if cfg is not None else None
+        return sample(c.stage_b, {"effnet": eff, "clip": clip}, x_init=noise, uncond=uncond, steps=d["steps"],
+                      cfg=cfg, sampler=d["sampler"], x0_clamp=d["x0_clamp"], prediction=d["prediction"],
+                      generator=gens[0], device=images.device)
+
+    def loss(self, module: nn.Module, batch: dict[str, Any], rand: BatchRandom) -> torch.Tensor:
+        from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+        o = self.options
+        x = random_crops(batch["images"], o.crop, rand).to(self.d.device)
+        rec = module.decode(self.generated(x, rand)).float()
+        per_sample = o.l1 * (rec - x).abs().mean(dim=(1, 2, 3))
+        if o.ssim:
+            per_sample = per_sample + o.ssim * (1 - ssim(rec, x, data_range=1.0, reduction="none"))
+        return per_sample
+
+    def export(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        W.save_state({**self.frozen, **state}, path, config=self.model_config,
+                     note="Stage A with its decoder fine-tuned on a trained codec's Stage B output (cascade-codec)")
+
+    @torch.no_grad()
+    def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
+        from .data import collate
+
+        n = min(self.cfg.preview.n, len(self.dataset_ref))
+        x = collate([self.dataset_ref[i] for i in range(n)])["images"].float().to(self.d.device)
+        x = x[..., :self.options.crop, :self.options.crop]
+        return save_collage([x, module.decode(self.generated(x)).clamp(0, 1)], path)

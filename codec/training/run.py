@@ -22,6 +22,7 @@ TASKS: dict[str, str] = {
     "stage-b": "codec.training.stage_b_task:StageBTask",
     "stage-a": "codec.training.codec_tasks:StageATask",
     "codec": "codec.training.codec_tasks:CodecTask",
+    "decoder": "codec.training.codec_tasks:DecoderTask",
 }
 
 
