@@ -4,9 +4,12 @@
     python scripts/export_mini.py stage-a out/mini/stage_a out/mini/stage_a.safetensors
         Stage A from its run's checkpoint, with its scale factor calibrated: the std of its (unscaled) latents over
         the training tiles, so that Stage B sees unit-variance latents as the official 0.43 gives the official one.
-    python scripts/export_mini.py codec out/mini/codec out/mini/stage_a.safetensors codec/mini
+    python scripts/export_mini.py codec out/mini/codec out/mini/stage_a.safetensors out/mini/codec-pkg
         stage_a.safetensors, effnet_encoder.safetensors, stage_b_mini.safetensors and clip_pooled_empty.safetensors
-        (the constant text condition Stage B was trained with: zeros) into the folder.
+        (the constant text condition Stage B was trained with: zeros) into the folder: the codec that
+        `cascade train decoder` then fine-tunes Stage A's decoder on.
+    python scripts/export_mini.py codec out/mini/codec out/mini/decoder/checkpoint/model.safetensors codec/mini
+        the same with that fine-tuned Stage A: the package's files.
 
 Both read ``OUTPUT_DIR/checkpoint/model.safetensors`` of a `cascade train` run (the latest checkpoint).
 """
@@ -27,9 +30,11 @@ MINI_NOTE = ("cascade-codec mini codec: trained from scratch by this project on 
              "(codec/mini/MODEL_CARD.md); 256² native; NOT Stable Cascade and far below its quality")
 
 
-# The sampler the mini Stage B is decoded with by default (Codec.sampler_defaults), written into its file: the
-# run's prediction (v), and the steps / sampler / guidance chosen on held-out tiles (see MODEL_CARD.md).
-SAMPLING = {"steps": 4, "sampler": "ddim", "cfg": 1.0}
+# The sampler the mini Stage B is decoded with by default (Codec.sampler_defaults), written into its file with the
+# run's prediction (v): one deterministic step from pure noise, i.e. Stage B's regression of the Stage A latent on
+# the encoder's, which Stage A's decoder is then fine-tuned to decode (`cascade train decoder`). More steps were
+# worse on training tiles (MODEL_CARD.md).
+SAMPLING = {"steps": 1, "sampler": "ddim", "cfg": 1.0}
 
 
 def _checkpoint(run: Path) -> Path:
