@@ -308,7 +308,7 @@ def test_decoder_task_fine_tunes_only_stage_a_decoder_on_what_the_codec_generate
     cfg = {"output_dir": str(tmp_path / "d"), "data": {"images": str(images), "image_size": 64}, "batch_size": 2,
            "max_steps": 3, "mixed_precision": "no", "model": {"preset": "tiny", "checkpoint": str(stage_a)},
            "optim": {"lr": 1e-2, "warmup_updates": 0}, "log": {"every": 1}, "checkpoint": {"save_every": 3},
-           "decoder": {"codec": str(tiny_weights), "crop": 64}}
+           "decoder": {"codec": str(tiny_weights), "crop": 64, "decode_crop": 32}}
     train(DecoderTask, cfg, training_dataset, echo=None)
     assert len(read_log(tmp_path / "d")) == 3
     before, after = load_file(stage_a), load_file(tmp_path / "d/checkpoint/model.safetensors")

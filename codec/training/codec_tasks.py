@@ -231,6 +231,10 @@ class DecoderSection(Section):
                                    "the Stage B file; e.g. what `export_mini.py codec` wrote), kept frozen")
     crop: int = Field(256, ge=32, multiple_of=32, description="training window side in pixels (the native size)")
     encoder_fraction: float = Field(0.75, gt=0, le=1, description="encoder input side / crop side (official 0.75)")
+    decode_crop: int = Field(128, ge=16, multiple_of=16,
+                             description="side in pixels of the random window of Stage B's output that is decoded "
+                                         "and compared (Stage A is convolutional; smaller is faster); the crop side "
+                                         "decodes it all")
     l1: float = Field(1.0, ge=0)
     ssim: float = Field(0.2, ge=0, description="weight of 1 − SSIM (torchmetrics, Gaussian 11×11)")
 
@@ -296,7 +300,16 @@ class DecoderTask(_ImageTask):
 
         o = self.options
         x = random_crops(batch["images"], o.crop, rand).to(self.d.device)
-        rec = module.decode(self.generated(x, rand)).float()
+        z = self.generated(x, rand)
+        side = min(o.decode_crop, o.crop) // 4  # in latent pixels (Stage A: 4 px each)
+        zs, xs = [], []
+        for zi, xi, g in zip(z, x, rand.samples):
+            top, left = (int(torch.randint(0, zi.shape[-2] - side + 1, (1,), generator=g)),
+                         int(torch.randint(0, zi.shape[-1] - side + 1, (1,), generator=g)))
+            zs.append(zi[:, top:top + side, left:left + side])
+            xs.append(xi[:, 4 * top:4 * (top + side), 4 * left:4 * (left + side)])
+        x = torch.stack(xs)
+        rec = module.decode(torch.stack(zs)).float()
         per_sample = o.l1 * (rec - x).abs().mean(dim=(1, 2, 3))
         if o.ssim:
             per_sample = per_sample + o.ssim * (1 - ssim(rec, x, data_range=1.0, reduction="none"))
