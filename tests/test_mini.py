@@ -54,13 +54,13 @@ def test_mini_reconstructions_are_closest_to_their_own_originals(mini):
     rec = mini.decode(mini.encode(x), height=side, width=side, seed=0, output="tensor")
     mse = ((rec[:, None] - x[None]) ** 2).mean(dim=(2, 3, 4))  # [reconstruction, original]
     print("MSE reconstruction × original:\n", mse)
-    # Measured at release (seed 0): 3 of the 4 come back closest to their own original; the astronaut portrait
-    # (far from the nature photos it was trained on) comes back closer to the cat. Own-original MSE averages
-    # under half the MSE to the other originals.
+    # Measured at release (seed 0; the retrained codec of 2026-12-04): each of the 4 comes back closest to its own
+    # original (MSE 0.063, 0.021, 0.035, 0.008), own-original MSE averaging 0.28× the MSE to the other originals.
+    # (The first release got 3 of 4, at 0.6×.)
     own = mse.diagonal()
     others = mse.masked_select(~torch.eye(len(x), dtype=torch.bool))
-    assert int((mse.argmin(dim=1) == torch.arange(len(x))).sum()) >= 3, mse
-    assert own.mean() < 0.6 * others.mean(), mse
+    assert torch.equal(mse.argmin(dim=1), torch.arange(len(x))), mse
+    assert own.mean() < 0.5 * others.mean(), mse
 
 def test_cli_model_mini_and_info(tmp_path):
     from codec.cli import main
