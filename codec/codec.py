@@ -31,6 +31,7 @@ from .files import atomic_write
 from .images import ImageLike, to_pil, to_tensor_list
 from .layouts import locate as layouts
 from .layouts import official
+from .memory import activation_bytes, available_bytes
 from .presets import CONTROLNET_KINDS, get_preset
 from .stage_a import StageA
 from .stage_b import StageB
@@ -416,6 +417,7 @@ class Codec:
         cfg_b = self.stage_b.config
         ha, wa = stage_a_latent_size(height, width, cfg_b.patch_size,
                                      cfg_b.patch_size * 2 ** (len(cfg_b.c_hidden) - 1))
+        self.check_memory(min(n, batch_size), height, width, ha, wa)
         images = []
         for start in range(0, n, batch_size):
             sl = slice(start, min(n, start + batch_size))
@@ -432,6 +434,27 @@ class Codec:
             images.append(img[..., :height, :width].clamp(0, 1).cpu())
         result = torch.cat(images)
         return to_pil(result) if output == "pil" else result
+
+    def check_memory(self, batch: int, height: int, width: int, ha: int, wa: int) -> None:
+        """Refuse, before any work, a decode of ``batch`` images of ``height``×``width`` (Stage A latent ``ha``×``wa``)
+        whose largest tensors clearly do not fit in the device's free memory (:mod:`codec.memory`)."""
+        free = available_bytes(self.device)
+        if free is None:
+            return
+        p = 16  # probe side in Stage A latent pixels; Stage B needs a multiple of its down-sampling
+        dt = next(self.stage_b.parameters()).dtype
+        z = torch.zeros(1, self.stage_b.config.c_in, p, p, device=self.device, dtype=dt)
+        eff = torch.zeros(1, 16, 1, 1, device=self.device, dtype=dt)
+        clip = torch.zeros(1, 1, self.stage_b.config.c_clip, device=self.device, dtype=dt)
+        r = torch.zeros(1, device=self.device)
+        scale = batch * ha * wa / (p * p)
+        need = max(activation_bytes(self.stage_b, lambda: self.stage_b(z, r, eff, clip), scale * 2),  # CFG: ×2
+                   activation_bytes(self.stage_a, lambda: self.stage_a.decode(z.float()), scale))
+        if need > free:
+            raise UsageError(
+                f"decoding {batch} image(s) of {width}×{height} needs about {need / 2**30:.1f} GiB for its largest "
+                f"tensors, and {self.device} has {free / 2**30:.1f} GiB free: decode at a smaller size (--height/"
+                f"--width, or fewer pixels per image), with --batch-size 1, or on a machine with more memory")
 
     def reconstruct(self, images: ImageLike | Sequence[ImageLike], scale: float = ENCODER_FRACTION,
                     resize: str = "nearest", **decode_kwargs: Any) -> list[Image.Image] | torch.Tensor:

@@ -104,3 +104,21 @@ def test_info_labels_tiny_weights(tiny_codec):
     info = tiny_codec.info()
     assert info["components"]["stage_b"]["params"] == sum(p.numel() for p in tiny_codec.stage_b.parameters())
     assert "TINY RANDOM" in info["components"]["stage_b"]["note"]
+
+
+def test_a_decode_that_cannot_fit_is_refused_before_any_work(tiny_codec, monkeypatch):
+    """A 20000² decode ran for over 10 minutes and then ran out of memory; now the estimate refuses it up front."""
+    import codec.codec as C
+    from codec.errors import UsageError
+
+    z = torch.randn(1, 16, 2, 2)
+    calls = []
+    real = tiny_codec.stage_b.forward
+    monkeypatch.setattr(tiny_codec.stage_b, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(C, "available_bytes", lambda device: 10 * 2**30)
+    with pytest.raises(UsageError, match=r"decoding 1 image\(s\) of 20000×20000 needs about .* GiB .* 10.0 GiB free"):
+        tiny_codec.decode(z, height=20000, width=20000, steps=1)
+    assert len(calls) == 1  # the probe only: no sampling step ran
+    assert tiny_codec.decode(z, height=64, width=64, steps=1, output="tensor").shape == (1, 3, 64, 64)
+    monkeypatch.setattr(C, "available_bytes", lambda device: None)  # unknown: no check
+    assert tiny_codec.decode(z, height=64, width=64, steps=1, output="tensor").shape == (1, 3, 64, 64)
