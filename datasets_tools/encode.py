@@ -348,11 +348,14 @@ def _run(job: EncodeJob, rank: int, world: int, t0: float) -> Summary:
             else:
                 if store.attrs.get("source_root") != root:  # informational: where relative sources were last found
                     store.group.attrs.update({"source_root": root})
-                # provenance: every run that encodes into the store, with the device(s) and precision it computes in
-                runs = list(store.attrs.get("runs") or [])
-                runs.append({"device": job.device, "processes": world, "precision": "float32",
-                             "tool": _tool_version(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-                store.group.attrs.update({"runs": runs})
+                # provenance: every run that encodes into the store, with the device(s) and precision it computes
+                # in (a run with nothing to do leaves a finished store untouched)
+                if summary.units_pending:
+                    runs = list(store.attrs.get("runs") or [])
+                    runs.append({"device": job.device, "processes": world, "precision": "float32",
+                                 "tool": _tool_version(),
+                                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                    store.group.attrs.update({"runs": runs})
                 store.append_units(new_units, len(plan), root)
                 store.set_capacity(len(plan) + len(new_units), known_buckets(job.policy, job.size))
         except Exception as e:  # noqa: BLE001 - forwarded to the other ranks, then re-raised

@@ -109,7 +109,10 @@ def test_ctrl_c_says_what_happens_next(monkeypatch, tiny_weights, tmp_path):
     def interrupted(*_, **__):
         raise KeyboardInterrupt
 
+    import datasets_tools.encode as E
+
     monkeypatch.setattr(D, "LatentDataset", interrupted)
+    monkeypatch.setattr(E, "store_model", interrupted)  # the first thing decode-dataset does with the store
     out = no_traceback(run("decode-dataset", tmp_path / "s.zarr", tmp_path / "o", "-w", tiny_weights))
     assert out.strip() == "Error: interrupted; run the same command again to continue where it stopped"
 

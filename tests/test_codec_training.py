@@ -133,11 +133,12 @@ def test_codec_task_trains_encoder_and_stage_b_and_exports_the_package_layout(tm
     assert torch.equal(codec.effnet.mapper[0].weight, state["effnet.mapper.0.weight"])
     img = codec.decode(z, output="tensor")
     assert img.shape == (1, 3, 43, 43) and torch.isfinite(img).all()
-    assert calls == [1] * codec.sampling["steps"]  # its steps, one pass each (cfg 1: no unconditional pass)
+    # a probe of batch 1 (the memory check), then its steps, one pass each (cfg 1: no unconditional pass)
+    assert calls == [1] + [1] * codec.sampling["steps"]
     assert torch.equal(codec.decode(z, output="tensor"), img)  # same seed, same image
     calls.clear()
     codec.decode(z, steps=2, cfg=1.1, output="tensor")  # given arguments win
-    assert calls == [2, 2]
+    assert calls == [1, 2, 2]
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v"])
