@@ -176,6 +176,7 @@ class Codec:
         self.components = components or {}
         self._text_encoder = None
         self._previewer = None
+        self._bytes_per_pixel: float | None = None  # see _decode_bytes_per_latent_pixel
 
     # ------------------------------------------------------------------ loading
     @property
@@ -441,20 +442,27 @@ class Codec:
         free = available_bytes(self.device)
         if free is None:
             return
-        p = 16  # probe side in Stage A latent pixels; Stage B needs a multiple of its down-sampling
-        dt = next(self.stage_b.parameters()).dtype
-        z = torch.zeros(1, self.stage_b.config.c_in, p, p, device=self.device, dtype=dt)
-        eff = torch.zeros(1, 16, 1, 1, device=self.device, dtype=dt)
-        clip = torch.zeros(1, 1, self.stage_b.config.c_clip, device=self.device, dtype=dt)
-        r = torch.zeros(1, device=self.device)
-        scale = batch * ha * wa / (p * p)
-        need = max(activation_bytes(self.stage_b, lambda: self.stage_b(z, r, eff, clip), scale * 2),  # CFG: ×2
-                   activation_bytes(self.stage_a, lambda: self.stage_a.decode(z.float()), scale))
+        need = int(self._decode_bytes_per_latent_pixel() * batch * ha * wa)
         if need > free:
             raise UsageError(
                 f"decoding {batch} image(s) of {width}×{height} needs about {need / 2**30:.1f} GiB for its largest "
                 f"tensors, and {self.device} has {free / 2**30:.1f} GiB free: decode at a smaller size (--height/"
                 f"--width, or fewer pixels per image), with --batch-size 1, or on a machine with more memory")
+
+    def _decode_bytes_per_latent_pixel(self) -> float:
+        """Largest-tensor bytes of a decode per Stage A latent pixel of one image (Stage B with CFG's doubled
+        batch, or Stage A), measured once per codec on a 16² probe (:func:`codec.memory.activation_bytes`)."""
+        if self._bytes_per_pixel is None:
+            p = 16  # probe side in Stage A latent pixels; Stage B needs a multiple of its down-sampling
+            dt = next(self.stage_b.parameters()).dtype
+            z = torch.zeros(1, self.stage_b.config.c_in, p, p, device=self.device, dtype=dt)
+            eff = torch.zeros(1, 16, 1, 1, device=self.device, dtype=dt)
+            clip = torch.zeros(1, 1, self.stage_b.config.c_clip, device=self.device, dtype=dt)
+            r = torch.zeros(1, device=self.device)
+            self._bytes_per_pixel = max(
+                activation_bytes(self.stage_b, lambda: self.stage_b(z, r, eff, clip), 2),  # CFG: ×2
+                activation_bytes(self.stage_a, lambda: self.stage_a.decode(z.float()), 1)) / (p * p)
+        return self._bytes_per_pixel
 
     def reconstruct(self, images: ImageLike | Sequence[ImageLike], scale: float = ENCODER_FRACTION,
                     resize: str = "nearest", **decode_kwargs: Any) -> list[Image.Image] | torch.Tensor:

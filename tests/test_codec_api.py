@@ -116,6 +116,7 @@ def test_a_decode_that_cannot_fit_is_refused_before_any_work(tiny_codec, monkeyp
     real = tiny_codec.stage_b.forward
     monkeypatch.setattr(tiny_codec.stage_b, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(C, "available_bytes", lambda device: 10 * 2**30)
+    monkeypatch.setattr(tiny_codec, "_bytes_per_pixel", None)  # the probe runs once per codec: make it run here
     with pytest.raises(UsageError, match=r"decoding 1 image\(s\) of 20000×20000 needs about .* GiB .* 10.0 GiB free"):
         tiny_codec.decode(z, height=20000, width=20000, steps=1)
     assert len(calls) == 1  # the probe only: no sampling step ran
