@@ -156,19 +156,18 @@ class TextToImage:
         stage_b = stage_b or layouts.default_size(src, "stage_b")
         pipeline = cls(src, stage_c, stage_b, device, dtype, clip_source, keep_loaded, loras)
         text = missing_text_folders(clip_source or src) if src.builtin is None else None
-        also = ""
-        if text is not None and text[1]:  # one message for everything missing, the text encoder included
+        fetch = None  # one message for everything missing, the text encoder included
+        if text is not None and text[1]:
             root, missing = text
-            also = (f"\nThe text encoder is missing too: download the {' and '.join(d + '/' for d in missing)} "
-                    f"folder(s) of {W.OFFICIAL_REPO} (2.8 GB) into {root}/ , e.g. `hf download {W.OFFICIAL_REPO} "
-                    f"--include {' '.join(repr(d + '/*') for d in missing)} --local-dir {root}`.")
+            fetch = (f"download the {' and '.join(d + '/' for d in missing)} folder(s) of {W.OFFICIAL_REPO} (2.8 GB) "
+                     f"into {root}/ , e.g. `hf download {W.OFFICIAL_REPO} "
+                     f"--include {' '.join(repr(d + '/*') for d in missing)} --local-dir {root}`.")
         try:
             layouts.require(src, pipeline._locations())
         except W.WeightsError as e:
-            raise W.WeightsError(f"{e}{also}") from None
-        if also:
-            raise W.WeightsError(also.strip().replace("The text encoder is missing too", f"{root} has no text "
-                                                       "encoder for the captions"))
+            raise W.WeightsError(f"{e}\nThe text encoder is missing too: {fetch}" if fetch else str(e)) from None
+        if fetch:
+            raise W.WeightsError(f"{root} has no text encoder for the captions: {fetch}")
         return pipeline
 
     def _locations(self) -> list[official.Located]:

@@ -31,6 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from .. import weights as W
+from ..codec import Codec, encoder_input_size
 from ..effnet import EfficientNetEncoder
 from ..presets import create_model, list_presets
 from ..stage_a import StageA
@@ -117,10 +118,7 @@ class StageATask(_ImageTask):
 
     @torch.no_grad()
     def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
-        from .data import collate
-
-        n = min(self.cfg.preview.n, len(self.dataset_ref))
-        x = collate([self.dataset_ref[i] for i in range(n)])["images"].float().to(self.d.device)
+        x = self.preview_batch()["images"].float().to(self.d.device)
         return save_collage([x, module(x, quantize=self.options.quantize)[0].clamp(0, 1)], path)
 
 
@@ -179,8 +177,7 @@ class CodecTask(_ImageTask):
         o = self.options
         with torch.no_grad():
             x0 = self.stage_a.encode(images)
-        side = max(32, int(images.shape[-1] * o.encoder_fraction) // 32 * 32)
-        small = F.interpolate(images, size=(side, side), mode="nearest")
+        small = F.interpolate(images, size=encoder_input_size(*images.shape[-2:], o.encoder_fraction), mode="nearest")
         clip = torch.zeros(images.shape[0], 1, self.configs["stage_b"]["c_clip"], device=images.device)
         return x0, {"images": small, "keep": keep.float().to(images.device), "clip": clip}
 
@@ -198,12 +195,10 @@ class CodecTask(_ImageTask):
     @torch.no_grad()
     def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
         from ..diffusion import sample
-        from .data import collate
 
-        n = min(self.cfg.preview.n, len(self.dataset_ref))
-        images = collate([self.dataset_ref[i] for i in range(n)])["images"].float().to(self.d.device)
+        images = self.preview_batch()["images"].float().to(self.d.device)
         images = images[..., :self.options.crop, :self.options.crop]
-        x0, cond = self._conditions(images, torch.ones(n, dtype=torch.bool))
+        x0, cond = self._conditions(images, torch.ones(len(images), dtype=torch.bool))
         eff = module.effnet.encode(cond["images"])
         z = sample(module.stage_b, {"effnet": eff, "clip": cond["clip"]}, shape=tuple(x0.shape),
                    uncond={"effnet": torch.zeros_like(eff), "clip": cond["clip"]}, steps=10, cfg=1.1,
@@ -255,8 +250,6 @@ class DecoderTask(_ImageTask):
     DECODER = ("up_blocks.", "out_block.")
 
     def build(self, dataset: Any) -> nn.Module:
-        from ..codec import Codec
-
         o = self.options
         if self.d.world_size > 1:
             raise ConfigError(f"{self.source}: the decoder task runs in one process (it calls Stage A's decode "
@@ -282,17 +275,16 @@ class DecoderTask(_ImageTask):
         from ..diffusion import sample
 
         c, o = self.codec, self.options
-        side = max(32, int(images.shape[-1] * o.encoder_fraction) // 32 * 32)
-        eff = c.effnet.encode(F.interpolate(images, size=(side, side), mode="nearest"))
+        size = encoder_input_size(*images.shape[-2:], o.encoder_fraction)
+        eff = c.effnet.encode(F.interpolate(images, size=size, mode="nearest"))
         d = c.sampler_defaults
         clip = c.pooled_text(None, images.shape[0]).to(images.device)
         shape = (1, c.stage_b.config.c_in, images.shape[-2] // 4, images.shape[-1] // 4)
         gens = rand.samples if rand is not None else [torch.Generator().manual_seed(i) for i in range(len(images))]
         noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(images.device)
-        cfg = None if d["cfg"] in (None, 1, 1.0) else d["cfg"]
-        uncond = {"effnet": torch.zeros_like(eff), "clip": clip} if cfg is not None else None
+        uncond = {"effnet": torch.zeros_like(eff), "clip": clip}  # unused at cfg None or 1 (see sample)
         return sample(c.stage_b, {"effnet": eff, "clip": clip}, x_init=noise, uncond=uncond, steps=d["steps"],
-                      cfg=cfg, sampler=d["sampler"], x0_clamp=d["x0_clamp"], prediction=d["prediction"],
+                      cfg=d["cfg"], sampler=d["sampler"], x0_clamp=d["x0_clamp"], prediction=d["prediction"],
                       generator=gens[0], device=images.device)
 
     def loss(self, module: nn.Module, batch: dict[str, Any], rand: BatchRandom) -> torch.Tensor:
@@ -321,9 +313,6 @@ class DecoderTask(_ImageTask):
 
     @torch.no_grad()
     def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
-        from .data import collate
-
-        n = min(self.cfg.preview.n, len(self.dataset_ref))
-        x = collate([self.dataset_ref[i] for i in range(n)])["images"].float().to(self.d.device)
+        x = self.preview_batch()["images"].float().to(self.d.device)
         x = x[..., :self.options.crop, :self.options.crop]
         return save_collage([x, module.decode(self.generated(x)).clamp(0, 1)], path)

@@ -120,10 +120,8 @@ class StageBTask(Task):
     def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
         if self.stage_a is None:
             return None
-        from .data import collate
-
-        n = min(self.cfg.preview.n, len(self.dataset_ref))
-        batch = collate([self.dataset_ref[i] for i in range(n)])
+        batch = self.preview_batch()
+        n = len(batch["stage_a"])
         x0 = batch["stage_a"].float().to(self.d.device)
         keep = torch.ones(n, dtype=torch.bool)
         # official evaluation: EfficientNet of the full image; unconditional = zeros and the empty caption

@@ -78,6 +78,14 @@ class Task:
         """Write a sample collage (optional)."""
         return None
 
+    def preview_batch(self) -> dict[str, Any]:
+        """The first ``preview.n`` samples of the training data (``self.dataset_ref``, set by :meth:`build`),
+        collated: what the previews show."""
+        from .data import collate
+
+        n = min(self.cfg.preview.n, len(self.dataset_ref))
+        return collate([self.dataset_ref[i] for i in range(n)])
+
     # What the task trains from; datasets_tools.training_data builds that dataset from the config, and the
     # trainer is handed it. "store": the Zarr latent store of data.store with those of store_fields it holds
     # (required_fields must be among them); "images": the images of data.images (images_why completes the

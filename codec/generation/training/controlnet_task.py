@@ -227,12 +227,9 @@ class ControlNetTrainingTask(StageCTask):
     def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
         if self.previewer is None:
             return None
-        from ...training.data import collate
-
-        n = min(self.cfg.preview.n, len(self.dataset_ref))
-        batch = collate([self.dataset_ref[i] for i in range(n)])
+        batch = self.preview_batch()
         images = batch["images"].float().to(self.d.device)
-        text = self.text.embed(batch, torch.ones(n, dtype=torch.bool))
+        text = self.text.embed(batch, torch.ones(len(images), dtype=torch.bool))
         control = self.control(images, torch.Generator().manual_seed(self.cfg.seed))
         size = tuple(-(-s // 32) for s in images.shape[-2:])
         x0 = self.sample_preview(module, text, size, {"control": control})
