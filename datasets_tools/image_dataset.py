@@ -83,3 +83,39 @@ class ImageDataset(torch.utils.data.Dataset):
     def bucket_indices(self) -> dict[str, np.ndarray]:
         """All indices in the one bucket (``HxW`` in pixels)."""
         return {self.bucket: np.arange(len(self.samples))}
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """An image dataset decoded once into memory (``data.cache: true``): item ``i`` is the wrapped dataset's item
+    ``i`` with ``images`` as a uint8 ``(3,H,W)`` slice of one tensor (rounded to uint8 after the resize; exact when
+    the images already have the size). Reading an item then costs nothing — no decoding, no worker processes, a
+    quarter of the float bytes to copy — and the training loop turns the batch into floats on its device. For image
+    sets that fit in memory: ``N·3·H·W`` bytes (695 images of 320² take 213 MB)."""
+
+    def __init__(self, dataset: ImageDataset, progress: bool | None = None):
+        from codec.images import to_uint8
+        from codec.progress import progress_bar
+
+        self._buckets = dataset.bucket_indices()
+        self.pixels: torch.Tensor | None = None
+        self.rest: list[dict[str, object]] = []
+        bar = progress_bar(len(dataset), "decode images into memory", unit="img", enabled=progress)
+        for i in range(len(dataset)):
+            bar.update(1)
+            item = dict(dataset[i])
+            pixels = to_uint8(item.pop("images"))
+            if self.pixels is None:
+                self.pixels = torch.empty((len(dataset), *pixels.shape), dtype=torch.uint8)
+            self.pixels[i] = pixels
+            self.rest.append(item)
+        bar.close()
+
+    def __len__(self) -> int:
+        return len(self.rest)
+
+    def __getitem__(self, i: int) -> dict[str, object]:
+        return {"images": self.pixels[i], **self.rest[i]}
+
+    def bucket_indices(self) -> dict[str, np.ndarray]:
+        """The wrapped dataset's buckets."""
+        return self._buckets

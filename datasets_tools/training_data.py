@@ -3,7 +3,8 @@
 A task declares what it needs (``Task.trains_from``): a Zarr latent store (``data.store``), read with
 those of the task's ``store_fields`` that the store holds, or images (``data.images``: a folder, manifest
 or tar shards; short side → ``data.image_size``, centre crop), where one smaller than ``data.min_size`` or
-unreadable is skipped and listed in ``OUTPUT_DIR/skipped.jsonl``.
+unreadable is skipped and listed in ``OUTPUT_DIR/skipped.jsonl``; with ``data.cache`` decoded once into memory
+(:class:`~datasets_tools.image_dataset.CachedImages`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from codec.training.config import ConfigError
 from codec.training.task import Task
 
 from .dataset import LatentDataset, store_fields
-from .image_dataset import ImageDataset
+from .image_dataset import CachedImages, ImageDataset
 
 
 def training_dataset(task: Task) -> torch.utils.data.Dataset:
@@ -29,8 +30,9 @@ def training_dataset(task: Task) -> torch.utils.data.Dataset:
             raise ConfigError(f"{task.source}: {why}; set data.images to an image folder, a .csv/.jsonl manifest or "
                               ".tar shards.")
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        return ImageDataset(cfg.data.images, size=cfg.data.image_size,
-                            errors_file=Path(cfg.output_dir) / "skipped.jsonl", min_size=cfg.data.min_size)
+        images = ImageDataset(cfg.data.images, size=cfg.data.image_size,
+                              errors_file=Path(cfg.output_dir) / "skipped.jsonl", min_size=cfg.data.min_size)
+        return CachedImages(images, progress=None if task.d.main else False) if cfg.data.cache else images
     if cfg.data.store is None:
         raise ConfigError(f"{task.source}: task {task.name} trains from latents; set data.store to a Zarr latent "
                           "store (`cascade encode-dataset IMAGES STORE`).")

@@ -76,6 +76,24 @@ def test_stage_a_learns_and_resumes_bit_identically_with_batchnorm_statistics(tm
     assert header.config["c_hidden"] == 32 and model.encode(torch.rand(1, 3, 32, 32)).shape == (1, 4, 8, 8)
 
 
+def test_cached_images_train_exactly_as_decoded_ones_with_uint8_items(tmp_path, images):
+    """data.cache: the images decoded once into memory as uint8 (64² files at image_size 64: no resize, so the
+    rounding is exact); the run's weights equal those of a run that decodes every batch."""
+    from datasets_tools.image_dataset import CachedImages, ImageDataset
+
+    cached = CachedImages(ImageDataset(images, size=64), progress=False)
+    item = cached[3]
+    assert item["images"].dtype == torch.uint8 and item["images"].shape == (3, 64, 64)
+    assert torch.equal(item["images"].float() / 255, ImageDataset(images, size=64)[3]["images"])
+    train(StageATask, stage_a_config(tmp_path / "plain", images), training_dataset, echo=None)
+    train(StageATask, stage_a_config(tmp_path / "cached", images, data={"images": str(images), "image_size": 64,
+                                                                         "cache": True}), training_dataset, echo=None)
+    a = load_file(tmp_path / "plain/checkpoint/model.safetensors")
+    b = load_file(tmp_path / "cached/checkpoint/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in read_log(tmp_path / "plain")] == [r["loss"] for r in read_log(tmp_path / "cached")]
+
+
 def test_stage_a_vq_option_trains_through_the_quantiser(tmp_path, images):
     cfg = stage_a_config(tmp_path, images, max_steps=2, stage_a={"crop": 32, "quantize": True})
     train(StageATask, cfg, training_dataset, echo=None)

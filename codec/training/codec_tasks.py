@@ -69,6 +69,11 @@ class _ImageTask(Task):
     def import_(self, path: Path) -> dict[str, torch.Tensor]:
         return read_state(path)
 
+    def images(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The batch's whole images on the training device (cropped there: on a GPU the crops cost nothing, and only
+        the pinned batch is copied)."""
+        return batch["images"].to(self.d.device, non_blocking=True)
+
 
 class StageASection(Section):
     """``stage_a:`` section: crop side and loss weights."""
@@ -103,7 +108,7 @@ class StageATask(_ImageTask):
         from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
         o = self.options
-        x = random_crops(batch["images"], o.crop, rand).to(self.d.device)
+        x = random_crops(self.images(batch), o.crop, rand)
         rec, vq = module(x, quantize=o.quantize)
         rec = rec.float()
         per_sample = o.l1 * (rec - x).abs().mean(dim=(1, 2, 3))
@@ -182,7 +187,7 @@ class CodecTask(_ImageTask):
         return x0, {"images": small, "keep": keep.float().to(images.device), "clip": clip}
 
     def inputs(self, batch: dict[str, Any], rand: BatchRandom) -> tuple[torch.Tensor, dict[str, Any]]:
-        images = random_crops(batch["images"], self.options.crop, rand).to(self.d.device)
+        images = random_crops(self.images(batch), self.options.crop, rand)
         return self._conditions(images, rand.uniform() < self.options.encoder_keep)
 
     def noise(self, x0: torch.Tensor, rand: BatchRandom) -> torch.Tensor:
@@ -291,7 +296,7 @@ class DecoderTask(_ImageTask):
         from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
         o = self.options
-        x = random_crops(batch["images"], o.crop, rand).to(self.d.device)
+        x = random_crops(self.images(batch), o.crop, rand)
         z = self.generated(x, rand)
         side = min(o.decode_crop, o.crop) // 4  # in latent pixels (Stage A: 4 px each)
         zs, xs = [], []

@@ -51,6 +51,10 @@ class DataSection(Section):
                                                "side below this (official ControlNet recipe: 768)")
     buckets: Optional[list[str]] = None
     num_workers: int = Field(0, ge=0)
+    cache: bool = Field(False, description="images: decode them all once into memory as uint8 and read batches from "
+                                           "there in the training process (num_workers unused); for image sets "
+                                           "that fit in memory, on a GPU, where decoding and passing float images "
+                                           "between worker processes otherwise sets the pace")
     text: Literal["auto", "stored", "encoder"] = Field(
         "auto", description="text conditions: stored embeddings (when the store has them), or the text encoder")
     shuffle: bool = True

@@ -24,6 +24,19 @@ from .distributed import Dist
 TENSOR_KEYS = ("latent", "clip_text", "clip_text_pooled", "clip_img", "stage_a", "images")
 
 
+def float_images(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, Any]:
+    """``batch`` with uint8 ``images`` (those of ``data.cache``) as float in [0,1], moved to ``device`` first so that
+    on a GPU the copy is a quarter of the bytes and the conversion runs there; any other batch as it is."""
+    images = batch.get("images")
+    if not (torch.is_tensor(images) and images.dtype == torch.uint8):
+        return batch
+    from ..images import from_uint8
+
+    if device is not None:
+        images = images.to(device, non_blocking=True)
+    return {**batch, "images": from_uint8(images)}
+
+
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Stack the tensors of the known keys (present in every item); keep the rest as lists."""
     out: dict[str, Any] = {}

@@ -27,7 +27,7 @@ from ..diffusion import CosineSchedule, noise_condition, vp_scalers
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import ConfigError, TrainConfig
-from .data import stream
+from .data import float_images, stream
 from .logs import JsonlLog
 from .objectives import loss_weight
 from .rng import BatchRandom
@@ -216,6 +216,9 @@ class Trainer:
     def setup(self) -> None:
         """Build the model, wrap it, make the optimiser and schedule."""
         cfg = self.cfg
+        if self.d.device.type == "cuda":
+            # every update has the same shapes: let cuDNN time its convolution algorithms once and keep the fastest
+            torch.backends.cudnn.benchmark = True
         torch.manual_seed(cfg.seed)
         self.module = self.task.build(self.dataset).to(self.d.device)
         self.trainable_names = list(_trainable(self.module))
@@ -306,9 +309,10 @@ class Trainer:
         t_last, samples = time.perf_counter(), 0
         self.module.train()
         batches = stream(self.dataset, global_micro, cfg.seed, cfg.data.shuffle, self.pos.epoch, self.pos.batch, d,
-                         cfg.data.num_workers, pin_memory=d.device.type == "cuda")
+                         0 if cfg.data.cache else cfg.data.num_workers, pin_memory=d.device.type == "cuda")
         if self.pos.step < cfg.max_steps:
             for epoch, index, last, batch in batches:
+                batch = float_images(batch, d.device)
                 self.pos.epoch = epoch
                 sync = (self.pos.micro + 1) % accum == 0
                 losses, weighted = self._micro_step(batch, sync)

@@ -81,10 +81,10 @@ class Task:
     def preview_batch(self) -> dict[str, Any]:
         """The first ``preview.n`` samples of the training data (``self.dataset_ref``, set by :meth:`build`),
         collated: what the previews show."""
-        from .data import collate
+        from .data import collate, float_images
 
         n = min(self.cfg.preview.n, len(self.dataset_ref))
-        return collate([self.dataset_ref[i] for i in range(n)])
+        return float_images(collate([self.dataset_ref[i] for i in range(n)]))
 
     # What the task trains from; datasets_tools.training_data builds that dataset from the config, and the
     # trainer is handed it. "store": the Zarr latent store of data.store with those of store_fields it holds
