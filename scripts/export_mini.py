@@ -9,7 +9,7 @@
         (the constant text condition Stage B was trained with: zeros) into the folder: the codec that
         `cascade train decoder` then fine-tunes Stage A's decoder on.
     python scripts/export_mini.py codec out/mini/codec out/mini/decoder/checkpoint/model.safetensors codec/mini
-        the same with that fine-tuned Stage A: the package's files.
+        the same with that fine-tuned Stage A: the package's files (RUN may also be the codec-pkg folder).
 
 Both read ``OUTPUT_DIR/checkpoint/model.safetensors`` of a `cascade train` run (the latest checkpoint).
 """
@@ -72,13 +72,29 @@ def export_stage_a(run: Path, out: Path, images: Path, n: int = 64) -> float:
     return scale
 
 
-def export_codec(run: Path, stage_a: Path, folder: Path, sampling: dict | None = None) -> None:
-    """Write the four files of the mini codec into ``folder``; Stage B's sampler defaults are ``sampling``
-    (default :data:`SAMPLING`) plus the run's ``prediction``."""
+def _codec_parts(source: Path) -> tuple[dict, str]:
+    """``{"effnet": (state, config), "stage_b": (state, config)}`` and Stage B's prediction, from a `cascade train
+    codec` run or from a codec folder this script wrote (its encoder and Stage B files)."""
     from codec import weights as W
     from codec.training.codec_tasks import split_codec_state
 
-    parts = split_codec_state(_checkpoint(run))
+    if not (source / W.EFFNET_FILE).is_file():
+        return split_codec_state(_checkpoint(source)), _run_config(source)["prediction"]
+    parts = {}
+    for part, name in (("effnet", W.EFFNET_FILE), ("stage_b", W.STAGE_B_FILES["mini"]["fp32"])):
+        header = W.read_header(source / name)
+        parts[part] = dict(W.iter_tensors(header, torch.float32)), json.loads(header.metadata[W.META_CONFIG])
+    sampling = json.loads(W.read_header(source / W.STAGE_B_FILES["mini"]["fp32"]).metadata[W.META_SAMPLING])
+    return parts, sampling["prediction"]
+
+
+def export_codec(run: Path, stage_a: Path, folder: Path, sampling: dict | None = None) -> None:
+    """Write the four files of the mini codec into ``folder`` — the encoder and Stage B of ``run`` (a `cascade train
+    codec` run, or a folder this function wrote), the Stage A file ``stage_a``; Stage B's sampler defaults are
+    ``sampling`` (default :data:`SAMPLING`) plus the run's ``prediction``."""
+    from codec import weights as W
+
+    parts, prediction = _codec_parts(run)
     folder.mkdir(parents=True, exist_ok=True)
     header = W.read_header(stage_a)
     W.save_state(dict(W.iter_tensors(header, torch.float32)), folder / W.STAGE_A_FILE,
@@ -88,7 +104,7 @@ def export_codec(run: Path, stage_a: Path, folder: Path, sampling: dict | None =
     state, config = parts["stage_b"]
     W.save_state(state, folder / W.STAGE_B_FILES["mini"]["fp32"], config=config, note=MINI_NOTE,
                  extra_metadata={W.META_SAMPLING: json.dumps({**(SAMPLING if sampling is None else sampling),
-                                                              "prediction": _run_config(run)["prediction"]})})
+                                                              "prediction": prediction})})
     W.save_state({"pooled": torch.zeros(1, 1, config["c_clip"])}, folder / W.EMPTY_CAPTION_FILE,
                  note="the mini codec's constant text condition (zeros; it has no text encoder)")
     for f in sorted(folder.glob("*.safetensors")):
@@ -104,7 +120,8 @@ def main(argv=None) -> int:
     a.add_argument("--images", type=Path, default=ROOT / "data" / "photos" / "train-256",
                    help="training images to calibrate the scale factor on (default: data/photos/train-256)")
     c = sub.add_parser("codec", help="the package's files")
-    c.add_argument("run", type=Path, help="output_dir of `cascade train codec`")
+    c.add_argument("run", type=Path, help="output_dir of `cascade train codec`, or a codec folder this script wrote "
+                                          "(its encoder and Stage B are taken)")
     c.add_argument("stage_a", type=Path, help="the Stage A file written by `export_mini.py stage-a`")
     c.add_argument("folder", type=Path, help="where to write (codec/mini to ship it)")
     c.add_argument("--sampling", type=json.loads, default=None,

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         elif step == "codec":
             _export("codec", str(out / "codec"), str(out / "stage_a.safetensors"), str(out / "pkg-base"))
         else:
-            _export("codec", str(out / "codec"), str(out / "decoder" / "checkpoint" / "model.safetensors"),
+            _export("codec", str(out / "pkg-base"), str(out / "decoder" / "checkpoint" / "model.safetensors"),
                     str(out / "pkg"))
         print(f"{step}: done in {time.perf_counter() - t0:.0f} s (total {time.perf_counter() - started:.0f} s)",
               flush=True)
