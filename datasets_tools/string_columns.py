@@ -3,7 +3,8 @@
 A column ``name`` of N strings is two arrays: ``{name}_bytes``, uint8, the UTF-8 bytes of the
 strings, and ``{name}_offsets``, int64 ``(N, 2)``, the ``(start, end)`` of string i in
 ``{name}_bytes``, so any Zarr v3 reader gets string i as
-``bytes(name_bytes[start:end]).decode("utf-8")``. Rows never written read ``(0, 0)``: ``""``.
+``bytes(name_bytes[start:end]).decode("utf-8")``. ``""`` is stored as ``(0, 0)``, which is also what rows
+never written read.
 
 Bucket columns are written unit by unit by concurrent writers, so each unit k owns a fixed
 region ``[k·REGION_BYTES, (k+1)·REGION_BYTES)`` of ``{name}_bytes`` made of whole chunks: writers
@@ -41,17 +42,19 @@ def is_bytes_name(name: str) -> bool:
 
 def encode_strings(strings: Sequence[str], base: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(offsets (n, 2) int64, data uint8)``: the strings' UTF-8 bytes back to back, string i at
-    ``data[offsets[i,0]-base : offsets[i,1]-base]`` (offsets count from ``base``, where ``data`` is stored)."""
+    ``data[offsets[i,0]-base : offsets[i,1]-base]`` (offsets count from ``base``, where ``data`` is stored);
+    ``""`` gets ``(0, 0)``."""
     encoded = [s.encode("utf-8") for s in strings]
     lengths = np.array([len(e) for e in encoded], dtype=np.int64)
     ends = np.cumsum(lengths) + base
-    return np.stack([ends - lengths, ends], axis=1), np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    offsets = np.stack([ends - lengths, ends], axis=1) * (lengths > 0)[:, None]  # "" is (0, 0), as never-written rows
+    return offsets, np.frombuffer(b"".join(encoded), dtype=np.uint8)
 
 
 def decode_strings(offsets: np.ndarray, data: np.ndarray | bytes, base: int = 0) -> list[str]:
     """The strings at ``offsets`` (``(n, 2)`` absolute) in ``data``, which holds the bytes from position ``base``."""
     buf = bytes(data)
-    return [buf[s - base:e - base].decode("utf-8") for s, e in np.asarray(offsets, dtype=np.int64).tolist()]
+    return [buf[s - base:e - base].decode("utf-8") if e > s else "" for s, e in np.asarray(offsets, np.int64).tolist()]
 
 
 def create_column(group: Any, column: str, rows: int, byte_length: int, shard_rows: int | None = None,
