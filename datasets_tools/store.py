@@ -416,15 +416,15 @@ class LatentStore:
         small = [key for key in g.array_keys()
                  if key != "index" and g[key].shape[0] < capacity(key, n_units, self.shard_size)]
         if small:
-            raise StoreError(f"{self.location.url}: arrays {small} of bucket {name} are shorter than the "
-                             f"{n_units} units of the plan need; the store was changed by something other than this tool. Encode into a new "
-                             "output path.")
+            raise StoreError(f"{self.location.url}: arrays {small} of bucket {name} are too short for the plan's "
+                             f"{n_units} units; the store was changed by something other than this tool. Encode into "
+                             "a new output path.")
         self._complete_buckets.add(name)
         return g
 
     def set_capacity(self, n_units: int, buckets: Iterable[tuple[int, int]] = ()) -> None:
         """Planner only (before any writer starts): create ``buckets``, complete buckets a killed writer left
-        half-created, and grow every bucket array to ``n_units·S`` rows."""
+        half-created, and grow every bucket array to its :func:`capacity` for ``n_units`` units."""
         for b in {*buckets, *(parse_bucket(name) for name in self.bucket_names())}:
             self._create_bucket(b, n_units)
         for name in self.bucket_names():

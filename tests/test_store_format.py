@@ -4,6 +4,7 @@ converts them in place, with the same result however often it is interrupted."""
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -73,8 +74,9 @@ def read_with_tensorstore(out: Path) -> dict:
         b = out / name
         for row in ts_read(b / "index").tolist():
             sid = ts_string(b, "id", row)
-            samples[sid] = {"latent": ts_read(b / "latents", row), "clip_text_pooled": ts_read(b / "clip_text_pooled", row),
-                            "clip_text": ts_read(b / "clip_text", row), "stage_a": ts_read(b / "stage_a", row),
+            samples[sid] = {"latent": ts_read(b / "latents", row), "stage_a": ts_read(b / "stage_a", row),
+                            "clip_text_pooled": ts_read(b / "clip_text_pooled", row),
+                            "clip_text": ts_read(b / "clip_text", row),
                             "caption": ts_string(b, "caption", row), "source": ts_string(b, "source", row),
                             "orig_size": tuple(ts_read(b / "orig_size", row).tolist()),
                             "crop_box": tuple(ts_read(b / "crop_box", row).tolist()), "bucket": name}
@@ -269,11 +271,10 @@ def test_upgrade_refuses_foreign_and_newer_stores(v2_store, tmp_path):
 
 def test_format_md_reading_examples_run(v2_store):
     """The two 'Reading without cascade-codec' snippets of FORMAT.md work as written (paths swapped in)."""
-    import re
 
     text = (Path(__file__).resolve().parents[1] / "datasets_tools" / "FORMAT.md").read_text(encoding="utf-8")
     section = text[text.index("## Reading without cascade-codec"):text.index("## Version 1 and")]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
     assert len(blocks) == 2
     caption = LatentDataset(v2_store, buckets=["b64x96"]).captions[0]
     for code in blocks:
