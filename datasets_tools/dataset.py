@@ -88,9 +88,9 @@ class LatentDataset(torch.utils.data.Dataset):
         orig, crop = [], []
         for b in self.bucket_names:
             g, r = st.group[b], rows[b]
-            self.ids += g["id"][:][r].tolist() if len(r) else []
+            self.ids += st.strings(b, "id", r)
             if with_captions:
-                self.captions += g["caption"][:][r].tolist() if len(r) else []
+                self.captions += st.strings(b, "caption", r)
             orig.append(g["orig_size"][:][r])
             crop.append(g["crop_box"][:][r])
         self._orig = np.concatenate(orig) if orig else np.zeros((0, 2), np.int32)

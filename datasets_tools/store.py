@@ -1,4 +1,4 @@
-"""The Zarr v3 latent store (format ``cascade-codec-latents``, version 1).
+"""The Zarr v3 latent store (format ``cascade-codec-latents``, version 2; version 1 is read, not written).
 
 Layout (paths relative to the store root; documented for independent readers in
 ``datasets_tools/FORMAT.md``)::
@@ -10,11 +10,12 @@ Layout (paths relative to the store root; documented for independent readers in
         latents   (N,16,H/32,W/32) float16|float32, shards (S,…), chunks (1,…)
         optional, same dtype/sharding: clip_text_pooled (N,1,C), clip_text (N,77,C) — CLIP text
         embeddings of the captions; stage_a (N,4,H/4,W/4) — Stage A latents (attribute ``extras``)
-        id, source, caption   (N,) str, shards = chunks = (S,)
+        id, source, caption   string columns (``string_columns``): {name}_offsets (N,2) int64 shards (S,2),
+                              {name}_bytes uint8, unit k's bytes in [k·2³², (k+1)·2³²); version 1: (N,) vlen str
         orig_size (N,2) int32 (h, w);  crop_box (N,4) int32 (left, top, right, bottom)
         index     (M,) int64  rows holding samples, in plan order (written by finalise)
-    errors/   id, source, reason (str) — skipped samples (written by finalise)
-    warnings/ id, source, reason (str) — encoded samples with a problem (e.g. unreadable caption)
+    errors/   id, source, reason (string columns) — skipped samples (written by finalise)
+    warnings/ id, source, reason (string columns) — encoded samples with a problem (e.g. unreadable caption)
 
 N = n_units·S. Unit k owns rows [k·S, (k+1)·S) of every bucket array, i.e. whole
 shards, so writers never share a shard. A unit is visible only once its commit
@@ -35,14 +36,20 @@ import numpy as np
 
 from codec.errors import CascadeError
 
+from . import string_columns
 from .sources import Sample
 
 FORMAT = "cascade-codec-latents"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Version 1 kept the string columns as zarr-python's "string" data type, which is not a core Zarr v3 type.
+STRING_DTYPE_VERSION = 2
+UPGRADE_ATTR = "upgrade"  # root attribute present while `cascade upgrade-store` converts a store
 LATENT_CHANNELS = 16
 BUCKET_RE = re.compile(r"^b(\d+)x(\d+)$")
 IDENTITY_KEYS = ("format", "format_version", "encoder", "preprocess", "dtype", "latent_channels", "shard_size")
 STRING_ARRAYS = ("id", "source", "caption")
+TABLES = ("errors", "warnings")
+TABLE_COLUMNS = ("id", "source", "reason")
 # Optional extras: key in the ``extras`` attribute → (what they are, the option asking for them, their weights).
 EXTRAS = {"clip": ("CLIP text embeddings", "--text-encoder", "text encoder"),
           "stage_a": ("Stage A latents", "--stage-a", "Stage A")}
@@ -243,10 +250,11 @@ class LatentStore:
     # ----------------------------------------------------------------- opening
     @classmethod
     def open(cls, url: str | os.PathLike, storage_options: dict[str, Any] | None = None,
-             mode: str = "r", hook: StoreHook | None = None) -> "LatentStore":
+             mode: str = "r", hook: StoreHook | None = None, upgrading: bool = False) -> "LatentStore":
         """Open an existing store (``mode`` "r" or "r+"); :class:`StoreError` if it is not one of ours.
 
-        ``hook`` (see :data:`StoreHook`) is told each point a writer passes."""
+        ``hook`` (see :data:`StoreHook`) is told each point a writer passes. A store whose upgrade was
+        interrupted is refused unless ``upgrading`` (the upgrade itself)."""
         import zarr
 
         loc = Location(url, storage_options)
@@ -261,6 +269,9 @@ class LatentStore:
         if attrs.get("format_version", 0) > FORMAT_VERSION:
             raise StoreError(f"{loc.url} has format version {attrs['format_version']}; this tool reads up to "
                              f"{FORMAT_VERSION}. Upgrade cascade-codec.")
+        if UPGRADE_ATTR in attrs and not upgrading:
+            raise StoreError(f"{loc.url}: an upgrade to format version {attrs[UPGRADE_ATTR].get('to')} was "
+                             f"interrupted; run `cascade upgrade-store {loc.url}` again to finish it.")
         return cls(loc, group, hook)
 
     @classmethod
@@ -278,6 +289,10 @@ class LatentStore:
             raise StoreError(f"{loc.url} is a file, not a latent store; choose another output path.")
         if loc.exists("zarr.json"):
             store = cls.open(url, storage_options, mode="r+", hook=hook)
+            if store.format_version < FORMAT_VERSION:
+                raise StoreError(f"{loc.url} is a format-version-{store.format_version} store; this cascade-codec "
+                                 f"writes version {FORMAT_VERSION} only and never mixes the two. Convert it in place "
+                                 f"with `cascade upgrade-store {loc.url}`, then run this command again.")
             store.check_identity(identity)
             return store
         if not loc.is_empty_dir():
@@ -295,6 +310,11 @@ class LatentStore:
     def attrs(self) -> dict[str, Any]:
         """The root attributes (a copy)."""
         return dict(self.group.attrs)
+
+    @property
+    def format_version(self) -> int:
+        """The store's ``format_version`` (1 or 2)."""
+        return int(self.group.attrs.get("format_version", 1))
 
     @property
     def shard_size(self) -> int:
@@ -371,7 +391,7 @@ class LatentStore:
         for key, width in (("orig_size", 2), ("crop_box", 4)):
             g.create_array(key, shape=(n, width), shards=(S, width), chunks=(S, width), dtype="int32", fill_value=0)
         for key in STRING_ARRAYS:
-            g.create_array(key, shape=(n,), shards=(S,), chunks=(S,), dtype=str, fill_value="")
+            string_columns.create_column(g, key, n, n_units * string_columns.REGION_BYTES, shard_rows=S)
         ours = sorted((k for k in docs if k.startswith(name + "/")), key=lambda k: (k.count("/"), k))
         return {k: docs[k].to_bytes() for k in ours}
 
@@ -393,26 +413,24 @@ class LatentStore:
             return self.group[name]
         self._create_bucket(bucket, n_units)
         g = self.group[name]
-        n = n_units * self.shard_size
-        small = [key for key in (*row_shapes(bucket, self.extras), "orig_size", "crop_box", *STRING_ARRAYS)
-                 if g[key].shape[0] < n]
+        small = [key for key in g.array_keys()
+                 if key != "index" and g[key].shape[0] < capacity(key, n_units, self.shard_size)]
         if small:
-            raise StoreError(f"{self.location.url}: arrays {small} of bucket {name} hold fewer than the {n} rows the "
-                             "plan needs; the store was changed by something other than this tool. Encode into a new "
-                             "output path.")
+            raise StoreError(f"{self.location.url}: arrays {small} of bucket {name} are too short for the plan's "
+                             f"{n_units} units; the store was changed by something other than this tool. Encode into "
+                             "a new output path.")
         self._complete_buckets.add(name)
         return g
 
     def set_capacity(self, n_units: int, buckets: Iterable[tuple[int, int]] = ()) -> None:
         """Planner only (before any writer starts): create ``buckets``, complete buckets a killed writer left
-        half-created, and grow every bucket array to ``n_units·S`` rows."""
+        half-created, and grow every bucket array to its :func:`capacity` for ``n_units`` units."""
         for b in {*buckets, *(parse_bucket(name) for name in self.bucket_names())}:
             self._create_bucket(b, n_units)
-        n = n_units * self.shard_size
         for name in self.bucket_names():
             g = self.group[name]
             for key in g.array_keys():
-                a = g[key]
+                a, n = g[key], capacity(key, n_units, self.shard_size)
                 if key != "index" and a.shape[0] < n:
                     a.resize((n, *a.shape[1:]))
         self._reached("capacity")
@@ -439,7 +457,8 @@ class LatentStore:
                 arr[:count] = np.asarray(data[key], dtype=np.int32).reshape(count, width)
                 g[key][sl] = arr
             for key in STRING_ARRAYS:
-                g[key][sl] = np.array(list(data[key]) + [""] * (S - count), dtype=object)
+                string_columns.write_rows(g, key, k * S, k * string_columns.REGION_BYTES,
+                                          list(data[key]) + [""] * (S - count))
         self._reached(f"write unit {k}")
 
     def write_empty_text(self, hidden: np.ndarray, pooled: np.ndarray) -> None:
@@ -498,13 +517,10 @@ class LatentStore:
                 a[:] = rows
             counts[name] = int(len(rows))
         self._reached("finalise index")
-        for table, items in (("errors", errors), ("warnings", warnings)):
+        for table, items in zip(TABLES, (errors, warnings)):
             g = self.group.require_group(table)
-            for col, key in enumerate(("id", "source", "reason")):
-                a = g.create_array(key, shape=(len(items),), chunks=(max(1, min(len(items), 1 << 14)),), dtype=str,
-                                   fill_value="", overwrite=True)
-                if items:
-                    a[:] = np.array([it[col] for it in items], dtype=object)
+            for col, key in enumerate(TABLE_COLUMNS):
+                string_columns.write_column(g, key, [it[col] for it in items])
         self._reached("finalise tables")
         complete = set(records) >= set(range(n_units))
         summary = {"count": sum(counts.values()), "buckets": counts, "errors": len(errors),
@@ -528,13 +544,20 @@ class LatentStore:
                 out_parts.setdefault(name, []).append(np.arange(k * S, k * S + count, dtype=np.int64))
         return {n: np.concatenate(p) for n, p in sorted(out_parts.items())}
 
+    def strings(self, group: str, column: str, rows: np.ndarray | None = None) -> list[str]:
+        """The strings of ``column`` (``id``, ``source``, ``caption``, ``reason``) in ``group`` (a bucket or a
+        table) at ``rows`` (all by default), whichever format version wrote them."""
+        g = self.group[group]
+        if self.format_version >= STRING_DTYPE_VERSION:
+            return string_columns.read_column(g, column, rows)
+        values = g[column][:] if g[column].shape[0] else np.zeros(0, dtype=str)
+        return [str(v) for v in (values if rows is None else values[np.asarray(rows, dtype=np.int64)]).tolist()]
+
     def table(self, name: str) -> list[tuple[str, str, str]]:
         """The ``errors`` or ``warnings`` table as (id, source, reason) rows (finalised stores)."""
         if name not in self.group.group_keys():
             return []
-        g = self.group[name]
-        cols = [g[k][:].tolist() if g[k].shape[0] else [] for k in ("id", "source", "reason")]
-        return list(zip(*cols))
+        return list(zip(*(self.strings(name, key) for key in TABLE_COLUMNS)))
 
 
 def store_info(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> str:
@@ -544,7 +567,9 @@ def store_info(url: str | os.PathLike, storage_options: dict[str, Any] | None = 
     rows = store.visible_rows()
     extras = store.extras
     lines = [f"latent store: {store.location.url}",
-             f"  format: {a['format']} v{a['format_version']}  ({a.get('tool', '?')})",
+             f"  format: {a['format']} v{a['format_version']}  ({a.get('tool', '?')})"
+             + (f"  (older format, read as it is; `cascade upgrade-store {store.location.url}` converts it to "
+                f"v{FORMAT_VERSION})" if store.format_version < FORMAT_VERSION else ""),
              f"  encoder: {a['encoder'].get('file')} sha256 {a['encoder'].get('sha256', '')[:16]}…"
              + (f"  (model: {a['model']})" if a.get("model") else ""),
              f"  preprocess: {json.dumps(a['preprocess'], sort_keys=True)}",
@@ -580,6 +605,14 @@ def store_info(url: str | os.PathLike, storage_options: dict[str, Any] | None = 
     if warnings:
         lines.append(f"  warnings (encoded anyway): {len(warnings)}")
     return "\n".join(lines)
+
+
+def capacity(key: str, n_units: int, shard_size: int) -> int:
+    """Length along axis 0 that bucket array ``key`` needs for ``n_units`` units: one region per unit for a string
+    column's bytes, ``n_units·S`` rows for every other array."""
+    if string_columns.is_bytes_name(key):
+        return n_units * string_columns.REGION_BYTES
+    return n_units * shard_size
 
 
 def is_latent_store(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> bool:

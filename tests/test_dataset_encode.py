@@ -217,7 +217,7 @@ def test_plan_is_relative_and_survives_moving_the_source(tmp_path, tiny_weights)
     assert [(p["id"], p["source"], p["location"], p["caption_file"]) for p in plan] == \
         [(f"img_00{i}", f"img_00{i}.png", f"img_00{i}.png", f"img_00{i}.txt") for i in (2, 3)]
     store = LatentStore.open(out)
-    assert store.group["b64x64"]["source"][:2].tolist() == ["img_000.png", "img_001.png"]
+    assert store.strings("b64x64", "source")[:2] == ["img_000.png", "img_001.png"]
     assert store.attrs["source_root"] == str(src)
     (out / "commits" / "unit_000001.json").unlink()  # as if killed before unit 1 committed
     moved = tmp_path / "b" / "renamed"
@@ -229,7 +229,7 @@ def test_plan_is_relative_and_survives_moving_the_source(tmp_path, tiny_weights)
     assert _by_id(out) == _by_id(clean) and sorted(_by_id(out)) == [f"img_00{i}" for i in range(6)] + ["sub/x"]
     assert LatentStore.open(out).attrs["source_root"] == str(moved)
     rows = LatentStore.open(out).visible_rows()["b64x64"]
-    assert sorted(LatentStore.open(out).group["b64x64"]["source"][:][rows].tolist()) == \
+    assert sorted(LatentStore.open(out).strings("b64x64", "source", rows)) == \
         [f"img_00{i}.png" for i in range(6)] + ["sub/x.png"]
 
 

@@ -120,7 +120,7 @@ def test_kill9_then_resume_equals_clean_run(corpus, tiny_weights, tiny_text_enco
     assert store.committed_units() == set(range(unit + 1 if point.startswith("commit") else unit))
     assert n_units == 11 and not store.attrs["complete"]
     if point.startswith("write"):  # the uncommitted unit's rows are in the arrays …
-        assert any(store.group["b64x64"]["id"][unit * 3:(unit + 1) * 3])
+        assert any(store.strings("b64x64", "id", range(unit * 3, (unit + 1) * 3)))
     # … but readers see only committed units, never half-written rows.
     partial = _contents(out, fields)
     records = store.commit_records()

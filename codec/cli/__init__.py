@@ -9,7 +9,7 @@ import click
 
 from .bench import bench
 from .codec_commands import decode, encode, reconstruct
-from .dataset_commands import decode_dataset, encode_dataset_command
+from .dataset_commands import decode_dataset, encode_dataset_command, upgrade_store_command
 from .generate import generate
 from .train import train_command
 from .weights_commands import convert_command, demo_weights, info
@@ -34,5 +34,5 @@ def main() -> None:
 
 
 for command in (encode, decode, reconstruct, info, convert_command, demo_weights, decode_dataset,
-                encode_dataset_command, bench, generate, train_command):
+                encode_dataset_command, upgrade_store_command, bench, generate, train_command):
     main.add_command(command)

@@ -137,3 +137,27 @@ def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, steps, cfg, no
                              use_captions=use_captions,
                              **decode_kwargs(codec, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size))
     click.echo(summary.line())
+
+
+@click.command("upgrade-store")
+@click.argument("store", metavar="STORE")
+@click.option("--no-progress", is_flag=True, help="No progress bar (the summary line is still printed).")
+@user_errors(interrupted=RESUMES)
+def upgrade_store_command(store, no_progress) -> None:
+    """Convert the latent STORE (a folder or an fsspec URL) in place to the current format version (2).
+
+    Version 1 stores (cascade-codec before format version 2) keep their id, source, caption and
+    error-table strings in zarr-python's own "string" data type, which other Zarr v3 readers
+    (tensorstore, …) cannot open; version 2 keeps them as UTF-8 bytes plus offsets, in core Zarr v3
+    types. Latents, extras and the index are not touched. Version 1 stores stay readable as they
+    are; encode-dataset only extends a store after this upgrade.
+
+    Kill it at any moment and run it again: it finishes with the same store, and each old string
+    array is deleted only after its new copy has been written and read back equal. Until it has
+    finished, readers refuse the store with a message pointing here. Do not run it while
+    encode-dataset writes to STORE. A store already at version 2 is left as it is.
+    """
+    from datasets_tools.upgrade import upgrade_store
+
+    summary = upgrade_store(store, progress=not no_progress)
+    click.echo(summary.line())
