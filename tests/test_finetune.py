@@ -77,10 +77,12 @@ def test_changed_config_is_refused_on_resume(tmp_path):
         train(StageCTask, config(tmp_path, max_steps=4, optim={"lr": 1e-3}), dataset=ds, echo=None)
     train(StageCTask, config(tmp_path, max_steps=4), dataset=ds, echo=None)  # max_steps may grow
     assert read_log(tmp_path)[-1]["step"] == 4
-    # a checkpoint written before a config field existed (here `prediction`) resumes under its default …
+    # a checkpoint written before a config field existed (here `prediction`, and `data.cache` a level down)
+    # resumes under its default …
     state_file = tmp_path / "checkpoint/state.json"
     state = json.loads(state_file.read_text())
     del state["config"]["prediction"]
+    del state["config"]["data"]["cache"]
     state_file.write_text(json.dumps(state))
     train(StageCTask, config(tmp_path, max_steps=5), dataset=ds, echo=None)
     assert read_log(tmp_path)[-1]["step"] == 5

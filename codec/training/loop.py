@@ -174,14 +174,18 @@ class Trainer:
         D.barrier(self.d)
 
     def _with_defaults(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """A saved config record with the fields added to the config since it was written at their defaults (a
-        checkpoint made before ``prediction`` existed resumes under the default, ``epsilon``)."""
+        """A saved config record with the fields added to the config since it was written at their defaults, at
+        any depth (a checkpoint made before ``prediction`` existed resumes under the default, ``epsilon``; one made
+        before ``data.cache``, under ``false``), in the task's section too."""
         common = {k: v for k, v in saved.items() if k != self.task.section}
         try:
             filled = type(self.cfg).model_validate(common).model_dump(mode="json")
+            if self.task.section in saved and self.task.section_model is not None:
+                filled[self.task.section] = self.task.section_model.model_validate(
+                    saved[self.task.section]).model_dump(mode="json")
         except Exception:  # noqa: BLE001 - not valid any more: compare as saved, the differences are reported
             return saved
-        return {**filled, **saved}
+        return _overlay(filled, saved)
 
     def resume(self) -> bool:
         """Load the checkpoint if there is one; returns whether training resumes."""
@@ -365,6 +369,14 @@ class Trainer:
             module.train()
         if path is not None:
             self.echo(f"preview: {path}")
+
+
+def _overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with every value of ``top`` put over it, nested dicts merged key by key."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _overlay(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
