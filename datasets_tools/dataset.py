@@ -40,7 +40,8 @@ class LatentDataset(torch.utils.data.Dataset):
     ``clip_text`` ``(77,C)`` (CLIP text embeddings of the caption; batches give Stage C's
     ``(B,1,C)`` and ``(B,77,C)``) and ``stage_a`` ``(4,H/4,W/4)`` (Stage A latent) — plus
     ``id``, ``caption`` (when ``with_captions``), ``bucket`` ((H, W) pixels),
-    ``orig_size`` ((h, w)), ``crop_box`` ((left, top, right, bottom)). Samples are ordered bucket by bucket
+    ``orig_size`` ((h, w)), ``crop_box`` ((left, top, right, bottom)). Latents of an int8 store are
+    dequantised with its per-channel scale and offset. Samples are ordered bucket by bucket
     (sorted names), each in plan order. Small per-sample metadata is loaded at
     construction; latents are read per item through handles opened lazily in each
     process, so the dataset is safe with ``DataLoader(num_workers>0)``. Local stores are
@@ -117,6 +118,9 @@ class LatentDataset(torch.utils.data.Dataset):
             for b in self.bucket_names:
                 fast = ShardedReader.try_open(st.location.path / b / array) if st.location.local else None
                 readers[b] = fast.read if fast is not None else st.group[b][array].__getitem__
+            quantization = st.quantization(array)
+            if quantization is not None:  # int8 store: dequantise to float32 here, once per read
+                readers = {b: (lambda row, read=read: quantization.dequantize(read(row))) for b, read in readers.items()}
             self._handles[field] = readers
         return self._handles[field]
 

@@ -56,7 +56,7 @@ class ShardedReader:
                      for c in cfg["codecs"] + cfg["index_codecs"] if c["name"] == "bytes")
         if (cfg["chunk_shape"] != [1, *meta["shape"][1:]] or shard[1:] != meta["shape"][1:] or not little
                 or inner not in (["bytes"], ["bytes", "zstd"]) or index != ["bytes", "crc32c"]
-                or cfg.get("index_location", "end") != "end" or meta["data_type"] not in ("float16", "float32")):
+                or cfg.get("index_location", "end") != "end" or meta["data_type"] not in ("float16", "float32", "int8")):
             return None
         return cls(folder, tuple(meta["shape"]), shard[0], np.dtype(meta["data_type"]).newbyteorder("<"),
                    inner == ["bytes", "zstd"], meta.get("fill_value", 0.0) or 0.0)
