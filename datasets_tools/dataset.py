@@ -13,9 +13,10 @@ from codec.errors import UsageError
 from codec.training.data import BucketBatchSampler
 
 from .fastread import ShardedReader
+from .shardcache import ShardBatchSampler, ShardCacheReader
 from .store import EXTRAS, LatentStore, parse_bucket
 
-__all__ = ["FIELDS", "BucketBatchSampler", "LatentDataset", "fields_of", "store_fields"]
+__all__ = ["FIELDS", "BucketBatchSampler", "LatentDataset", "ShardBatchSampler", "fields_of", "store_fields"]
 
 # Item key → (array name in a bucket group, extra of the store that holds it or None for the latents).
 FIELDS = {"latent": ("latents", None), "clip_text_pooled": ("clip_text_pooled", "clip"), "clip_text": ("clip_text", "clip"),
@@ -40,12 +41,16 @@ class LatentDataset(torch.utils.data.Dataset):
     ``clip_text`` ``(77,C)`` (CLIP text embeddings of the caption; batches give Stage C's
     ``(B,1,C)`` and ``(B,77,C)``) and ``stage_a`` ``(4,H/4,W/4)`` (Stage A latent) — plus
     ``id``, ``caption`` (when ``with_captions``), ``bucket`` ((H, W) pixels),
-    ``orig_size`` ((h, w)), ``crop_box`` ((left, top, right, bottom)). Samples are ordered bucket by bucket
+    ``orig_size`` ((h, w)), ``crop_box`` ((left, top, right, bottom)). Latents of an int8 store are
+    dequantised with its per-channel scale and offset. Samples are ordered bucket by bucket
     (sorted names), each in plan order. Small per-sample metadata is loaded at
     construction; latents are read per item through handles opened lazily in each
     process, so the dataset is safe with ``DataLoader(num_workers>0)``. Local stores are
     read with :class:`~datasets_tools.fastread.ShardedReader` (one ``pread`` per sample),
-    others through zarr. Open the dataset after encoding has finished.
+    others through zarr — or, with ``shard_cache=n`` (n ≥ 1), a whole shard per GET with the last n shards
+    of each array kept per process (:class:`~datasets_tools.shardcache.ShardCacheReader`), which is fast
+    only in shard order: batch with :class:`~datasets_tools.shardcache.ShardBatchSampler`. Open the
+    dataset after encoding has finished.
 
     For trainers: ``has_text_embeddings`` (items carry ``clip_text_pooled``) and
     ``empty_text_embedding`` (``(clip_text (77,C), clip_text_pooled (1,C))`` of the empty
@@ -54,8 +59,10 @@ class LatentDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, store: str | os.PathLike, buckets: list[str] | None = None, with_captions: bool = True,
-                 storage_options: dict[str, Any] | None = None, fields: tuple[str, ...] = ("latent",)):
+                 storage_options: dict[str, Any] | None = None, fields: tuple[str, ...] = ("latent",),
+                 shard_cache: int = 0):
         self.url, self.storage_options, self.with_captions = str(store), storage_options, with_captions
+        self.shard_cache = shard_cache
         self.fields = tuple(fields)
         unknown = [f for f in self.fields if f not in FIELDS]
         if unknown or not self.fields:
@@ -71,6 +78,7 @@ class LatentDataset(torch.utils.data.Dataset):
             raise UsageError(f"{self.url} has no {what}: it was encoded without them. Its fields are "
                              f"{', '.join(fields_of(st.extras))}; re-encode into a new store with those options to "
                              "get them.")
+        self.shard_size = st.shard_size
         rows = st.visible_rows()
         if buckets is not None:
             unknown = sorted(set(buckets) - set(rows))
@@ -105,6 +113,23 @@ class LatentDataset(torch.utils.data.Dataset):
         """Dataset indices of each bucket (for batch samplers)."""
         return {b: np.nonzero(self._bucket_of == i)[0] for i, b in enumerate(self.bucket_names)}
 
+    def shard_indices(self) -> dict[tuple[str, int], np.ndarray]:
+        """Dataset indices held by each shard ``(bucket, shard number)`` (for shard-ordered batch samplers)."""
+        keys = self._bucket_of.astype(np.int64) << 40 | self._row // self.shard_size
+        order = np.argsort(keys, kind="stable")
+        uniq, starts = np.unique(keys[order], return_index=True)
+        return {(self.bucket_names[k >> 40], k & ((1 << 40) - 1)): idx
+                for k, idx in zip(uniq.tolist(), np.split(order, starts[1:]))}
+
+    def _reader(self, st: LatentStore, bucket: str, array: str) -> Any:
+        """A function reading one row of ``bucket``'s ``array``: local pread, whole cached shards, or zarr."""
+        fast = None
+        if st.location.local:
+            fast = ShardedReader.try_open(st.location.path / bucket / array)
+        elif self.shard_cache > 0:
+            fast = ShardCacheReader.try_open(st.location.fs, f"{st.location.root}/{bucket}/{array}", self.shard_cache)
+        return fast.read if fast is not None else st.group[bucket][array].__getitem__
+
     def _arrays(self, field: str = "latent") -> dict[str, Any]:
         """Per bucket, a function reading one row of ``field``'s array (opened once per process)."""
         # Open per process: zarr stores pickle, but a fresh handle per worker avoids sharing event loops/files.
@@ -113,10 +138,11 @@ class LatentDataset(torch.utils.data.Dataset):
         if field not in self._handles:
             st = LatentStore.open(self.url, self.storage_options)
             array = FIELDS[field][0]
-            readers = {}
-            for b in self.bucket_names:
-                fast = ShardedReader.try_open(st.location.path / b / array) if st.location.local else None
-                readers[b] = fast.read if fast is not None else st.group[b][array].__getitem__
+            readers = {b: self._reader(st, b, array) for b in self.bucket_names}
+            quantization = st.quantization(array)
+            if quantization is not None:  # int8 store: dequantise to float32 here, once per read
+                readers = {b: (lambda row, read=read: quantization.dequantize(read(row)))
+                           for b, read in readers.items()}
             self._handles[field] = readers
         return self._handles[field]
 

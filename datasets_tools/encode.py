@@ -33,10 +33,12 @@ from codec.codec import encode_pixels, load_encoder, load_stage_a
 from codec.errors import CascadeError, UsageError
 
 from .preprocess import POLICIES, RESIZE, known_buckets, preprocess
+from .quantize import ChannelQuantization
 from .sources import Sample, list_source, source_root
-from .store import FORMAT, FORMAT_VERSION, LATENT_CHANNELS, LatentStore, StoreError, StoreHook, bucket_name
+from .store import (FORMAT, FORMAT_VERSION, LATENT_CHANNELS, LatentStore, StoreError, StoreHook, array_dtype,
+                    bucket_name, extras_dtype)
 
-DTYPES = ("float16", "float32")
+DTYPES = ("float16", "float32", "int8")
 
 
 class SampleError(CascadeError):
@@ -218,12 +220,15 @@ def store_identity(encoder_path: Path, sha256: str, policy: str, size: int, dtyp
                    shard_size: int, extras: dict[str, Any] | None = None, model: str | None = None) -> dict[str, Any]:
     """The root attributes that must match for a run to resume or extend a store (``extras``: see
     :func:`extras_identity`), with two that need not: ``tool`` and ``model`` (the weights source that encoded,
-    e.g. ``mini`` or a hub repo, which decode-dataset uses when no weights are given)."""
+    e.g. ``mini`` or a hub repo, which decode-dataset uses when no weights are given). An int8 store also gets
+    ``quantization`` (:mod:`~datasets_tools.quantize`): fixed at creation, then read from the store by every writer."""
+    quantization = {"latents": ChannelQuantization.symmetric(LATENT_CHANNELS).to_json()} if dtype == "int8" else None
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
             "encoder": {"file": encoder_path.name, "sha256": sha256},
             "preprocess": {"policy": policy, "size": size, "resize": RESIZE, "factor": 32},
             "dtype": dtype, "latent_channels": LATENT_CHANNELS, "shard_size": shard_size, "extras": extras or {},
-            "tool": _tool_version(), **({"model": model} if model else {})}
+            "tool": _tool_version(), **({"model": model} if model else {}),
+            **({"quantization": quantization} if quantization else {})}
 
 
 def store_model(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> str | None:
@@ -294,7 +299,7 @@ def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: s
     if policy not in POLICIES:
         raise UsageError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     if dtype not in DTYPES:
-        raise UsageError(f"dtype must be float16 or float32, got {dtype!r}")
+        raise UsageError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if shard_size < 1 or batch_size < 1 or workers < 0:
         raise UsageError("shard_size and batch_size must be ≥ 1 and workers ≥ 0")
     if size < 32 or size % 32:
@@ -324,7 +329,8 @@ def _run(job: EncodeJob, rank: int, world: int, t0: float) -> Summary:
         try:
             path = encoder_file(job.weights)
             identity = store_identity(path, file_sha256(path), job.policy, job.size, job.dtype, job.shard_size,
-                                      extras_identity(job.weights, job.text_encoder, job.stage_a, job.dtype),
+                                      extras_identity(job.weights, job.text_encoder, job.stage_a,
+                                                      extras_dtype(job.dtype)),
                                       model=str(job.weights))
             samples = list_source(job.source, job.limit)
             if not samples:
@@ -409,10 +415,11 @@ FLOAT16_MAX = 65504.0
 
 
 def _unstorable(key: str, t: torch.Tensor, dtype: str) -> str | None:
-    """Why one sample's array cannot be stored (NaN/inf, or beyond float16's range), else ``None``."""
+    """Why one sample's array cannot be stored in a store of ``dtype`` (NaN/inf, or beyond float16's range; int8
+    latents are clamped instead), else ``None``."""
     if not torch.isfinite(t).all():
         return f"{_PRODUCERS[key]} produced NaN/inf"
-    if dtype == "float16" and t.abs().max().item() > FLOAT16_MAX:
+    if array_dtype(key, dtype) == "float16" and t.abs().max().item() > FLOAT16_MAX:
         return f"{_PRODUCERS[key]} output beyond the float16 range (use --dtype float32)"
     return None
 
@@ -453,10 +460,10 @@ def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]
     remaining = {k: len(plan[k]) for k in {k for k, _ in items}}
     unit_state: dict[int, dict[str, Any]] = {}
     dtype = store.attrs["dtype"]
-    storage = getattr(torch, dtype)
+    quantization = store.quantization()
 
     def state(k: int) -> dict[str, Any]:
-        return unit_state.setdefault(k, {"pending": {}, "rows": {}, "errors": [], "warnings": [],
+        return unit_state.setdefault(k, {"pending": {}, "rows": {}, "errors": [], "warnings": [], "clamped": 0,
                                          "t0": time.perf_counter()})
 
     def skip(st: dict[str, Any], b: dict[str, Any], reason: str) -> None:
@@ -479,7 +486,9 @@ def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]
                 skip(st, b, reason)
                 continue
             for key, t in arrays.items():
-                rows[key].append(t[i].to(storage).numpy())  # storage dtype now: a unit's rows stay small
+                rows[key].append(store.to_storage(key, t[i].numpy()))  # storage dtype now: a unit's rows stay small
+            if quantization is not None:
+                st["clamped"] += quantization.clamped(arrays["latents"][i].numpy())
             for key in ("id", "source", "caption", "orig_size", "crop_box"):
                 rows[key].append(b[key])
             if models.text is not None and (cut := models.text.truncated_part(b["caption"])) is not None:
@@ -507,6 +516,7 @@ def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]
             store.write_unit(k, n_units, rows)
             counts = {bucket_name(b): len(r["id"]) for b, r in rows.items()}
             store.commit(k, {"counts": counts, "errors": st["errors"], "warnings": st["warnings"],
+                             **({"clamped": st["clamped"]} if quantization is not None else {}),
                              "elapsed": round(time.perf_counter() - st["t0"], 3), "rank": _dist_info()[0]})
             summary.encoded += sum(counts.values())
             summary.warnings += len(st["warnings"])

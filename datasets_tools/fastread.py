@@ -4,45 +4,38 @@ zarr-python needs ~2 ms per single-chunk read; training wants tens of thousands 
 samples per second. This reader implements just the layout the store writes (Zarr v3
 ``sharding_indexed`` codec, index at the end of each shard file — see the Zarr sharding
 spec): it reads a shard's index once (S×16 bytes), then each sample with one ``pread``
-and, when compressed, one zstd decode. Anything else (remote stores, other codecs)
-returns ``None`` from :meth:`ShardedReader.try_open` and the caller uses zarr.
+and, when compressed, one zstd decode. Anything else (other codecs) returns ``None`` from
+:meth:`ShardedReader.try_open` and the caller uses zarr. :class:`ShardLayout` (the parsed
+``zarr.json``) also decodes whole shard objects, for :mod:`~datasets_tools.shardcache` (object stores).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numcodecs import Zstd
 
 _EMPTY = np.uint64(2**64 - 1)
 
 
-class ShardedReader:
-    """Reads row ``i`` of a local array with shards ``(S, …)`` and inner chunks ``(1, …)``."""
+@dataclass(frozen=True)
+class ShardLayout:
+    """A sharded array as the store writes it: shards ``(S, …)`` of inner chunks ``(1, …)``, index at the end."""
 
-    def __init__(self, folder: Path, shape: tuple[int, ...], shard_rows: int, dtype: np.dtype, zstd: bool,
-                 fill_value: float):
-        self.folder, self.shape, self.S, self.dtype = folder, shape, shard_rows, dtype
-        self.row_shape = tuple(shape[1:])
-        self.fill_value = fill_value
-        self._zstd = None
-        if zstd:
-            from numcodecs import Zstd
-
-            self._zstd = Zstd()
-        self._index: dict[int, np.ndarray | None] = {}
-        self._fds: dict[int, int] = {}
+    shape: tuple[int, ...]
+    shard_rows: int
+    dtype: np.dtype
+    zstd: bool
+    fill_value: float
 
     @classmethod
-    def try_open(cls, folder: str | os.PathLike) -> "ShardedReader | None":
-        """A reader for the array in ``folder`` when its layout is the one we write, else ``None``."""
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / "zarr.json").read_text())
-        except (OSError, ValueError):
-            return None
+    def from_metadata(cls, meta: dict[str, Any]) -> "ShardLayout | None":
+        """The layout of an array from its ``zarr.json`` document, or ``None`` when it is not one we write."""
         codecs = meta.get("codecs", [])
         enc = meta.get("chunk_key_encoding", {})
         if (len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed" or enc.get("name") != "default"
@@ -56,15 +49,59 @@ class ShardedReader:
                      for c in cfg["codecs"] + cfg["index_codecs"] if c["name"] == "bytes")
         if (cfg["chunk_shape"] != [1, *meta["shape"][1:]] or shard[1:] != meta["shape"][1:] or not little
                 or inner not in (["bytes"], ["bytes", "zstd"]) or index != ["bytes", "crc32c"]
-                or cfg.get("index_location", "end") != "end" or meta["data_type"] not in ("float16", "float32")):
+                or cfg.get("index_location", "end") != "end"
+                or meta["data_type"] not in ("float16", "float32", "int8")):
             return None
-        return cls(folder, tuple(meta["shape"]), shard[0], np.dtype(meta["data_type"]).newbyteorder("<"),
+        return cls(tuple(meta["shape"]), shard[0], np.dtype(meta["data_type"]).newbyteorder("<"),
                    inner == ["bytes", "zstd"], meta.get("fill_value", 0.0) or 0.0)
+
+    def shard_key(self, shard: int) -> str:
+        """Path of shard ``shard``'s object relative to the array's folder."""
+        return "c/" + str(shard) + "/" + "/".join("0" * (len(self.shape) - 1))
+
+    @property
+    def index_bytes(self) -> int:
+        """Size of the index at the end of a shard object: S (offset, length) pairs + crc32c."""
+        return self.shard_rows * 16 + 4
+
+    def decode_shard(self, data: bytes) -> np.ndarray:
+        """All ``(S, …)`` rows of a whole shard object (fill value where a row was never written)."""
+        index = np.frombuffer(data[-self.index_bytes:-4], dtype="<u8").reshape(self.shard_rows, 2)
+        out = np.full((self.shard_rows, *self.shape[1:]), self.fill_value, dtype=self.dtype)
+        zstd = Zstd() if self.zstd else None
+        for j, (offset, length) in enumerate(index.tolist()):
+            if offset != int(_EMPTY):
+                chunk = data[offset:offset + length]
+                out[j] = np.frombuffer(zstd.decode(chunk) if zstd else chunk, dtype=self.dtype).reshape(self.shape[1:])
+        return out
+
+
+class ShardedReader:
+    """Reads row ``i`` of a local array with shards ``(S, …)`` and inner chunks ``(1, …)``."""
+
+    def __init__(self, folder: Path, layout: ShardLayout):
+        self.folder, self.layout = folder, layout
+        self.shape, self.S, self.dtype = layout.shape, layout.shard_rows, layout.dtype
+        self.row_shape = tuple(self.shape[1:])
+        self.fill_value = layout.fill_value
+        self._zstd = Zstd() if layout.zstd else None
+        self._index: dict[int, np.ndarray | None] = {}
+        self._fds: dict[int, int] = {}
+
+    @classmethod
+    def try_open(cls, folder: str | os.PathLike) -> "ShardedReader | None":
+        """A reader for the array in ``folder`` when its layout is the one we write, else ``None``."""
+        folder = Path(folder)
+        try:
+            layout = ShardLayout.from_metadata(json.loads((folder / "zarr.json").read_text()))
+        except (OSError, ValueError):
+            return None
+        return None if layout is None else cls(folder, layout)
 
     def _fd(self, shard: int) -> int | None:
         fd = self._fds.get(shard)
         if fd is None:
-            path = self.folder / "c" / str(shard) / "/".join("0" * (len(self.shape) - 1))
+            path = self.folder / self.layout.shard_key(shard)
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:

@@ -7,8 +7,8 @@ Layout (paths relative to the store root; documented for independent readers in
     plan/unit_{k:06d}.json    samples owned by unit k (written once, never changed)
     commits/unit_{k:06d}.json commit record of unit k: counts per bucket, errors, warnings
     b{H}x{W}/                 one group per bucket (encoder input H×W pixels)
-        latents   (N,16,H/32,W/32) float16|float32, shards (S,…), chunks (1,…)
-        optional, same dtype/sharding: clip_text_pooled (N,1,C), clip_text (N,77,C) — CLIP text
+        latents   (N,16,H/32,W/32) float16|float32|int8 (+ root attribute quantization), shards (S,…), chunks (1,…)
+        optional, same dtype (float16 in int8 stores) and sharding: clip_text_pooled (N,1,C), clip_text (N,77,C) — CLIP text
         embeddings of the captions; stage_a (N,4,H/4,W/4) — Stage A latents (attribute ``extras``)
         id, source, caption   string columns (``string_columns``): {name}_offsets (N,2) int64 shards (S,2),
                               {name}_bytes uint8, unit k's bytes in [k·2³², (k+1)·2³²); version 1: (N,) vlen str
@@ -37,6 +37,7 @@ import numpy as np
 from codec.errors import CascadeError
 
 from . import string_columns
+from .quantize import ChannelQuantization
 from .sources import Sample
 
 FORMAT = "cascade-codec-latents"
@@ -73,6 +74,17 @@ def row_shapes(bucket: tuple[int, int], extras: dict[str, Any]) -> dict[str, tup
     if "stage_a" in extras:
         shapes["stage_a"] = (int(extras["stage_a"]["channels"]), h // 4, w // 4)
     return shapes
+
+
+def extras_dtype(dtype: str) -> str:
+    """Storage dtype of the extras in a store of ``dtype``: an int8 store quantises only the latents (the extras'
+    value ranges are unknown without trained weights; see FORMAT.md) and keeps its extras in float16."""
+    return "float16" if dtype == "int8" else dtype
+
+
+def array_dtype(key: str, dtype: str) -> str:
+    """Storage dtype of float array ``key`` (``latents`` or an extra's array) in a store of ``dtype``."""
+    return dtype if key == "latents" else extras_dtype(dtype)
 
 
 def extras_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -326,6 +338,24 @@ class LatentStore:
         """The optional arrays this store holds (``{}`` for stores without any, including older ones)."""
         return dict(self.group.attrs.get("extras") or {})
 
+    def quantization(self, key: str = "latents") -> ChannelQuantization | None:
+        """Per-channel scale and offset of array ``key`` when the store keeps it as int8, else ``None``."""
+        q = (self.group.attrs.get("quantization") or {}).get(key)
+        return None if q is None else ChannelQuantization.from_json(q)
+
+    def to_storage(self, key: str, values: Any) -> np.ndarray:
+        """One sample's float array ``key`` in its storage dtype: quantised with the store's :meth:`quantization`
+        for int8, else rounded to nearest (values already in the storage dtype are returned as they are)."""
+        dtype = np.dtype(array_dtype(key, self.group.attrs["dtype"]))
+        values = np.asarray(values)
+        if values.dtype == dtype:
+            return values
+        q = self.quantization(key) if dtype == np.int8 else None
+        if dtype == np.int8 and q is None:
+            raise StoreError(f"{self.location.url}: the int8 array {key} has no quantization attribute; the store "
+                             "is damaged. Encode into a new output path.")
+        return q.quantize(values) if q is not None else values.astype(dtype)
+
     def check_identity(self, identity: dict[str, Any]) -> None:
         """Raise :class:`StoreError` naming every setting that differs from the store's."""
         attrs = self.attrs
@@ -386,8 +416,8 @@ class LatentStore:
         g = zarr.create_group(store=zarr.storage.MemoryStore(docs), path=name, attributes={"bucket": list(bucket)})
         for key, shape in row_shapes(bucket, self.extras).items():
             # Uncompressed: zstd saves ~8 % on real-scale latents but costs ~50 µs per read.
-            g.create_array(key, shape=(n, *shape), shards=(S, *shape), chunks=(1, *shape), dtype=dtype,
-                           fill_value=0, compressors=None)
+            g.create_array(key, shape=(n, *shape), shards=(S, *shape), chunks=(1, *shape),
+                           dtype=array_dtype(key, dtype), fill_value=0, compressors=None)
         for key, width in (("orig_size", 2), ("crop_box", 4)):
             g.create_array(key, shape=(n, width), shards=(S, width), chunks=(S, width), dtype="int32", fill_value=0)
         for key in STRING_ARRAYS:
@@ -443,14 +473,13 @@ class LatentStore:
         """Write unit ``k``'s samples: for each bucket, whole shards of every array (padded with fill values)."""
         S = self.shard_size
         sl = slice(k * S, (k + 1) * S)
-        dtype = np.dtype(self.group.attrs["dtype"])
         for bucket, data in rows.items():
             g = self.ensure_bucket(bucket, n_units)
             count = len(data["id"])
             for key, shape in row_shapes(bucket, self.extras).items():
-                block = np.zeros((S, *shape), dtype=dtype)
+                block = np.zeros((S, *shape), dtype=array_dtype(key, self.attrs["dtype"]))
                 if count:
-                    block[:count] = np.asarray(data[key], dtype=dtype).reshape(count, *shape)
+                    block[:count] = np.stack([self.to_storage(key, v) for v in data[key]]).reshape(count, *shape)
                 g[key][sl] = block
             for key, width in (("orig_size", 2), ("crop_box", 4)):
                 arr = np.zeros((S, width), dtype=np.int32)
@@ -466,7 +495,7 @@ class LatentStore:
         its ``complete`` attribute is set last, so a half-written group reads as absent."""
         g = self.group.require_group(EMPTY_TEXT)
         g.attrs.update({"complete": False, "about": 'CLIP text embeddings of the empty caption ""'})
-        dtype = self.group.attrs["dtype"]
+        dtype = extras_dtype(self.group.attrs["dtype"])
         for key, value in (("clip_text", hidden), ("clip_text_pooled", pooled)):
             a = g.create_array(key, shape=value.shape, chunks=value.shape, dtype=dtype, fill_value=0, overwrite=True)
             a[...] = np.asarray(value, dtype=dtype)
@@ -573,7 +602,8 @@ def store_info(url: str | os.PathLike, storage_options: dict[str, Any] | None = 
              f"  encoder: {a['encoder'].get('file')} sha256 {a['encoder'].get('sha256', '')[:16]}…"
              + (f"  (model: {a['model']})" if a.get("model") else ""),
              f"  preprocess: {json.dumps(a['preprocess'], sort_keys=True)}",
-             f"  dtype: {a['dtype']}  shard size: {a['shard_size']}"]
+             f"  dtype: {a['dtype']}  shard size: {a['shard_size']}"
+             + ("  (latents int8 with per-channel scale/offset, extras float16)" if a["dtype"] == "int8" else "")]
     if a.get("source_root"):
         lines.append(f"  source root: {a['source_root']}  (relative sources are relative to it)")
     for run in a.get("runs") or []:

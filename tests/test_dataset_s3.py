@@ -63,3 +63,29 @@ def test_s3_tar_source_and_store(s3, tmp_path, tiny_weights):
     with pytest.raises(StoreError, match="not a cascade-codec latent store"):
         encode_dataset("s3://bkt/shards/shard-0.tar", "s3://bkt/foreign", tiny_weights, **kw)
     assert LatentStore.open(out).attrs["complete"]
+
+
+@pytest.mark.slow  # a moto S3 server and an encoding job
+def test_shard_cache_reads_the_same_samples_as_the_plain_path(s3, tmp_path, tiny_weights):
+    import torch
+
+    from datasets_tools import ShardBatchSampler
+    from test_dataset_helpers import make_folder
+
+    make_folder(tmp_path / "src", 7)
+    out = "s3://bkt/stores/cached.zarr"
+    encode_dataset(tmp_path / "src", out, tiny_weights, size=64, batch_size=2, workers=0, shard_size=3,
+                   progress=False, log=lambda s: None, dtype="int8", stage_a=True)
+    fields = ("latent", "stage_a")
+    plain = LatentDataset(out, fields=fields)
+    cached = LatentDataset(out, fields=fields, shard_cache=2)
+    expected = {plain.ids[i]: plain[i] for i in range(len(plain))}
+    loader = torch.utils.data.DataLoader(cached, batch_sampler=ShardBatchSampler(cached, 2, num_workers=2, seed=3),
+                                         num_workers=2)
+    seen = []
+    for batch in loader:
+        for j, sid in enumerate(batch["id"]):
+            seen.append(sid)
+            for f in fields:
+                assert torch.equal(batch[f][j], expected[sid][f])
+    assert sorted(seen) == sorted(expected)

@@ -61,8 +61,8 @@ class BenchDataset:
 
     @property
     def latent_itemsize(self) -> int:
-        """Bytes per stored latent value (2 for float16): the rate the decode-only codec is charged."""
-        return 4 if self.store_dtype == "float32" else 2
+        """Bytes per stored latent value (2 for float16, 1 for int8): the rate the decode-only codec is charged."""
+        return {"float32": 4, "int8": 1}.get(self.store_dtype or "float16", 2)
 
     def describe(self) -> dict[str, Any]:
         """What every report states about the data: path, kind, N, resolution, crop and resize kernel."""

@@ -31,10 +31,11 @@ from .common import MINI_HELP, RESUMES, decode_kwargs, decode_options, load_code
               help="Images encoded at once (per bucket).")
 @click.option("--workers", type=click.IntRange(0), default=2, show_default=True,
               help="Background processes decoding and resizing images while the encoder runs (0: in-process).")
-@click.option("--latent-dtype", "--dtype", "dtype", type=click.Choice(["float16", "float32"]), default="float16",
-              show_default=True,
-              help="Storage precision of the latents (computation is always fp32). --dtype is the old name of this "
-                   "option.")
+@click.option("--latent-dtype", "--dtype", "dtype", type=click.Choice(["float16", "float32", "int8"]),
+              default="float16", show_default=True,
+              help="Storage precision of the latents (computation is always fp32). int8: half the bytes of float16, "
+                   "per-channel scale and offset in the store, read back as float32 by LatentDataset; its extras "
+                   "stay float16. --dtype is the old name of this option.")
 @click.option("--device", default="auto", show_default=True,
               help="Torch device of the encoder: auto (a GPU when there is one; under torchrun each process its "
                    "own, cuda:LOCAL_RANK), cpu, cuda, cuda:1, …")
