@@ -48,18 +48,19 @@ def build_pair(task: str, seed: int) -> dict[str, torch.nn.Module]:
     return models
 
 
-def timed(run: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
-    """Seconds of one call of ``run`` and its output."""
-    t0 = time.perf_counter()
+def timed(run: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
+    """Wall seconds and process CPU seconds (all threads) of one call of ``run``, and its output."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = run()
-    return time.perf_counter() - t0, out
+    return time.perf_counter() - t0, time.process_time() - c0, out
 
 
 def measure(task: str = "stage_b", size: int = 512, repeats: int = 3, seed: int = 0,
             threads: int | None = None) -> dict[str, Any]:
     """Build both precisions of ``task``'s lite denoiser, call each once cold (fp32 first, so bf16's first call
     pays only for what is bf16's own: its oneDNN kernels), then ``repeats`` times warm (alternating); return the
-    times, the relative L2 error of bf16 against fp32 and the speed-ups (of the medians and of the fastest)."""
+    times (wall and process CPU), the relative L2 error of bf16 against fp32 and the speed-ups (of the median and
+    fastest wall times, and of the median CPU times, which other load on the machine disturbs less)."""
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
@@ -68,17 +69,21 @@ def measure(task: str = "stage_b", size: int = 512, repeats: int = 3, seed: int 
     inp = make_inputs(task, size, 1, seed)
     args = [inp["x"], inp["r"], *(inp[c] for c in CONDITIONS[task])]
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    cpu_times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     first: dict[str, float] = {}
     outputs: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for name, model in models.items():
-            first[name], outputs[name] = timed(lambda: model(*args))
+            first[name], _, outputs[name] = timed(lambda: model(*args))
         for _ in range(repeats):
             for name, model in models.items():
-                times[name].append(timed(lambda: model(*args))[0])
+                wall, cpu, _ = timed(lambda: model(*args))
+                times[name].append(wall)
+                cpu_times[name].append(cpu)
     ref, out = outputs["fp32"], outputs["bf16"].float()
     warm = {name: statistics.median(ts) for name, ts in times.items()}
     fastest = {name: min(ts) for name, ts in times.items()}
+    warm_cpu = {name: statistics.median(ts) for name, ts in cpu_times.items()}
     return {
         "task": task, "size": size, "seed": seed, "repeats": repeats, "threads": torch.get_num_threads(),
         "input_shape": list(inp["x"].shape), "build_s": build_s,
@@ -86,6 +91,7 @@ def measure(task: str = "stage_b", size: int = 512, repeats: int = 3, seed: int 
         "first_call_s": first, "warm_s": warm, "warm_times_s": times,
         "warm_min_s": fastest, "speedup_fp32_over_bf16": warm["fp32"] / warm["bf16"],
         "speedup_of_fastest": fastest["fp32"] / fastest["bf16"],
+        "warm_cpu_s": warm_cpu, "warm_cpu_times_s": cpu_times, "cpu_speedup": warm_cpu["fp32"] / warm_cpu["bf16"],
         "first_over_warm": {name: first[name] / warm[name] for name in first},
     }
 
@@ -108,6 +114,8 @@ def format_report(result: dict[str, Any], cpu: dict[str, Any]) -> str:
         f"fp32/bf16 = {r['speedup_fp32_over_bf16']:.2f}×",
         f"  warm (fastest of {r['repeats']}, least disturbed by other load): fp32 {r['warm_min_s']['fp32']:.3f} s, "
         f"bf16 {r['warm_min_s']['bf16']:.3f} s; fp32/bf16 = {r['speedup_of_fastest']:.2f}×",
+        f"  warm process CPU seconds (median): fp32 {r['warm_cpu_s']['fp32']:.3f} s, bf16 {r['warm_cpu_s']['bf16']:.3f} "
+        f"s; fp32/bf16 = {r['cpu_speedup']:.2f}×",
     ])
 
 
