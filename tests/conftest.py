@@ -18,8 +18,9 @@ def cpu_without_native_bf16():
 
 @pytest.fixture
 def cpu_with_native_bf16(monkeypatch):
-    """A CPU that reports AVX512_BF16 (for this test only)."""
+    """A CPU that reports AVX512_BF16, and a PyTorch with oneDNN to use it (for this test only)."""
     monkeypatch.setattr("codec.devices.cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
 
 
 @pytest.fixture(scope="session")

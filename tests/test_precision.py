@@ -3,6 +3,9 @@ and Stage A stay fp32; bf16 stays close to fp32 on the same weights."""
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -10,7 +13,7 @@ from click.testing import CliRunner
 from codec import Codec
 from codec import weights as W
 from codec.cli import main
-from codec.devices import auto_dtype, cpu_native_bf16
+from codec.devices import auto_dtype, cpu_flags, cpu_native_bf16
 
 
 def _dtypes(codec: Codec) -> dict[str, torch.dtype]:
@@ -21,7 +24,16 @@ def _rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.float() - ref).norm() / ref.norm()).item()
 
 
-def test_native_bf16_is_read_from_the_cpu_flags():
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="no /proc/cpuinfo (not Linux)")
+def test_cpu_flags_are_read_from_proc_cpuinfo():
+    flags = cpu_flags()  # the real probe: bound at import, before conftest's autouse fixture replaces it
+    assert isinstance(flags, frozenset)
+    if platform.machine() == "x86_64":
+        assert "sse2" in flags
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(cpu_with_native_bf16):
+    assert cpu_native_bf16() == "AVX512_BF16"  # the (mocked) flags of this machine
     assert cpu_native_bf16({"avx2", "avx512f", "avx512_bf16"}) == "AVX512_BF16"
     assert cpu_native_bf16({"avx512_bf16", "amx_bf16", "amx_tile"}) == "AMX-BF16"
     assert cpu_native_bf16({"avx2", "avx512f", "avx512_vnni"}) is None
@@ -40,9 +52,9 @@ def test_auto_is_fp32_on_a_cpu_without_native_bf16():
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_cuda_and_other_devices_do_not_depend_on_the_cpu(native, monkeypatch):
+def test_cuda_and_other_devices_do_not_depend_on_the_cpu(native, request):
     if native:
-        monkeypatch.setattr("codec.devices.cpu_flags", lambda: frozenset({"avx512_bf16"}))
+        request.getfixturevalue("cpu_with_native_bf16")
     assert auto_dtype("cuda") == (torch.bfloat16, "bf16: CUDA (the released precision)")
     assert auto_dtype("cuda:1")[0] == torch.bfloat16
     assert auto_dtype("mps") == (torch.float32, "fp32: default on mps")
@@ -88,9 +100,9 @@ def test_generation_auto_is_fp32_without_native_bf16(tiny_weights):
 
 
 @pytest.mark.parametrize("native", [False, True])
-def test_cascade_info_says_which_precision_auto_runs_and_why(tiny_weights, native, monkeypatch):
+def test_cascade_info_says_which_precision_auto_runs_and_why(tiny_weights, native, request):
     if native:
-        monkeypatch.setattr("codec.devices.cpu_flags", lambda: frozenset({"avx512_bf16"}))
+        request.getfixturevalue("cpu_with_native_bf16")
     r = CliRunner().invoke(main, ["info", str(tiny_weights)])
     assert r.exit_code == 0, r.output
     expected = "bf16: CPU has AVX512_BF16" if native else "fp32: CPU has no native bf16"
