@@ -20,8 +20,9 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -48,10 +49,10 @@ def build_pair(task: str, seed: int) -> dict[str, torch.nn.Module]:
     return models
 
 
-def timed(run: Callable[[], torch.Tensor]) -> tuple[float, float, torch.Tensor]:
-    """Wall seconds and process CPU seconds (all threads) of one call of ``run``, and its output."""
+def timed(model: Callable[..., torch.Tensor], *args: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+    """Wall seconds and process CPU seconds (all threads) of one call ``model(*args)``, and its output."""
     t0, c0 = time.perf_counter(), time.process_time()
-    out = run()
+    out = model(*args)
     return time.perf_counter() - t0, time.process_time() - c0, out
 
 
@@ -74,10 +75,10 @@ def measure(task: str = "stage_b", size: int = 512, repeats: int = 3, seed: int 
     outputs: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for name, model in models.items():
-            first[name], _, outputs[name] = timed(lambda: model(*args))
+            first[name], _, outputs[name] = timed(model, *args)
         for _ in range(repeats):
             for name, model in models.items():
-                wall, cpu, _ = timed(lambda: model(*args))
+                wall, cpu, _ = timed(model, *args)
                 times[name].append(wall)
                 cpu_times[name].append(cpu)
     ref, out = outputs["fp32"], outputs["bf16"].float()
@@ -101,21 +102,23 @@ def format_report(result: dict[str, Any], cpu: dict[str, Any]) -> str:
     r = result
     flags = ", ".join(f"{name} {'yes' if cpu[key] else 'no'}" for name, key in
                       (("AVX512_BF16", "avx512_bf16"), ("AMX-BF16", "amx_bf16")))
+    first, warm, fast, cpu_s = r["first_call_s"], r["warm_s"], r["warm_min_s"], r["warm_cpu_s"]
+    latent = "×".join(map(str, r["input_shape"]))
     return "\n".join([
-        f"CPU: {cpu['model']} ({cpu['logical_cpus']} logical CPUs, torch capability {cpu['torch_cpu_capability']}); "
-        f"{flags}; {r['threads']} threads",
+        (f"CPU: {cpu['model']} ({cpu['logical_cpus']} logical CPUs, torch capability "
+         f"{cpu['torch_cpu_capability']}); {flags}; {r['threads']} threads"),
         f"dtype=auto picks: {cpu['auto_precision']}",
-        f"{r['task']} lite, {r['size']}² output (latent {'×'.join(map(str, r['input_shape']))}), random weights seed "
-        f"{r['seed']} (built in {r['build_s']:.0f} s), one denoiser evaluation:",
+        (f"{r['task']} lite, {r['size']}² output (latent {latent}), random weights seed {r['seed']} "
+         f"(built in {r['build_s']:.0f} s), one denoiser evaluation:"),
         f"  rel L2 bf16 vs fp32: {r['rel_l2_bf16_vs_fp32']:.2e}",
-        f"  first call: fp32 {r['first_call_s']['fp32']:.3f} s, bf16 {r['first_call_s']['bf16']:.3f} s "
-        f"(first/warm: fp32 {r['first_over_warm']['fp32']:.2f}×, bf16 {r['first_over_warm']['bf16']:.2f}×)",
-        f"  warm (median of {r['repeats']}): fp32 {r['warm_s']['fp32']:.3f} s, bf16 {r['warm_s']['bf16']:.3f} s; "
-        f"fp32/bf16 = {r['speedup_fp32_over_bf16']:.2f}×",
-        f"  warm (fastest of {r['repeats']}, least disturbed by other load): fp32 {r['warm_min_s']['fp32']:.3f} s, "
-        f"bf16 {r['warm_min_s']['bf16']:.3f} s; fp32/bf16 = {r['speedup_of_fastest']:.2f}×",
-        f"  warm process CPU seconds (median): fp32 {r['warm_cpu_s']['fp32']:.3f} s, bf16 {r['warm_cpu_s']['bf16']:.3f} "
-        f"s; fp32/bf16 = {r['cpu_speedup']:.2f}×",
+        (f"  first call: fp32 {first['fp32']:.3f} s, bf16 {first['bf16']:.3f} s (first/warm: "
+         f"fp32 {r['first_over_warm']['fp32']:.2f}×, bf16 {r['first_over_warm']['bf16']:.2f}×)"),
+        (f"  warm (median of {r['repeats']}): fp32 {warm['fp32']:.3f} s, bf16 {warm['bf16']:.3f} s; "
+         f"fp32/bf16 = {r['speedup_fp32_over_bf16']:.2f}×"),
+        (f"  warm (fastest of {r['repeats']}, least disturbed by other load): fp32 {fast['fp32']:.3f} s, "
+         f"bf16 {fast['bf16']:.3f} s; fp32/bf16 = {r['speedup_of_fastest']:.2f}×"),
+        (f"  warm process CPU seconds (median): fp32 {cpu_s['fp32']:.3f} s, bf16 {cpu_s['bf16']:.3f} s; "
+         f"fp32/bf16 = {r['cpu_speedup']:.2f}×"),
     ])
 
 

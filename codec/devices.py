@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection
 
 import torch
 

@@ -151,7 +151,7 @@ def test_auto_bf16_generation_runs_end_to_end_close_to_fp32(tiny_weights, cpu_wi
     near the fp32 one (measured ~2.3 % relative L2, within the decode tolerance; another seed differs by ~80 %)."""
     from codec.generation.pipeline import TextToImage
 
-    kwargs = dict(height=256, width=256, steps_c=2, steps_b=2, seed=0, output="tensor")
+    kwargs = {"height": 256, "width": 256, "steps_c": 2, "steps_b": 2, "seed": 0, "output": "tensor"}
     out = TextToImage.from_pretrained(tiny_weights, device="cpu").generate("a red cube", **kwargs).images
     ref = TextToImage.from_pretrained(tiny_weights, device="cpu", dtype="fp32").generate("a red cube", **kwargs).images
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
