@@ -16,27 +16,30 @@ from typing import Any, Sequence
 
 import torch
 
+from codec.devices import auto_dtype, cpu_flags, cpu_native_bf16
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_info() -> dict[str, Any]:
-    """The CPU: model name, logical CPU count, torch's CPU capability and the instruction-set flags that decide
-    its speed (AVX2, AVX-512, native bf16 by AVX512-BF16 or AMX)."""
-    model, flags = platform.processor() or "?", set()
+    """The CPU: model name, logical CPU count, torch's CPU capability, the instruction-set flags that decide
+    its speed (AVX2, AVX-512, native bf16 by AVX512-BF16 or AMX) and the precision the codec's ``dtype="auto"``
+    picks for Stage B and Stage C on it, with the reason (:func:`codec.devices.auto_dtype`)."""
+    model = platform.processor() or "?"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name") and model in ("?", "x86_64", ""):
                 model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:  # not Linux: the model from platform, no flags
+                break
+    except OSError:  # not Linux: the model from platform
         pass
-    native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+    flags = cpu_flags()
     return {
         "model": model, "logical_cpus": os.cpu_count(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-        "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags, "native_bf16": native_bf16,
+        "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+        "native_bf16": cpu_native_bf16() is not None, "auto_precision": auto_dtype("cpu")[1],
     }
 
 

@@ -492,7 +492,8 @@ def format_table(results: list[dict], env: dict) -> str:
     cpu = env["cpu"]
     lines = [
         f"cascade-codec speed benchmark — torch {env['torch']}, diffusers {env.get('diffusers')}, "
-        f"{cpu['model']} ({cpu['torch_cpu_capability']}), {env['threads']} threads",
+        f"{cpu['model']} ({cpu['torch_cpu_capability']}), {env['threads']} threads; the codec's dtype=auto "
+        f"here: {cpu.get('auto_precision')}",
         "median wall seconds of the timed runs after 1 warm-up; ratio = ours / baseline median (<1: ours is "
         "faster); cpu s = median process CPU seconds (less sensitive to other load); peak RSS per process",
         "",
@@ -542,12 +543,13 @@ def format_table(results: list[dict], env: dict) -> str:
         notes.append(f"* load average was above {env['threads'] + 1} at the start of {len(busy)} case(s): other "
                      "processes were competing for the CPU; compare the cpu s column.")
     if any(r["dtype"] == "bf16" for r in results):
-        why = ("this CPU has no AVX512-BF16/AMX, bf16 is emulated and 10–100× slower than fp32"
-               if not cpu["native_bf16"] else "the codec runs fp32 on CPU; bf16 targets GPUs")
-        notes.append(f"* bf16 rows: bf16 on this CPU is not representative ({why}); they are a correctness check "
-                     "(parity column: each implementation against the fp32 output of the same weights). ours runs "
-                     "Stages B and C under autocast as the codec does; diffusers runs pure bf16 with timestep_ratio "
-                     "in bf16.")
+        why = ("this CPU has native bf16, so the codec's dtype=auto runs Stages B and C in bf16 here; "
+               "python -m benchmarks.precision times fp32 against bf16" if cpu["native_bf16"] else
+               "this CPU has no AVX512-BF16/AMX, bf16 is emulated and 10–100× slower than fp32, so dtype=auto runs "
+               "fp32 here; the rows are a correctness check")
+        notes.append(f"* bf16 rows ({why}). Parity column: each implementation against the fp32 output of the same "
+                     "weights. ours runs Stages B and C under autocast as the codec does; diffusers runs pure bf16 "
+                     "with timestep_ratio in bf16.")
         drift = [r for r in results if r["dtype"] == "bf16" and r["task"] in ("stage_b", "stage_c")
                  and not ((r.get("parity") or {}).get("vs_fp32") or {}).get("diffusers", {}).get("ok", True)]
         if drift:
@@ -603,8 +605,8 @@ def parse_args(argv=None):
                    help="Stage C output side in px; latent side = ceil(size/42.67) (default: 1024 → 24)")
     p.add_argument("--bf16", action="store_true",
                    help="also run Stages A, B and C in bf16 at --bf16-size, as a correctness check against "
-                        "the fp32 output (timing reported but flagged: bf16 on CPU is not representative). "
-                        "Slow on CPUs without AVX512-BF16/AMX")
+                        "the fp32 output (and timed). Slow on CPUs without AVX512-BF16/AMX, where the codec's "
+                        "dtype=auto runs fp32")
     p.add_argument("--bf16-size", type=int, default=512, help="output side in px for the bf16 cases (default: 512)")
     p.add_argument("--bf16-repeats", type=int, default=1, help="timed runs for the bf16 cases (default: 1)")
     p.add_argument("--bf16-tolerance", type=float, default=0.05,

@@ -164,7 +164,8 @@ class Codec:
     def __init__(self, stage_a: StageA | None, effnet: EfficientNetEncoder | None, stage_b: StageB | None, *,
                  empty_clip: torch.Tensor | None = None, source: W.WeightSource | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 components: dict[str, ComponentInfo] | None = None, sampling: dict[str, Any] | None = None):
+                 components: dict[str, ComponentInfo] | None = None, sampling: dict[str, Any] | None = None,
+                 dtype_reason: str | None = None):
         self.stage_a = stage_a
         self.sampling = dict(sampling or {})  # Stage B's own sampler defaults (W.META_SAMPLING)
         self.effnet = effnet
@@ -173,6 +174,7 @@ class Codec:
         self.source = source
         self.device = torch.device(device)
         self.dtype = dtype
+        self.dtype_reason = dtype_reason or f"{str(dtype).replace('torch.', '')}: given to Codec()"
         self.components = components or {}
         self._text_encoder = None
         self._previewer = None
@@ -209,21 +211,22 @@ class Codec:
 
         ``stage_b``: ``"lite"`` (700M) or ``"large"`` (1.5B); default lite, or the size of
         the ComfyUI file given as ``source``, or ``"mini"`` for the mini codec. ``dtype`` is Stage B's
-        precision (default bf16 on CUDA, fp32 elsewhere; fp16 is allowed for Stage B
-        only); the EfficientNet encoder and Stage A stay fp32 as in the official code.
+        precision: ``"auto"``/``None`` (default) is bf16 on CUDA and on CPUs with native bf16 (AVX512_BF16 or
+        AMX-BF16), fp32 elsewhere (:func:`codec.devices.auto_dtype`; :attr:`dtype_reason` says which and why);
+        fp16 is allowed for Stage B only; the EfficientNet encoder and Stage A stay fp32 as in the official code.
         ``device`` (``None``/``"auto"``: CUDA when available) is checked to exist. ``source=None`` means
         ``$CASCADE_WEIGHTS``, else the official repo id. ``encoder=False`` skips the EfficientNet encoder
         (decode-only use, e.g. after Stage C); ``decoder=False`` loads only the encoder (encode-only use: no Stage A
         or B file is needed).
         """
         device = resolve_device(device)
-        dtype = W.parse_dtype(dtype, device)
+        dtype, why = W.resolve_dtype(dtype, device)
         src = W.WeightSource(W.default_source(source))
         if not decoder:
             effnet, info = load_component(src, layouts.locate_encoder(src), EfficientNetEncoder, None, torch.float32,
                                           device)
             return cls(None, effnet.to(memory_format=torch.channels_last), None, source=src, device=device,
-                       dtype=dtype, components={"effnet": info})
+                       dtype=dtype, components={"effnet": info}, dtype_reason=why)
         stage_b = stage_b or layouts.default_size(src, "stage_b")
         b_file = src.stage_b_file(stage_b, dtype)
         a_loc = layouts.resolve(src, "stage_a", torch.float32, W.STAGE_A_FILE)
@@ -250,7 +253,7 @@ class Codec:
         if b_loc.layout == "official":
             sampling = json.loads(src.header(b_loc.files[0]).metadata.get(W.META_SAMPLING, "{}"))
         return cls(stage_a, effnet, model_b, empty_clip=empty, source=src, device=device, dtype=dtype,
-                   components=components, sampling=sampling)
+                   components=components, sampling=sampling, dtype_reason=why)
 
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
@@ -491,4 +494,4 @@ class Codec:
         """Which files and precisions are in use."""
         source = None if self.source is None else self.source.source + (" (built-in)" if self.source.builtin else "")
         return {"source": source, "device": str(self.device), "stage_b_dtype": str(self.dtype).replace("torch.", ""),
-                "components": {k: vars(v) for k, v in self.components.items()}}
+                "precision": self.dtype_reason, "components": {k: vars(v) for k, v in self.components.items()}}

@@ -7,6 +7,22 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_native_bf16():
+    """Every test sees a CPU without native bf16, so ``dtype="auto"`` is fp32 on the CPU as the goldens and
+    tolerances assume, on any machine. Tests of the bf16 choice opt in with :func:`cpu_with_native_bf16`."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("codec.devices.cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+        yield
+
+
+@pytest.fixture
+def cpu_with_native_bf16(monkeypatch):
+    """A CPU that reports AVX512_BF16, and a PyTorch with oneDNN to use it (for this test only)."""
+    monkeypatch.setattr("codec.devices.cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """A folder of tiny *random* weights with the official file names (see codec/tiny.py)."""

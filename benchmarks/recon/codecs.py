@@ -275,7 +275,7 @@ class StableCascade(BenchCodec):
         self.weights_info = {"source": self.codec.source.source, "notes": notes, "tiny_random": self.tiny,
                              **{k: v.file for k, v in self.codec.components.items()},
                              "stage_b_dtype": str(self.codec.dtype).replace("torch.", ""),
-                             "device": str(self.codec.device)}
+                             "precision": self.codec.dtype_reason, "device": str(self.codec.device)}
 
     def run(self, item) -> Output:
         p = self.config.params

@@ -274,7 +274,7 @@ def header_lines(s: dict[str, Any]) -> list[str]:
                          "for the real models: their numbers say nothing about Stable Cascade's quality)")
         else:
             lines.append(f"Stable Cascade weights: {w.get('source')} (Stage B {c['params'].get('stage_b')}, "
-                         f"{w.get('stage_b_dtype')})")
+                         f"{w.get('precision') or w.get('stage_b_dtype')})")
     return lines
 
 

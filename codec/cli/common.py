@@ -49,8 +49,9 @@ def weights_option(f: Callable) -> Callable:
     """Shared --weights/--stage-b/--device/--dtype options."""
     f = click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
                      show_default=True,
-                     help="Stage B precision. auto = bf16 on CUDA, fp32 on CPU (bf16 math is slow on most CPUs). "
-                          "fp16 is allowed for Stage B only; the encoder and Stage A always run in fp32.")(f)
+                     help="Stage B precision. auto = bf16 on CUDA and on CPUs with native bf16 (AVX512_BF16 or "
+                          "AMX-BF16), fp32 on other CPUs (emulated bf16 is slower than fp32); `cascade info` says "
+                          "which. fp16 is allowed for Stage B only; the encoder and Stage A always run in fp32.")(f)
     f = click.option("--device", default="auto", show_default=True, help=DEVICE_HELP)(f)
     f = click.option("--stage-b", type=click.Choice(["lite", "large", "mini"]), default=None,
                      help="Stage B size: lite (700M parameters) or large (1.5B); mini only in the built-in mini "

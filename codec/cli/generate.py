@@ -159,7 +159,8 @@ def _png_text(prompt: str, negative: str, seed: int | None, settings) -> dict[st
                    "the text encoder.")
 @click.option("--device", default="auto", show_default=True, help="Torch device: auto (CUDA if available), cpu, cuda, …")
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
-              help="Stage C and Stage B precision. auto = bf16 on CUDA, fp32 on CPU. fp16 (GPUs without bf16, "
+              help="Stage C and Stage B precision. auto = bf16 on CUDA and on CPUs with native bf16 (AVX512_BF16 "
+                   "or AMX-BF16), fp32 on other CPUs. fp16 (GPUs without bf16, "
                    "Apple MPS) runs Stage C in an overflow-safe mode: fp16 weights and matrix multiplies, fp32 "
                    "activations (plain fp16 overflows in Stage C).")
 @user_errors

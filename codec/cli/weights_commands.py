@@ -68,6 +68,7 @@ def info(weights, list_ids) -> None:
     import torch
 
     from .. import weights as W
+    from ..devices import auto_dtype, resolve_device
     from ..layouts import inventory, official
     from ..layouts import locate as layouts
 
@@ -103,6 +104,9 @@ def info(weights, list_ids) -> None:
     if encoder is not None:
         used.append(f"encoder ← {encoder.label}")
     click.echo(f"  loaded for an fp32 run: {'; '.join(used)}")
+    device = resolve_device(None)
+    click.echo(f"  precision with --dtype auto on {device}: {auto_dtype(device)[1]} (Stage B and Stage C; the "
+               f"encoder and Stage A run fp32)")
     missing = [name for name, there in ((W.STAGE_A_FILE, layouts.locate(source, "stage_a", torch.float32)),
                                         (W.EFFNET_FILE, encoder)) if not there]
     if missing:

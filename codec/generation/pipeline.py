@@ -109,12 +109,13 @@ class TextToImage:
     def __init__(self, source: W.WeightSource, stage_c: str = "lite", stage_b: str = "lite",
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  clip_source: str | os.PathLike | None = None, keep_loaded: bool = False,
-                 loras: Sequence[tuple[str | os.PathLike, float]] = ()):
+                 loras: Sequence[tuple[str | os.PathLike, float]] = (), dtype_reason: str | None = None):
         self.source = source
         self.stage_c_size = stage_c
         self.stage_b_size = stage_b
         self.device = torch.device(device)
         self.dtype = dtype
+        self.dtype_reason = dtype_reason or f"{str(dtype).replace('torch.', '')}: given to TextToImage()"
         self.clip_source: str | os.PathLike | W.WeightSource = clip_source if clip_source is not None else source
         self.keep_loaded = keep_loaded
         self.loras = [(Path(p), float(m)) for p, m in loras]
@@ -142,7 +143,8 @@ class TextToImage:
 
         ``stage_c``/``stage_b``: ``"lite"`` or ``"large"``; default lite, or the size in the
         ComfyUI file given as ``source``. ``dtype``: Stage C and Stage B
-        precision (default bf16 on CUDA, fp32 elsewhere); ``fp16`` runs Stage C in its
+        precision (``"auto"``/``None``: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere, as
+        :func:`codec.devices.auto_dtype` decides; :attr:`dtype_reason` says why); ``fp16`` runs Stage C in its
         overflow-safe fp16 mode (:meth:`StageC.half_safe`). ``clip_source``: folder or repo
         with ``text_encoder/``, ``tokenizer/`` (and ``image_encoder/`` for variations);
         default: ``source``. ``loras``: ``(file, strength)`` pairs merged into Stage C (official,
@@ -150,11 +152,11 @@ class TextToImage:
         tokenizer and text encoder.
         """
         device = resolve_device(device)
-        dtype = W.parse_dtype(dtype, device)
+        dtype, why = W.resolve_dtype(dtype, device)
         src = W.WeightSource(W.default_source(source))
         stage_c = stage_c or layouts.default_size(src, "stage_c")
         stage_b = stage_b or layouts.default_size(src, "stage_b")
-        pipeline = cls(src, stage_c, stage_b, device, dtype, clip_source, keep_loaded, loras)
+        pipeline = cls(src, stage_c, stage_b, device, dtype, clip_source, keep_loaded, loras, dtype_reason=why)
         text = missing_text_folders(clip_source or src) if src.builtin is None else None
         fetch = None  # one message for everything missing, the text encoder included
         if text is not None and text[1]:

@@ -27,7 +27,15 @@ from .checkpoint import (
                          write_checkpoint,
 )
 from .hub import hf_subfolders, hub_file, hub_offline, hub_reachable, missing_files_message
-from .modules import check_keys, configured_builder, default_dtype, load_configured, load_module, parse_dtype
+from .modules import (
+                         check_keys,
+                         configured_builder,
+                         default_dtype,
+                         load_configured,
+                         load_module,
+                         parse_dtype,
+                         resolve_dtype,
+)
 from .names import (
                          BUILTIN_MODELS,
                          EFFNET_FILE,
@@ -51,6 +59,6 @@ __all__ = [
     "Checkpoint", "KeyPlan", "Part", "Piece", "SafetensorsHeader", "StoredTensor", "TensorInfo", "WeightSource",
     "WeightsError", "check_keys", "configured_builder", "default_dtype", "default_source", "hf_subfolders", "hub_file",
     "hub_offline", "hub_reachable", "iter_checkpoint", "iter_tensors", "load_configured", "load_module",
-    "missing_files_message", "parse_dtype", "read_header", "refuse_pickle", "save_module", "save_state",
+    "missing_files_message", "parse_dtype", "read_header", "refuse_pickle", "resolve_dtype", "save_module", "save_state",
     "write_checkpoint",
 ]

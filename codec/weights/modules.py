@@ -11,6 +11,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..devices import auto_dtype
 from ..errors import UsageError, WeightsError
 from .checkpoint import Checkpoint, SafetensorsHeader, iter_checkpoint, read_header
 
@@ -82,18 +83,29 @@ def load_configured(cls: Callable[..., nn.Module], path: str | os.PathLike, pres
 
 
 def default_dtype(device: torch.device | str) -> torch.dtype:
-    """bf16 on CUDA (the released precision), fp32 elsewhere (bf16 math is slow on most CPUs)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """What ``dtype="auto"`` means on ``device`` (:func:`codec.devices.auto_dtype`, without the reason)."""
+    return auto_dtype(device)[0]
+
+
+DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+               "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+SHORT_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def resolve_dtype(value: str | torch.dtype | None, device: torch.device | str) -> tuple[torch.dtype, str]:
+    """``"auto"|None|"bf16"|"fp16"|"fp32"|torch.dtype`` → the dtype and why (``auto``/None: the reason of
+    :func:`codec.devices.auto_dtype`; anything else: ``"<dtype>: requested"``)."""
+    if value is None or value == "auto":
+        return auto_dtype(device)
+    if isinstance(value, torch.dtype):
+        dtype = value
+    elif value in DTYPE_NAMES:
+        dtype = DTYPE_NAMES[value]
+    else:
+        raise UsageError(f"unknown dtype {value!r}; use auto, bf16, fp16 or fp32")
+    return dtype, f"{SHORT_DTYPE_NAMES.get(dtype, str(dtype).replace('torch.', ''))}: requested"
 
 
 def parse_dtype(value: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
-    """``"bf16"|"fp16"|"fp32"|torch.dtype|None`` → dtype (``None`` → :func:`default_dtype`)."""
-    if value is None or value == "auto":
-        return default_dtype(device)
-    if isinstance(value, torch.dtype):
-        return value
-    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
-    if value not in names:
-        raise UsageError(f"unknown dtype {value!r}; use bf16, fp16 or fp32")
-    return names[value]
+    """``"auto"|None|"bf16"|"fp16"|"fp32"|torch.dtype`` → dtype (:func:`resolve_dtype` without the reason)."""
+    return resolve_dtype(value, device)[0]
