@@ -59,6 +59,7 @@ from codec.layouts.official import OFFICIAL_STAGE_A_SCALE
 from codec.presets import create_model
 
 from .environment import environment_record
+from .peak import gemm_peak_gflops, model_flops
 from .rss import current_rss_bytes, peak_rss_bytes
 
 ALL_TASKS = ("effnet", "stage_a", "stage_b", "stage_c")
@@ -458,6 +459,16 @@ def run_case(case: Case, args, tmpdir: Path, refs: dict[tuple[str, int, int], Pa
         r["min_s"] = min(ts) if ts else None
         r["max_s"] = max(ts) if ts else None
         r["median_cpu_s"] = statistics.median(r["cpu_times_s"]) if r["cpu_times_s"] else None
+    try:
+        result["flops"] = model_flops(case.task, case.size, case.batch)
+    except Exception as e:  # noqa: BLE001 - the rate columns stay empty, the timing stands
+        log(f"[{case.key}] FLOPs not counted: {e}")
+        result["flops"] = None
+    peak = (getattr(args, "peak_gflops", None) or {}).get(case.dtype)
+    for r in result["impls"].values():
+        if result["flops"] and r.get("median_s"):
+            r["gflops"] = result["flops"] / r["median_s"] / 1e9
+            r["fraction_of_peak"] = r["gflops"] / peak if peak else None
     ours, base = result["impls"].get(case.impls[0], {}), result["impls"].get(baseline, {})
     if ours.get("median_s") and base.get("median_s"):
         result[f"ratio_ours_over_{baseline}"] = ours["median_s"] / base["median_s"]
@@ -496,10 +507,14 @@ def format_table(results: list[dict], env: dict) -> str:
         f"here: {cpu.get('auto_precision')}",
         "median wall seconds of the timed runs after 1 warm-up; ratio = ours / baseline median (<1: ours is "
         "faster); cpu s = median process CPU seconds (less sensitive to other load); peak RSS per process",
+        "GFLOP/s = the model's FLOPs (torch.utils.flop_counter, counted once from the architecture) / median s; "
+        "% peak = of this machine's best "
+        + ", ".join(f"{k} {v:,.0f}" for k, v in (env.get("peak_gflops") or {}).items())
+        + " GFLOP/s (best 1024² or 2048² GEMM, same threads, measured in this run)",
         "",
     ]
     head = f"{'task':<8} {'dtype':<5} {'input':<42} {'implementation':<28} {'median s':>9} {'min–max s':>15} " \
-           f"{'ratio':>6} {'cpu s':>8} {'peak RSS':>9}  parity"
+           f"{'ratio':>6} {'cpu s':>8} {'GFLOP/s':>8} {'% peak':>6} {'peak RSS':>9}  parity"
     lines += [head, "-" * len(head)]
     for r in results:
         impls = list(r["impls"].items())
@@ -518,10 +533,13 @@ def format_table(results: list[dict], env: dict) -> str:
             ptxt += f" [{r['status']}]"
         for i, (impl, d) in enumerate(impls):
             rng = f"{d['min_s']:.3f}–{d['max_s']:.3f}" if d.get("min_s") is not None else "-"
+            rate = f"{d['gflops']:.0f}" if d.get("gflops") else "-"
+            share = f"{100 * d['fraction_of_peak']:.0f}%" if d.get("fraction_of_peak") else "-"
             lines.append(
                 f"{r['task'] if i == 0 else '':<8} {r['dtype'] if i == 0 else '':<5} "
                 f"{r['input'] if i == 0 else '':<42} {d['label']:<28} {_sec(d.get('median_s')):>9} {rng:>15} "
                 f"{(f'{ratio:.2f}' if (i == 0 and ratio) else ''):>6} {_sec(d.get('median_cpu_s')):>8} "
+                f"{rate:>8} {share:>6} "
                 f"{_gb(d.get('peak_rss')):>9}  "
                 f"{ptxt if i == 0 else ''}")
     tasks = {r["task"] for r in results}
@@ -672,6 +690,10 @@ def main(argv=None) -> int:
     if args.thp_alloc:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # inherited by the spawned workers
     env = environment(args)
+    torch.set_num_threads(args.threads)
+    env["peak_gflops"] = args.peak_gflops = {d: gemm_peak_gflops(_dtype(d)) for d in sorted({c.dtype for c in
+                                                                                              build_cases(args)})}
+    log("GEMM peak (GFLOP/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in env["peak_gflops"].items()))
     cases = build_cases(args)
     t_start = time.perf_counter()
     results = []
