@@ -169,7 +169,7 @@ class _UnitItems(torch.utils.data.Dataset):
                 raise SampleError(f"unreadable file: {e}") from None
             if self.raw:
                 image = decode_image_uint8(data)
-                # the tuples travel inside the Geometry: pinning turns a dict's plain tuples into lists
+                # orig_size, crop_box and bucket travel inside the Geometry (older torch pinning made tuples lists)
                 out.update(raw=image, geometry=geometry(*image.shape[-2:], self.policy, self.size))
             else:
                 p = preprocess(decode_image(data), self.policy, self.size)
