@@ -7,9 +7,15 @@ finalises (index, error tables, attributes). Killing the job at any moment and r
 it again continues where it stopped: uncommitted units are recomputed from scratch and,
 because encoding is deterministic (fixed batches per unit), give identical latents.
 
-Decoding and resizing run in a torch ``DataLoader`` with ``workers`` processes so they
-overlap the encoder. Bad inputs never raise: each becomes an error record
-``(id, source, "reason: detail")``.
+Decoding runs in a torch ``DataLoader`` with ``workers`` processes so it overlaps the
+encoder. Where the resize runs depends on the device (:func:`_resize_on_device`): on the CPU
+the workers also resize and crop (:func:`~datasets_tools.preprocess.preprocess`) and send
+float pixels at the encoder's size; on a CUDA device they send the decoded image as uint8
+``(3,h,w)`` (a quarter of the bytes of float32, in pinned memory) with its
+:class:`~datasets_tools.preprocess.Geometry`, and the main process moves it to the device,
+converts it to float (:func:`codec.images.from_uint8`) and resizes and crops it there with the
+same antialiased bilinear resize (:func:`~datasets_tools.preprocess.apply_geometry`). Bad inputs
+never raise: each becomes an error record ``(id, source, "reason: detail")``.
 
 Optional extras, computed in the same batches as the latents (so resumed units are
 bitwise identical too): CLIP text embeddings of the captions (``text_encoder``; a
@@ -32,7 +38,7 @@ import torch
 from codec.codec import encode_pixels, load_encoder, load_stage_a
 from codec.errors import CascadeError, UsageError
 
-from .preprocess import POLICIES, RESIZE, known_buckets, preprocess
+from .preprocess import POLICIES, RESIZE, Geometry, apply_geometry, geometry, known_buckets, preprocess
 from .quantize import ChannelQuantization
 from .sources import Sample, list_source, source_root
 from .store import (FORMAT, FORMAT_VERSION, LATENT_CHANNELS, LatentStore, StoreError, StoreHook, array_dtype,
@@ -115,21 +121,36 @@ def extras_identity(weights: str | os.PathLike, text_encoder: str | os.PathLike 
     return extras
 
 
-def decode_image(data: bytes) -> torch.Tensor:
-    """Image file bytes → upright RGB ``(3,h,w)`` float in [0,1]; :class:`SampleError` with a reason otherwise."""
-    from codec.images import ImageReadError, load_image, pil_to_tensor
+def decode_image_uint8(data: bytes) -> torch.Tensor:
+    """Image file bytes → upright RGB ``(3,h,w)`` uint8; :class:`SampleError` with a reason otherwise."""
+    from codec.images import ImageReadError, load_image, pil_to_uint8
 
     try:
-        return pil_to_tensor(load_image(data))
+        return pil_to_uint8(load_image(data))
     except ImageReadError as e:
         raise SampleError(e.reason) from None
 
 
-class _UnitItems(torch.utils.data.Dataset):
-    """Decode + preprocess one planned sample per item (runs in DataLoader workers); never raises for bad input."""
+def decode_image(data: bytes) -> torch.Tensor:
+    """Image file bytes → upright RGB ``(3,h,w)`` float in [0,1]; :class:`SampleError` with a reason otherwise."""
+    from codec.images import from_uint8
 
-    def __init__(self, items: list[tuple[int, Sample]], policy: str, size: int):
-        self.items, self.policy, self.size = items, policy, size
+    return from_uint8(decode_image_uint8(data))
+
+
+def _resize_on_device(device: str | torch.device) -> bool:
+    """Whether the encode job resizes on ``device`` in the main process (CUDA) rather than in the loader's workers."""
+    return torch.device(device).type == "cuda"
+
+
+class _UnitItems(torch.utils.data.Dataset):
+    """Decode + preprocess one planned sample per item (runs in DataLoader workers); never raises for bad input.
+
+    With ``raw`` the item carries the decoded uint8 image (``raw``) and its ``geometry`` instead of ``pixels``
+    (:func:`_preprocess_raw` finishes it on the device)."""
+
+    def __init__(self, items: list[tuple[int, Sample]], policy: str, size: int, raw: bool = False):
+        self.items, self.policy, self.size, self.raw = items, policy, size, raw
 
     def __len__(self) -> int:
         return len(self.items)
@@ -146,8 +167,13 @@ class _UnitItems(torch.utils.data.Dataset):
                 raise SampleError(f"missing file: {sample.location}") from None
             except OSError as e:
                 raise SampleError(f"unreadable file: {e}") from None
-            p = preprocess(decode_image(data), self.policy, self.size)
-            out.update(pixels=p.pixels, orig_size=p.orig_size, crop_box=p.crop_box, bucket=p.bucket)
+            if self.raw:
+                image = decode_image_uint8(data)
+                # orig_size, crop_box and bucket travel inside the Geometry (older torch pinning made tuples lists)
+                out.update(raw=image, geometry=geometry(*image.shape[-2:], self.policy, self.size))
+            else:
+                p = preprocess(decode_image(data), self.policy, self.size)
+                out.update(pixels=p.pixels, orig_size=p.orig_size, crop_box=p.crop_box, bucket=p.bucket)
         except SampleError as e:
             out["error"] = str(e)
         except Exception as e:  # noqa: BLE001 - a bad file must never stop the job; the reason is recorded
@@ -157,6 +183,17 @@ class _UnitItems(torch.utils.data.Dataset):
 
 def _identity_collate(x):
     return x
+
+
+def _preprocess_raw(item: dict[str, Any], device: str | torch.device) -> None:
+    """Finish a raw item (see :class:`_UnitItems`) in place: uint8 → ``device`` → float → resize + crop as its
+    geometry says; sets ``pixels`` (on ``device``), ``orig_size``, ``crop_box`` and ``bucket``."""
+    from codec.images import from_uint8
+
+    g: Geometry = item.pop("geometry")
+    raw = item.pop("raw").to(device, non_blocking=True)
+    item.update(pixels=apply_geometry(from_uint8(raw), g), orig_size=g.orig_size, crop_box=g.crop_box,
+                bucket=g.bucket)
 
 
 @dataclass
@@ -451,10 +488,12 @@ def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]
     from codec.progress import progress_bar
     from codec.text import MAX_TOKENS
 
+    raw = _resize_on_device(job.device)
+    pin = raw and torch.device(job.device).type == "cuda" and torch.cuda.is_available()
     loader = torch.utils.data.DataLoader(
-        _UnitItems(items, job.policy, job.size), batch_size=None, shuffle=False, num_workers=job.workers,
+        _UnitItems(items, job.policy, job.size, raw), batch_size=None, shuffle=False, num_workers=job.workers,
         collate_fn=_identity_collate, prefetch_factor=max(2, job.batch_size) if job.workers else None,
-        persistent_workers=False)
+        persistent_workers=False, pin_memory=pin)
     bar = progress_bar(len(items), "encode-dataset", unit="img", enabled=None if job.progress else False,
                        smoothing=0.05)
     remaining = {k: len(plan[k]) for k in {k for k, _ in items}}
@@ -500,6 +539,11 @@ def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]
         st = state(k)
         if item["warning"]:
             st["warnings"].append([item["id"], item["source"], item["warning"]])
+        if not item["error"] and "raw" in item:
+            try:
+                _preprocess_raw(item, job.device)
+            except Exception as e:  # noqa: BLE001 - as in the workers: recorded, never fatal
+                item["error"] = f"unexpected error: {type(e).__name__}: {e}"
         if item["error"]:
             skip(st, item, item["error"])
         else:

@@ -13,6 +13,10 @@ Policies (``size`` defaults to 768 → 24×24 latents):
 - ``keep-aspect``: short side → ``size``, then each side centre-cropped down to a
   multiple of 32.
 
+The geometry (resized size, crop, crop box, bucket) depends only on ``(h, w, policy, size)``:
+:func:`geometry` computes it without pixels and :func:`apply_geometry` applies it to float pixels on
+any device (the dataset encoder resizes on the GPU this way); :func:`preprocess` is the two together.
+
 Every policy returns a :class:`Preprocessed`: the ``(3,H,W)`` tensor and ``orig_size``
 (h, w), ``crop_box`` (left, top, right, bottom) in original pixel coordinates (rounded)
 and ``bucket`` (H, W) in pixels. The latent is ``16 × H/32 × W/32``.
@@ -73,19 +77,18 @@ def nearest_bucket(height: int, width: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - a))
 
 
-def _resize_crop(x: torch.Tensor, resized: tuple[int, int], crop: tuple[int, int]) -> Preprocessed:
-    """Resize ``x`` (3,h,w) to ``resized`` then centre-crop to ``crop``; record the crop in original pixels."""
-    h, w = x.shape[-2:]
-    rh, rw = resized
-    ch, cw = crop
-    if (rh, rw) != (h, w):
-        x = TF.resize(x, [rh, rw], interpolation=TF.InterpolationMode.BILINEAR, antialias=True).clamp_(0, 1)
-    top = int(round((rh - ch) / 2.0))
-    left = int(round((rw - cw) / 2.0))
-    x = x[:, top:top + ch, left:left + cw].contiguous()
-    sy, sx = h / rh, w / rw
-    box = (round(left * sx), round(top * sy), round((left + cw) * sx), round((top + ch) * sy))
-    return Preprocessed(x, (h, w), box, (ch, cw))
+@dataclass(frozen=True)
+class Geometry:
+    """What a policy does to an ``h``×``w`` image, computed without its pixels (:func:`geometry`): resize to
+    ``resized`` (H, W), then crop ``bucket`` (H, W) at ``(top, left)`` of the resized image; ``crop_box`` is that crop
+    in original pixels (left, top, right, bottom), rounded."""
+
+    orig_size: tuple[int, int]
+    resized: tuple[int, int]
+    bucket: tuple[int, int]
+    top: int
+    left: int
+    crop_box: tuple[int, int, int, int]
 
 
 def _short_side(h: int, w: int, size: int) -> tuple[int, int]:
@@ -95,22 +98,51 @@ def _short_side(h: int, w: int, size: int) -> tuple[int, int]:
     return int(size * h / w), size
 
 
-def preprocess(x: torch.Tensor, policy: str = "center", size: int = 768) -> Preprocessed:
-    """Apply ``policy`` to an RGB float image ``(3,h,w)`` in [0,1]."""
+def _centre_crop(h: int, w: int, resized: tuple[int, int], crop: tuple[int, int]) -> Geometry:
+    """Resize ``h``×``w`` to ``resized`` then centre-crop to ``crop``; the crop is also recorded in original pixels."""
+    rh, rw = resized
+    ch, cw = crop
+    top = int(round((rh - ch) / 2.0))
+    left = int(round((rw - cw) / 2.0))
+    sy, sx = h / rh, w / rw
+    box = (round(left * sx), round(top * sy), round((left + cw) * sx), round((top + ch) * sy))
+    return Geometry((h, w), (rh, rw), (ch, cw), top, left, box)
+
+
+def geometry(h: int, w: int, policy: str = "center", size: int = 768) -> Geometry:
+    """What ``policy`` at ``size`` does to an ``h``×``w`` image (no pixels needed; :func:`apply_geometry` does it)."""
     if policy not in POLICIES:
         raise UsageError(f"unknown preprocessing policy {policy!r}; choose one of {', '.join(POLICIES)}")
     if size < FACTOR or size % FACTOR:
         raise UsageError(f"size must be a positive multiple of {FACTOR}, got {size}")
-    h, w = x.shape[-2:]
+    h, w = int(h), int(w)
     if policy == "center":
-        return _resize_crop(x, _short_side(h, w, size), (size, size))
+        return _centre_crop(h, w, _short_side(h, w, size), (size, size))
     if policy == "keep-aspect":
         rh, rw = _short_side(h, w, size)
-        return _resize_crop(x, (rh, rw), (rh // FACTOR * FACTOR, rw // FACTOR * FACTOR))
+        return _centre_crop(h, w, (rh, rw), (rh // FACTOR * FACTOR, rw // FACTOR * FACTOR))
     bh, bw = nearest_bucket(h, w, bucket_sizes(size))
     scale = max(bh / h, bw / w)
     resized = (max(bh, math.ceil(h * scale - 1e-9)), max(bw, math.ceil(w * scale - 1e-9)))
-    return _resize_crop(x, resized, (bh, bw))
+    return _centre_crop(h, w, resized, (bh, bw))
+
+
+def apply_geometry(x: torch.Tensor, g: Geometry) -> torch.Tensor:
+    """Resize float pixels ``(..., 3, h, w)`` in [0,1] (any device) as ``g`` says (antialiased bilinear, clamped to
+    [0,1]) and crop; returns a contiguous ``(..., 3, H, W)`` tensor on the same device."""
+    if tuple(x.shape[-2:]) != g.orig_size:
+        raise ValueError(f"geometry is for a {g.orig_size} image, got pixels of shape {list(x.shape)}")
+    if g.resized != g.orig_size:
+        x = TF.resize(x, list(g.resized), interpolation=TF.InterpolationMode.BILINEAR, antialias=True).clamp_(0, 1)
+    (ch, cw), top, left = g.bucket, g.top, g.left
+    return x[..., top:top + ch, left:left + cw].contiguous()
+
+
+def preprocess(x: torch.Tensor, policy: str = "center", size: int = 768) -> Preprocessed:
+    """Apply ``policy`` to an RGB float image ``(3,h,w)`` in [0,1]: :func:`geometry` then :func:`apply_geometry`."""
+    h, w = x.shape[-2:]
+    g = geometry(h, w, policy, size)
+    return Preprocessed(apply_geometry(x, g), g.orig_size, g.crop_box, g.bucket)
 
 
 def known_buckets(policy: str, size: int) -> list[tuple[int, int]]:

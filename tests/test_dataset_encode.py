@@ -250,3 +250,55 @@ def test_plans_with_absolute_paths_still_work(tmp_path, tiny_weights):
     clean = tmp_path / "clean.zarr"
     run(src, clean, tiny_weights)
     assert _by_id(out) == _by_id(clean)
+
+
+def _store_contents(path):
+    ds = LatentDataset(path, fields=("latent", "stage_a"))
+    store = LatentStore.open(path)
+    items = {ds.ids[i]: ds[i] for i in range(len(ds))}
+    return items, sorted(map(tuple, store.table("errors"))), sorted(map(tuple, store.table("warnings")))
+
+
+@pytest.mark.parametrize("policy", ["center", "buckets", "keep-aspect"])
+def test_raw_uint8_path_resizing_in_the_main_process_gives_the_same_latents(tmp_path, tiny_weights, monkeypatch,
+                                                                            policy):
+    """The CUDA path (workers send uint8 + geometry, the main process resizes), forced on the CPU."""
+    import datasets_tools.encode as E
+
+    src = tmp_path / "src"
+    _corpus(src)  # bad files, odd modes, EXIF rotation, a bad caption
+    make_folder(src, 4, sizes=((61, 97), (97, 61), (75, 75), (33, 150)))
+    kw = {"policy": policy, "size": 64, "dtype": "float32", "stage_a": True, "shard_size": 3}
+    default = run(src, tmp_path / "default.zarr", tiny_weights, **kw)
+    monkeypatch.setattr(E, "_resize_on_device", lambda device: True)
+    raw = run(src, tmp_path / "raw.zarr", tiny_weights, workers=1, **kw)
+    assert (raw.encoded, raw.skipped, raw.reasons) == (default.encoded, default.skipped, default.reasons)
+    assert default.encoded == 10 and default.skipped == 4
+    a, a_err, a_warn = _store_contents(tmp_path / "default.zarr")
+    b, b_err, b_warn = _store_contents(tmp_path / "raw.zarr")
+    assert set(a) == set(b) and a_err == b_err and a_warn == b_warn
+    for i in a:
+        assert (a[i]["orig_size"], a[i]["crop_box"], a[i]["bucket"]) == (b[i]["orig_size"], b[i]["crop_box"],
+                                                                           b[i]["bucket"])
+        torch.testing.assert_close(b[i]["latent"], a[i]["latent"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(b[i]["stage_a"], a[i]["stage_a"], rtol=0, atol=1e-5)
+
+
+def test_raw_path_failure_in_the_main_process_is_recorded_not_fatal(tmp_path, tiny_weights, monkeypatch):
+    import datasets_tools.encode as E
+
+    make_folder(tmp_path / "src", 4)
+    real = E.apply_geometry
+
+    def flaky(x, g):
+        if g.orig_size == (96, 64):
+            raise RuntimeError("out of memory")
+        return real(x, g)
+
+    monkeypatch.setattr(E, "_resize_on_device", lambda device: True)
+    monkeypatch.setattr(E, "apply_geometry", flaky)
+    s = run(tmp_path / "src", tmp_path / "out.zarr", tiny_weights)
+    assert s.encoded + s.skipped == 4 and s.skipped >= 1
+    assert s.reasons == {"unexpected error": s.skipped}
+    errors = LatentStore.open(tmp_path / "out.zarr").table("errors")
+    assert all("RuntimeError: out of memory" in r for _, _, r in errors)
