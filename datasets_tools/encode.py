@@ -341,6 +341,9 @@ def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: s
         raise UsageError("shard_size and batch_size must be ≥ 1 and workers ≥ 0")
     if size < 32 or size % 32:
         raise UsageError(f"size must be a positive multiple of 32, got {size}")
+    from codec.devices import resolve_device
+
+    device = str(resolve_device(device))  # "auto" → this process's GPU or the CPU; a missing device is refused
     t0 = time.perf_counter()
     rank, world = _dist_info()
     own_group = world > 1 and not torch.distributed.is_initialized()
