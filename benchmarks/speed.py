@@ -690,11 +690,10 @@ def main(argv=None) -> int:
     if args.thp_alloc:
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"  # inherited by the spawned workers
     env = environment(args)
-    torch.set_num_threads(args.threads)
-    env["peak_gflops"] = args.peak_gflops = {d: gemm_peak_gflops(_dtype(d)) for d in sorted({c.dtype for c in
-                                                                                              build_cases(args)})}
-    log("GEMM peak (GFLOP/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in env["peak_gflops"].items()))
     cases = build_cases(args)
+    torch.set_num_threads(args.threads)
+    env["peak_gflops"] = args.peak_gflops = {d: gemm_peak_gflops(_dtype(d)) for d in sorted({c.dtype for c in cases})}
+    log("GEMM peak (GFLOP/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in env["peak_gflops"].items()))
     t_start = time.perf_counter()
     results = []
     refs: dict[tuple[str, int, int], Path] = {}

@@ -64,15 +64,23 @@ class ShardLayout:
         """Size of the index at the end of a shard object: S (offset, length) pairs + crc32c."""
         return self.shard_rows * 16 + 4
 
+    def index(self, raw: bytes) -> np.ndarray:
+        """The ``(S, 2)`` (offset, length) pairs of a shard from its last :attr:`index_bytes` bytes (the crc32c at
+        the end is not checked)."""
+        return np.frombuffer(raw[:self.shard_rows * 16], dtype="<u8").reshape(self.shard_rows, 2)
+
+    def row(self, chunk: bytes, zstd: Zstd | None) -> np.ndarray:
+        """One row from its stored bytes, zstd-decoded with ``zstd`` when the array is compressed (read-only)."""
+        return np.frombuffer(zstd.decode(chunk) if zstd is not None else chunk, dtype=self.dtype
+                             ).reshape(self.shape[1:])
+
     def decode_shard(self, data: bytes) -> np.ndarray:
         """All ``(S, …)`` rows of a whole shard object (fill value where a row was never written)."""
-        index = np.frombuffer(data[-self.index_bytes:-4], dtype="<u8").reshape(self.shard_rows, 2)
         out = np.full((self.shard_rows, *self.shape[1:]), self.fill_value, dtype=self.dtype)
         zstd = Zstd() if self.zstd else None
-        for j, (offset, length) in enumerate(index.tolist()):
+        for j, (offset, length) in enumerate(self.index(data[-self.index_bytes:]).tolist()):
             if offset != int(_EMPTY):
-                chunk = data[offset:offset + length]
-                out[j] = np.frombuffer(zstd.decode(chunk) if zstd else chunk, dtype=self.dtype).reshape(self.shape[1:])
+                out[j] = self.row(data[offset:offset + length], zstd)
         return out
 
 
@@ -115,10 +123,8 @@ class ShardedReader:
             if fd is None:
                 self._index[shard] = None
             else:
-                n = self.S * 16
-                size = os.fstat(fd).st_size
-                raw = os.pread(fd, n, size - n - 4)
-                self._index[shard] = np.frombuffer(raw, dtype="<u8").reshape(self.S, 2)
+                n = self.layout.index_bytes
+                self._index[shard] = self.layout.index(os.pread(fd, n, os.fstat(fd).st_size - n))
         return self._index[shard]
 
     def read(self, row: int) -> np.ndarray:
@@ -128,9 +134,7 @@ class ShardedReader:
         if index is None or index[j, 0] == _EMPTY:
             return np.full(self.row_shape, self.fill_value, dtype=self.dtype)
         data = os.pread(self._fds[shard], int(index[j, 1]), int(index[j, 0]))
-        if self._zstd is not None:
-            data = self._zstd.decode(data)
-        return np.frombuffer(data, dtype=self.dtype).reshape(self.row_shape).copy()  # writable, for torch
+        return self.layout.row(data, self._zstd).copy()  # writable, for torch
 
     def close(self) -> None:
         """Close the open shard files."""

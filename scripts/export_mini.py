@@ -80,12 +80,11 @@ def _codec_parts(source: Path) -> tuple[dict, str]:
 
     if not (source / W.EFFNET_FILE).is_file():
         return split_codec_state(_checkpoint(source)), _run_config(source)["prediction"]
-    parts = {}
+    parts, headers = {}, {}
     for part, name in (("effnet", W.EFFNET_FILE), ("stage_b", W.STAGE_B_FILES["mini"]["fp32"])):
-        header = W.read_header(source / name)
+        headers[part] = header = W.read_header(source / name)
         parts[part] = dict(W.iter_tensors(header, torch.float32)), json.loads(header.metadata[W.META_CONFIG])
-    sampling = json.loads(W.read_header(source / W.STAGE_B_FILES["mini"]["fp32"]).metadata[W.META_SAMPLING])
-    return parts, sampling["prediction"]
+    return parts, json.loads(headers["stage_b"].metadata[W.META_SAMPLING])["prediction"]
 
 
 def export_codec(run: Path, stage_a: Path, folder: Path, sampling: dict | None = None) -> None:

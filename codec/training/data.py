@@ -108,17 +108,6 @@ def epoch_batches(dataset: Any, global_batch: int, seed: int, epoch: int, shuffl
     return batches
 
 
-class _Slices(torch.utils.data.Sampler[list[int]]):
-    def __init__(self, batches: list[list[int]]):
-        self.batches = batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
 def rank_slice(batch: list[int], d: Dist) -> list[int]:
     """This process's contiguous part of a global batch."""
     n = len(batch) // d.world_size
