@@ -121,6 +121,15 @@ class LatentDataset(torch.utils.data.Dataset):
         return {(self.bucket_names[k >> 40], k & ((1 << 40) - 1)): idx
                 for k, idx in zip(uniq.tolist(), np.split(order, starts[1:]))}
 
+    def batch_sampler(self, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                      lanes: int = 1) -> ShardBatchSampler | None:
+        """The batch order this dataset reads fastest in, for trainers: with ``shard_cache`` a
+        :class:`~datasets_tools.shardcache.ShardBatchSampler` (each shard fetched about once per epoch, by one of
+        ``lanes`` DataLoader workers); ``None`` (any order is as fast) otherwise."""
+        if self.shard_cache <= 0:
+            return None
+        return ShardBatchSampler(self, batch_size, num_workers=lanes, shuffle=shuffle, seed=seed, drop_last=drop_last)
+
     def _reader(self, st: LatentStore, bucket: str, array: str) -> Any:
         """A function reading one row of ``bucket``'s ``array``: local pread, whole cached shards, or zarr."""
         fast = None

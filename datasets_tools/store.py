@@ -25,6 +25,7 @@ record exists; readers use ``index`` (or, before finalisation, the commit record
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import time
@@ -554,6 +555,8 @@ class LatentStore:
         complete = set(records) >= set(range(n_units))
         summary = {"count": sum(counts.values()), "buckets": counts, "errors": len(errors),
                    "warnings": len(warnings), "complete": complete, "n_units": n_units}
+        if any("clamped" in rec for rec in records.values()):  # int8: latent values stored at the range's end
+            summary["clamped"] = sum(int(rec.get("clamped", 0)) for rec in records.values())
         self.group.attrs.update(summary)  # last: `complete` is true only once the index above is whole
         return summary
 
@@ -623,6 +626,12 @@ def store_info(url: str | os.PathLike, storage_options: dict[str, Any] | None = 
         bucket = parse_bucket(name)
         shapes = "; ".join(f"{key} {'×'.join(map(str, shape))}" for key, shape in row_shapes(bucket, extras).items())
         lines.append(f"    {name}: {len(r)} samples, {shapes}")
+    if a["dtype"] == "int8":
+        values = sum(len(r) * math.prod(row_shapes(parse_bucket(name), extras)["latents"]) for name, r in rows.items())
+        clamped = a.get("clamped")
+        lines.append("  int8 range: " + ("not counted yet (finalised stores say)" if clamped is None else
+                                          f"{clamped:,} of {values:,} latent values ({clamped / max(values, 1):.2e}) "
+                                          "lay outside it and are stored clamped"))
     errors = store.table("errors")
     lines.append(f"  errors (skipped): {len(errors)}")
     reasons: dict[str, int] = {}

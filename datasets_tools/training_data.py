@@ -42,4 +42,4 @@ def training_dataset(task: Task) -> torch.utils.data.Dataset:
         raise ConfigError(f"{task.source}: data.store {cfg.data.store} has no {', '.join(missing)}; encode it with "
                           "`cascade encode-dataset --stage-a` (Stage A latents) into a new store.")
     return LatentDataset(cfg.data.store, buckets=cfg.data.buckets,
-                         fields=tuple(f for f in task.store_fields if f in held))
+                         fields=tuple(f for f in task.store_fields if f in held), shard_cache=cfg.data.shard_cache)

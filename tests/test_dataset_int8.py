@@ -49,7 +49,11 @@ def test_int8_store_is_the_float32_store_quantised(stores):
     assert i8.group["b64x64"]["stage_a"].dtype == np.float16  # extras stay float16 in an int8 store
     assert i8.attrs["extras"]["stage_a"]["dtype"] == "float16"
     clamped = sum(r.get("clamped", 0) for r in i8.commit_records().values())
-    assert clamped == q.clamped(a32)
+    assert clamped == q.clamped(a32) == i8.attrs["clamped"]
+    from datasets_tools import store_info
+
+    assert f"int8 range: {clamped:,} of {5 * 16 * 2 * 2:,} latent values" in store_info(stores / "int8.zarr")
+    assert "int8 range" not in store_info(stores / "float32.zarr")
     d32, d8 = LatentDataset(stores / "float32.zarr"), LatentDataset(stores / "int8.zarr")
     assert d32.ids == d8.ids
     scale = float(q.scale[0])

@@ -89,3 +89,33 @@ def test_shard_cache_reads_the_same_samples_as_the_plain_path(s3, tmp_path, tiny
             for f in fields:
                 assert torch.equal(batch[f][j], expected[sid][f])
     assert sorted(seen) == sorted(expected)
+
+
+@pytest.mark.slow  # a moto S3 server, an encoding job and two short training runs
+def test_training_from_s3_with_shard_cache_resumes_to_the_same_weights(s3, tmp_path, tiny_weights,
+                                                                       tiny_text_encoder):
+    """`data.shard_cache` on an S3 store: Stage B trains shard by shard through two loader workers, and a run
+    stopped after its first checkpoint and started again ends with the same weights as one uninterrupted run."""
+    import torch
+    from safetensors.torch import load_file
+
+    from codec.training import train
+    from codec.training.stage_b_task import StageBTask
+    from datasets_tools.training_data import training_dataset
+    from test_dataset_helpers import make_folder
+
+    make_folder(tmp_path / "src", 8)
+    out = "s3://bkt/stores/train.zarr"
+    encode_dataset(tmp_path / "src", out, tiny_weights, size=64, batch_size=2, workers=0, shard_size=3,
+                   progress=False, log=lambda s: None, stage_a=True, text_encoder=tiny_text_encoder)
+
+    def cfg(name, steps):
+        return {"output_dir": str(tmp_path / name), "data": {"store": out, "shard_cache": 2, "num_workers": 2},
+                "batch_size": 2, "max_steps": steps, "model": {"preset": "tiny"}, "log": {"every": 1},
+                "preview": {"every": 0}, "checkpoint": {"save_every": 2}, "stage_b": {"effnet_from": "stored"}}
+
+    train(StageBTask, cfg("a", 4), training_dataset, echo=None)
+    train(StageBTask, cfg("b", 2), training_dataset, echo=None)
+    train(StageBTask, cfg("b", 4), training_dataset, echo=None)
+    a, b = load_file(tmp_path / "a/checkpoint/model.safetensors"), load_file(tmp_path / "b/checkpoint/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -48,3 +48,19 @@ def test_shard_batches_cover_every_sample_once_per_bucket(store):
         assert sorted(i for b in sampler for i in b) == list(range(len(ds)))
     dropped = list(ShardBatchSampler(ds, batch_size=3, drop_last=True))
     assert all(len(b) == 3 for b in dropped)
+
+
+def test_training_batches_a_shard_cached_store_shard_by_shard(store):
+    """With data.shard_cache the trainer's epochs are ShardBatchSampler's (lanes = loader workers), reproducible
+    from (seed, epoch) for resuming; without it they stay BucketBatchSampler's fully random ones."""
+    from codec.training.data import BucketBatchSampler, epoch_batches
+
+    cached = LatentDataset(store, shard_cache=2)
+    for lanes in (1, 2):
+        expected = ShardBatchSampler(cached, 2, num_workers=lanes, seed=5, drop_last=True)
+        expected.set_epoch(1)
+        assert epoch_batches(cached, 2, 5, 1, lanes=lanes) == list(expected)
+    plain = LatentDataset(store)
+    expected = BucketBatchSampler(plain, 2, seed=5, drop_last=True)
+    expected.set_epoch(1)
+    assert epoch_batches(plain, 2, 5, 1, lanes=2) == list(expected)

@@ -55,6 +55,12 @@ class DataSection(Section):
                                            "there in the training process (num_workers unused); for image sets "
                                            "that fit in memory, on a GPU, where decoding and passing float images "
                                            "between worker processes otherwise sets the pace")
+    shard_cache: int = Field(0, ge=0, description="store on an object store (s3://, gs://, …): read whole shards "
+                                                   "with one request each, keep this many per worker decoded in "
+                                                   "memory, and batch each epoch shard by shard (shards shuffled, "
+                                                   "rows shuffled within a shard, one shard per loader worker) so "
+                                                   "each shard is fetched about once per epoch. 0: sample by sample "
+                                                   "in a fully random order (local stores are fast either way)")
     text: Literal["auto", "stored", "encoder"] = Field(
         "auto", description="text conditions: stored embeddings (when the store has them), or the text encoder")
     shuffle: bool = True

@@ -96,9 +96,16 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         return n
 
 
-def epoch_batches(dataset: Any, global_batch: int, seed: int, epoch: int, shuffle: bool = True) -> list[list[int]]:
-    """Global micro-batches of one epoch (all from one bucket; incomplete ones dropped)."""
-    sampler = BucketBatchSampler(dataset, global_batch, shuffle=shuffle, seed=seed, drop_last=True)
+def epoch_batches(dataset: Any, global_batch: int, seed: int, epoch: int, shuffle: bool = True,
+                  lanes: int = 1) -> list[list[int]]:
+    """Global micro-batches of one epoch (all from one bucket; incomplete ones dropped). A dataset with a
+    ``batch_sampler(batch_size, shuffle, seed, drop_last, lanes)`` method that returns a sampler is batched in
+    that order (a latent store read by whole shards: shard by shard, ``lanes`` = DataLoader workers); any other
+    in a :class:`BucketBatchSampler`'s."""
+    own = getattr(dataset, "batch_sampler", None)
+    sampler = own(global_batch, shuffle=shuffle, seed=seed, drop_last=True, lanes=lanes) if own else None
+    if sampler is None:
+        sampler = BucketBatchSampler(dataset, global_batch, shuffle=shuffle, seed=seed, drop_last=True)
     sampler.set_epoch(epoch)
     batches = list(sampler)
     if not batches:
@@ -123,7 +130,7 @@ def stream(dataset: Any, global_batch: int, seed: int, shuffle: bool, epoch: int
     def positions() -> Iterator[tuple[int, int, bool, list[int]]]:
         e, s = epoch, start
         while True:
-            batches = epoch_batches(dataset, global_batch, seed, e, shuffle)
+            batches = epoch_batches(dataset, global_batch, seed, e, shuffle, lanes=max(1, num_workers))
             for i in range(s, len(batches)):
                 yield e, i, i == len(batches) - 1, batches[i]
             e, s = e + 1, 0
