@@ -124,7 +124,6 @@ def _concat_inputs(cond: Mapping[str, Any], uncond: Mapping[str, Any]) -> dict[s
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
-@torch.no_grad()
 def sample(model: Callable[..., torch.Tensor], cond: Mapping[str, Any], shape: Sequence[int] | None = None,
            uncond: Mapping[str, Any] | None = None, steps: int = 20, cfg: float | Sequence[float] | None = None,
            cfg_rho: float = 0.7, shift: float = 1.0, t_start: float = 1.0, t_end: float = 0.0,
@@ -132,7 +131,7 @@ def sample(model: Callable[..., torch.Tensor], cond: Mapping[str, Any], shape: S
            generator: torch.Generator | None = None, device: torch.device | str = "cpu",
            cfg_t_stop: float | None = None, cfg_t_start: float | None = None,
            schedule: CosineSchedule | None = None, callback: StepCallback | None = None,
-           x0_clamp: float | None = None, prediction: str = "epsilon") -> torch.Tensor:
+           x0_clamp: float | None = None, prediction: str = "epsilon", grad: bool = False) -> torch.Tensor:
     """Run the official sampler and return the last step's x0 prediction (fp32).
 
     ``model(x, r, **inputs)`` predicts epsilon (or v, with ``prediction="v"``; not official: the built-in
@@ -147,7 +146,15 @@ def sample(model: Callable[..., torch.Tensor], cond: Mapping[str, Any], shape: S
     default) clips each step's x0 prediction to ±``x0_clamp`` and re-derives epsilon from it, as the
     original DDPM sampler clips images to [-1, 1]: it keeps an under-trained model's first, high-noise
     steps (x0 = (x − b·ε)/a with a ≈ 0.01) from blowing up (used by the small built-in ``mini`` codec).
+    ``grad``: keep the autograd graph (training through the sampler); off, it runs under ``no_grad``.
     """
+    with torch.set_grad_enabled(grad):
+        return _sample(model, cond, shape, uncond, steps, cfg, cfg_rho, shift, t_start, t_end, sampler, eta, x_init,
+                       generator, device, cfg_t_stop, cfg_t_start, schedule, callback, x0_clamp, prediction)
+
+
+def _sample(model, cond, shape, uncond, steps, cfg, cfg_rho, shift, t_start, t_end, sampler, eta, x_init, generator,
+            device, cfg_t_stop, cfg_t_start, schedule, callback, x0_clamp, prediction) -> torch.Tensor:
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler {sampler!r} is not one of {SAMPLERS}")
     if steps < 1:

@@ -11,7 +11,11 @@
     python scripts/export_mini.py codec out/mini/codec out/mini/decoder/checkpoint/model.safetensors codec/mini
         the same with that fine-tuned Stage A: the package's files (RUN may also be the codec-pkg folder).
 
-Both read ``OUTPUT_DIR/checkpoint/model.safetensors`` of a `cascade train` run (the latest checkpoint).
+    python scripts/export_mini.py end-to-end out/mini/e2e codec/mini
+        the three models of a `cascade train end-to-end` run (configs/mini/end_to_end.yaml), with the sampler
+        defaults of the codec it fine-tuned.
+
+All read ``OUTPUT_DIR/checkpoint/model.safetensors`` of a `cascade train` run (the latest checkpoint).
 """
 
 from __future__ import annotations
@@ -94,16 +98,34 @@ def export_codec(run: Path, stage_a: Path, folder: Path, sampling: dict | None =
     from codec import weights as W
 
     parts, prediction = _codec_parts(run)
-    folder.mkdir(parents=True, exist_ok=True)
     header = W.read_header(stage_a)
-    W.save_state(dict(W.iter_tensors(header, torch.float32)), folder / W.STAGE_A_FILE,
-                 config=json.loads(header.metadata[W.META_CONFIG]), note=MINI_NOTE)
+    parts["stage_a"] = dict(W.iter_tensors(header, torch.float32)), json.loads(header.metadata[W.META_CONFIG])
+    write_codec(parts, folder, {**(SAMPLING if sampling is None else sampling), "prediction": prediction})
+
+
+def export_end_to_end(run: Path, folder: Path) -> None:
+    """Write the codec folder of a `cascade train end-to-end` run: its three models, with the sampler defaults of
+    the codec it fine-tuned (the path it was trained through)."""
+    from codec import Codec
+    from codec.training.codec_tasks import split_codec_state
+
+    source = Codec.from_pretrained(_run_config(run)["end_to_end"]["codec"], device="cpu", dtype=torch.float32)
+    write_codec(split_codec_state(_checkpoint(run)), folder, source.sampling)
+
+
+def write_codec(parts: dict, folder: Path, sampling: dict) -> None:
+    """The mini codec's four files in ``folder`` from ``parts`` (``effnet``, ``stage_b``, ``stage_a``: (state,
+    config)), Stage B's file carrying ``sampling`` (its sampler defaults and prediction)."""
+    from codec import weights as W
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state, config = parts["stage_a"]
+    W.save_state(state, folder / W.STAGE_A_FILE, config=config, note=MINI_NOTE)
     state, config = parts["effnet"]
     W.save_state(state, folder / W.EFFNET_FILE, config=config, note=MINI_NOTE)
     state, config = parts["stage_b"]
     W.save_state(state, folder / W.STAGE_B_FILES["mini"]["fp32"], config=config, note=MINI_NOTE,
-                 extra_metadata={W.META_SAMPLING: json.dumps({**(SAMPLING if sampling is None else sampling),
-                                                              "prediction": prediction})})
+                 extra_metadata={W.META_SAMPLING: json.dumps(sampling)})
     W.save_state({"pooled": torch.zeros(1, 1, config["c_clip"])}, folder / W.EMPTY_CAPTION_FILE,
                  note="the mini codec's constant text condition (zeros; it has no text encoder)")
     for f in sorted(folder.glob("*.safetensors")):
@@ -125,9 +147,14 @@ def main(argv=None) -> int:
     c.add_argument("folder", type=Path, help="where to write (codec/mini to ship it)")
     c.add_argument("--sampling", type=json.loads, default=None,
                    help=f"Stage B's sampler defaults as JSON (default: {json.dumps(SAMPLING)})")
+    e = sub.add_parser("end-to-end", help="the package's files from an end-to-end fine-tuning run")
+    e.add_argument("run", type=Path, help="output_dir of `cascade train end-to-end`")
+    e.add_argument("folder", type=Path, help="where to write (codec/mini to ship it)")
     args = ap.parse_args(argv)
     if args.what == "stage-a":
         export_stage_a(args.run, args.out, args.images)
+    elif args.what == "end-to-end":
+        export_end_to_end(args.run, args.folder)
     else:
         export_codec(args.run, args.stage_a, args.folder, args.sampling)
     return 0

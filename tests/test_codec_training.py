@@ -348,3 +348,39 @@ def test_decoder_task_fine_tunes_only_stage_a_decoder_on_what_the_codec_generate
     with pytest.raises(Exception, match="is not a folder"):
         train(DecoderTask, {**cfg, "output_dir": str(tmp_path / "e"), "decoder": {"codec": str(stage_a)}},
               training_dataset, echo=None)
+
+
+def test_end_to_end_task_trains_the_codec_through_its_reconstruction_and_exports_a_codec_folder(tmp_path, images):
+    """`cascade train end-to-end`: encoder, Stage B and Stage A's decoder learn from the reconstruction's error
+    (Stage A's encoder and every BatchNorm statistic stay as they were); `export_mini.py end-to-end` writes a codec
+    folder whose models are the trained ones and whose sampler defaults are the source codec's."""
+    from codec import Codec
+    from codec.training.codec_tasks import EndToEndTask
+
+    source = ROOT / "codec" / "mini"
+    cfg = {"output_dir": str(tmp_path / "e"), "data": {"images": str(images), "image_size": 64}, "batch_size": 2,
+           "max_steps": 2, "mixed_precision": "no", "optim": {"lr": 1e-3, "warmup_updates": 0},
+           "log": {"every": 1}, "checkpoint": {"save_every": 2},
+           "end_to_end": {"codec": str(source), "crop": 64, "decode_crop": 32, "mse": 1.0}}
+    train(EndToEndTask, cfg, training_dataset, echo=None)
+    assert [r["step"] for r in read_log(tmp_path / "e")] == [1, 2]
+    out = tmp_path / "pkg"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "export_mini.py"), "end-to-end", str(tmp_path / "e"),
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    before, after = Codec.from_pretrained(source), Codec.from_pretrained(out)
+    assert after.sampling == before.sampling and after.sampling["steps"] == 1
+    for name in ("effnet", "stage_b", "stage_a"):
+        a, b = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        moved = {k for k in a if not torch.equal(a[k].float(), b[k].float())}
+        if name == "stage_a":
+            assert moved and all(k.startswith(("up_blocks.", "out_block.")) for k in moved), sorted(moved)[:5]
+        else:
+            assert moved, name
+        assert not any("running_" in k for k in moved), name  # BatchNorm statistics frozen
+    only = {**cfg, "output_dir": str(tmp_path / "s"), "end_to_end": {**cfg["end_to_end"], "train": ["stage_b"]}}
+    train(EndToEndTask, only, training_dataset, echo=None)
+    state = load_file(tmp_path / "s/checkpoint/model.safetensors")
+    moved = {k.split(".")[0] for k, v in state.items()
+             if not torch.equal(v.float(), getattr(before, k.split(".")[0]).state_dict()[k.split(".", 1)[1]].float())}
+    assert moved == {"stage_b"}

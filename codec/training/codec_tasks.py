@@ -23,7 +23,7 @@ constant vector written as ``clip_pooled_empty.safetensors`` (zeros); pyramid no
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -213,15 +213,15 @@ class CodecTask(_ImageTask):
 
 
 def split_codec_state(path: str | Path) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
-    """A ``codec`` task's weights file → ``{"effnet": (state, config), "stage_b": (state, config)}`` under each
-    model's own (official) key names."""
+    """A ``codec`` or ``end-to-end`` task's weights file → ``{"effnet": (state, config), "stage_b": (state,
+    config)}`` (and ``"stage_a"`` from ``end-to-end``) under each model's own (official) key names."""
     import json
 
     header = W.read_header(path)
     configs = json.loads(header.metadata[W.META_CONFIG])
     state = dict(W.iter_tensors(header, torch.float32))
-    return {part: ({k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}, configs[part])
-            for part in ("effnet", "stage_b")}
+    return {part: ({k[len(part) + 1:]: v for k, v in state.items() if k.startswith(part + ".")}, config)
+            for part, config in configs.items()}
 
 
 class DecoderSection(Section):
@@ -236,7 +236,28 @@ class DecoderSection(Section):
                                          "and compared (Stage A is convolutional; smaller is faster); the crop side "
                                          "decodes it all")
     l1: float = Field(1.0, ge=0)
+    mse: float = Field(0.0, ge=0, description="weight of the mean squared error (what PSNR measures)")
     ssim: float = Field(0.2, ge=0, description="weight of 1 − SSIM (torchmetrics, Gaussian 11×11)")
+
+
+def codec_latents(codec: Codec, effnet: EfficientNetEncoder, stage_b: StageB, images: torch.Tensor,
+                  encoder_fraction: float, rand: BatchRandom | None = None) -> torch.Tensor:
+    """What ``effnet`` + ``stage_b`` give for ``images`` when sampled as :meth:`codec.Codec.decode` samples
+    ``codec``'s (its file's sampler defaults; the start noise from each sample's generator, or seeds 0, 1, …):
+    Stage A latents. Differentiable in the two models' parameters (callers add ``no_grad`` when frozen)."""
+    from ..diffusion import sample
+
+    size = encoder_input_size(*images.shape[-2:], encoder_fraction)
+    eff = effnet.encode(F.interpolate(images, size=size, mode="nearest"))
+    d = codec.sampler_defaults
+    clip = codec.pooled_text(None, images.shape[0]).to(images.device)
+    shape = (1, stage_b.config.c_in, images.shape[-2] // 4, images.shape[-1] // 4)
+    gens = rand.samples if rand is not None else [torch.Generator().manual_seed(i) for i in range(len(images))]
+    noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(images.device)
+    uncond = {"effnet": torch.zeros_like(eff), "clip": clip}  # unused at cfg None or 1 (see sample)
+    return sample(stage_b, {"effnet": eff, "clip": clip}, x_init=noise, uncond=uncond, steps=d["steps"],
+                  cfg=d["cfg"], sampler=d["sampler"], x0_clamp=d["x0_clamp"], prediction=d["prediction"],
+                  generator=gens[0], device=images.device, grad=torch.is_grad_enabled())
 
 
 class DecoderTask(_ImageTask):
@@ -277,27 +298,19 @@ class DecoderTask(_ImageTask):
     @torch.no_grad()
     def generated(self, images: torch.Tensor, rand: BatchRandom | None = None) -> torch.Tensor:
         """Stage B's latents for ``images`` as the codec decodes them (start noise from each sample's generator)."""
-        from ..diffusion import sample
+        return codec_latents(self.codec, self.codec.effnet, self.codec.stage_b, images, self.options.encoder_fraction,
+                             rand)
 
-        c, o = self.codec, self.options
-        size = encoder_input_size(*images.shape[-2:], o.encoder_fraction)
-        eff = c.effnet.encode(F.interpolate(images, size=size, mode="nearest"))
-        d = c.sampler_defaults
-        clip = c.pooled_text(None, images.shape[0]).to(images.device)
-        shape = (1, c.stage_b.config.c_in, images.shape[-2] // 4, images.shape[-1] // 4)
-        gens = rand.samples if rand is not None else [torch.Generator().manual_seed(i) for i in range(len(images))]
-        noise = torch.cat([torch.randn(shape, generator=g) for g in gens]).to(images.device)
-        uncond = {"effnet": torch.zeros_like(eff), "clip": clip}  # unused at cfg None or 1 (see sample)
-        return sample(c.stage_b, {"effnet": eff, "clip": clip}, x_init=noise, uncond=uncond, steps=d["steps"],
-                      cfg=d["cfg"], sampler=d["sampler"], x0_clamp=d["x0_clamp"], prediction=d["prediction"],
-                      generator=gens[0], device=images.device)
+    def decoder(self, module: nn.Module) -> StageA:
+        """The Stage A whose decoder is trained (the module itself here)."""
+        return module
 
     def loss(self, module: nn.Module, batch: dict[str, Any], rand: BatchRandom) -> torch.Tensor:
         from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
         o = self.options
         x = random_crops(self.images(batch), o.crop, rand)
-        z = self.generated(x, rand)
+        z = self.latents(module, x, rand)
         side = min(o.decode_crop, o.crop) // 4  # in latent pixels (Stage A: 4 px each)
         zs, xs = [], []
         for zi, xi, g in zip(z, x, rand.samples):
@@ -306,11 +319,15 @@ class DecoderTask(_ImageTask):
             zs.append(zi[:, top:top + side, left:left + side])
             xs.append(xi[:, 4 * top:4 * (top + side), 4 * left:4 * (left + side)])
         x = torch.stack(xs)
-        rec = module.decode(torch.stack(zs)).float()
-        per_sample = o.l1 * (rec - x).abs().mean(dim=(1, 2, 3))
+        rec = self.decoder(module).decode(torch.stack(zs)).float()
+        per_sample = o.l1 * (rec - x).abs().mean(dim=(1, 2, 3)) + o.mse * (rec - x).square().mean(dim=(1, 2, 3))
         if o.ssim:
             per_sample = per_sample + o.ssim * (1 - ssim(rec, x, data_range=1.0, reduction="none"))
         return per_sample
+
+    def latents(self, module: nn.Module, images: torch.Tensor, rand: BatchRandom) -> torch.Tensor:
+        """Stage B's latents for ``images`` during training (the frozen codec's here)."""
+        return self.generated(images, rand)
 
     def export(self, state: dict[str, torch.Tensor], path: Path) -> None:
         W.save_state({**self.frozen, **state}, path, config=self.model_config,
@@ -321,3 +338,84 @@ class DecoderTask(_ImageTask):
         x = self.preview_batch()["images"].float().to(self.d.device)
         x = x[..., :self.options.crop, :self.options.crop]
         return save_collage([x, module.decode(self.generated(x)).clamp(0, 1)], path)
+
+
+class EndToEndSection(DecoderSection):
+    """``end_to_end:`` section: the decoder task's options, plus which of the codec's parts train."""
+
+    codec: str = Field(description="folder of the codec to fine-tune, in the official layout (stage_a.safetensors, "
+                                   "effnet_encoder.safetensors, the Stage B file; e.g. codec/mini or what "
+                                   "`export_mini.py codec` wrote)")
+    train: list[Literal["encoder", "stage_b", "decoder"]] = Field(
+        ["encoder", "stage_b", "decoder"], min_length=1,
+        description="parts that learn: the encoder, Stage B, Stage A's decoder (Stage A's encoder never does)")
+
+
+class CodecPath(nn.Module):
+    """The encoder, Stage B and Stage A of a codec as one module, for training them through the path
+    :meth:`codec.Codec.reconstruct` runs (image → latent → Stage B sample → Stage A decode)."""
+
+    def __init__(self, effnet: EfficientNetEncoder, stage_b: StageB, stage_a: StageA):
+        super().__init__()
+        self.effnet, self.stage_b, self.stage_a = effnet, stage_b, stage_a
+
+    def train(self, mode: bool = True) -> "CodecPath":
+        """Train mode with the BatchNorm statistics frozen: the encoder then normalises its latent during
+        fine-tuning exactly as it will when it encodes."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+
+class EndToEndTask(DecoderTask):
+    """A trained codec fine-tuned end to end on what it is judged by: the reconstruction of the image.
+
+    The image goes through the encoder, Stage B (sampled as :meth:`codec.Codec.decode` samples it, with its file's
+    sampler defaults — for the built-in codec one deterministic step) and Stage A's decoder, and the
+    ``l1·|x̂−x| + mse·(x̂−x)² + ssim·(1−SSIM(x̂,x))`` of a random ``decode_crop``² window trains the parts in
+    ``train``. The diffusion (``codec``) and ``decoder`` tasks each see one part's error; this one sees the
+    pixels'. The output file holds all three models (``effnet.*``, ``stage_b.*``, ``stage_a.*``); `python
+    scripts/export_mini.py end-to-end RUN FOLDER` writes the codec folder."""
+
+    name = "end-to-end"
+    section = "end_to_end"
+    section_model = EndToEndSection
+    PARTS = {"encoder": ("effnet.",), "stage_b": ("stage_b.",),
+             "decoder": tuple(f"stage_a.{p}" for p in DecoderTask.DECODER)}
+
+    def build(self, dataset: Any) -> nn.Module:
+        o = self.options
+        if self.d.world_size > 1:
+            raise ConfigError(f"{self.source}: the end-to-end task runs in one process; start it without torchrun.")
+        if not Path(o.codec).is_dir():
+            raise ConfigError(f"{self.source}: end_to_end.codec {o.codec} is not a folder; give a codec folder in "
+                              "the official layout (e.g. codec/mini).")
+        self.codec = Codec.from_pretrained(o.codec, device=self.d.device, dtype=torch.float32)
+        model = CodecPath(self.codec.effnet, self.codec.stage_b, self.codec.stage_a)
+        prefixes = tuple(p for part in o.train for p in self.PARTS[part])
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(prefixes))
+        self.frozen = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith(prefixes)}
+        self.configs = {"effnet": dict(model.effnet.config), "stage_b": model_config(model.stage_b),
+                        "stage_a": model_config(model.stage_a)}
+        self.dataset_ref = dataset
+        return model.train()
+
+    def latents(self, module: nn.Module, images: torch.Tensor, rand: BatchRandom) -> torch.Tensor:
+        return codec_latents(self.codec, module.effnet, module.stage_b, images, self.options.encoder_fraction, rand)
+
+    def decoder(self, module: nn.Module) -> StageA:
+        return module.stage_a
+
+    def export(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        W.save_state({**self.frozen, **state}, path, config=self.configs,
+                     note="a codec fine-tuned end to end with cascade-codec (effnet.*, stage_b.*, stage_a.*)")
+
+    @torch.no_grad()
+    def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
+        x = self.preview_batch()["images"].float().to(self.d.device)
+        x = x[..., :self.options.crop, :self.options.crop]
+        z = codec_latents(self.codec, module.effnet, module.stage_b, x, self.options.encoder_fraction)
+        return save_collage([x, module.stage_a.decode(z).clamp(0, 1)], path)

@@ -23,6 +23,7 @@ TASKS: dict[str, str] = {
     "stage-a": "codec.training.codec_tasks:StageATask",
     "codec": "codec.training.codec_tasks:CodecTask",
     "decoder": "codec.training.codec_tasks:DecoderTask",
+    "end-to-end": "codec.training.codec_tasks:EndToEndTask",
 }
 
 
