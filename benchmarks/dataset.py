@@ -167,7 +167,7 @@ def describe_folder(folder: Path, n: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # 1. pipeline vs model-only
 # --------------------------------------------------------------------------------------------
-def model_only(weights: str, samples, policy: str, size: int, batch_size: int) -> dict[str, Any]:
+def model_only(weights: str, samples, policy: str, size: int, batch_size: int, device: str = "cpu") -> dict[str, Any]:
     from codec.codec import encode_pixels, load_encoder
     from datasets_tools.encode import SampleError, decode_image
     from datasets_tools.preprocess import preprocess
@@ -186,7 +186,7 @@ def model_only(weights: str, samples, policy: str, size: int, batch_size: int) -
     for p in pixels:
         by_shape.setdefault(tuple(p.shape), []).append(p)
     t = time.perf_counter()
-    model = load_encoder(weights)
+    model = load_encoder(weights, device)
     load_s = time.perf_counter() - t
     batches = [torch.stack(group[i:i + batch_size]) for group in by_shape.values()
                for i in range(0, len(group), batch_size)]
@@ -215,12 +215,12 @@ def _children_cpu() -> float:
 
 
 def pipeline(images: Path, out: Path, weights: str, policy: str, size: int, batch_size: int, workers: int,
-             n: int, shard_size: int) -> dict[str, Any]:
+             n: int, shard_size: int, device: str = "cpu") -> dict[str, Any]:
     from datasets_tools.encode import encode_dataset
 
     t, c, ch = time.perf_counter(), time.process_time(), _children_cpu()
     s = encode_dataset(images, out, weights, policy=policy, size=size, batch_size=batch_size, workers=workers,
-                       limit=n, shard_size=shard_size, progress=False, log=log)
+                       limit=n, shard_size=shard_size, progress=False, log=log, device=device)
     wall = time.perf_counter() - t
     cpu, cpu_children = time.process_time() - c, _children_cpu() - ch
     return {"images": s.encoded, "skipped": s.skipped, "reasons": s.reasons, "wall_s": wall,
@@ -325,13 +325,15 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     """The report's environment record, with this benchmark's threads, the load at its start and the store
     libraries' versions."""
     return environment_record(packages=("zarr", "numcodecs", "PIL"), dirty_paths=("codec", "datasets_tools"),
-                              threads=args.threads, loadavg_at_start=list(os.getloadavg()))
+                              threads=args.threads, loadavg_at_start=list(os.getloadavg()), device=args.device)
 
 
 def format_table(r: dict[str, Any]) -> str:
     env, o, c = r["environment"], r["options"], r["corpus"]
     lines = [f"cascade-codec dataset benchmark — torch {env['torch']}, zarr {env.get('zarr')}, "
-             f"{env['cpu']['model']}, {env['threads']} threads, load avg at start "
+             f"{env['cpu']['model']}, {env['threads']} threads, encoding on {env.get('device', 'cpu')}"
+             + (f" ({env['cuda_device']})" if env.get("cuda_device") and env.get("device", "").startswith("cuda") else "")
+             + ", load avg at start "
              f"{env['loadavg_at_start'][0]:.2f}",
              f"weights: {r['weights']['label']}",
              f"images: {c['count']} JPEGs in {c['folder']} ({c['label']}), sides {c['min_side']}–{c['max_side']} px, "
@@ -439,6 +441,10 @@ def parse_args(argv=None):
                    help="weights folder or Hugging Face repo id holding effnet_encoder.safetensors (default: tiny "
                         "random weights written to a temporary folder)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the encoder (default: 2)")
+    p.add_argument("--device", default="auto",
+                   help="where both encoding runs compute: auto (a GPU when there is one), cpu, cuda, cuda:N "
+                        "(default: auto). On a GPU give the workers and batch size that feed it, e.g. "
+                        "--workers 14 --batch-size 64")
     p.add_argument("--read-samples", type=int, default=5000,
                    help="random latents written to the read-benchmark store (default: 5000)")
     p.add_argument("--read-passes", type=int, default=3,
@@ -453,6 +459,13 @@ def parse_args(argv=None):
                    help="JSON file for environment, options and all numbers (default: benchmarks/results/"
                         "dataset.json next to this script)")
     args = p.parse_args(argv)
+    from codec.devices import resolve_device
+    from codec.errors import UsageError
+
+    try:
+        args.device = str(resolve_device(args.device))
+    except UsageError as e:
+        p.error(f"--device: {e}")
     if args.size < 32 or args.size % 32:
         p.error("--size must be a positive multiple of 32")
     for name in ("n", "batch_size", "shard_size", "threads", "read_samples", "read_passes", "read_batch_size"):
@@ -511,12 +524,12 @@ def main(argv=None) -> int:
         if not args.skip_encode:
             log(f"model-only: decoding {len(samples)} images, then encode_pixels in batches of {args.batch_size}")
             la0 = os.getloadavg()[0]
-            m = model_only(weights, samples, args.policy, args.size, args.batch_size)
+            m = model_only(weights, samples, args.policy, args.size, args.batch_size, args.device)
             m["loadavg_1min_before_after"] = [la0, os.getloadavg()[0]]
             log(f"model-only: {m['images_per_s']:.3f} img/s")
             log(f"pipeline: encode_dataset with {args.workers} workers")
             p = pipeline(folder, work / "encoded.zarr", weights, args.policy, args.size, args.batch_size,
-                         args.workers, args.n, args.shard_size)
+                         args.workers, args.n, args.shard_size, args.device)
             p["loadavg_1min_before_after"] = [m["loadavg_1min_before_after"][1], os.getloadavg()[0]]
             log(f"pipeline: {p['summary']}")
             report["encode"] = {"model_only": m, "pipeline": p, "ratio": p["images_per_s"] / m["images_per_s"]}
