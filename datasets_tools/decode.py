@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from codec.errors import UsageError
 from codec.images import check_image_path, save_images
+from codec.interrupts import check_interrupted
 from codec.progress import progress_bar
 
 from .dataset import LatentDataset
@@ -72,6 +73,7 @@ def decode_dataset(store: str | os.PathLike, out_dir: str | os.PathLike, codec: 
     written = skipped = 0
     try:
         for i in wanted:
+            check_interrupted()  # Ctrl-C stops at the next sample even if its KeyboardInterrupt was lost
             item = dataset[i]
             target = out_dir / output_name(item["id"], fmt)
             if target.exists():
