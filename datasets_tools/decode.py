@@ -82,7 +82,8 @@ def decode_dataset(store: str | os.PathLike, out_dir: str | os.PathLike, codec: 
                 continue
             if use_captions:
                 decode_kwargs["caption"] = item.get("caption") or None
-            images = codec.decode(item["latent"], progress=lambda *_: bar.update(1), **decode_kwargs)
+            images = codec.decode(item["latent"], progress=lambda *_: bar.update(1), progress_bars=progress,
+                                  **decode_kwargs)
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):  # a decoded file where the id needs a folder
