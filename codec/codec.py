@@ -493,9 +493,9 @@ class Codec:
             tile = tile_side(per_a * batch, budget, stage_a_halo(self.stage_a))
             if tile is None:
                 raise UsageError(
-                    f"decoding {size} leaves {max(0, budget) / 2**30:.1f} GiB of {self.device}'s memory for Stage A once "
-                    f"the decoded image(s) ({images / 2**30:.1f} GiB) are held: too little for even a small tile of "
-                    f"it. {fixes[0].upper()}{fixes[1:]}")
+                    f"decoding {size} leaves {max(0, budget) / 2**30:.1f} GiB of {self.device}'s memory for Stage A "
+                    f"once the decoded image(s) ({images / 2**30:.1f} GiB) are held: too little for even a small tile "
+                    f"of it. {fixes[0].upper()}{fixes[1:]}")
         return tile
 
     def _decode_bytes_per_latent_pixel(self) -> tuple[float, float]:

@@ -218,8 +218,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: invalid YAML{where} ({getattr(e, 'problem', e)}).") from None
     if data is None:
-        raise ConfigError(f"{path} is empty; a config needs at least output_dir, data, batch_size and max_steps (examples: "
-                          "configs/mini/*.yaml).")
+        raise ConfigError(f"{path} is empty; a config needs at least output_dir, data, batch_size and max_steps "
+                          "(examples: configs/mini/*.yaml).")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping (key: value lines), got {type(data).__name__}.")
     return data
