@@ -33,8 +33,10 @@ from .layouts import locate as layouts
 from .layouts import official
 from .memory import activation_bytes, available_bytes
 from .presets import CONTROLNET_KINDS, get_preset
+from .progress import progress_bar
 from .stage_a import StageA
 from .stage_b import StageB
+from .tiled_decode import decode_tiled, stage_a_halo, tile_side
 
 ENCODER_FRACTION = 0.75  # the encoder sees 3/4 of the output size (1024 → 768 → 24×24)
 # Stage B's sampler as the official pipeline runs it; a Stage B file may name its own (W.META_SAMPLING).
@@ -42,6 +44,10 @@ OFFICIAL_SAMPLING: dict[str, Any] = {"steps": 10, "cfg": 1.1, "sampler": "ddpm",
                                      "x0_clamp": None}
 DEFAULT = "default"  # a decode argument left to the model's own sampler defaults (Codec.sampler_defaults)
 LATENT_STRIDE = 32
+# Stage A's largest tensors above this are decoded in tiles (Codec.stage_a_bytes): a 1024² official decode
+# (1.2 GB) stays in one piece, a 20000² one needs 1.6 GB a tile instead of ~440 GB.
+STAGE_A_BYTES = 2 * 2**30
+IMAGE_BYTES_PER_PIXEL = 30  # a decoded image in host memory: fp32 (12 B), its uint8 copy being made (12 + 3), PIL (3)
 
 
 def encoder_input_size(height: int, width: int, scale: float = ENCODER_FRACTION) -> tuple[int, int]:
@@ -178,7 +184,8 @@ class Codec:
         self.components = components or {}
         self._text_encoder = None
         self._previewer = None
-        self._bytes_per_pixel: float | None = None  # see _decode_bytes_per_latent_pixel
+        self._bytes_per_pixel: tuple[float, float] | None = None  # see _decode_bytes_per_latent_pixel
+        self.stage_a_bytes = STAGE_A_BYTES  # largest Stage A tensors a decode may hold at once; above: tiles
 
     # ------------------------------------------------------------------ loading
     @property
@@ -367,8 +374,8 @@ class Codec:
                seed: int | None = 0, caption: str | Sequence[str] | None = None,
                clip: torch.Tensor | None = None, sampler: str | None = None, cfg_rho: float = 0.7, shift: float = 1.0,
                batch_size: int = 4, output: str = "pil", progress: Callable[[int, int], None] | None = None,
-               generator: torch.Generator | None = None, x0_clamp: float | None = None
-               ) -> list[Image.Image] | torch.Tensor:
+               generator: torch.Generator | None = None, x0_clamp: float | None = None,
+               progress_bars: bool | None = None) -> list[Image.Image] | torch.Tensor:
         """EfficientNet latents ``(B,16,h,w)`` → images of ``height``×``width`` (default: h·32/0.75).
 
         A list of latents (what :meth:`encode` returns for images of several sizes) is decoded in order, from one
@@ -383,13 +390,18 @@ class Codec:
         official pipeline does from Stage C into Stage B. ``steps``, ``cfg`` (a scale, ``None`` for no
         guidance), ``sampler`` and ``x0_clamp`` (see :func:`sample`) default to :attr:`sampler_defaults`: the
         official 10 DDPM steps with CFG 1.1, or what the Stage B file names (the built-in ``mini`` codec's).
+
+        ``progress(done, total)`` is called after each sampling step. An output too large for Stage A to decode in
+        one piece (:meth:`check_memory`) is decoded in tiles with a progress bar over them, and, without a
+        ``progress`` callback, one over the sampling steps; ``progress_bars``: ``None`` shows them on a terminal,
+        ``True`` always, ``False`` never.
         """
         if isinstance(latents, (list, tuple)):  # what encode() returns for images of several sizes
             if generator is None and seed is not None:
                 generator = torch.Generator().manual_seed(seed)
             kwargs = dict(height=height, width=width, steps=steps, cfg=cfg, seed=None, caption=caption, clip=clip,
                           sampler=sampler, cfg_rho=cfg_rho, shift=shift, batch_size=batch_size, output=output,
-                          progress=progress, generator=generator, x0_clamp=x0_clamp)
+                          progress=progress, generator=generator, x0_clamp=x0_clamp, progress_bars=progress_bars)
             parts = [self.decode(z, **kwargs) for z in latents]
             if output == "pil":
                 return [img for part in parts for img in part]
@@ -421,40 +433,74 @@ class Codec:
         cfg_b = self.stage_b.config
         ha, wa = stage_a_latent_size(height, width, cfg_b.patch_size,
                                      cfg_b.patch_size * 2 ** (len(cfg_b.c_hidden) - 1))
-        self.check_memory(min(n, batch_size), height, width, ha, wa)
+        tile = self.check_memory(min(n, batch_size), height, width, ha, wa)
+        # A decode big enough to tile is long: without a callback of the caller's, a bar shows its steps too.
+        steps_bar = progress_bar(steps * math.ceil(n / batch_size), "Stage B", unit="step",
+                                 enabled=False if progress is not None or tile is None else progress_bars)
+        step_done = progress or (lambda *_: steps_bar.update(1))
         images = []
-        for start in range(0, n, batch_size):
-            sl = slice(start, min(n, start + batch_size))
-            eff = latents[sl].to(self.device)
-            cond = {"effnet": eff, "clip": clip[sl]}
-            uncond = {"effnet": torch.zeros_like(eff), "clip": uncond_clip[sl]} if cfg is not None else None
-            z = sample(self.stage_b, cond, shape=(eff.shape[0], self.stage_b.config.c_in, ha, wa), uncond=uncond,
-                       steps=steps, cfg=cfg, cfg_rho=cfg_rho, shift=shift, sampler=sampler, generator=generator,
-                       device=self.device, x0_clamp=x0_clamp, prediction=defaults["prediction"],
-                       callback=(lambda i, *_: progress(i + 1, steps)) if progress is not None else None)
-            check_finite(z, "Stage B")
-            img = self.stage_a.decode(z.float()).float()
-            check_finite(img, "Stage A")
-            images.append(img[..., :height, :width].clamp(0, 1).cpu())
-        result = torch.cat(images)
+        with steps_bar:
+            for start in range(0, n, batch_size):
+                sl = slice(start, min(n, start + batch_size))
+                eff = latents[sl].to(self.device)
+                cond = {"effnet": eff, "clip": clip[sl]}
+                uncond = {"effnet": torch.zeros_like(eff), "clip": uncond_clip[sl]} if cfg is not None else None
+                z = sample(self.stage_b, cond, shape=(eff.shape[0], self.stage_b.config.c_in, ha, wa), uncond=uncond,
+                           steps=steps, cfg=cfg, cfg_rho=cfg_rho, shift=shift, sampler=sampler, generator=generator,
+                           device=self.device, x0_clamp=x0_clamp, prediction=defaults["prediction"],
+                           callback=lambda i, *_: step_done(i + 1, steps))
+                check_finite(z, "Stage B")
+                if tile is None:
+                    img = check_finite(self.stage_a.decode(z.float()).float(), "Stage A")
+                    images.append(img[..., :height, :width].clamp(0, 1).cpu())
+                else:
+                    img = decode_tiled(self.stage_a, z.float(), tile, crop=(height, width), progress=progress_bars)
+                    images.append(img.clamp_(0, 1))
+        result = images[0] if len(images) == 1 else torch.cat(images)  # one huge image is not copied
         return to_pil(result) if output == "pil" else result
 
-    def check_memory(self, batch: int, height: int, width: int, ha: int, wa: int) -> None:
+    def check_memory(self, batch: int, height: int, width: int, ha: int, wa: int) -> int | None:
         """Refuse, before any work, a decode of ``batch`` images of ``height``×``width`` (Stage A latent ``ha``×``wa``)
-        whose largest tensors clearly do not fit in the device's free memory (:mod:`codec.memory`)."""
-        free = available_bytes(self.device)
-        if free is None:
-            return
-        need = int(self._decode_bytes_per_latent_pixel() * batch * ha * wa)
-        if need > free:
-            raise UsageError(
-                f"decoding {batch} image(s) of {width}×{height} needs about {need / 2**30:.1f} GiB for its largest "
-                f"tensors, and {self.device} has {free / 2**30:.1f} GiB free: decode at a smaller size (--height/"
-                f"--width, or fewer pixels per image), with --batch-size 1, or on a machine with more memory")
+        that clearly cannot fit in the device's free memory (:mod:`codec.memory`); say how Stage A will fit.
 
-    def _decode_bytes_per_latent_pixel(self) -> float:
-        """Largest-tensor bytes of a decode per Stage A latent pixel of one image (Stage B with CFG's doubled
-        batch, or Stage A), measured once per codec on a 16² probe (:func:`codec.memory.activation_bytes`)."""
+        Stage B samples the whole latent at once, so its largest tensors must fit. Stage A is decoded in one piece
+        when its largest tensors need at most :attr:`stage_a_bytes` (and fit), else in tiles that do
+        (:mod:`codec.tiled_decode`). The decoded images themselves (float and 8-bit copies) must fit in host
+        memory. Returns the Stage A tile side in latent pixels, or ``None`` for one piece."""
+        free = available_bytes(self.device)
+        host_free = free if self.device.type == "cpu" else available_bytes(torch.device("cpu"))
+        per_b, per_a = self._decode_bytes_per_latent_pixel()
+        pixels = batch * ha * wa
+        images = IMAGE_BYTES_PER_PIXEL * batch * height * width
+        size = f"{batch} image(s) of {width}×{height}"
+        fixes = ("decode at a smaller size (--height/--width, or fewer pixels per image), with --batch-size 1, or on "
+                 "a machine with more memory")
+        need_b = int(per_b * pixels)
+        if free is not None and need_b > free:
+            raise UsageError(
+                f"decoding {size} needs about {need_b / 2**30:.1f} GiB for the largest tensors of Stage B's "
+                f"sampling, which runs on the whole latent, and {self.device} has {free / 2**30:.1f} GiB free: {fixes}")
+        if host_free is not None and images > host_free:
+            raise UsageError(
+                f"decoding {size} needs about {images / 2**30:.1f} GiB for the decoded image(s) themselves "
+                f"({IMAGE_BYTES_PER_PIXEL} bytes a pixel while they are converted), and this machine has "
+                f"{host_free / 2**30:.1f} GiB free: {fixes}")
+        budget = self.stage_a_bytes
+        if free is not None:
+            budget = min(budget, free - (images if self.device.type == "cpu" else 0))
+        tile = None
+        if per_a * pixels > budget:
+            tile = tile_side(per_a * batch, budget, stage_a_halo(self.stage_a))
+            if tile is None:
+                raise UsageError(
+                    f"decoding {size} leaves {max(0, budget) / 2**30:.1f} GiB of {self.device}'s memory for Stage A "
+                    f"once the decoded image(s) ({images / 2**30:.1f} GiB) are held: too little for even a small tile "
+                    f"of it. {fixes[0].upper()}{fixes[1:]}")
+        return tile
+
+    def _decode_bytes_per_latent_pixel(self) -> tuple[float, float]:
+        """Largest-tensor bytes of Stage B (with CFG's doubled batch) and of Stage A per Stage A latent pixel of one
+        image, measured once per codec on a 16² probe (:func:`codec.memory.activation_bytes`)."""
         if self._bytes_per_pixel is None:
             p = 16  # probe side in Stage A latent pixels; Stage B needs a multiple of its down-sampling
             dt = next(self.stage_b.parameters()).dtype
@@ -462,9 +508,9 @@ class Codec:
             eff = torch.zeros(1, 16, 1, 1, device=self.device, dtype=dt)
             clip = torch.zeros(1, 1, self.stage_b.config.c_clip, device=self.device, dtype=dt)
             r = torch.zeros(1, device=self.device)
-            self._bytes_per_pixel = max(
-                activation_bytes(self.stage_b, lambda: self.stage_b(z, r, eff, clip), 2),  # CFG: ×2
-                activation_bytes(self.stage_a, lambda: self.stage_a.decode(z.float()), 1)) / (p * p)
+            self._bytes_per_pixel = (
+                activation_bytes(self.stage_b, lambda: self.stage_b(z, r, eff, clip), 2) / (p * p),  # CFG: ×2
+                activation_bytes(self.stage_a, lambda: self.stage_a.decode(z.float()), 1) / (p * p))
         return self._bytes_per_pixel
 
     def reconstruct(self, images: ImageLike | Sequence[ImageLike], scale: float = ENCODER_FRACTION,

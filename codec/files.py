@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -51,6 +52,13 @@ def check_output(path: str | os.PathLike, folder: bool = False) -> Path:
     existing = next(q for q in (p, *p.parents) if q.exists())
     if not os.access(existing, os.W_OK):
         raise UsageError(f"{p}: cannot write there ({existing} is not writable); choose another place")
+    where = existing if existing.is_dir() else existing.parent
+    try:  # os.access says yes to root everywhere, and knows nothing of /proc, /sys or a full quota: try it
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as e:
+        raise UsageError(f"{p}: cannot write there (a file cannot be created in {where}: {e.strerror}); choose "
+                         "another place") from None
     return p
 
 

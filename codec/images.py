@@ -158,8 +158,8 @@ def to_tensor_list(images: ImageLike | Sequence[ImageLike]) -> list[torch.Tensor
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Float pixels in [0,1] (any shape) → uint8, clamped and rounded to nearest: the one quantisation used for
-    saved images and for every reconstruction metric."""
-    return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    saved images and for every reconstruction metric. Holds one float copy at a time (a 20000² image is 4.8 GB)."""
+    return images.detach().float().clamp(0, 1).mul_(255).round_().to(torch.uint8)
 
 
 def uint8_to_pil(image: torch.Tensor) -> Image.Image:

@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from codec.errors import UsageError
 from codec.images import check_image_path, save_images
+from codec.interrupts import check_interrupted
 from codec.progress import progress_bar
 
 from .dataset import LatentDataset
@@ -72,6 +73,7 @@ def decode_dataset(store: str | os.PathLike, out_dir: str | os.PathLike, codec: 
     written = skipped = 0
     try:
         for i in wanted:
+            check_interrupted()  # Ctrl-C stops at the next sample even if its KeyboardInterrupt was lost
             item = dataset[i]
             target = out_dir / output_name(item["id"], fmt)
             if target.exists():
@@ -80,7 +82,8 @@ def decode_dataset(store: str | os.PathLike, out_dir: str | os.PathLike, codec: 
                 continue
             if use_captions:
                 decode_kwargs["caption"] = item.get("caption") or None
-            images = codec.decode(item["latent"], progress=lambda *_: bar.update(1), **decode_kwargs)
+            images = codec.decode(item["latent"], progress=lambda *_: bar.update(1), progress_bars=progress,
+                                  **decode_kwargs)
             try:
                 target.parent.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):  # a decoded file where the id needs a folder

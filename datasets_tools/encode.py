@@ -488,6 +488,7 @@ def _encode_arrays(models: _Models, pixels: torch.Tensor, captions: list[str], d
 
 def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]],
              plan: list[list[Sample]], n_units: int, job: EncodeJob, summary: Summary) -> None:
+    from codec.interrupts import check_interrupted, ignore_interrupts, start_workers
     from codec.progress import progress_bar
     from codec.text import MAX_TOKENS
 
@@ -496,7 +497,7 @@ def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]
     loader = torch.utils.data.DataLoader(
         _UnitItems(items, job.policy, job.size, raw), batch_size=None, shuffle=False, num_workers=job.workers,
         collate_fn=_identity_collate, prefetch_factor=max(2, job.batch_size) if job.workers else None,
-        persistent_workers=False, pin_memory=pin)
+        persistent_workers=False, pin_memory=pin, worker_init_fn=ignore_interrupts)
     bar = progress_bar(len(items), "encode-dataset", unit="img", enabled=None if job.progress else False,
                        smoothing=0.05)
     remaining = {k: len(plan[k]) for k in {k for k, _ in items}}
@@ -537,7 +538,8 @@ def _process(store: LatentStore, models: _Models, items: list[tuple[int, Sample]
                 st["warnings"].append([b["id"], b["source"], f"caption longer than {MAX_TOKENS} CLIP tokens; the "
                                                              f"text embedding ignores: {cut[:200]}"])
 
-    for item in loader:
+    for item in start_workers(loader):
+        check_interrupted()  # Ctrl-C stops at the next image even if its KeyboardInterrupt was lost
         k = item["unit"]
         st = state(k)
         if item["warning"]:

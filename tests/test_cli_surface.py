@@ -3,6 +3,8 @@ traceback; what a latents file records is used when decoding."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -216,3 +218,58 @@ def test_encode_dataset_refuses_two_crop_policies(photo, tmp_path):
     assert r.exit_code == 2, r.output
     assert "--buckets and --keep-aspect are different crop policies; give one" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be created")
+def test_outputs_where_no_file_can_be_created_are_refused_before_the_work(tiny_weights, photo, tmp_path):
+    """os.access says yes to root everywhere (and knows nothing of /proc or /sys): each command tried to write its
+    output after the work and died with a traceback. Now creating a file there is tried first."""
+    import yaml
+
+    nowhere = Path("/proc/cascade-new-user-pass")
+    lat = tmp_path / "z.safetensors"
+    assert run("encode", photo, "-o", lat, "-w", tiny_weights).exit_code == 0
+    commands = [
+        ("encode", photo, "-o", nowhere / "z.safetensors", "-w", tiny_weights),
+        ("decode", lat, "-o", nowhere / "y.png", "-w", tiny_weights, "--steps", "1"),
+        ("reconstruct", photo, "-o", nowhere / "x.png", "-w", tiny_weights, "--steps", "1"),
+        ("generate", "a cup", "-o", nowhere / "g.png", "-w", tiny_weights, "--steps-c", "1", "--steps-b", "1"),
+        ("bench", "recon", photo.parent, "-o", nowhere, "--codec", "bicubic", "--size", "64"),
+        ("demo-weights", nowhere),
+        ("convert", tiny_weights, nowhere, "--to", "diffusers"),
+        ("encode-dataset", photo.parent, nowhere / "s.zarr", "-w", tiny_weights, "--size", "64"),
+    ]
+    for args in commands:
+        out = no_traceback(run(*args))
+        assert f"{nowhere}" in out and "cannot write there" in out and "choose another place" in out, (args[0], out)
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(nowhere), "data": {"images": str(photo.parent),
+                                      "image_size": 64}, "batch_size": 1, "max_steps": 1,
+                                      "model": {"preset": "tiny"}}))
+    out = no_traceback(run("train", "stage-a", config))
+    assert f"{config}: output_dir: {nowhere}: cannot write there" in out
+
+
+def test_demo_weights_into_a_file_is_a_sentence(photo):
+    out = no_traceback(run("demo-weights", photo))
+    assert f"{photo} is a file; give a folder" in out
+
+
+def test_train_configs_that_are_no_yaml_file_are_sentences(photo, tmp_path):
+    out = no_traceback(run("train", "stage-a", tmp_path))
+    assert "is a folder; give the YAML config file" in out
+    out = no_traceback(run("train", "stage-a", photo))  # binary: read_text raised UnicodeDecodeError
+    assert f"{photo} is not a text file; give the YAML config file" in out
+    (tmp_path / "empty.yaml").write_text("")
+    out = no_traceback(run("train", "stage-a", tmp_path / "empty.yaml"))
+    assert "empty.yaml is empty; a config needs at least output_dir, data, batch_size and max_steps" in out
+
+
+def test_decode_dataset_takes_no_progress_like_encode_dataset(tiny_weights, photo, tmp_path):
+    r = run("encode-dataset", photo.parent, tmp_path / "s.zarr", "-w", tiny_weights, "--size", "64", "--workers",
+            "0", "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = run("decode-dataset", tmp_path / "s.zarr", tmp_path / "out", "-w", tiny_weights, "--steps", "1",
+            "--no-progress")
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert (tmp_path / "out" / "photo.png").is_file()

@@ -78,6 +78,10 @@ def bench_recon(dataset, output, codecs, size, limit, seed, weights, device, dty
     from benchmarks.recon import DEFAULT_CODECS, ReconConfig, run_recon
     from benchmarks.recon.report import TABLE_NAME
 
+    from ..files import check_output
+
+    check_output(output, folder=True)
+
     cfg = ReconConfig(dataset=dataset, output=str(output), codecs=list(codecs or DEFAULT_CODECS), size=size,
                       limit=limit, seed=seed, weights=weights, device=device, dtype=dtype, lpips_net=lpips_net,
                       lpips_weights=str(lpips_weights) if lpips_weights else None,

@@ -10,6 +10,7 @@ from typing import Any, Callable
 import click
 
 from ..errors import CascadeError
+from ..interrupts import handle_interrupts
 
 MINI_HELP = ("`mini`: the small codec shipped in the package (trained from scratch by this project on Debian's "
              "freely licensed photos, 256² native; works offline; far below Stable Cascade's quality; a folder "
@@ -28,13 +29,16 @@ NOTHING_WRITTEN = "nothing was written"
 def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: str = NOTHING_WRITTEN) -> Callable[..., Any]:
     """Decorate a command so that a :class:`~codec.errors.CascadeError` becomes a one-paragraph message and exit
     status 1, and Ctrl-C a sentence saying what happens next (``interrupted``: :data:`RESUMES` for resumable
-    jobs); any other exception is a bug and keeps its traceback."""
+    jobs); any other exception is a bug and keeps its traceback. The command runs under
+    :func:`codec.interrupts.handle_interrupts`, so its loops stop at the next batch even if the first
+    ``KeyboardInterrupt`` was lost on its way up."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
-                return command(*args, **kwargs)
+                with handle_interrupts():
+                    return command(*args, **kwargs)
             except CascadeError as e:
                 raise click.ClickException(str(e)) from None
             except KeyboardInterrupt:

@@ -110,11 +110,12 @@ def encode_dataset_command(dataset, out, weights, size, buckets, keep_aspect, ce
 @click.option("--use-captions", is_flag=True,
               help="Condition Stage B on each sample's stored caption (needs the text encoder); default: the "
                    "empty caption, as for reconstruction.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (the summary line is still printed).")
 @decode_options
 @weights_option
 @user_errors(interrupted=RESUMES)
-def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption,
-                   batch_size, weights, stage_b, device, dtype) -> None:
+def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, no_progress, steps, cfg, no_cfg, cfg_rho, sampler,
+                   seed, caption, batch_size, weights, stage_b, device, dtype) -> None:
     """Decode samples of a latent STORE (from `cascade encode-dataset`) back to images in OUT_DIR/<id>.<format>.
 
     An id's folders become subfolders (photos/a → OUT_DIR/photos/a.png), as in the source folder; `cascade info
@@ -135,7 +136,7 @@ def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, steps, cfg, no
     check_output(out_dir, folder=True)
     codec = load_codec(weights, stage_b, device, dtype, recorded=store_model(store))
     summary = decode_dataset(store, out_dir, codec, ids=ids.split(",") if ids else None, limit=limit, fmt=fmt,
-                             use_captions=use_captions,
+                             use_captions=use_captions, progress=False if no_progress else None,
                              **decode_kwargs(codec, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size))
     click.echo(summary.line())
 

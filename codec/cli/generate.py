@@ -173,8 +173,9 @@ def generate(prompt, out, prompt_file, negative, size, num_images, steps_c, cfg_
     Examples: cascade generate "a lighthouse at dusk" -o out.png --size 1216x832 --n 2;
     cascade generate --image photo.jpg --mode variation -o var.png.
     """
+    from ..files import check_output
     from ..generation.pipeline import TextToImage
-    from ..images import save_images
+    from ..images import check_image_path, save_images
     from ..latents import save_latents
     from ..weights import default_source
 
@@ -186,6 +187,9 @@ def generate(prompt, out, prompt_file, negative, size, num_images, steps_c, cfg_
         raise click.UsageError(f"--mode {mode} needs --image")
     items = read_prompt_file(prompt_file) if prompt_file else [{"prompt": prompt or ""}]
     height, width = _parse_size(size)
+    check_output(check_image_path(out))
+    if preview_dir is not None:
+        check_output(preview_dir, folder=True)
     from ..images import load_image
     from ..progress import progress_bar
 

@@ -158,7 +158,8 @@ def demo_weights(folder, seed) -> None:
     They run every code path on a machine without the official weights, but they are
     untrained: decoded images are noise. Every file is labelled as such.
     """
+    from ..files import check_output
     from ..tiny import write_tiny_weights
 
-    write_tiny_weights(folder, seed=seed)
+    write_tiny_weights(check_output(folder, folder=True), seed=seed)
     click.echo(f"wrote tiny random (untrained) weights to {folder}")

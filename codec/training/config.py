@@ -211,14 +211,21 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give the YAML config file (examples: configs/mini/*.yaml).")
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file.")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file; give the YAML config file.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: invalid YAML{where} ({getattr(e, 'problem', e)}).") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty; a config needs at least output_dir, data, batch_size and max_steps "
+                          "(examples: configs/mini/*.yaml).")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the config must be a YAML mapping (key: value lines), got {type(data).__name__}.")
     return data

@@ -19,6 +19,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from ..errors import UsageError
+from ..interrupts import ignore_interrupts, start_workers
 from .distributed import Dist
 
 TENSOR_KEYS = ("latent", "clip_text", "clip_text_pooled", "clip_img", "stage_a", "images")
@@ -142,9 +143,9 @@ def stream(dataset: Any, global_batch: int, seed: int, shuffle: bool, epoch: int
     # an own generator: a DataLoader otherwise draws its worker seed from the global RNG, which would make
     # a resumed run's dropout differ from an uninterrupted one
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=_Local(), collate_fn=collate, num_workers=num_workers,
-                                         pin_memory=pin_memory,
+                                         pin_memory=pin_memory, worker_init_fn=ignore_interrupts,
                                          generator=torch.Generator().manual_seed(epoch * 1_000_003 + start))
-    for (e, i, last, _), batch in zip(positions(), loader):
+    for (e, i, last, _), batch in zip(positions(), start_workers(loader)):
         yield e, i, last, batch
 
 

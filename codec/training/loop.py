@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..diffusion import CosineSchedule, noise_condition, vp_scalers
+from ..interrupts import check_interrupted
 from . import checkpoint as ckpt
 from . import distributed as D
 from .config import ConfigError, TrainConfig
@@ -316,6 +317,7 @@ class Trainer:
                          0 if cfg.data.cache else cfg.data.num_workers, pin_memory=d.device.type == "cuda")
         if self.pos.step < cfg.max_steps:
             for epoch, index, last, batch in batches:
+                check_interrupted()  # Ctrl-C stops at the next batch even if its KeyboardInterrupt was lost
                 batch = float_images(batch, d.device)
                 self.pos.epoch = epoch
                 sync = (self.pos.micro + 1) % accum == 0

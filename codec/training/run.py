@@ -12,6 +12,8 @@ import importlib
 import os
 from typing import Any, Callable, Mapping
 
+from ..errors import UsageError
+from ..files import check_output
 from .checkpoint import Position
 from .config import ConfigError, load_config, read_yaml
 from .task import Task
@@ -56,6 +58,10 @@ def train(task: type[Task], config: str | os.PathLike | dict[str, Any], dataset:
     if data.get("task") not in (None, task.name):
         raise ConfigError(f"{source}: the config is for task {data['task']!r}, not {task.name!r}.")
     cfg, section = load_config(data, task.section, task.section_model, source)
+    try:  # before any model is built
+        check_output(cfg.output_dir, folder=True)
+    except UsageError as e:
+        raise ConfigError(f"{source}: output_dir: {e}") from None
     d = D.setup(device)
     try:
         job = task(cfg, section, d, source)
