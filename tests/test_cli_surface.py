@@ -196,6 +196,15 @@ def test_info_describes_what_it_is_given(tiny_weights, photo, tmp_path):
     assert r.exit_code == 0 and r.output.split() == ["photo"], r.output  # ids are relative paths without suffix
     out = no_traceback(run("info", lat, "--ids"))
     assert "--ids lists the samples of a latent store" in out
+    bucket = next(p for p in (tmp_path / "s.zarr").iterdir() if p.name.startswith("b"))
+    out = no_traceback(run("info", bucket))  # used to say: download the weights into it
+    assert f"is a part of the latent store {(tmp_path / 's.zarr').resolve()}" in out and "Download" not in out
+    (tmp_path / "photos").mkdir()
+    photo.rename(tmp_path / "photos" / photo.name)
+    out = no_traceback(run("info", tmp_path / "photos"))
+    assert "is a folder of 1 image(s) and holds no model weights" in out and "encode-dataset" in out
+    (tmp_path / "empty").mkdir()  # a folder made for the weights: what to download into it stays the answer
+    assert "Download these files into" in no_traceback(run("info", tmp_path / "empty"))
 
 
 def test_one_meaning_per_option(photo, tmp_path):

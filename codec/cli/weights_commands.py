@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -24,6 +25,23 @@ def describe_latents(path: Path) -> str:
         size = f" ({found.sizes[i][1]}×{found.sizes[i][0]})" if found.sizes and i < len(found.sizes) else ""
         lines.append(f"  {i}: {source}{size}")
     return "\n".join(lines)
+
+
+def _refuse_folder_without_weights(folder: Path, is_latent_store: Callable[[Path], bool]) -> None:
+    """A :class:`UsageError` for a folder that is part of a latent store, or that holds images and no weights (the
+    weights advice — "download these files into it" — would mislead); nothing for any other folder."""
+    from ..latents import IMAGE_SUFFIXES
+
+    store = next((p for p in list(folder.resolve().parents)[:4] if is_latent_store(p)), None)
+    if store is not None:
+        raise UsageError(f"{folder} is a part of the latent store {store}; `cascade info {store}` describes the store")
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*/*.safetensors")):
+        return
+    images = sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if images:
+        raise UsageError(f"{folder} is a folder of {images} image(s) and holds no model weights; `cascade "
+                         f"encode-dataset {folder} STORE` encodes them into a latent store (which `cascade info "
+                         "STORE` then describes), and `cascade info` on a weights folder lists its model files")
 
 
 @click.command()
@@ -64,6 +82,8 @@ def info(weights, list_ids) -> None:
             if (given / TABLE_NAME).is_file():
                 click.echo((given / TABLE_NAME).read_text(encoding="utf-8"), nl=False)
             return
+        if given.is_dir():
+            _refuse_folder_without_weights(given, is_latent_store)
 
     import torch
 
