@@ -214,6 +214,9 @@ def test_one_meaning_per_option(photo, tmp_path):
     r = run("decode-dataset", tmp_path / "s.zarr", tmp_path / "o", "--use-captions", "--caption", "x")
     assert r.exit_code == 2 and "give one of the two" in r.output
     assert "--model" in run("generate", "--help").output
+    for command in ("decode", "generate"):  # a negative rescale factor was silently taken for "off"
+        r = run(command, "x", "--cfg-rho", "-1")
+        assert r.exit_code == 2 and "--cfg-rho" in r.output and "0<=x<=1" in r.output, r.output
 
 
 def test_bench_recon_on_an_empty_folder_is_refused(tmp_path):

@@ -75,8 +75,9 @@ def decode_options(f: Callable) -> Callable:
                      help="Stage B classifier-free guidance scale. Default: the model's own (official: 1.1); 1 is the "
                           "conditional prediction alone (one model call per step)."),
         click.option("--no-cfg", is_flag=True, help="Disable guidance (one model call per step, ~2× faster)."),
-        click.option("--cfg-rho", type=float, default=0.7, show_default=True,
-                     help="Guidance rescale factor (official: 0.7)."),
+        click.option("--cfg-rho", type=click.FloatRange(0, 1), default=0.7, show_default=True,
+                     help="Guidance rescale factor in [0, 1]: how far the guided prediction's spread is pulled back "
+                          "to the conditional one's (0: off; official: 0.7)."),
         click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default=None,
                      help="ddpm (stochastic) or ddim (deterministic). Default: the model's own (official: ddpm)."),
         click.option("--seed", type=int, default=0, show_default=True,

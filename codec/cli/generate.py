@@ -104,8 +104,8 @@ def _png_text(prompt: str, negative: str, seed: int | None, settings) -> dict[st
               help="Stage B sampling steps (official: 10).")
 @click.option("--cfg-b", type=float, default=1.1, show_default=True,
               help="Stage B guidance scale (official: 1.1).")
-@click.option("--cfg-rho", type=float, default=0.7, show_default=True,
-              help="Guidance rescale factor for both stages (official: 0.7).")
+@click.option("--cfg-rho", type=click.FloatRange(0, 1), default=0.7, show_default=True,
+              help="Guidance rescale factor in [0, 1] for both stages (0: off; official: 0.7).")
 @click.option("--sampler", type=click.Choice(["ddpm", "ddim"]), default="ddpm", show_default=True,
               help="ddpm (official, stochastic) or ddim (deterministic).")
 @click.option("--seed", type=int, default=0, show_default=True,
