@@ -285,3 +285,31 @@ def test_decode_dataset_takes_no_progress_like_encode_dataset(tiny_weights, phot
             "--no-progress")
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
     assert (tmp_path / "out" / "photo.png").is_file()
+
+
+@pytest.mark.parametrize("resumable", [True, False])
+def test_a_full_disk_is_a_sentence_not_a_traceback(resumable):
+    """ENOSPC (or a quota) in the middle of a job: what to do, and whether the job resumes; any other OSError is a
+    bug and keeps its traceback."""
+    import errno
+
+    import click
+
+    from codec.cli.common import RESUMES, user_errors
+
+    @click.command()
+    @user_errors(**({"interrupted": RESUMES} if resumable else {}))
+    def job():
+        raise OSError(errno.ENOSPC, "No space left on device", "out/x.png")
+
+    r = CliRunner().invoke(job, [])
+    out = no_traceback(r)
+    assert "no space left on device writing out/x.png; free some space or write to another disk" in out
+    assert ("run the same command again to continue where it stopped" in out) is resumable
+
+    @click.command()
+    @user_errors
+    def bug():
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    assert isinstance(CliRunner().invoke(bug, []).exception, OSError)

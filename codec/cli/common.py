@@ -3,6 +3,7 @@ sampling options and loading the codec. Commands use only these and the public A
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 from typing import Any, Callable
@@ -26,6 +27,10 @@ RESUMES = "run the same command again to continue where it stopped"
 NOTHING_WRITTEN = "nothing was written"
 
 
+# A full disk or quota: the user's to fix, said as a sentence (everything written so far is complete files).
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+
 def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: str = NOTHING_WRITTEN) -> Callable[..., Any]:
     """Decorate a command so that a :class:`~codec.errors.CascadeError` becomes a one-paragraph message and exit
     status 1, and Ctrl-C a sentence saying what happens next (``interrupted``: :data:`RESUMES` for resumable
@@ -43,6 +48,13 @@ def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: str = NOTH
                 raise click.ClickException(str(e)) from None
             except KeyboardInterrupt:
                 raise click.ClickException(f"interrupted; {interrupted}") from None
+            except OSError as e:
+                if e.errno not in FULL_DISK:  # anything else is not the user's to fix: a bug, with its traceback
+                    raise
+                where = f" writing {e.filename}" if e.filename else ""
+                then = f", then {interrupted}" if interrupted == RESUMES else " and run the command again"
+                raise click.ClickException(f"{os.strerror(e.errno).lower()}{where}; free some space or write to "
+                                           f"another disk{then}") from None
 
         return wrapper
 
