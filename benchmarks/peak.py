@@ -15,10 +15,15 @@ import time
 import torch
 
 
-def gemm_peak_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5,
-                     device: str = "cpu") -> float:
+def gemm_peak_gflops(dtype: torch.dtype, sizes: tuple[int, ...] | None = None, repeats: int = 5,
+                     device: str | torch.device = "cpu") -> float:
     """Best GFLOP/s over ``repeats`` ``n×n @ n×n`` products in ``dtype`` for each ``n`` of ``sizes`` (after one
-    warm-up each), 2·n³ operations per product. The best, not the median: other load only ever lowers it."""
+    warm-up each), 2·n³ operations per product, on ``device`` (synchronised around each product on a GPU).
+    ``sizes`` default: 1024 and 2048 on the CPU, 4096 and 8192 on a GPU (smaller ones leave it idle part of the
+    time). The best, not the median: other load only ever lowers it."""
+    device = str(device)
+    if sizes is None:
+        sizes = (1024, 2048) if torch.device(device).type == "cpu" else (4096, 8192)
     best = 0.0
     for n in sizes:
         a = torch.randn(n, n, device=device).to(dtype)
@@ -35,15 +40,30 @@ def gemm_peak_gflops(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048), 
     return best
 
 
-def model_flops(task: str, size: int, batch: int) -> float:
+def model_flops(task: str, size: int, batch: int, steps: int = 10) -> float:
     """Floating-point operations of one timed call of ``task`` (``effnet`` encode, ``stage_a`` decode, one
-    ``stage_b``/``stage_c`` lite evaluation) at image side ``size`` and ``batch``, as :mod:`benchmarks.speed` runs
-    them."""
+    ``stage_b``/``stage_c`` lite evaluation, a whole ``decode`` of ``steps`` CFG steps) at image side ``size`` and
+    ``batch``, as :mod:`benchmarks.speed` runs them."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from codec.presets import create_model
 
-    from .speed import STAGE_A_SCALE, make_inputs
+    from .speed import STAGE_A_SCALE, decode_sides, make_inputs
+
+    if task == "decode":  # steps × Stage B at twice the batch (CFG), then Stage A; the sampler's own maths is tiny
+        side, a_side, _ = decode_sides(size)
+        with torch.device("meta"):
+            stage_b = create_model("stage_b_lite").eval()
+            from codec.stage_a import StageA
+
+            stage_a = StageA(scale_factor=STAGE_A_SCALE).eval()
+            x = torch.empty(2 * batch, 4, a_side, a_side)
+            r, eff, clip = torch.empty(2 * batch), torch.empty(2 * batch, 16, side, side), torch.empty(2 * batch, 1, 1280)
+            with torch.no_grad(), FlopCounterMode(display=False) as b_count:
+                stage_b(x, r, eff, clip)
+            with torch.no_grad(), FlopCounterMode(display=False) as a_count:
+                stage_a.decode(x[:batch])
+        return float(steps * b_count.get_total_flops() + a_count.get_total_flops())
 
     inputs = {k: v.to("meta") for k, v in make_inputs(task, size, batch, 0).items()}
     with torch.device("meta"):

@@ -157,11 +157,23 @@ def load_stage_a(source: str | os.PathLike | W.WeightSource, device: str | torch
 
 
 @torch.no_grad()
-def encode_pixels(effnet: EfficientNetEncoder, pixels: torch.Tensor) -> torch.Tensor:
-    """RGB ``(B,3,H,W)`` in [0,1], already at the encoder's input size → fp32 latents on the CPU (not checked)."""
+def encode_pixels(effnet: EfficientNetEncoder, pixels: torch.Tensor,
+                  encode: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """RGB ``(B,3,H,W)`` in [0,1], already at the encoder's input size → fp32 latents on the CPU (not checked).
+
+    ``encode``: what runs ``effnet.encode`` (default: that method itself; :func:`compile_model` gives a compiled
+    one)."""
     device = next(effnet.parameters()).device
     x = pixels.to(device, torch.float32).contiguous(memory_format=torch.channels_last)
-    return effnet.encode(x).float().contiguous().cpu()
+    return (encode or effnet.encode)(x).float().contiguous().cpu()
+
+
+def compile_model(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``torch.compile`` of a model or a model's method (``stage_a.decode``, ``effnet.encode``) as ``compile=True``
+    runs them: inductor, default mode, the model's weights shared, its state dict unchanged. The first call at each
+    new input shape compiles (tens of seconds to minutes on a CPU, once per process); the results equal eager
+    ones up to float rounding."""
+    return torch.compile(fn)
 
 
 class Codec:
@@ -171,7 +183,7 @@ class Codec:
                  empty_clip: torch.Tensor | None = None, source: W.WeightSource | None = None,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  components: dict[str, ComponentInfo] | None = None, sampling: dict[str, Any] | None = None,
-                 dtype_reason: str | None = None):
+                 dtype_reason: str | None = None, compile: bool = False):
         self.stage_a = stage_a
         self.sampling = dict(sampling or {})  # Stage B's own sampler defaults (W.META_SAMPLING)
         self.effnet = effnet
@@ -186,6 +198,19 @@ class Codec:
         self._previewer = None
         self._bytes_per_pixel: tuple[float, float] | None = None  # see _decode_bytes_per_latent_pixel
         self.stage_a_bytes = STAGE_A_BYTES  # largest Stage A tensors a decode may hold at once; above: tiles
+        self.compile = compile  # run the models through torch.compile (see from_pretrained)
+        self._compiled: dict[str, tuple[Any, Callable[..., torch.Tensor]]] = {}
+
+    def _runner(self, name: str, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """``fn`` (a model, or a bound method of one), or with ``compile=True`` its compiled version, made on first
+        use and kept for as long as the codec holds that same model (the memory probe runs the eager models)."""
+        if not self.compile:
+            return fn
+        owner = getattr(fn, "__self__", fn)
+        cached = self._compiled.get(name)
+        if cached is None or cached[0] is not owner:
+            cached = self._compiled[name] = (owner, compile_model(fn))
+        return cached[1]
 
     # ------------------------------------------------------------------ loading
     @property
@@ -198,7 +223,7 @@ class Codec:
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike | None = None, stage_b: str | None = None,
                         dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                        encoder: bool = True, decoder: bool = True) -> "Codec":
+                        encoder: bool = True, decoder: bool = True, compile: bool = False) -> "Codec":
         """Load the codec from a folder, a Hugging Face repo id or a ComfyUI single-file checkpoint.
 
         Official layout: ``stage_a.safetensors``, ``effnet_encoder.safetensors``,
@@ -224,7 +249,9 @@ class Codec:
         ``device`` (``None``/``"auto"``: CUDA when available) is checked to exist. ``source=None`` means
         ``$CASCADE_WEIGHTS``, else the official repo id. ``encoder=False`` skips the EfficientNet encoder
         (decode-only use, e.g. after Stage C); ``decoder=False`` loads only the encoder (encode-only use: no Stage A
-        or B file is needed).
+        or B file is needed). ``compile=True`` runs Stage B's denoiser, Stage A's decoder and the encoder through
+        ``torch.compile`` (:func:`compile_model`): the first decode or encode at each size pays for compiling
+        (minutes on a CPU), later ones may run faster; off by default (docs/guides/benchmarks.md has the figures).
         """
         device = resolve_device(device)
         dtype, why = W.resolve_dtype(dtype, device)
@@ -233,7 +260,7 @@ class Codec:
             effnet, info = load_component(src, layouts.locate_encoder(src), EfficientNetEncoder, None, torch.float32,
                                           device)
             return cls(None, effnet.to(memory_format=torch.channels_last), None, source=src, device=device,
-                       dtype=dtype, components={"effnet": info}, dtype_reason=why)
+                       dtype=dtype, components={"effnet": info}, dtype_reason=why, compile=compile)
         stage_b = stage_b or layouts.default_size(src, "stage_b")
         b_file = src.stage_b_file(stage_b, dtype)
         a_loc = layouts.resolve(src, "stage_a", torch.float32, W.STAGE_A_FILE)
@@ -260,7 +287,7 @@ class Codec:
         if b_loc.layout == "official":
             sampling = json.loads(src.header(b_loc.files[0]).metadata.get(W.META_SAMPLING, "{}"))
         return cls(stage_a, effnet, model_b, empty_clip=empty, source=src, device=device, dtype=dtype,
-                   components=components, sampling=sampling, dtype_reason=why)
+                   components=components, sampling=sampling, dtype_reason=why, compile=compile)
 
     # ------------------------------------------------------------------ encode
     @torch.no_grad()
@@ -304,7 +331,8 @@ class Codec:
             x = F.interpolate(x, size=size, mode="nearest")
         else:
             x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
-        return check_finite(encode_pixels(self.effnet, x), "the EfficientNet encoder")
+        return check_finite(encode_pixels(self.effnet, x, self._runner("effnet", self.effnet.encode)),
+                            "the EfficientNet encoder")
 
     # ------------------------------------------------------------------ text
     def pooled_text(self, caption: str | Sequence[str] | None, batch: int) -> torch.Tensor:
@@ -445,13 +473,14 @@ class Codec:
                 eff = latents[sl].to(self.device)
                 cond = {"effnet": eff, "clip": clip[sl]}
                 uncond = {"effnet": torch.zeros_like(eff), "clip": uncond_clip[sl]} if cfg is not None else None
-                z = sample(self.stage_b, cond, shape=(eff.shape[0], self.stage_b.config.c_in, ha, wa), uncond=uncond,
+                z = sample(self._runner("stage_b", self.stage_b), cond,
+                           shape=(eff.shape[0], self.stage_b.config.c_in, ha, wa), uncond=uncond,
                            steps=steps, cfg=cfg, cfg_rho=cfg_rho, shift=shift, sampler=sampler, generator=generator,
                            device=self.device, x0_clamp=x0_clamp, prediction=defaults["prediction"],
                            callback=lambda i, *_: step_done(i + 1, steps))
                 check_finite(z, "Stage B")
                 if tile is None:
-                    img = check_finite(self.stage_a.decode(z.float()).float(), "Stage A")
+                    img = check_finite(self._runner("stage_a", self.stage_a.decode)(z.float()).float(), "Stage A")
                     images.append(img[..., :height, :width].clamp(0, 1).cpu())
                 else:
                     img = decode_tiled(self.stage_a, z.float(), tile, crop=(height, width), progress=progress_bars)

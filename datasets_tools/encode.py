@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from codec.codec import encode_pixels, load_encoder, load_stage_a
+from codec.codec import compile_model, encode_pixels, load_encoder, load_stage_a
 from codec.errors import CascadeError, UsageError
 
 from .preprocess import POLICIES, RESIZE, Geometry, apply_geometry, geometry, known_buckets, preprocess
@@ -291,6 +291,7 @@ class _Models:
     effnet: torch.nn.Module
     text: Any = None          # codec.text.TextEncoder
     stage_a: torch.nn.Module | None = None
+    encode: Callable[[torch.Tensor], torch.Tensor] | None = None  # effnet.encode compiled (compile=True)
 
 
 @dataclass(frozen=True)
@@ -315,6 +316,7 @@ class EncodeJob:
     text_encoder: str | os.PathLike | None
     stage_a: bool
     hook: StoreHook | None
+    compile: bool = False
 
 
 def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: str | os.PathLike,
@@ -322,7 +324,7 @@ def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: s
                    dtype: str = "float16", limit: int | None = None, dry_run: bool = False, shard_size: int = 256,
                    progress: bool = True, storage_options: dict[str, Any] | None = None, device: str = "cpu",
                    log: Callable[[str], None] = print, text_encoder: str | os.PathLike | None = None,
-                   stage_a: bool = False, hook: StoreHook | None = None) -> Summary:
+                   stage_a: bool = False, hook: StoreHook | None = None, compile: bool = False) -> Summary:
     """Encode every readable image of ``source`` into the latent store ``out`` (resumable; see module doc).
 
     ``text_encoder`` (a folder with ``text_encoder/`` and ``tokenizer/``, or a repo id) adds
@@ -330,7 +332,8 @@ def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: s
     ``stage_a.safetensors`` in ``weights``). A store keeps the extras it was made with. ``hook`` is
     told each point where a kill must leave a resumable store (:data:`~datasets_tools.store.StoreHook`).
     Under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) units are split across ranks and
-    synchronised with gloo barriers. Returns a :class:`Summary` (this rank's counts,
+    synchronised with gloo barriers. ``compile=True`` runs the encoder through ``torch.compile``
+    (:func:`codec.codec.compile_model`; the first batch of each size compiles). Returns a :class:`Summary` (this rank's counts,
     plus the store's totals on rank 0).
     """
     if policy not in POLICIES:
@@ -351,7 +354,7 @@ def encode_dataset(source: str | os.PathLike, out: str | os.PathLike, weights: s
         torch.distributed.init_process_group("gloo", timeout=timedelta(days=7))
     try:
         job = EncodeJob(source, out, weights, policy, size, batch_size, workers, dtype, limit, dry_run, shard_size,
-                        progress, storage_options, device, log, text_encoder, stage_a, hook)
+                        progress, storage_options, device, log, text_encoder, stage_a, hook, compile)
         return _run(job, rank, world, t0)
     finally:
         if own_group:
@@ -430,8 +433,9 @@ def _run(job: EncodeJob, rank: int, world: int, t0: float) -> Summary:
 
         text = TextEncoder.from_pretrained(job.text_encoder, device=job.device)
     if items:
-        models = _Models(load_encoder(job.weights, job.device), text,
-                         load_stage_a(job.weights, job.device) if job.stage_a else None)
+        effnet = load_encoder(job.weights, job.device)
+        models = _Models(effnet, text, load_stage_a(job.weights, job.device) if job.stage_a else None,
+                         compile_model(effnet.encode) if job.compile else None)
         _process(store, models, items, plan, n_units, job, summary)
     _barrier(world)
 
@@ -477,7 +481,7 @@ def _store_empty_text(store: LatentStore, text: Any) -> None:
 @torch.no_grad()
 def _encode_arrays(models: _Models, pixels: torch.Tensor, captions: list[str], device: str) -> dict[str, torch.Tensor]:
     """Every stored float array of one batch, fp32 on the CPU: ``latents`` and the extras asked for."""
-    out = {"latents": encode_pixels(models.effnet, pixels)}
+    out = {"latents": encode_pixels(models.effnet, pixels, models.encode)}
     if models.stage_a is not None:
         out["stage_a"] = models.stage_a.encode(pixels.to(device, torch.float32)).float().cpu()
     if models.text is not None:

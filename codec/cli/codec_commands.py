@@ -28,7 +28,7 @@ SCALE = click.FloatRange(0, 1.5, min_open=True)
               help="Storage precision of the written latents.")
 @weights_option
 @user_errors
-def encode(images, out, scale, resize, latent_dtype, weights, stage_b, device, dtype) -> None:
+def encode(images, out, scale, resize, latent_dtype, weights, stage_b, device, dtype, compile_models) -> None:
     """Encode IMAGES into EfficientNet latents (16 × H·scale/32 × W·scale/32)."""
     import torch
 
@@ -40,7 +40,7 @@ def encode(images, out, scale, resize, latent_dtype, weights, stage_b, device, d
     check_output(check_latents_path(out))
     for path in images:
         check_input(path, f"`cascade encode-dataset {path} STORE` encodes a folder of images")
-    codec = load_codec(weights, stage_b, device, dtype, decoder=False)
+    codec = load_codec(weights, stage_b, device, dtype, decoder=False, compile_models=compile_models)
     latents, sizes = [], []
     for path in progress_bar(None, "encode", unit="img", iterable=images):
         t = pil_to_tensor(load_image(path))
@@ -83,7 +83,7 @@ def output_size(height: int | None, width: int | None, recorded: list[int] | Non
 @weights_option
 @user_errors
 def decode(latents, out, height, width, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size,
-           weights, stage_b, device, dtype) -> None:
+           weights, stage_b, device, dtype, compile_models) -> None:
     """Decode LATENTS (.safetensors from `cascade encode`, or .npy) into images."""
     from ..files import check_output
     from ..images import check_image_path, save_images
@@ -91,7 +91,7 @@ def decode(latents, out, height, width, steps, cfg, no_cfg, cfg_rho, sampler, se
 
     check_output(check_image_path(out))
     found = load_latents(latents)
-    codec = load_codec(weights, stage_b, device, dtype, recorded=found.model)
+    codec = load_codec(weights, stage_b, device, dtype, recorded=found.model, compile_models=compile_models)
     kwargs = decode_kwargs(codec, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size)
     flat = [z for g in found.latents for z in codec.check_latents(g).split(1)]
     images = []
@@ -117,14 +117,14 @@ def decode(latents, out, height, width, steps, cfg, no_cfg, cfg_rho, sampler, se
 @weights_option
 @user_errors
 def reconstruct(image, out, scale, resize, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size,
-                weights, stage_b, device, dtype) -> None:
+                weights, stage_b, device, dtype, compile_models) -> None:
     """Encode IMAGE and decode it back at its own size."""
     from ..files import check_input, check_output
     from ..images import check_image_path, load_image, pil_to_tensor, save_images
 
     check_output(check_image_path(out))
     t = pil_to_tensor(load_image(check_input(image, "`cascade encode-dataset` and `decode-dataset` take folders")))
-    codec = load_codec(weights, stage_b, device, dtype)
+    codec = load_codec(weights, stage_b, device, dtype, compile_models=compile_models)
     kwargs = decode_kwargs(codec, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size)
     bar, update = step_progress(kwargs["steps"], "decode")
     z = codec.encode(t[None], scale=scale, resize=resize)

@@ -21,6 +21,9 @@ WEIGHTS_HELP = ("Folder with the official Stable Cascade files (stage_a.safetens
                 "a ComfyUI single-file checkpoint (stable_cascade_stage_b.safetensors), or " + MINI_HELP
                 + " Default: $CASCADE_WEIGHTS, else stabilityai/stable-cascade.")
 DEVICE_HELP = "Torch device: auto (CUDA if available), cpu, cuda, cuda:1, mps, …"
+COMPILE_HELP = ("Run the models through torch.compile. The first image of each size pays for compiling (minutes on a "
+                "CPU); later ones may run faster, mostly on GPUs (docs/guides/benchmarks.md has measured figures). "
+                "Off by default.")
 
 
 RESUMES = "run the same command again to continue where it stopped"
@@ -61,8 +64,14 @@ def user_errors(fn: Callable[..., Any] | None = None, *, interrupted: str = NOTH
     return decorate(fn) if fn is not None else decorate
 
 
+def compile_option(f: Callable) -> Callable:
+    """The --compile flag (``compile`` keyword)."""
+    return click.option("--compile", "compile_models", is_flag=True, help=COMPILE_HELP)(f)
+
+
 def weights_option(f: Callable) -> Callable:
-    """Shared --weights/--stage-b/--device/--dtype options."""
+    """Shared --weights/--stage-b/--device/--dtype/--compile options."""
+    f = compile_option(f)
     f = click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto",
                      show_default=True,
                      help="Stage B precision. auto = bf16 on CUDA and on CPUs with native bf16 (AVX512_BF16 or "
@@ -116,10 +125,11 @@ def decode_kwargs(codec: Any, steps: int | None, cfg: float | None, no_cfg: bool
 
 
 def load_codec(weights: str | None, stage_b: str | None, device: str, dtype: str, recorded: str | None = None,
-               decoder: bool = True):
+               decoder: bool = True, compile_models: bool = False):
     """The :class:`codec.Codec` of the options (default weights: ``recorded``, the model that made the latents at
     hand, else $CASCADE_WEIGHTS, else the official repo), with a note on the terminal when its weights are tiny
-    random ones or not the ones that made the latents. ``decoder=False``: only the encoder."""
+    random ones or not the ones that made the latents. ``decoder=False``: only the encoder; ``compile_models``: the
+    ``--compile`` flag (``Codec(compile=True)``)."""
     from ..codec import Codec
     from ..weights import WEIGHTS_ENV, default_source
 
@@ -129,7 +139,8 @@ def load_codec(weights: str | None, stage_b: str | None, device: str, dtype: str
     elif recorded and default_source(weights) != recorded:
         click.secho(f"warning: these latents were made by {recorded}, not by {default_source(weights)}; latents of "
                     "one model mean nothing to another", fg="yellow", err=True)
-    codec = Codec.from_pretrained(weights, stage_b=stage_b, dtype=dtype, device=device, decoder=decoder)
+    codec = Codec.from_pretrained(weights, stage_b=stage_b, dtype=dtype, device=device, decoder=decoder,
+                                  compile=compile_models)
     for note in {c.note for c in codec.components.values() if c.note}:
         click.secho(f"note: {note}", fg="yellow", err=True)
     return codec

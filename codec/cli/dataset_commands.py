@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .common import MINI_HELP, RESUMES, decode_kwargs, decode_options, load_codec, user_errors, weights_option
+from .common import (MINI_HELP, RESUMES, compile_option, decode_kwargs, decode_options, load_codec, user_errors,
+                     weights_option)
 
 
 @click.command("encode-dataset")
@@ -53,9 +54,11 @@ from .common import MINI_HELP, RESUMES, decode_kwargs, decode_options, load_code
               help="Also store Stage A latents (4×H/4×W/4, encoder output / 0.43) of the same preprocessed image, "
                    "for Stage B fine-tuning; needs stage_a.safetensors in --weights.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the summary line is still printed).")
+@compile_option
 @user_errors(interrupted=RESUMES)
 def encode_dataset_command(dataset, out, weights, size, buckets, keep_aspect, center, batch_size, workers, dtype,
-                           device, limit, dry_run, shard_size, text_encoder, stage_a, no_progress) -> None:
+                           device, limit, dry_run, shard_size, text_encoder, stage_a, no_progress,
+                           compile_models) -> None:
     """Encode every image of SOURCE into the Zarr latent store OUT (resumable, idempotent).
 
     SOURCE: a folder of images (recursive; captions from sidecar .txt/.json files), a
@@ -95,7 +98,7 @@ def encode_dataset_command(dataset, out, weights, size, buckets, keep_aspect, ce
                              policy=policy, size=size, batch_size=batch_size, workers=workers, dtype=dtype,
                              limit=limit, dry_run=dry_run, shard_size=shard_size, progress=not no_progress,
                              log=click.echo, text_encoder=text_encoder, stage_a=stage_a,
-                             device=str(resolve_device(device)))
+                             device=str(resolve_device(device)), compile=compile_models)
     if int(os.environ.get("RANK", "0")) == 0 or dry_run:
         click.echo(summary.line())
 
@@ -115,7 +118,7 @@ def encode_dataset_command(dataset, out, weights, size, buckets, keep_aspect, ce
 @weights_option
 @user_errors(interrupted=RESUMES)
 def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, no_progress, steps, cfg, no_cfg, cfg_rho, sampler,
-                   seed, caption, batch_size, weights, stage_b, device, dtype) -> None:
+                   seed, caption, batch_size, weights, stage_b, device, dtype, compile_models) -> None:
     """Decode samples of a latent STORE (from `cascade encode-dataset`) back to images in OUT_DIR/<id>.<format>.
 
     An id's folders become subfolders (photos/a → OUT_DIR/photos/a.png), as in the source folder; `cascade info
@@ -134,7 +137,7 @@ def decode_dataset(store, out_dir, ids, limit, fmt, use_captions, no_progress, s
                                "on one caption: give one of the two")
 
     check_output(out_dir, folder=True)
-    codec = load_codec(weights, stage_b, device, dtype, recorded=store_model(store))
+    codec = load_codec(weights, stage_b, device, dtype, recorded=store_model(store), compile_models=compile_models)
     summary = decode_dataset(store, out_dir, codec, ids=ids.split(",") if ids else None, limit=limit, fmt=fmt,
                              use_captions=use_captions, progress=False if no_progress else None,
                              **decode_kwargs(codec, steps, cfg, no_cfg, cfg_rho, sampler, seed, caption, batch_size))
