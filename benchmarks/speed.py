@@ -938,12 +938,13 @@ worker ~90 s, ~60–80 s per evaluation; each worker holds ~4.7 GB).
 per run with AVX512-BF16/AMX, roughly 45–55 s per run on an AVX2-only CPU. Peak memory: the
 two Stage B lite workers are alive together (~3.6 + 4.0 GB).
 
-decode (not in the default tasks; --tasks decode --repeats 1): one check run of each row at 256²
-(~1 min in all), then one timed 1024² decode each: ours (bf16 on an AVX512_BF16 CPU) ~4 min,
-diffusers fp32 ~12 min, diffusers bf16 ~6 min; building each worker 10–30 s. Four workers (ours,
-its fp32 twin for the check, diffusers fp32 and bf16) hold ~10 GB together during the check.
---decode-size 512 takes about a quarter of that. --compile adds a compiled ours row to every case;
-its first call compiles (minutes on a CPU) and, for decode, an untimed decode at full size per row.
+decode (not in the default tasks): --tasks decode --repeats 1 took 821 s (14 min) on the 2-core
+AVX512_BF16 VM when quiet: building the four workers (ours, its fp32 twin for the check, diffusers
+fp32 and bf16) 3–6 s each, the 256² check runs 10–22 s each, then one timed 1024² decode each: ours
+bf16 172 s, diffusers fp32 358 s, diffusers bf16 190 s; peak RSS 3.5–5.8 GB per worker. With other
+jobs running (load average 3–5) the same run took 2238 s. --compile adds a compiled ours row to every
+case; its first call compiles (minutes on a CPU) and, for decode, one untimed decode at full size
+runs per row first.
 
 quick run (~1–2 min):
   python -m benchmarks.speed --tasks effnet,stage_b --effnet-batches 1 --stage-b-size 256 --repeats 1

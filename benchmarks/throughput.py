@@ -191,7 +191,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models", default="mini,full", help="comma-separated: mini, full (default: mini,full)")
     p.add_argument("--n", type=int, default=64, help="photos to encode (default: 64)")
     p.add_argument("--decode-n", type=int, default=None,
-                   help="latents to decode per row (default: 16 for mini, 4 for full)")
+                   help="latents to decode per row (default: 16 for mini, 2 for full)")
     p.add_argument("--decode-batches", default="1,4", help="decode-dataset --batch-size values (default: 1,4)")
     p.add_argument("--full-size", type=int, default=256,
                    help="image side of the full-size model's rows, multiple of 32 (default: 256)")
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
         for name in args.models:
             from codec import weights as W
 
-            args.decode_n = decode_n or (16 if name == "mini" else 4)
+            args.decode_n = decode_n or (16 if name == "mini" else 2)
             if name == "mini":
                 weights, size = "mini", W.BUILTIN_MODELS["mini"].native_size
             else:

@@ -77,3 +77,23 @@ def test_training_runs_on_the_device_from_the_image_cache(photos, tmp_path):
     train(StageATask, cfg, training_dataset, echo=None, device=DEVICE)
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_speed_benchmark_runs_its_cases_and_the_whole_decode_on_the_device(tmp_path):
+    import json
+
+    from benchmarks import speed
+
+    out = tmp_path / "speed.json"
+    code = speed.main(["--tasks", "effnet,stage_a,decode", "--effnet-size", "64", "--effnet-batches", "1",
+                       "--stage-a-size", "64", "--decode-size", "128", "--decode-check-size", "128", "--decode-steps",
+                       "2", "--repeats", "1", "--device", DEVICE, "-o", str(out)])
+    report = json.loads(out.read_text())
+    cases = report["cases"]
+    assert code == 0, [(c["task"], c["status"], c.get("error")) for c in cases]
+    assert report["environment"]["device"] == DEVICE and {c["task"] for c in cases} == {"effnet", "stage_a", "decode"}
+    assert all(c["device"] == DEVICE and c["parity"]["pass"] for c in cases)
+    timed = [d for c in cases for d in c["impls"].values() if d["timed"]]
+    assert all(d["median_s"] > 0 for d in timed)
+    if DEVICE.startswith("cuda"):  # peak memory is the GPU's, per worker process
+        assert all(d["peak_device_memory"] > 0 for d in timed)
