@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.environment import environment_record
+from benchmarks.environment import device_arg, environment_record
 from datasets_tools.crops import cut, random_crop_boxes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -459,13 +459,7 @@ def parse_args(argv=None):
                    help="JSON file for environment, options and all numbers (default: benchmarks/results/"
                         "dataset.json next to this script)")
     args = p.parse_args(argv)
-    from codec.devices import resolve_device
-    from codec.errors import UsageError
-
-    try:
-        args.device = str(resolve_device(args.device))
-    except UsageError as e:
-        p.error(f"--device: {e}")
+    args.device = device_arg(p, args.device)
     if args.size < 32 or args.size % 32:
         p.error("--size must be a positive multiple of 32")
     for name in ("n", "batch_size", "shard_size", "threads", "read_samples", "read_passes", "read_batch_size"):

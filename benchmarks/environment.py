@@ -6,6 +6,7 @@ the code under test differed, so every report records them the same way, from he
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -16,7 +17,8 @@ from typing import Any, Sequence
 
 import torch
 
-from codec.devices import auto_dtype, cpu_flags, cpu_native_bf16
+from codec.devices import auto_dtype, cpu_flags, cpu_native_bf16, resolve_device
+from codec.errors import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,3 +100,12 @@ def environment_record(packages: Sequence[str] = (), dirty_paths: Sequence[str] 
         env["cuda_device"] = torch.cuda.get_device_name()
     env.update(git_state(dirty_paths))
     return env
+
+
+def device_arg(parser: argparse.ArgumentParser, value: str) -> str:
+    """A benchmark's ``--device`` value resolved (``auto`` → a GPU when there is one), as text; a device that is not
+    here ends the parse with the sentence naming what is available."""
+    try:
+        return str(resolve_device(value))
+    except UsageError as e:
+        parser.error(f"--device: {e}")

@@ -88,7 +88,7 @@ import torch
 from codec.layouts.official import OFFICIAL_STAGE_A_SCALE
 from codec.presets import create_model
 
-from .environment import environment_record
+from .environment import device_arg, environment_record
 from .peak import gemm_peak_gflops, model_flops
 from .rss import current_rss_bytes, peak_rss_bytes
 
@@ -1050,13 +1050,7 @@ def parse_args(argv=None):
                     f"at int({side}·10.67) = {theirs}; pick a size where they agree (a multiple of 128 does)")
     if args.decode_steps < 1:
         p.error("--decode-steps must be >= 1")
-    from codec.devices import resolve_device
-    from codec.errors import UsageError
-
-    try:
-        args.device = str(resolve_device(args.device))
-    except UsageError as e:
-        p.error(f"--device: {e}")
+    args.device = device_arg(p, args.device)
     return args
 
 

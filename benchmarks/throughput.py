@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from .environment import environment_record
+from .environment import device_arg, environment_record
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "throughput.json"
@@ -215,13 +215,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--full-size must be a multiple of 32, at least 64")
     if min([args.n, args.batch_size, args.threads, *args.decode_batches]) < 1 or args.workers < 0:
         p.error("--n, --batch-size, --threads and --decode-batches must be >= 1, --workers >= 0")
-    from codec.devices import resolve_device
-    from codec.errors import UsageError
-
-    try:
-        args.device = str(resolve_device(args.device))
-    except UsageError as e:
-        p.error(f"--device: {e}")
+    args.device = device_arg(p, args.device)
     return args
 
 

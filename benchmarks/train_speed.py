@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import yaml
 
-from .environment import environment_record
+from .environment import device_arg, environment_record
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("codec", "lora")
@@ -153,22 +153,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--tasks: choose from {','.join(TASKS)}")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be ≥ 1 and --warmup ≥ 0")
+    args.device = device_arg(p, args.device)
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the cases, print the table, write the JSON."""
-    from codec.devices import resolve_device
-
     args = parse_args(argv)
-    device = resolve_device(args.device)
-    args.device = str(device)
-    cuda = device.type == "cuda"
+    cuda = args.device.startswith("cuda")
     args.codec_batch = args.codec_batch or (256 if cuda else 8)
     args.lora_batch = args.lora_batch or (32 if cuda else 2)
     env = {**environment_record(packages=("torch",)), "device": args.device, "cpu_count": os.cpu_count()}
     if cuda:
-        env["device_name"] = torch.cuda.get_device_name(device)
+        env["device_name"] = torch.cuda.get_device_name(args.device)
     results = {}
     with tempfile.TemporaryDirectory(prefix="cascade_train_speed_") as tmp:
         for name in args.tasks:

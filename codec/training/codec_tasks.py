@@ -325,8 +325,8 @@ class DecoderTask(_ImageTask):
             per_sample = per_sample + o.ssim * (1 - ssim(rec, x, data_range=1.0, reduction="none"))
         return per_sample
 
-    def latents(self, module: nn.Module, images: torch.Tensor, rand: BatchRandom) -> torch.Tensor:
-        """Stage B's latents for ``images`` during training (the frozen codec's here)."""
+    def latents(self, module: nn.Module, images: torch.Tensor, rand: BatchRandom | None) -> torch.Tensor:
+        """Stage B's latents for ``images`` during training and previews (the frozen codec's here)."""
         return self.generated(images, rand)
 
     def export(self, state: dict[str, torch.Tensor], path: Path) -> None:
@@ -337,7 +337,7 @@ class DecoderTask(_ImageTask):
     def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
         x = self.preview_batch()["images"].float().to(self.d.device)
         x = x[..., :self.options.crop, :self.options.crop]
-        return save_collage([x, module.decode(self.generated(x)).clamp(0, 1)], path)
+        return save_collage([x, self.decoder(module).decode(self.latents(module, x, None)).clamp(0, 1)], path)
 
 
 class EndToEndSection(DecoderSection):
@@ -403,7 +403,7 @@ class EndToEndTask(DecoderTask):
         self.dataset_ref = dataset
         return model.train()
 
-    def latents(self, module: nn.Module, images: torch.Tensor, rand: BatchRandom) -> torch.Tensor:
+    def latents(self, module: nn.Module, images: torch.Tensor, rand: BatchRandom | None) -> torch.Tensor:
         return codec_latents(self.codec, module.effnet, module.stage_b, images, self.options.encoder_fraction, rand)
 
     def decoder(self, module: nn.Module) -> StageA:
@@ -412,10 +412,3 @@ class EndToEndTask(DecoderTask):
     def export(self, state: dict[str, torch.Tensor], path: Path) -> None:
         W.save_state({**self.frozen, **state}, path, config=self.configs,
                      note="a codec fine-tuned end to end with cascade-codec (effnet.*, stage_b.*, stage_a.*)")
-
-    @torch.no_grad()
-    def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:
-        x = self.preview_batch()["images"].float().to(self.d.device)
-        x = x[..., :self.options.crop, :self.options.crop]
-        z = codec_latents(self.codec, module.effnet, module.stage_b, x, self.options.encoder_fraction)
-        return save_collage([x, module.stage_a.decode(z).clamp(0, 1)], path)
