@@ -384,3 +384,76 @@ def test_end_to_end_task_trains_the_codec_through_its_reconstruction_and_exports
     moved = {k.split(".")[0] for k, v in state.items()
              if not torch.equal(v.float(), getattr(before, k.split(".")[0]).state_dict()[k.split(".", 1)[1]].float())}
     assert moved == {"stage_b"}
+
+
+def test_thumbnail_code_lays_a_luma_and_chroma_thumbnail_on_the_latent_grid():
+    """The encoder task's target: BT.601 luma at 3× and chroma at 1× the latent grid, moved into channels."""
+    import torch.nn.functional as F
+
+    from codec.training.codec_tasks import thumbnail_code
+
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    code = thumbnail_code(x, (2, 2), luma=3, chroma=1)
+    assert code.shape == (2, 9 + 2, 2, 2)
+    y = 0.299 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:]
+    torch.testing.assert_close(F.pixel_shuffle(code[:, :9], 3),
+                               F.interpolate(y, size=(6, 6), mode="bicubic", antialias=True), rtol=1e-5, atol=1e-5)
+    grey = torch.full((1, 3, 64, 64), 0.3)
+    g = thumbnail_code(grey, (2, 2), luma=2, chroma=2)
+    assert g.shape == (1, 4 + 8, 2, 2)
+    torch.testing.assert_close(g[:, :4], torch.full_like(g[:, :4], 0.3), rtol=0, atol=1e-5)
+    torch.testing.assert_close(g[:, 4:], torch.zeros_like(g[:, 4:]), rtol=0, atol=1e-5)  # no colour: Cb = Cr = 0
+    assert thumbnail_code(x, (2, 2), luma=2, chroma=0).shape == (2, 4, 2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the loop calls it with mixed_precision bf16
+        assert torch.equal(thumbnail_code(x, (2, 2)), code)
+
+
+def test_encoder_task_learns_the_thumbnail_code_and_the_codec_task_decodes_it_frozen(tmp_path, images, monkeypatch):
+    """`cascade train encoder` lowers its loss and exports an encoder file; `codec` with `codec.encoder` and
+    `train_encoder: false` starts from it and leaves it (weights and BatchNorm statistics) as it was, and with
+    `t_range: [1, 1]` Stage B is trained only at pure noise (the one step the mini codec's sampler runs)."""
+    from codec.diffusion import CosineSchedule, noise_condition
+    from codec.training import codec_tasks
+    from codec.training.codec_tasks import EncoderTask
+
+    cfg = {"output_dir": str(tmp_path / "enc"), "data": {"images": str(images), "image_size": 64}, "batch_size": 8,
+           "max_steps": 30, "mixed_precision": "no", "log": {"every": 1}, "checkpoint": {"save_every": 30},
+           "optim": {"lr": 3e-3, "warmup_updates": 0},
+           "encoder": {"crop": 64, "encoder_fraction": 1.0, "luma": 2, "chroma": 1}}
+    train(EncoderTask, cfg, training_dataset, echo=None)
+    loss = [r["loss"] for r in read_log(tmp_path / "enc")]
+    assert sum(loss[-5:]) / 5 < 0.5 * sum(loss[:5]) / 5, loss
+    encoder = tmp_path / "enc/checkpoint/model.safetensors"
+    trained, _ = W.load_configured(EfficientNetEncoder, encoder, None, torch.float32, "cpu")
+    assert trained.config == dict(create_model("efficientnet_mini").config)
+
+    too_many = {**cfg, "output_dir": str(tmp_path / "bad"), "encoder": {**cfg["encoder"], "luma": 4}}
+    with pytest.raises(Exception, match="need 18 latent channels"):
+        train(EncoderTask, too_many, training_dataset, echo=None)
+
+    stage_a = W.save_module(create_model("stage_a_tiny"), tmp_path / "stage_a.safetensors",
+                            config=get_preset("stage_a_tiny").kwargs())
+    seen = []
+    build = codec_tasks.CodecTask.build
+
+    def spy_build(self, dataset):
+        module = build(self, dataset)
+        forward = module.forward
+        module.forward = lambda x, r, **kw: (seen.append(r.detach().clone()), forward(x, r, **kw))[1]
+        return module
+
+    monkeypatch.setattr(codec_tasks.CodecTask, "build", spy_build)
+    codec_cfg = {"output_dir": str(tmp_path / "c"), "data": {"images": str(images), "image_size": 64},
+                 "batch_size": 4, "max_steps": 2, "model": {"preset": "tiny"}, "mixed_precision": "no",
+                 "prediction": "v", "t_range": [1, 1], "log": {"every": 1}, "checkpoint": {"save_every": 2},
+                 "codec": {"stage_a": str(stage_a), "crop": 64, "encoder": str(encoder), "train_encoder": False}}
+    train(CodecTask, codec_cfg, training_dataset, echo=None)
+    state = load_file(tmp_path / "c/checkpoint/model.safetensors")
+    start = load_file(encoder)
+    assert all(torch.equal(state[f"effnet.{k}"], v) for k, v in start.items())  # weights and statistics
+    assert any(k.startswith("stage_b.") for k in state)
+    r1 = noise_condition(CosineSchedule()(torch.ones(1)))
+    assert len(seen) == 2 and all(torch.allclose(r, r1.expand_as(r)) for r in seen)
+    with pytest.raises(Exception, match="t_range"):
+        train(CodecTask, {**codec_cfg, "output_dir": str(tmp_path / "t"), "t_range": [0.5, 0.2]}, training_dataset,
+              echo=None)

@@ -11,7 +11,8 @@ from .common import RESUMES, user_errors
 
 # = codec.training.TASKS + codec.generation.training.TASKS (tests/test_finetune.py checks); spelled out here so that
 # `cascade --help` does not import the trainer
-TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "codec", "decoder", "end-to-end")
+TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "encoder", "codec", "decoder",
+               "end-to-end")
 
 
 @click.command("train")
@@ -23,9 +24,10 @@ TRAIN_TASKS = ("stage-c", "lora", "stage-b", "controlnet", "stage-a", "codec", "
 def train_command(task, config, device) -> None:
     """Train with the YAML CONFIG: TASK is stage-c (full Stage C), lora (LoRA + new tokens on Stage C),
     stage-b (full Stage B), controlnet (a ControlNet on a frozen Stage C), stage-a (Stage A autoencoder from
-    scratch), codec (encoder + Stage B jointly from scratch on a trained Stage A), decoder (Stage A's decoder
+    scratch), encoder (the codec's encoder from scratch on a thumbnail code), codec (encoder + Stage B on a trained
+    Stage A), decoder (Stage A's decoder
     fine-tuned on a trained codec's Stage B output) or end-to-end (a trained codec's encoder, Stage B and decoder
-    fine-tuned together on its reconstructions); the last four are how the mini codec was made.
+    fine-tuned together on its reconstructions); the last five are how the mini codec was made.
 
     Reads latents from the Zarr store of data.store (controlnet, stage-a, codec: images from data.images), writes
     OUTPUT_DIR/checkpoint/ (model.safetensors
@@ -34,7 +36,7 @@ def train_command(task, config, device) -> None:
     `torchrun --nproc_per_node N -m codec.cli train TASK CONFIG` (DDP; distributed.strategy: fsdp to
     shard large models). Config keys: see codec/training/config.py; annotated examples in
     codec/generation/training/examples/ (stage-c, lora, controlnet), codec/training/examples/ (stage-b) and
-    configs/mini/ (stage-a, codec, decoder, end-to-end).
+    configs/mini/ (stage-a, encoder, codec, decoder, end-to-end).
     """
     from tqdm.auto import tqdm
 

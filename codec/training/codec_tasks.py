@@ -1,6 +1,8 @@
-"""Training the codec itself from images, from scratch: Stage A (``stage-a``) and the encoder with Stage B
-(``codec``). The official release has no Stage A training and trains Stage B against a frozen, ImageNet-pretrained
-EfficientNetV2-S; with no such weights offline, ``codec`` trains the encoder jointly with Stage B instead.
+"""Training the codec itself from images, from scratch: Stage A (``stage-a``), the encoder alone on a thumbnail code
+(``encoder``) and Stage B with the encoder (``codec``); then ``decoder`` and ``end-to-end`` fine-tune a trained
+codec on its reconstructions. The official release has no Stage A training and trains Stage B against a frozen,
+ImageNet-pretrained EfficientNetV2-S; with no such weights offline, the encoder is trained here: first alone to
+carry a thumbnail of the image (``encoder``), then frozen (``codec.train_encoder: false``) or jointly with Stage B.
 
 Data: ``data.images`` (a folder, manifest or tar shards), each image short side → ``data.image_size`` and centre
 crop; every step takes a random ``crop``² window of each image and flips it half of the time, drawn from the
@@ -18,12 +20,13 @@ documented, simpler recipe.
 ``encoder_fraction`` of its side (as :meth:`codec.Codec.encode` does), its latent conditions Stage B, dropped
 (zeros) for ``1 − encoder_keep`` of the samples so that classifier-free guidance works; the text condition is the
 constant vector written as ``clip_pooled_empty.safetensors`` (zeros); pyramid noise as the official Stage B.
+``t_range: [1, 1]`` (a top-level key) trains Stage B only at pure noise: the one step the mini codec's sampler runs.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +130,85 @@ class StageATask(_ImageTask):
         return save_collage([x, module(x, quantize=self.options.quantize)[0].clamp(0, 1)], path)
 
 
+class EncoderSection(Section):
+    """``encoder:`` section: the encoder architecture and the thumbnail code it learns to output."""
+
+    encoder_preset: str = Field("efficientnet_mini", description="encoder architecture (a codec.presets name of family effnet)")
+    crop: int = Field(256, ge=32, multiple_of=32, description="training window side in pixels (the native size)")
+    encoder_fraction: float = Field(0.75, gt=0, le=1, description="encoder input side / crop side (official 0.75)")
+    luma: int = Field(3, ge=1, description="luma samples per latent pixel side (luma² channels)")
+    chroma: int = Field(1, ge=0, description="samples of each chroma plane per latent pixel side (2·chroma² channels)")
+
+
+# ITU-R BT.601 RGB → Y, Cb, Cr (as JPEG)
+_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+
+
+def thumbnail_code(images: torch.Tensor, size: tuple[int, int], luma: int = 3, chroma: int = 1) -> torch.Tensor:
+    """A thumbnail of ``images`` ``(B,3,H,W)`` laid out on a latent grid ``size`` = (h, w): luma at ``luma``× and
+    each chroma plane at ``chroma``× the grid (antialiased bicubic), each sample moved into channels
+    (pixel-unshuffle): ``(B, luma² + 2·chroma², h, w)``. With luma 3 and chroma 1 on the mini codec's 6×6 grid
+    (256² images) it is an 18×18 luma and 6×6 chroma thumbnail, which on photographs is nearer the image than the
+    14×14 RGB thumbnail holding as many values as the 16×6×6 latent."""
+    h, w = size
+    with torch.autocast(images.device.type, enabled=False):  # float32 (antialiased bicubic has no bf16 kernel)
+        ycc = torch.einsum("ij,bjhw->bihw", _YCBCR.to(images.device), images.float())
+        parts = [F.pixel_unshuffle(F.interpolate(ycc[:, :1], size=(h * luma, w * luma), mode="bicubic",
+                                                 antialias=True), luma)]
+        if chroma:
+            parts.append(F.pixel_unshuffle(F.interpolate(ycc[:, 1:], size=(h * chroma, w * chroma), mode="bicubic",
+                                                         antialias=True), chroma))
+        return torch.cat(parts, dim=1)
+
+
+class EncoderTask(_ImageTask):
+    """The encoder alone, from scratch, on a deterministic target: its latent learns to carry a thumbnail of the
+    image (:func:`thumbnail_code`) in its first channels (the others are left free for a later joint step).
+
+    The encoder sees the crop nearest-resized to ``encoder_fraction`` of its side (as :meth:`codec.Codec.encode`);
+    its last layer is a BatchNorm without affine parameters, so the target is standardised per channel over the
+    batch the same way, and the loss is the mean squared error per sample. Fast (no Stage A or Stage B), and it
+    gives the codec step an encoder whose latent a Stage B can decode from its first update; an encoder trained
+    from scratch through Stage B's loss carried little more than a 6×6 colour thumbnail."""
+
+    name = "encoder"
+    section = "encoder"
+    section_model = EncoderSection
+    diffusion = False
+
+    def build(self, dataset: Any) -> nn.Module:
+        o = self.options
+        if o.encoder_preset not in list_presets("effnet"):
+            raise ConfigError(f"{self.source}: encoder.encoder_preset {o.encoder_preset!r} is not one of "
+                              f"{list_presets('effnet')}.")
+        torch.manual_seed(self.cfg.seed)
+        model = create_model(o.encoder_preset)
+        channels = o.luma ** 2 + 2 * o.chroma ** 2
+        if channels > model.config["c_latent"]:
+            raise ConfigError(f"{self.source}: encoder.luma {o.luma} and chroma {o.chroma} need {channels} latent "
+                              f"channels; the encoder has {model.config['c_latent']}.")
+        self.model_config = dict(model.config)
+        self.dataset_ref = dataset
+        return model.train().requires_grad_(True)
+
+    def inputs(self, batch: dict[str, Any], rand: BatchRandom) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError("encoder is trained through loss()")
+
+    def loss(self, module: nn.Module, batch: dict[str, Any], rand: BatchRandom) -> torch.Tensor:
+        o = self.options
+        x = random_crops(self.images(batch), o.crop, rand)
+        latent = module.encode(F.interpolate(x, size=encoder_input_size(*x.shape[-2:], o.encoder_fraction),
+                                             mode="nearest")).float()
+        target = thumbnail_code(x, tuple(latent.shape[-2:]), o.luma, o.chroma)
+        mean, std = target.mean(dim=(0, 2, 3), keepdim=True), target.std(dim=(0, 2, 3), keepdim=True)
+        target = (target - mean) / (std + 1e-5)
+        return (latent[:, :target.shape[1]] - target).square().mean(dim=(1, 2, 3))
+
+    def export(self, state: dict[str, torch.Tensor], path: Path) -> None:
+        W.save_state(state, path, config=self.model_config,
+                     note="encoder trained from scratch on a thumbnail code with cascade-codec")
+
+
 class CodecSection(Section):
     """``codec:`` section: the frozen Stage A, the encoder architecture and the Stage B recipe."""
 
@@ -136,15 +218,36 @@ class CodecSection(Section):
     encoder_fraction: float = Field(0.75, gt=0, le=1, description="encoder input side / crop side (official 0.75)")
     encoder_keep: float = Field(0.9, ge=0, le=1, description="share of samples whose encoder latent is kept")
     pyramid_noise: bool = True
+    encoder: Optional[str] = Field(None, description="encoder file to start from (e.g. what `cascade train encoder` "
+                                                     "exported); none: a new one of encoder_preset")
+    train_encoder: bool = Field(True, description="false: the encoder stays as loaded (BatchNorm statistics too) and "
+                                                  "only Stage B learns to decode its latents")
+
+
+def freeze_batchnorm_statistics(module: nn.Module) -> None:
+    """Put every BatchNorm of ``module`` in eval mode: it normalises with its saved statistics and keeps them."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
 
 
 class JointCodec(nn.Module):
     """The encoder and Stage B as one trained module: ``forward(x_t, r, images, keep, clip)`` predicts epsilon
-    with Stage B conditioned on the encoder's latent of ``images`` (times ``keep``, 0 or 1 per sample)."""
+    with Stage B conditioned on the encoder's latent of ``images`` (times ``keep``, 0 or 1 per sample). With
+    ``frozen_encoder`` the encoder neither learns nor updates its BatchNorm statistics."""
 
-    def __init__(self, effnet: EfficientNetEncoder, stage_b: StageB):
+    def __init__(self, effnet: EfficientNetEncoder, stage_b: StageB, frozen_encoder: bool = False):
         super().__init__()
-        self.effnet, self.stage_b = effnet, stage_b
+        self.effnet, self.stage_b, self.frozen_encoder = effnet, stage_b, frozen_encoder
+        if frozen_encoder:
+            effnet.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "JointCodec":
+        """Train mode, except a frozen encoder's BatchNorm (see the class docstring)."""
+        super().train(mode)
+        if self.frozen_encoder:
+            freeze_batchnorm_statistics(self.effnet)
+        return self
 
     def forward(self, x: torch.Tensor, r: torch.Tensor, images: torch.Tensor, keep: torch.Tensor,
                 clip: torch.Tensor) -> torch.Tensor:
@@ -171,12 +274,19 @@ class CodecTask(_ImageTask):
         self.stage_a, _ = W.load_configured(StageA, o.stage_a, None, torch.float32, self.d.device)
         self.stage_a.eval().requires_grad_(False)
         torch.manual_seed(self.cfg.seed)
-        effnet = create_model(o.encoder_preset)
-
+        if o.encoder is not None:
+            if not Path(o.encoder).is_file():
+                raise ConfigError(f"{self.source}: codec.encoder {o.encoder} does not exist; train the encoder first "
+                                  "(`cascade train encoder ...`) or leave codec.encoder out to start a new one.")
+            effnet, _ = W.load_configured(EfficientNetEncoder, o.encoder, None, torch.float32, "cpu")
+        else:
+            effnet = create_model(o.encoder_preset)
         stage_b = load_trainable_model("stage_b", self.cfg, self.source)
         self.configs = {"effnet": dict(effnet.config), "stage_b": model_config(stage_b)}
         self.dataset_ref = dataset
-        return JointCodec(effnet, stage_b).train().requires_grad_(True)
+        # a frozen encoder is not among the trained tensors: exports add it, so that the file holds the whole codec
+        self.frozen = {} if o.train_encoder else {f"effnet.{k}": v.clone() for k, v in effnet.state_dict().items()}
+        return JointCodec(effnet.requires_grad_(True), stage_b.requires_grad_(True), not o.train_encoder).train()
 
     def _conditions(self, images: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         o = self.options
@@ -194,8 +304,8 @@ class CodecTask(_ImageTask):
         return pyramid_noise_per_sample(x0, rand) if self.options.pyramid_noise else super().noise(x0, rand)
 
     def export(self, state: dict[str, torch.Tensor], path: Path) -> None:
-        W.save_state(state, path, config=self.configs,
-                     note="encoder + Stage B trained jointly from scratch with cascade-codec (effnet.*, stage_b.*)")
+        W.save_state({**self.frozen, **state}, path, config=self.configs,
+                     note="encoder + Stage B trained with cascade-codec (effnet.*, stage_b.*)")
 
     @torch.no_grad()
     def preview(self, module: nn.Module, step: int, path: Path) -> Path | None:

@@ -142,6 +142,10 @@ class TrainConfig(Section):
                                "built-in mini codec: its x0 at high noise is a regression, not (x − b·ε)/a with a≈0.01); "
                                "record it with the weights (sampling metadata) so that the sampler reads it")
     offset_noise: float = Field(0.0, ge=0)
+    t_range: tuple[float, float] = Field(
+        (0.0, 1.0), description="noise levels t (0 clean, 1 pure noise) drawn uniformly in training; official (0, 1). "
+                                "(1, 1) trains only the step from pure noise, which is all a one-step sampler runs "
+                                "(the built-in mini codec)")
     optim: OptimSection = Field(default_factory=OptimSection)
     conditions: ConditionSection = Field(default_factory=ConditionSection)
     ema: Optional[EmaSection] = None
@@ -152,6 +156,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
+        lo, hi = self.t_range
+        if not 0 <= lo <= hi <= 1:
+            raise UsageError(f"t_range {list(self.t_range)} must satisfy 0 <= low <= high <= 1")
         if self.batch_size % self.grad_accum_steps:
             raise UsageError(f"batch_size {self.batch_size} must be a multiple of grad_accum_steps "
                              f"{self.grad_accum_steps}")

@@ -256,7 +256,8 @@ class Trainer:
                 (per_sample.mean() / cfg.grad_accum_steps).backward()
             all_loss = D.all_cat(per_sample.detach(), d)
             return all_loss, all_loss
-        t = rand.uniform().mul(-1).add(1).add(0.001).clamp(0.001, 1.0)  # official random t
+        lo, hi = cfg.t_range
+        t = rand.uniform().mul(-1).add(1).mul(hi - lo).add(lo + 0.001).clamp(0.001, 1.0)  # official at (0, 1)
         x0, inputs = self.task.inputs(batch, rand)
         noise = self.task.noise(x0, rand)
         if cfg.offset_noise:

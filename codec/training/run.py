@@ -23,6 +23,7 @@ from .task import Task
 TASKS: dict[str, str] = {
     "stage-b": "codec.training.stage_b_task:StageBTask",
     "stage-a": "codec.training.codec_tasks:StageATask",
+    "encoder": "codec.training.codec_tasks:EncoderTask",
     "codec": "codec.training.codec_tasks:CodecTask",
     "decoder": "codec.training.codec_tasks:DecoderTask",
     "end-to-end": "codec.training.codec_tasks:EndToEndTask",
