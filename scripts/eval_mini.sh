@@ -20,3 +20,19 @@ for size in 256 512 1024; do
         --grid-images 10 -o "$out/unseen-$size" --no-progress
 done
 for f in "$out"/*/table.md; do echo "== $f"; grep -E "^\| (codec|sc|bicubic|jpeg)" "$f"; done
+# per photograph (unseen, each size): the codec against the thumbnail and JPEG, and how many it beats the thumbnail on
+python - "$out" <<'PY'
+import csv, sys
+from pathlib import Path
+for folder in sorted(Path(sys.argv[1]).glob("unseen-*")):
+    rows = list(csv.DictReader(open(folder / "per_image.csv")))
+    by = {(r["image_id"], r["codec"]): r for r in rows}
+    ids = list(dict.fromkeys(r["image_id"] for r in rows))
+    print(f"\n== {folder.name}: per photograph, PSNR dB / SSIM\n| photo | mini | bicubic | jpeg-budget |\n|---|---|---|---|")
+    wins = 0
+    for i in ids:
+        cell = {c: f"{float(by[i, c]['psnr']):.2f} / {float(by[i, c]['ssim']):.3f}" for c in ("sc", "bicubic", "jpeg-budget")}
+        wins += all(float(by[i, "sc"][m]) >= float(by[i, "bicubic"][m]) for m in ("psnr", "ssim"))
+        print(f"| {i} | {cell['sc']} | {cell['bicubic']} | {cell['jpeg-budget']} |")
+    print(f"mini at least the thumbnail in both PSNR and SSIM on {wins} of {len(ids)} photographs")
+PY

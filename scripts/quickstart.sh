@@ -21,3 +21,11 @@ cascade encode-dataset scripts/samples "$OUT/samples.zarr" --weights "$WEIGHTS"
 cascade info "$OUT/samples.zarr"
 cascade decode-dataset "$OUT/samples.zarr" "$OUT/decoded" --limit 2 --weights "$WEIGHTS"
 echo "[quickstart] done: latent store $OUT/samples.zarr (format: datasets_tools/FORMAT.md), images in $OUT/decoded/"
+if [ "$WEIGHTS" = "mini" ]; then
+    # side by side at the mini codec's native 256²: each photo, its reconstruction, and the bicubic thumbnail that
+    # holds as many values as the 16×6×6 latent (PSNR/SSIM per photo in compare/per_image.csv)
+    cascade bench recon scripts/samples --model mini --size 256 --codec sc --codec bicubic --grid-images 4 \
+        -o "$OUT/compare" --no-progress > /dev/null
+    grep -E "^\| (codec|sc|bicubic) " "$OUT/compare/table.md"
+    echo "[quickstart] side by side (original | mini codec | bicubic thumbnail): $OUT/compare/grid.png"
+fi
