@@ -172,8 +172,8 @@ def format_table(rows: list[dict[str, Any]], env: dict[str, Any]) -> str:
     lines += ["", "notes:",
               ("* encode-dataset: the EfficientNet encoder has no precision option; it always computes in fp32 (the "
                "command's --dtype is the latents' storage precision), so auto runs fp32 too."),
-              ("* decode-dataset decodes each sample in its own Codec.decode call: --batch-size (the latents decoded "
-               "at once within a call) does not batch samples together, so batch 1 and 4 do the same work."),
+              ("* decode-dataset decodes the samples in groups of --batch-size, one Codec.decode call per group "
+               "(latents of one size in one Stage B batch)."),
               ("* full = full-size architectures with random weights (the images are noise; the work is the real "
                "models'); mini = the built-in codec.")]
     return "\n".join(lines)

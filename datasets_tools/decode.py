@@ -60,36 +60,66 @@ def decode_dataset(store: str | os.PathLike, out_dir: str | os.PathLike, codec: 
                    log: Callable[[str], None] | None = None, **decode_kwargs: Any) -> DecodeSummary:
     """Decode samples of the latent ``store`` with ``codec`` (a :class:`codec.Codec`) into ``out_dir/<id>.<fmt>``.
 
-    Each latent is decoded at the size it stands for (encoder input / 0.75). Files already there are skipped, so
-    an interrupted run continues where it stopped; each file is written atomically. ``use_captions`` conditions
-    Stage B on each sample's stored caption. ``decode_kwargs`` go to :meth:`codec.Codec.decode` (steps, cfg, …).
+    Each latent is decoded at the size it stands for (encoder input / 0.75). The samples are decoded in fixed groups
+    of ``decode_kwargs["batch_size"]`` (default 4; consecutive latents of one size go through Stage B together),
+    each group from ``seed``, so a sample's image depends only on its group, not on what ran before: files already
+    there are skipped, and an interrupted run continues where it stopped with the images it would have written
+    (a group with some files missing is decoded again and only those written); each file is written atomically.
+    ``use_captions`` conditions Stage B on each sample's stored caption. ``decode_kwargs`` go to
+    :meth:`codec.Codec.decode` (steps, cfg, seed, batch_size, …).
     """
     out_dir = Path(out_dir)
     check_image_path(out_dir / f"x.{fmt}")
     dataset = LatentDataset(store)
     wanted = select_samples(dataset, ids, limit)
     steps = int(decode_kwargs.get("steps") or codec.sampler_defaults["steps"])
+    group = int(decode_kwargs.get("batch_size") or 4)
     bar = progress_bar(steps * len(wanted), "decode-dataset", unit="step", enabled=progress)
     written = skipped = 0
     try:
-        for i in wanted:
-            check_interrupted()  # Ctrl-C stops at the next sample even if its KeyboardInterrupt was lost
-            item = dataset[i]
-            target = out_dir / output_name(item["id"], fmt)
-            if target.exists():
-                skipped += 1
-                bar.update(steps)
+        for start in range(0, len(wanted), group):
+            check_interrupted()  # Ctrl-C stops at the next group even if its KeyboardInterrupt was lost
+            items = [dataset[i] for i in wanted[start:start + group]]
+            targets = [out_dir / output_name(item["id"], fmt) for item in items]
+            missing = [not t.exists() for t in targets]
+            skipped += len(items) - sum(missing)
+            if not any(missing):
+                bar.update(steps * len(items))
                 continue
+            kwargs = dict(decode_kwargs)
             if use_captions:
-                decode_kwargs["caption"] = item.get("caption") or None
-            images = codec.decode(item["latent"], progress=lambda *_: bar.update(1), progress_bars=progress,
-                                  **decode_kwargs)
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):  # a decoded file where the id needs a folder
-                target = out_dir / ("%" + quote(item["id"], safe="") + f".{fmt}")
-            save_images(images, target)
-            written += 1
+                captions = [item.get("caption") or "" for item in items]
+                kwargs["caption"] = captions if any(captions) else None
+            images = _decode_group(codec, [item["latent"] for item in items], steps, progress, bar.update, kwargs)
+            for item, target, image, todo in zip(items, targets, images, missing):
+                if not todo:
+                    continue
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                except (FileExistsError, NotADirectoryError):  # a decoded file where the id needs a folder
+                    target = out_dir / ("%" + quote(item["id"], safe="") + f".{fmt}")
+                save_images([image], target)
+                written += 1
     finally:
         bar.close()
     return DecodeSummary(written, skipped, out_dir)
+
+
+def _decode_group(codec: Any, latents: list[Any], steps: int, progress: bool | None, advance: Callable[[int], Any],
+                  kwargs: dict[str, Any]) -> list[Any]:
+    """Decode one group of latents (each ``(16,h,w)`` or ``(1,16,h,w)``) as one call of ``codec.decode``, one random
+    stream from the seed: runs of consecutive latents of one size are stacked into one batch. ``advance(n)`` is
+    called after each sampling step with the number of images it moved on. Returns one image per latent."""
+    import torch
+
+    runs: list[list[Any]] = []
+    for z in latents:
+        z = z if z.ndim == 4 else z[None]
+        if runs and runs[-1][0].shape == z.shape:
+            runs[-1].append(z)
+        else:
+            runs.append([z])
+    calls = iter([len(run) for run in runs for _ in range(steps)])
+    stacked = [torch.cat(run) for run in runs]
+    return codec.decode(stacked if len(stacked) > 1 else stacked[0], progress=lambda *_: advance(next(calls, 0)),
+                        progress_bars=progress, **kwargs)
