@@ -457,3 +457,45 @@ def test_encoder_task_learns_the_thumbnail_code_and_the_codec_task_decodes_it_fr
     with pytest.raises(Exception, match="t_range"):
         train(CodecTask, {**codec_cfg, "output_dir": str(tmp_path / "t"), "t_range": [0.5, 0.2]}, training_dataset,
               echo=None)
+
+
+def test_random_crops_zoom_shows_more_of_the_image_resized_and_stays_reproducible():
+    """`max_zoom`: a window of a fixed side covers up to max_zoom × its side of the image, resized down; the
+    default (1) keeps the plain windows of the image's own pixels; the same generators give the same windows."""
+    from codec.training.codec_tasks import random_crops
+    from codec.training.rng import BatchRandom
+
+    ramp = torch.linspace(0, 1, 128)
+    image = torch.stack([ramp[None, :].expand(128, 128)] * 3)[None].repeat(4, 1, 1, 1)  # brightness = column
+    plain = random_crops(image, 32, BatchRandom(0, 1, range(4)))
+    span = (plain[:, 0, 0, -1] - plain[:, 0, 0, 0]).abs()  # a 32-px window of a 128-px ramp spans 31/127
+    torch.testing.assert_close(span, torch.full((4,), 31 / 127))
+    zoomed = random_crops(image, 32, BatchRandom(0, 1, range(4)), max_zoom=4.0)
+    assert zoomed.shape == (4, 3, 32, 32) and 0 <= float(zoomed.min()) and float(zoomed.max()) <= 1
+    wide = (zoomed[:, 0, 0, -1] - zoomed[:, 0, 0, 0]).abs()
+    assert float(wide.max()) > 2 * 31 / 127 and float(wide.min()) >= 31 / 127 - 0.02, wide
+    torch.testing.assert_close(zoomed, random_crops(image, 32, BatchRandom(0, 1, range(4)), max_zoom=4.0))
+
+
+def test_end_to_end_task_draws_one_window_side_per_batch_from_crops(tmp_path, images):
+    """`crops`: each batch trains on windows of one of the listed sides (Stage B then meets the token counts of
+    larger images); a side that is not a multiple of 32 is refused by the config."""
+    from codec.training.codec_tasks import EndToEndSection, EndToEndTask
+    from codec.training.config import ConfigError
+
+    seen = []
+
+    class Spy(EndToEndTask):
+        def latents(self, module, x, rand):
+            seen.append(x.shape[-1])
+            return super().latents(module, x, rand)
+
+    cfg = {"output_dir": str(tmp_path / "e"), "data": {"images": str(images), "image_size": 128}, "batch_size": 2,
+           "max_steps": 8, "mixed_precision": "no", "optim": {"lr": 1e-4, "warmup_updates": 0},
+           "log": {"every": 1}, "checkpoint": {"save_every": 8}, "preview": {"every": 0},
+           "end_to_end": {"codec": str(ROOT / "codec" / "mini"), "crops": [64, 128], "max_zoom": 2.0,
+                          "decode_crop": 32, "mse": 1.0, "train": ["stage_b"]}}
+    train(Spy, cfg, training_dataset, echo=None)
+    assert set(seen) == {64, 128} and len(seen) == 8, seen
+    with pytest.raises((ValueError, ConfigError), match="multiple of 32"):
+        EndToEndSection(codec="x", crops=[48])

@@ -30,7 +30,7 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from .. import weights as W
@@ -46,17 +46,29 @@ from .rng import BatchRandom
 from .task import Task, load_trainable_model, model_config, read_state
 
 
-def random_crops(images: torch.Tensor, side: int, rand: BatchRandom) -> torch.Tensor:
+def random_crops(images: torch.Tensor, side: int, rand: BatchRandom, max_zoom: float = 1.0) -> torch.Tensor:
     """A random ``side``² window of each image ``(B,3,H,W)``, flipped left-right with probability 1/2; positions
-    and flips from each sample's own generator."""
+    and flips from each sample's own generator.
+
+    ``max_zoom`` > 1: each window covers a random square of up to ``max_zoom``·``side`` pixels of the image (no more
+    than the image holds; the zoom log-uniform), resized to ``side``² (antialiased bicubic), so that a window of
+    a fixed side shows the image at several scales — as much of a photograph as a whole photo downsized to that
+    side holds."""
     out = []
     h, w = images.shape[-2:]
     if side > min(h, w):
         raise ConfigError(f"crop {side} is larger than the training images ({h}×{w}); raise data.image_size")
+    zoom_limit = min(max_zoom, min(h, w) / side)
     for x, g in zip(images, rand.samples):
-        top = int(torch.randint(0, h - side + 1, (1,), generator=g))
-        left = int(torch.randint(0, w - side + 1, (1,), generator=g))
-        x = x[:, top:top + side, left:left + side]
+        span = side
+        if max_zoom > 1:
+            span = min(round(side * zoom_limit ** float(torch.rand(1, generator=g))), min(h, w))
+        top = int(torch.randint(0, h - span + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - span + 1, (1,), generator=g))
+        x = x[:, top:top + span, left:left + span]
+        if span != side:
+            x = F.interpolate(x[None].float(), size=(side, side), mode="bicubic", antialias=True,
+                              align_corners=False)[0].clamp(0, 1).to(x.dtype)
         out.append(x.flip(-1) if float(torch.rand(1, generator=g)) < 0.5 else x)
     return torch.stack(out).float()
 
@@ -341,6 +353,13 @@ class DecoderSection(Section):
                                    "the Stage B file; e.g. what `export_mini.py codec` wrote), kept frozen")
     crop: int = Field(256, ge=32, multiple_of=32, description="training window side in pixels (the native size)")
     encoder_fraction: float = Field(0.75, gt=0, le=1, description="encoder input side / crop side (official 0.75)")
+    crops: list[int] = Field([], description="multi-scale training: window sides (multiples of 32), one drawn per "
+                                             "batch, instead of `crop` alone; Stage B then sees the token counts of "
+                                             "larger images, whose attention otherwise meets more tokens than it "
+                                             "was trained on")
+    max_zoom: float = Field(1.0, ge=1.0, description="each window covers up to this many times its side of the "
+                                                     "image, resized down (antialiased): photos at the scales a "
+                                                     "whole photo has when downsized to the window (1: no zoom)")
     decode_crop: int = Field(128, ge=16, multiple_of=16,
                              description="side in pixels of the random window of Stage B's output that is decoded "
                                          "and compared (Stage A is convolutional; smaller is faster); the crop side "
@@ -348,6 +367,14 @@ class DecoderSection(Section):
     l1: float = Field(1.0, ge=0)
     mse: float = Field(0.0, ge=0, description="weight of the mean squared error (what PSNR measures)")
     ssim: float = Field(0.2, ge=0, description="weight of 1 − SSIM (torchmetrics, Gaussian 11×11)")
+
+    @field_validator("crops")
+    @classmethod
+    def _sides(cls, v: list[int]) -> list[int]:
+        bad = [c for c in v if c < 32 or c % 32]
+        if bad:
+            raise ValueError(f"crops {bad}: each window side must be a multiple of 32, at least 32")
+        return v
 
 
 def codec_latents(codec: Codec, effnet: EfficientNetEncoder, stage_b: StageB, images: torch.Tensor,
@@ -419,9 +446,10 @@ class DecoderTask(_ImageTask):
         from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
         o = self.options
-        x = random_crops(self.images(batch), o.crop, rand)
+        crop = o.crops[min(int(rand.batch_uniform() * len(o.crops)), len(o.crops) - 1)] if o.crops else o.crop
+        x = random_crops(self.images(batch), crop, rand, o.max_zoom)
         z = self.latents(module, x, rand)
-        side = min(o.decode_crop, o.crop) // 4  # in latent pixels (Stage A: 4 px each)
+        side = min(o.decode_crop, crop) // 4  # in latent pixels (Stage A: 4 px each)
         zs, xs = [], []
         for zi, xi, g in zip(z, x, rand.samples):
             top, left = (int(torch.randint(0, zi.shape[-2] - side + 1, (1,), generator=g)),
