@@ -109,7 +109,14 @@ def export_end_to_end(run: Path, folder: Path) -> None:
     from codec import Codec
     from codec.training.codec_tasks import split_codec_state
 
-    source = Codec.from_pretrained(_run_config(run)["end_to_end"]["codec"], device="cpu", dtype=torch.float32)
+    named = Path(_run_config(run)["end_to_end"]["codec"])
+    # a relative path is relative to where the run was started: here, or (the configs' paths) the repository
+    found = next((p for p in (named, ROOT / named) if p.is_dir()), None)
+    if found is None:
+        raise SystemExit(f"export_mini: the codec this run fine-tuned ({named}, end_to_end.codec in {run}/config.json) "
+                         "is not a folder here or in the repository; run from where the training ran, or put "
+                         "that codec folder back (its sampler defaults go into the export)")
+    source = Codec.from_pretrained(found, device="cpu", dtype=torch.float32)
     write_codec(split_codec_state(_checkpoint(run)), folder, source.sampling)
 
 
