@@ -119,6 +119,24 @@ def test_ctrl_c_says_what_happens_next(monkeypatch, tiny_weights, tmp_path):
     assert out.strip() == "Error: interrupted; run the same command again to continue where it stopped"
 
 
+def test_ctrl_c_while_the_command_line_starts_is_a_sentence_too():
+    """A Ctrl-C that lands while `cascade` imports its command modules ends it with exit 130 and a line, not a
+    traceback (simulated: the import of one command module raises KeyboardInterrupt)."""
+    import subprocess
+    import sys
+
+    code = ("import importlib.abc, sys\n"
+            "class Stop(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'codec.cli.generate':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Stop())\n"
+            "from codec.cli import main\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+    assert "interrupted while starting" in r.stderr
+
+
 def test_encode_needs_only_the_encoder(tiny_weights, photo, tmp_path):
     """`cascade encode` runs the EfficientNet alone: a folder with only effnet_encoder.safetensors encodes."""
     import shutil

@@ -4,15 +4,20 @@ heavy modules when it runs, so ``cascade --help`` is instant. Nothing imports th
 from __future__ import annotations
 
 import os
+import sys
 
-import click
+try:  # Ctrl-C while the command line starts up (imports) ends it quietly, as it does later (user_errors)
+    import click
 
-from .bench import bench
-from .codec_commands import decode, encode, reconstruct
-from .dataset_commands import decode_dataset, encode_dataset_command, upgrade_store_command
-from .generate import generate
-from .train import train_command
-from .weights_commands import convert_command, demo_weights, info
+    from .bench import bench
+    from .codec_commands import decode, encode, reconstruct
+    from .dataset_commands import decode_dataset, encode_dataset_command, upgrade_store_command
+    from .generate import generate
+    from .train import train_command
+    from .weights_commands import convert_command, demo_weights, info
+except KeyboardInterrupt:
+    sys.stderr.write("interrupted while starting; nothing was done\n")
+    raise SystemExit(130) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
