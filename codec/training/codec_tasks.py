@@ -6,7 +6,9 @@ carry a thumbnail of the image (``encoder``), then frozen (``codec.train_encoder
 
 Data: ``data.images`` (a folder, manifest or tar shards), each image short side → ``data.image_size`` and centre
 crop; every step takes a random ``crop``² window of each image and flips it half of the time, drawn from the
-per-sample generators of :mod:`.rng` (so a resumed run sees the same crops).
+per-sample generators of :mod:`.rng` (so a resumed run sees the same crops). ``decoder`` and ``end-to-end`` also
+train on several sizes: ``crops`` (one side drawn per batch) and ``max_zoom`` (a window covering more of the
+image, resized down to its side).
 
 ``stage-a`` (not epsilon-prediction; the loop calls :meth:`StageATask.loss`): per sample
 ``l1·|x̂−x| + ssim·(1−SSIM(x̂,x))``, x̂ decoded from the continuous latent — the latent Stage B generates
@@ -145,11 +147,13 @@ class StageATask(_ImageTask):
 class EncoderSection(Section):
     """``encoder:`` section: the encoder architecture and the thumbnail code it learns to output."""
 
-    encoder_preset: str = Field("efficientnet_mini", description="encoder architecture (a codec.presets name of family effnet)")
+    encoder_preset: str = Field("efficientnet_mini",
+                                description="encoder architecture (a codec.presets name of family effnet)")
     crop: int = Field(256, ge=32, multiple_of=32, description="training window side in pixels (the native size)")
     encoder_fraction: float = Field(0.75, gt=0, le=1, description="encoder input side / crop side (official 0.75)")
     luma: int = Field(3, ge=1, description="luma samples per latent pixel side (luma² channels)")
-    chroma: int = Field(1, ge=0, description="samples of each chroma plane per latent pixel side (2·chroma² channels)")
+    chroma: int = Field(1, ge=0,
+                        description="samples of each chroma plane per latent pixel side (2·chroma² channels)")
 
 
 # ITU-R BT.601 RGB → Y, Cb, Cr (as JPEG)
@@ -225,7 +229,8 @@ class CodecSection(Section):
     """``codec:`` section: the frozen Stage A, the encoder architecture and the Stage B recipe."""
 
     stage_a: str = Field(description="trained Stage A file (safetensors with its config), kept frozen")
-    encoder_preset: str = Field("efficientnet_mini", description="encoder architecture (a codec.presets name of family effnet)")
+    encoder_preset: str = Field("efficientnet_mini",
+                                description="encoder architecture (a codec.presets name of family effnet)")
     crop: int = Field(256, ge=32, multiple_of=32, description="training window side in pixels (the native size)")
     encoder_fraction: float = Field(0.75, gt=0, le=1, description="encoder input side / crop side (official 0.75)")
     encoder_keep: float = Field(0.9, ge=0, le=1, description="share of samples whose encoder latent is kept")
