@@ -68,14 +68,14 @@ def test_mini_reconstructs_each_photo_about_as_faithfully_as_the_thumbnail(mini)
     rec = mini.decode(mini.encode(x), height=side, width=side, seed=0, output="tensor")
     mse = ((rec[:, None] - x[None]) ** 2).mean(dim=(2, 3, 4))  # [reconstruction, original]
     print("MSE reconstruction × original:\n", mse)
-    # Measured at release (seed 0; the thumbnail-code codec of 2026-12-05): each of the 4 comes back closest to its
-    # own original, own-original MSE averaging 0.12× the MSE to the other originals (the release before: 0.28×).
+    # Measured at release (seed 0; the multi-scale codec of 2026-12-05): each of the 4 comes back closest to its own
+    # original, own-original MSE averaging 0.12× the MSE to the other originals (the release before last: 0.28×).
     own = mse.diagonal()
     others = mse.masked_select(~torch.eye(len(x), dtype=torch.bool))
     assert torch.equal(mse.argmin(dim=1), torch.arange(len(x))), mse
     assert own.mean() < 0.2 * others.mean(), mse
-    # and against the thumbnail with the latent's number of values: PSNR 15.57 / 22.08 / 18.55 / 23.91 dB (astronaut,
-    # chelsea, coffee, rocket) against 15.34 / 22.02 / 18.19 / 24.45 at release — mean 20.03 against 20.00 — so:
+    # and against the thumbnail with the latent's number of values: PSNR 15.65 / 22.10 / 18.69 / 23.86 dB (astronaut,
+    # chelsea, coffee, rocket) against 15.34 / 22.02 / 18.19 / 24.45 at release — mean 20.08 against 20.00 — so:
     # the mean at least the thumbnail's (0.3 dB for other CPUs' rounding), no photo more than 1 dB below it.
     thumb = _thumbnails(x)
     psnr = lambda y: -10 * torch.log10(((y.clamp(0, 1) - x) ** 2).mean(dim=(1, 2, 3)))  # noqa: E731
