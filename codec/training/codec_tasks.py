@@ -86,6 +86,13 @@ class _ImageTask(Task):
     def import_(self, path: Path) -> dict[str, torch.Tensor]:
         return read_state(path)
 
+    def check_encoder_preset(self) -> None:
+        """Refuse a section's ``encoder_preset`` that names no encoder architecture (the encoder and codec tasks)."""
+        preset = self.options.encoder_preset
+        if preset not in list_presets("effnet"):
+            raise ConfigError(f"{self.source}: {self.section}.encoder_preset {preset!r} is not one of "
+                              f"{list_presets('effnet')}.")
+
     def images(self, batch: dict[str, Any]) -> torch.Tensor:
         """The batch's whole images on the training device (cropped there: on a GPU the crops cost nothing, and only
         the pinned batch is copied)."""
@@ -194,9 +201,7 @@ class EncoderTask(_ImageTask):
 
     def build(self, dataset: Any) -> nn.Module:
         o = self.options
-        if o.encoder_preset not in list_presets("effnet"):
-            raise ConfigError(f"{self.source}: encoder.encoder_preset {o.encoder_preset!r} is not one of "
-                              f"{list_presets('effnet')}.")
+        self.check_encoder_preset()
         torch.manual_seed(self.cfg.seed)
         model = create_model(o.encoder_preset)
         channels = o.luma ** 2 + 2 * o.chroma ** 2
@@ -282,9 +287,7 @@ class CodecTask(_ImageTask):
 
     def build(self, dataset: Any) -> nn.Module:
         o = self.options
-        if o.encoder_preset not in list_presets("effnet"):
-            raise ConfigError(f"{self.source}: codec.encoder_preset {o.encoder_preset!r} is not one of "
-                              f"{list_presets('effnet')}.")
+        self.check_encoder_preset()
         if not Path(o.stage_a).is_file():
             raise ConfigError(f"{self.source}: codec.stage_a {o.stage_a} does not exist; train Stage A first "
                               "(`cascade train stage-a ...`) and export it.")
